@@ -1,0 +1,33 @@
+# The two commands a newcomer needs: `make demo` (the pipeline on built-in synthetic data) and `make test`.
+# Both create .venv at the repository root if missing and install the pinned versions (constraints.txt).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEMO   := demo
+
+.PHONY: install demo test lint bench clean-demo
+
+$(BIN)/abawfeat: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(BIN)/abawfeat
+
+install: $(BIN)/abawfeat
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check abawfeat tests benchmarks
+
+demo: install
+	$(BIN)/abawfeat synth --out $(DEMO)/data --videos 24 --frames 300 --seed 0
+	$(BIN)/abawfeat data summary --data $(DEMO)/data
+	$(BIN)/abawfeat extract --backbone ddamfn --random-init --data $(DEMO)/data --out $(DEMO)/cache/ddamfn.h5
+	$(BIN)/abawfeat train-head --task au --head lstm --backbone ddamfn --data $(DEMO)/data \
+		--cache $(DEMO)/cache/ddamfn.h5 --out $(DEMO)/runs/au-lstm --epochs 15 --seed 0
+	$(BIN)/abawfeat evaluate $(DEMO)/runs/au-lstm
+
+clean-demo:
+	rm -rf $(DEMO)

@@ -1,0 +1,1 @@
+"""Small shared helpers: devices and precision, dataclass configs, progress bars, distributed ranks."""

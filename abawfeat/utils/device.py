@@ -1,0 +1,74 @@
+"""Device, precision and seeding. Code is written for CUDA (autocast, pinned memory, non-blocking copies)
+and tested on CPU; everything that differs between the two lives here."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from abawfeat.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; ``cuda`` without a GPU is a clear error."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA device is available")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise ConfigError(f"unknown device {name!r}: use auto, cpu or cuda[:N]")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, precision: str) -> Iterator[None]:
+    """Mixed precision where asked for. fp16 on CPU is refused (slow and lossy there); bf16 works on both."""
+    import torch
+
+    dtype = autocast_dtype(precision)
+    if dtype is None:
+        yield
+        return
+    if device.type == "cpu" and dtype == torch.float16:
+        raise ConfigError("--precision fp16 needs CUDA; on CPU use bf16 or fp32")
+    with torch.autocast(device_type=device.type, dtype=dtype):
+        yield
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch so that the same seed gives the same numbers on CPU."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy to the device; on CUDA pinned host memory makes the copy asynchronous."""
+    if device.type == "cuda":
+        return tensor.to(device, non_blocking=True)
+    return tensor

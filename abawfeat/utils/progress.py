@@ -1,0 +1,64 @@
+"""Rich progress bars with rate and ETA, written to stderr so stdout stays machine-readable (--json)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    ProgressColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+err_console = Console(stderr=True)
+
+
+class RateColumn(ProgressColumn):
+    """Items per second from rich's own speed estimate, e.g. ``212.4 frames/s``."""
+
+    def __init__(self, unit: str) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:  # type: ignore[no-untyped-def]
+        speed = task.finished_speed or task.speed
+        return Text("-" if speed is None else f"{speed:,.1f} {self.unit}/s", style="cyan")
+
+
+def make_progress(unit: str = "frames", disable: bool | None = None) -> Progress:
+    """A progress bar showing count, rate (``unit``/s), elapsed time and ETA; off when not a terminal in CI."""
+    if disable is None:
+        disable = os.environ.get("ABAWFEAT_NO_PROGRESS") == "1"
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        RateColumn(unit),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err_console,
+        disable=disable,
+        transient=not sys.stderr.isatty(),
+    )
+
+
+def warn(message: str) -> None:
+    """One-line warning on stderr (yellow)."""
+    err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+
+
+def loud_warning(message: str) -> None:
+    """A warning that must not be missed (e.g. --random-init): boxed and red."""
+    err_console.rule("[bold red]WARNING")
+    err_console.print(f"[bold red]{message}[/bold red]", highlight=False, soft_wrap=True)
+    err_console.rule(style="red")

@@ -1,0 +1,17 @@
+"""Shared test fixtures. Everything runs on CPU from a plain clone (fixtures live under tests/fixtures)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("ABAWFEAT_NO_PROGRESS", "1")
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return FIXTURES
