@@ -36,10 +36,15 @@ def _root(
 
 def _register() -> None:
     # Each area module adds its commands to ``app``; the import order is the order in --help.
-    from abawfeat.cli import data as _data  # noqa: F401
-    from abawfeat.cli import extract as _extract  # noqa: F401
-    from abawfeat.cli import train as _train  # noqa: F401
-    from abawfeat.cli import report as _report  # noqa: F401
+    from abawfeat.cli import (  # noqa: F401
+        cache,
+        data,
+        encoders,
+        extract,
+        report,
+        synth,
+        train,
+    )
 
 
 _register()
