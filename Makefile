@@ -9,7 +9,6 @@ DEMO   := demo
 
 $(BIN)/abawfeat: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(BIN)/abawfeat
 
