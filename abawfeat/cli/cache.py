@@ -1,5 +1,69 @@
-"""CLI commands for this area (see abawfeat/cli/__init__.py)."""
+"""``abawfeat cache info|verify``: look inside a stage-one feature cache."""
 
 from __future__ import annotations
 
-from abawfeat.cli import app  # noqa: F401
+import json
+from pathlib import Path
+
+import typer
+
+from abawfeat.cli import app
+from abawfeat.cli._common import console, guarded
+
+cache_app = typer.Typer(help="Inspect and check stage-one feature caches (HDF5).", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("info")
+@guarded
+def info(
+    file: Path = typer.Argument(..., help="Cache file (.h5)."),
+    as_json: bool = typer.Option(False, "--json", help="Print everything as JSON on stdout."),
+) -> None:
+    """Provenance, videos, frames, feature size, dtype, size on disk and bad frames of a cache."""
+    from abawfeat.cache import cache_info
+
+    summary = cache_info(file)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    prov = summary["provenance"]
+    lines = [
+        f"file            {summary['path']} ({summary['size_bytes'] / 1e6:,.1f} MB)",
+        f"encoder         {summary['encoder']}  weights {prov.get('weights_sha256')}",
+        f"features        {summary['feature_dim']}-d {summary['dtype']}, computed in {prov.get('precision')}",
+        f"videos          {summary['videos']}",
+        f"frames          {summary['frames']:,}",
+        f"bad frames      {summary['bad_frames']}",
+        f"preprocessing   {json.dumps(prov.get('preprocessing'))}",
+        f"calibration     {json.dumps(prov.get('calibration'))}",
+        f"text classes    {summary['text_classes']}",
+        f"created         {prov.get('created')}  (abawfeat {prov.get('package_version')}, "
+        f"format {prov.get('format_version')})",
+    ]
+    if summary["unconsolidated_parts"]:
+        lines.append(f"unconsolidated  {summary['unconsolidated_parts']} videos waiting: re-run extract")
+    for row in summary["per_video"]:
+        if row["bad_frames"]:
+            shown = ", ".join(str(f) for f in row["bad_frames"][:10])
+            more = " ..." if len(row["bad_frames"]) > 10 else ""
+            lines.append(f"  bad frames in {row['video']}: {shown}{more}")
+    for line in lines:
+        console.print(line, highlight=False, soft_wrap=True)
+
+
+@cache_app.command("verify")
+@guarded
+def verify(file: Path = typer.Argument(..., help="Cache file (.h5).")) -> None:
+    """Check every video is complete, frames ascending int32, shapes and dtypes consistent, no NaN/inf,
+    provenance present. Prints one line per problem and exits 1 if there is any."""
+    from abawfeat.cache import cache_info, verify_cache
+
+    problems = verify_cache(file)
+    if problems:
+        for line in problems:
+            typer.echo(line)
+        raise typer.Exit(code=1)
+    summary = cache_info(file)
+    typer.echo(f"ok: {file}: {summary['videos']} videos, {summary['frames']:,} frames, "
+               f"{summary['feature_dim']}-d {summary['dtype']}")

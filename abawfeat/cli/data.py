@@ -1,5 +1,107 @@
-"""CLI commands for this area (see abawfeat/cli/__init__.py)."""
+"""``abawfeat data ...``: inspect an Aff-Wild2 tree before spending hours on it (see docs/data.md)."""
 
 from __future__ import annotations
 
-from abawfeat.cli import app  # noqa: F401
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from abawfeat.cli import app
+from abawfeat.cli._common import console, guarded
+
+data_app = typer.Typer(
+    help="Inspect an Aff-Wild2 tree: annotations, crops, test lists.",
+    no_args_is_help=True,
+)
+app.add_typer(data_app, name="data")
+
+_TASK_LABELS = {"va": "VA", "expr": "EXPR", "au": "AU"}
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
+def _note(text: str) -> None:
+    # soft_wrap: one line per note even when stdout is a pipe, so grep finds the whole sentence.
+    console.print(text, soft_wrap=True, highlight=False)
+
+
+@data_app.command("summary")
+@guarded
+def summary(
+    data: Path = typer.Option(
+        ..., "--data", help="Data root: holds the annotations folder and cropped_aligned/."),
+    annotations: Path | None = typer.Option(
+        None, "--annotations", help="The annotations folder, when it is not (or not alone) under --data."),
+    as_json: bool = typer.Option(
+        False, "--json",
+        help="Print only a JSON list of {task, split, videos, frames, valid_frames, usable_frames}."),
+) -> None:
+    """Videos and frames per task and split: annotated, with a valid label, and usable (valid with a crop)."""
+    # Imported here so that `abawfeat --help` does not load numpy.
+    from abawfeat.data import AffWild2
+
+    dataset = AffWild2(data, annotations)
+    if as_json:
+        typer.echo(json.dumps(dataset.summary(progress=True), indent=2))
+        return
+    rows = dataset.summary(details=True, progress=True)
+    _print_table(dataset, rows, dataset.test_summary())
+
+
+def _print_table(dataset: Any, rows: list[dict[str, Any]], test_rows: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    # The seed paper's Table 2: one row per task, "frames -> frames with valid labels" per split.
+    table = Table(title=f"{dataset.name}: frames → frames with valid labels", title_justify="left")
+    table.add_column("Task")
+    for split in ("Train", "Validation", "Test"):
+        table.add_column(split, justify="right")
+    by_key = {(r["task"], r["split"]): r for r in rows}
+    tests = {r["task"]: r for r in test_rows}
+    for task, label in _TASK_LABELS.items():
+        cells = []
+        for split in ("train", "val"):
+            r = by_key[(task, split)]
+            cells.append(f"{r['frames']:,} → {r['valid_frames']:,}\n"
+                         f"[dim]{_plural(r['videos'], 'video')}, {r['usable_frames']:,} usable[/dim]")
+        t = tests[task]
+        if t["videos"] == 0:
+            cells.append("[dim]-[/dim]")
+        else:
+            frames = "[dim]no sample file[/dim]" if t["frames"] is None else f"{t['frames']:,} frames"
+            cells.append(f"{frames}\n[dim]{_plural(t['videos'], 'video')}[/dim]")
+        table.add_row(label, *cells)
+    console.print(table)
+    _note("[dim]usable = valid label and a crop jpg; test frames = every frame of the organisers' sample "
+          "file[/dim]")
+
+    def per_split(key: str) -> str:
+        return ", ".join(f"{_TASK_LABELS[r['task']]} {r['split']} {r[key]:,}" for r in rows if r[key])
+
+    no_crop = sum(r["valid_without_crop"] for r in rows)
+    detail = f" ({per_split('valid_without_crop')})" if no_crop else ""
+    _note(f"Valid frames without a crop: {no_crop:,}{detail}")
+    if no_crop:
+        _note("  They count in the official metric: predictions are needed for them too "
+              "(e.g. carry the previous frame's features forward).")
+    past = sum(r["crops_past_end"] for r in rows)
+    if past:
+        _note(f"Crops past the last annotated frame (no label): {past:,} ({per_split('crops_past_end')})")
+    missing = sum(r["videos_without_crops"] for r in rows)
+    missing_test = sum(r["videos_without_crops"] for r in test_rows)
+    if missing or missing_test:
+        _note(f"[yellow]Videos without a crop folder: {missing:,} annotated, {missing_test:,} test[/yellow]")
+    bad = sum(r["out_of_range"] for r in rows)
+    if bad:
+        _note(f"[yellow]Rows with out-of-range values (counted invalid): {bad:,} "
+              f"({per_split('out_of_range')})[/yellow]")
+    for split in ("train", "val"):
+        if dataset.mtl_file(split) is not None:
+            mtl = dataset.mtl_annotations(split)
+            _note(f"Multi-task {split} ({mtl.path.name}): {len(mtl):,} images; valid VA "
+                  f"{int(mtl.va_valid.sum()):,}, EXPR {int(mtl.expr_valid.sum()):,}, "
+                  f"AU {int(mtl.au_valid.sum()):,}")

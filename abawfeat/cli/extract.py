@@ -1,5 +1,62 @@
-"""CLI commands for this area (see abawfeat/cli/__init__.py)."""
+"""``abawfeat extract``: stage one, frozen encoder features for every crop into an HDF5 cache."""
 
 from __future__ import annotations
 
-from abawfeat.cli import app  # noqa: F401
+from pathlib import Path
+
+import typer
+
+from abawfeat.cli import app
+from abawfeat.cli._common import console, guarded
+
+
+@app.command("extract")
+@guarded
+def extract(
+    backbone: str = typer.Option(..., "--backbone", help="Encoder: ddamfn or clip (`abawfeat encoders`)."),
+    data: Path = typer.Option(..., "--data", help="Aff-Wild2 root (annotations folder and crop folders)."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Cache file. Default: cache/<data folder name>/<backbone>.h5."
+    ),
+    weights: str | None = typer.Option(None, "--weights", help="Weights file or published name."),
+    random_init: bool = typer.Option(
+        False, "--random-init", help="Random weights, calibrated on dataset frames: demos and tests only."
+    ),
+    trust_pickle: bool = typer.Option(
+        False, "--trust-pickle", help="Allow whole-model pickled checkpoints (runs code from the file)."
+    ),
+    clip_model: str | None = typer.Option(None, "--clip-model", help="open_clip model, e.g. ViT-B-32."),
+    clip_pretrained: str | None = typer.Option(
+        None, "--clip-pretrained", help="open_clip pretrained tag, or a local weights file."
+    ),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 (fast) or fp16 (GPU)."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Frames per forward pass."),
+    workers: int = typer.Option(2, "--workers", help="JPEG-decoding DataLoader processes (0: in-process)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
+    videos: list[str] | None = typer.Option(
+        None, "--videos", help="Only these videos (repeat the option, or separate names with commas)."
+    ),
+    dtype: str = typer.Option("float16", "--dtype", help="Stored feature dtype: float16 or float32."),
+    compile: bool = typer.Option(
+        False, "--compile/--no-compile", help="torch.compile the encoder (faster after a one-off compile)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of --random-init weights."),
+) -> None:
+    """Extract per-frame features of every video with crops (train, val, test) into one HDF5 cache.
+
+    Resumable: re-running skips complete videos, and `kill -9` loses only the videos in flight. Runs under
+    `torchrun --nproc-per-node N -m abawfeat extract ...` with the videos split across ranks."""
+    from abawfeat.extract import ExtractConfig, format_summary, run_extraction
+    from abawfeat.utils.dist import dist_info
+
+    names = tuple(n.strip() for v in (videos or []) for n in v.split(",") if n.strip())
+    config = ExtractConfig(
+        backbone=backbone, data=data, out=out, weights=weights, random_init=random_init,
+        trust_pickle=trust_pickle, clip_model=clip_model, clip_pretrained=clip_pretrained,
+        precision=precision, batch_size=batch_size, workers=workers, device=device, videos=names,
+        dtype=dtype, compile=compile, seed=seed,
+    )
+    result = run_extraction(config)
+    if dist_info().is_main:
+        for line in format_summary(result):
+            console.print(line, highlight=False, soft_wrap=True)

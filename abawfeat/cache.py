@@ -1,0 +1,728 @@
+"""The stage-one feature cache: one HDF5 file per encoder, one group per video (see docs/cache-format.md).
+
+HDF5 is not crash-safe: a process killed while it writes can leave the whole file unreadable. So the
+consolidated ``<out>.h5`` is never modified in place. ``CacheWriter`` writes each finished video as its own
+small part file (``<out>.parts/<video>.h5``, written to a temporary name and renamed, so a part either exists
+whole or not at all); ``consolidate()`` builds a new complete file under a temporary name from the old file
+plus the parts, renames it over the old one, and only then deletes the parts. A ``kill -9`` at any moment
+therefore loses at most the videos in flight, and a re-run (or torchrun with one writer per rank) resumes
+from whatever parts and file exist. An exclusive ``flock`` on ``<out>.lock`` keeps a second run off the same
+output.
+
+``FeatureCache`` is the read-only side used by stage two; it never needs torch or the encoder.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from abawfeat import __version__
+from abawfeat.errors import CacheError
+
+FORMAT_NAME = "abawfeat-features"
+FORMAT_VERSION = 1
+FEATURE_DTYPES = ("float16", "float32")
+
+# Provenance keys that may differ between the runs that fill one cache (when it was written, the options of
+# the latest run). Every other key must match exactly, or the cache would mix features of two encoders.
+VOLATILE_KEYS = frozenset({"created", "extract_config", "package_version"})
+# Keys a stage-two checkpoint records and must find again (``FeatureCache.fingerprint``).
+FINGERPRINT_KEYS = (
+    "encoder", "encoder_config", "weights_sha256", "preprocessing", "feature_dim", "calibration",
+)
+REQUIRED_KEYS = (
+    "format", "format_version", "encoder", "encoder_config", "weights_sha256", "preprocessing",
+    "calibration", "feature_dim", "dtype", "package_version", "created",
+)
+
+_PARTS_PROVENANCE = "provenance.json"
+_TEXT_PART = "_text.h5"  # leading underscore: never a video name from a crop folder listing
+
+
+def default_cache_path(dataset_name: str, backbone: str, root: str | Path = "cache") -> Path:
+    """``cache/<dataset name>/<backbone>.h5``: one file per encoder, grouped by dataset."""
+    return Path(root) / dataset_name / f"{backbone}.h5"
+
+
+def parts_dir(path: str | Path) -> Path:
+    """Where finished videos wait (one small HDF5 each) until they are consolidated into ``path``."""
+    path = Path(path)
+    return path.with_name(path.name + ".parts")
+
+
+def lock_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".lock")
+
+
+def make_provenance(
+    encoder_provenance: dict[str, Any],
+    *,
+    feature_dim: int,
+    dtype: str,
+    precision: str,
+    logit_names: Sequence[str] | None = None,
+    extract_config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The cache's root attributes, built from an encoder's ``provenance()`` and the run's choices.
+
+    ``precision`` is part of the identity (bf16 and fp32 features must not be mixed in one file); the
+    ``extract_config`` (batch size, workers, ...) is informational and may change between resumed runs.
+    """
+    if dtype not in FEATURE_DTYPES:
+        raise CacheError(f"unknown feature dtype {dtype!r}: use one of {', '.join(FEATURE_DTYPES)}")
+    name = encoder_provenance.get("name")
+    if not name:
+        raise CacheError("encoder provenance has no 'name'")
+    return _jsonable({
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "encoder": name,
+        "encoder_config": encoder_provenance.get("config", {}),
+        "weights_sha256": encoder_provenance.get("weights_sha256", "unknown"),
+        "preprocessing": encoder_provenance.get("preprocessing", {}),
+        "calibration": encoder_provenance.get("calibration"),
+        "encoder_provenance": encoder_provenance,
+        "feature_dim": int(feature_dim),
+        "dtype": dtype,
+        "precision": precision,
+        "logit_names": list(logit_names) if logit_names is not None else None,
+        "extract_config": extract_config or {},
+        "package_version": __version__,
+        "created": _now(),
+    })
+
+
+def provenance_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Names of the identity keys (all but ``VOLATILE_KEYS``) whose values differ, sorted."""
+    keys = (set(stored) | set(current)) - VOLATILE_KEYS
+    return sorted(k for k in keys if _canonical(stored.get(k)) != _canonical(current.get(k)))
+
+
+# --------------------------------------------------------------------------------------------------- writer
+
+
+class CacheWriter:
+    """Writes videos into a cache, one atomic part file per finished video; resumes what exists.
+
+    Use as a context manager. On a clean exit (or Ctrl-C) the parts are consolidated into the single ``.h5``;
+    on any other exception they are left for the next run. ``lock=False`` is for torchrun ranks other than 0,
+    which write parts under rank 0's lock and leave consolidation to it (``consolidate_on_exit=False``).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        provenance: dict[str, Any],
+        *,
+        lock: bool = True,
+        consolidate_on_exit: bool = True,
+    ) -> None:
+        self.path = Path(path)
+        self.parts = parts_dir(self.path)
+        self.provenance = _jsonable(dict(provenance))
+        for key in ("encoder", "feature_dim", "dtype"):
+            if key not in self.provenance:
+                raise CacheError(f"{self.path}: provenance lacks {key!r} (build it with make_provenance)")
+        self.dtype = np.dtype(self.provenance["dtype"])
+        self.feature_dim = int(self.provenance["feature_dim"])
+        self._lock_wanted = lock
+        self._consolidate_on_exit = consolidate_on_exit
+        self._lock_fd: int | None = None
+        self._consolidated: set[str] = set()
+        self._open = False
+
+    # -- lifecycle
+    def __enter__(self) -> CacheWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self._lock_wanted:
+            self._acquire_lock()
+        try:
+            self._check_existing()
+            if self._lock_wanted:
+                self._clean_stale_temporaries()
+            self._open = True
+        except BaseException:
+            self._release_lock()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        try:
+            # Ctrl-C keeps completed videos in the consolidated file, not only as parts.
+            if self._consolidate_on_exit and (exc_type is None or issubclass(exc_type, KeyboardInterrupt)):
+                self.consolidate()
+        finally:
+            self._open = False
+            self._release_lock()
+
+    def _acquire_lock(self) -> None:
+        fd = os.open(lock_path(self.path), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+                raise CacheError(
+                    f"{self.path}: another extraction is writing this cache (lock {lock_path(self.path)} is "
+                    "held); wait for it to finish or choose another --out"
+                ) from None
+            raise
+        # The pid is only a hint for humans; the flock, released by the kernel on any exit, is the lock.
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            # The lock file stays: unlinking it would let two later runs lock two different inodes.
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _check_existing(self) -> None:
+        """Refuse to add to a cache (file or parts) made with a different encoder configuration."""
+        if self.path.exists():
+            with _open_h5(self.path) as fh:
+                stored = read_provenance(fh, self.path)
+                self._consolidated = set(fh["videos"].keys()) if "videos" in fh else set()
+            self._refuse_if_different(stored, self.path)
+            # Keep the first creation time: the cache was created then, this run only adds to it.
+            self.provenance["created"] = stored.get("created", self.provenance["created"])
+        prov_file = self.parts / _PARTS_PROVENANCE
+        if prov_file.exists():
+            try:
+                stored = json.loads(prov_file.read_text())
+            except (OSError, ValueError) as exc:
+                raise CacheError(
+                    f"{prov_file}: unreadable ({exc}); delete {self.parts} to start over"
+                ) from None
+            self._refuse_if_different(stored, self.parts)
+            if not self.path.exists():
+                self.provenance["created"] = stored.get("created", self.provenance["created"])
+        elif self._lock_wanted:
+            self.parts.mkdir(parents=True, exist_ok=True)
+            _write_bytes_atomic(prov_file, json.dumps(self.provenance, indent=2, sort_keys=True).encode())
+
+    def _refuse_if_different(self, stored: dict[str, Any], where: Path) -> None:
+        diff = provenance_differences(stored, self.provenance)
+        if diff:
+            raise CacheError(
+                f"{where}: was made with a different encoder configuration (differs in: {', '.join(diff)}); "
+                "use another --out, or delete it to start over"
+            )
+
+    def _clean_stale_temporaries(self) -> None:
+        # We hold the lock, so any temporary left here belongs to a run that died.
+        for tmp in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+        if self.parts.is_dir():
+            for tmp in self.parts.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+
+    @property
+    def lock_fd(self) -> int | None:
+        """The lock's file descriptor. Forked children (DataLoader workers) inherit it and would keep the
+        lock alive after the parent is killed; they should close it (see ``abawfeat.extract``)."""
+        return self._lock_fd
+
+    # -- writing
+    def done_videos(self) -> set[str]:
+        """Videos already complete, in the consolidated file or as parts."""
+        return self._consolidated | set(_part_videos(self.parts))
+
+    def has_video(self, video: str) -> bool:
+        return video in self._consolidated or (self.parts / f"{video}.h5").exists()
+
+    def write_video(
+        self,
+        video: str,
+        frames: np.ndarray | Sequence[int],
+        features: np.ndarray,
+        logits: np.ndarray | None = None,
+        bad_frames: Iterable[int] = (),
+    ) -> None:
+        """Write one complete video atomically. ``frames`` are the 1-based frames whose crops decoded
+        (strictly ascending); ``bad_frames`` those that did not. Features are cast to the cache dtype."""
+        if not self._open:
+            raise RuntimeError("CacheWriter.write_video outside its `with` block")
+        _check_video_name(video)
+        frames = np.asarray(frames, dtype=np.int64)
+        bad = np.asarray(sorted(set(int(b) for b in bad_frames)), dtype=np.int32)
+        features = np.asarray(features)
+        if frames.ndim != 1 or features.ndim != 2 or features.shape != (len(frames), self.feature_dim):
+            raise ValueError(
+                f"video {video}: features {features.shape} do not match frames ({len(frames)},) "
+                f"and feature_dim {self.feature_dim}"
+            )
+        if len(frames) and (frames[0] < 1 or np.any(np.diff(frames) <= 0)):
+            raise ValueError(f"video {video}: frame numbers must be 1-based and strictly ascending")
+        if np.intersect1d(frames, bad).size:
+            raise ValueError(f"video {video}: a frame is listed both as decoded and as bad")
+        with np.errstate(over="ignore"):  # overflow is reported below, as a CacheError naming the video
+            stored = features.astype(self.dtype, copy=False)
+        n_bad_values = int(np.size(stored) - np.count_nonzero(np.isfinite(stored)))
+        if n_bad_values:
+            raise CacheError(
+                f"{self.path}: video {video}: {n_bad_values} feature values are NaN/inf after casting to "
+                f"{self.dtype} (try --dtype float32, or check the encoder)"
+            )
+        if logits is not None:
+            logits = np.asarray(logits, dtype=np.float32)
+            if logits.ndim != 2 or logits.shape[0] != len(frames):
+                raise ValueError(f"video {video}: logits {logits.shape} do not match {len(frames)} frames")
+
+        self.parts.mkdir(parents=True, exist_ok=True)
+        target = self.parts / f"{video}.h5"
+
+        def fill(fh: Any) -> None:
+            group = fh.create_group(f"videos/{video}")
+            _write_video_group(group, frames.astype(np.int32), stored, logits, bad)
+
+        _write_h5_atomic(target, fill)
+
+    def set_text_embeddings(self, names: Sequence[str], embeddings: np.ndarray, template: str = "") -> None:
+        """Store an encoder's class-prompt text embeddings [C, D] (CLIP), so stage two never loads CLIP."""
+        if not self._open:
+            raise RuntimeError("CacheWriter.set_text_embeddings outside its `with` block")
+        emb = np.asarray(embeddings, dtype=np.float32)
+        if emb.ndim != 2 or emb.shape[0] != len(names):
+            raise ValueError(f"text embeddings {emb.shape} do not match {len(names)} names")
+        self.parts.mkdir(parents=True, exist_ok=True)
+
+        def fill(fh: Any) -> None:
+            _write_text_group(fh, list(names), emb, template)
+
+        _write_h5_atomic(self.parts / _TEXT_PART, fill)
+
+    # -- consolidation
+    def consolidate(self) -> Path:
+        """Fold the parts into the single ``.h5`` (a new file renamed over the old), then delete the parts.
+        Needs the lock; safe to interrupt at any point (the next run redoes it)."""
+        if self._lock_fd is None:
+            raise RuntimeError("only the CacheWriter holding the lock may consolidate")
+        import h5py
+
+        videos = _part_videos(self.parts)
+        text_part = self.parts / _TEXT_PART
+        if not videos and not text_part.exists() and self.path.exists():
+            self._remove_parts()
+            return self.path  # nothing new: leave the file (and its bytes) untouched
+
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            if self.path.exists():
+                shutil.copyfile(self.path, tmp)  # sequential copy: far cheaper than re-writing per dataset
+                mode = "r+"
+            else:
+                mode = "w"
+            with h5py.File(tmp, mode) as out:
+                _set_root_attrs(out, self.provenance)
+                root = out.require_group("videos")
+                for video in videos:
+                    if video in root:
+                        continue  # a previous run renamed the file but died before deleting this part
+                    with _open_h5(self.parts / f"{video}.h5") as part:
+                        part.copy(part[f"videos/{video}"], root, name=video)
+                if text_part.exists():
+                    if "text" in out:
+                        del out["text"]
+                    with _open_h5(text_part) as part:
+                        part.copy(part["text"], out, name="text")
+            _fsync_path(tmp)
+            os.replace(tmp, self.path)
+            _fsync_path(self.path.parent)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._consolidated |= set(videos)
+        self._remove_parts()
+        return self.path
+
+    def _remove_parts(self) -> None:
+        if self.parts.is_dir():
+            shutil.rmtree(self.parts, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------- reader
+
+
+class FeatureCache:
+    """Read-only access to a consolidated cache. Opening is cheap; ``load_all`` reads everything at once."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            hint = ""
+            if parts_dir(self.path).is_dir():
+                hint = f" ({parts_dir(self.path)} holds unconsolidated videos: re-run `abawfeat extract`)"
+            raise CacheError(f"{self.path}: no such cache file{hint}")
+        self._fh = _open_h5(self.path)
+        self.provenance: dict[str, Any] = read_provenance(self._fh, self.path)
+        self.encoder: str = str(self.provenance["encoder"])
+        self.feature_dim: int = int(self.provenance["feature_dim"])
+        self.dtype: np.dtype = np.dtype(self.provenance["dtype"])
+        self._videos = sorted(self._fh["videos"].keys()) if "videos" in self._fh else []
+
+    def __enter__(self) -> FeatureCache:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def __contains__(self, video: object) -> bool:
+        return video in self._videos
+
+    def __len__(self) -> int:
+        return len(self._videos)
+
+    def videos(self) -> list[str]:
+        return list(self._videos)
+
+    def _group(self, video: str) -> Any:
+        if video not in self._videos:
+            raise CacheError(f"{self.path}: video {video!r} is not in the cache")
+        return self._fh["videos"][video]
+
+    def frames(self, video: str) -> np.ndarray:
+        return self._group(video)["frames"][()].astype(np.int32, copy=False)
+
+    def features(self, video: str, dtype: Any = np.float32) -> np.ndarray:
+        """[T, D] features; float32 by default (contract), ``dtype=None`` keeps the stored dtype."""
+        arr = self._group(video)["features"][()]
+        return arr if dtype is None else arr.astype(dtype, copy=False)
+
+    def logits(self, video: str) -> np.ndarray | None:
+        group = self._group(video)
+        return group["logits"][()] if "logits" in group else None
+
+    def bad_frames(self, video: str) -> np.ndarray:
+        group = self._group(video)
+        return group["bad_frames"][()].astype(np.int32, copy=False) if "bad_frames" in group else np.zeros(
+            0, np.int32
+        )
+
+    def n_frames(self, video: str) -> int:
+        return int(self._group(video)["frames"].shape[0])
+
+    def load_all(
+        self, videos: Iterable[str] | None = None, dtype: Any = None
+    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """``{video: (frames int32 [T], features [T, D])}`` for all (or the named) videos, in the stored
+        dtype unless ``dtype`` is given: 1.7 M x 512 fp16 frames are 1.7 GB, float32 would double that."""
+        names = self._videos if videos is None else list(videos)
+        root = self._fh.get("videos", {})
+        out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for video in names:
+            if video not in root:
+                raise CacheError(f"{self.path}: video {video!r} is not in the cache")
+            group = root[video]
+            fds = group["features"]
+            # read_direct into a preallocated array skips one copy inside h5py for contiguous datasets.
+            feats = np.empty(fds.shape, dtype=fds.dtype)
+            if feats.size:
+                fds.read_direct(feats)
+            if dtype is not None:
+                feats = feats.astype(dtype, copy=False)
+            out[video] = (group["frames"][()].astype(np.int32, copy=False), feats)
+        return out
+
+    def text_embeddings(self) -> tuple[list[str], np.ndarray] | None:
+        if "text" not in self._fh:
+            return None
+        text = self._fh["text"]
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in text["names"][()]]
+        return names, text["embeddings"][()]
+
+    def text_template(self) -> str | None:
+        return None if "text" not in self._fh else str(self._fh["text"].attrs.get("template", ""))
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a stage-two checkpoint records and must find again: the encoder, its configuration and
+        weights, preprocessing, feature size and calibration (not the dtype or when it was written)."""
+        return fingerprint_of(self.provenance)
+
+    def total_frames(self) -> int:
+        return sum(self.n_frames(v) for v in self._videos)
+
+
+def fingerprint_of(provenance: dict[str, Any]) -> dict[str, Any]:
+    """The fingerprint (see ``FeatureCache.fingerprint``) of a provenance dict."""
+    return {key: _jsonable(provenance.get(key)) for key in FINGERPRINT_KEYS}
+
+
+# --------------------------------------------------------------------------------------------- inspection
+
+
+def cache_info(path: str | Path) -> dict[str, Any]:
+    """A JSON-ready summary (what ``abawfeat cache info`` prints)."""
+    path = Path(path)
+    with FeatureCache(path) as cache:
+        per_video = []
+        n_frames = n_bad = 0
+        for video in cache.videos():
+            group = cache._group(video)
+            t = int(group["frames"].shape[0])
+            bad = cache.bad_frames(video)
+            n_frames += t
+            n_bad += len(bad)
+            per_video.append({"video": video, "frames": t, "bad_frames": bad.tolist()})
+        text = cache.text_embeddings()
+        info = {
+            "path": str(path),
+            "size_bytes": path.stat().st_size,
+            "encoder": cache.encoder,
+            "feature_dim": cache.feature_dim,
+            "dtype": str(cache.dtype),
+            "videos": len(per_video),
+            "frames": n_frames,
+            "bad_frames": n_bad,
+            "text_classes": None if text is None else text[0],
+            "provenance": cache.provenance,
+            "fingerprint": cache.fingerprint(),
+            "unconsolidated_parts": len(_part_videos(parts_dir(path))),
+            "per_video": per_video,
+        }
+    return info
+
+
+def verify_cache(path: str | Path) -> list[str]:
+    """Every problem found, one line each (empty when the cache is sound): provenance present, every
+    video complete, frames ascending int32, shapes and dtypes consistent, no NaN/inf."""
+    path = Path(path)
+    if not path.is_file():
+        return [f"{path}: no such file"]
+    try:
+        fh = _open_h5(path)
+    except CacheError as exc:
+        return [str(exc)]
+    problems: list[str] = []
+    with fh:
+        attrs = {k: _decode_attr(v) for k, v in fh.attrs.items()}
+        missing = [k for k in REQUIRED_KEYS if k not in attrs]
+        if missing:
+            problems.append(f"{path}: provenance lacks {', '.join(missing)}")
+        if attrs.get("format") not in (None, FORMAT_NAME) or (
+            "format_version" in attrs and attrs["format_version"] != FORMAT_VERSION
+        ):
+            problems.append(
+                f"{path}: format {attrs.get('format')!r} version {attrs.get('format_version')!r} is not "
+                f"{FORMAT_NAME} version {FORMAT_VERSION}"
+            )
+        dim = attrs.get("feature_dim")
+        dtype = attrs.get("dtype")
+        if "videos" not in fh:
+            problems.append(f"{path}: no /videos group")
+            return problems
+        for video in sorted(fh["videos"].keys()):
+            problems += _verify_video(path, video, fh["videos"][video], dim, dtype)
+        if "text" in fh:
+            text = fh["text"]
+            if "names" not in text or "embeddings" not in text:
+                problems.append(f"{path}: /text lacks names or embeddings")
+            elif text["embeddings"].shape != (len(text["names"]), dim):
+                problems.append(f"{path}: /text/embeddings has shape {text['embeddings'].shape}, expected "
+                                f"({len(text['names'])}, {dim})")
+    if parts_dir(path).is_dir() and _part_videos(parts_dir(path)):
+        problems.append(
+            f"{parts_dir(path)}: unconsolidated videos left by an interrupted run; re-run extract"
+        )
+    return problems
+
+
+def _verify_video(path: Path, video: str, group: Any, dim: Any, dtype: Any) -> list[str]:
+    where = f"{path}: /videos/{video}"
+    problems = []
+    for name in ("features", "frames", "bad_frames"):
+        if name not in group:
+            problems.append(f"{where}: missing dataset {name}")
+    if problems:
+        return problems
+    feats, frames, bad = group["features"], group["frames"], group["bad_frames"]
+    if frames.dtype != np.int32 or frames.ndim != 1:
+        problems.append(f"{where}/frames: expected int32 [T], found {frames.dtype} {frames.shape}")
+    if bad.dtype != np.int32 or bad.ndim != 1:
+        problems.append(f"{where}/bad_frames: expected int32 [K], found {bad.dtype} {bad.shape}")
+    if dtype is not None and str(feats.dtype) != str(dtype):
+        problems.append(f"{where}/features: dtype {feats.dtype}, provenance says {dtype}")
+    if feats.ndim != 2 or feats.shape[0] != frames.shape[0] or (dim is not None and feats.shape[1] != dim):
+        problems.append(f"{where}/features: shape {feats.shape}, expected ({frames.shape[0]}, {dim})")
+    f = frames[()]
+    if f.size and (f.min() < 1 or np.any(np.diff(f.astype(np.int64)) <= 0)):
+        problems.append(f"{where}/frames: not 1-based strictly ascending")
+    b = bad[()]
+    if np.intersect1d(f, b).size:
+        problems.append(f"{where}: frames also listed in bad_frames")
+    n_crops = group.attrs.get("n_crops")
+    if n_crops is None or int(n_crops) != f.size + b.size:
+        problems.append(f"{where}: incomplete: {f.size} frames + {b.size} bad frames != n_crops {n_crops}")
+    if feats.ndim == 2 and feats.size:
+        values = feats[()]
+        n_nonfinite = int(values.size - np.count_nonzero(np.isfinite(values)))
+        if n_nonfinite:
+            problems.append(f"{where}/features: {n_nonfinite} NaN/inf values")
+    if "logits" in group:
+        logits = group["logits"]
+        if logits.ndim != 2 or logits.shape[0] != frames.shape[0]:
+            problems.append(f"{where}/logits: shape {logits.shape}, expected ({frames.shape[0]}, C)")
+        elif not np.all(np.isfinite(logits[()])):
+            problems.append(f"{where}/logits: NaN/inf values")
+    return problems
+
+
+# -------------------------------------------------------------------------------------------------- helpers
+
+
+def read_provenance(fh: Any, path: Path) -> dict[str, Any]:
+    attrs = {k: _decode_attr(v) for k, v in fh.attrs.items()}
+    if attrs.get("format") != FORMAT_NAME:
+        raise CacheError(f"{path}: not an abawfeat feature cache (no '{FORMAT_NAME}' format attribute)")
+    if attrs.get("format_version") != FORMAT_VERSION:
+        raise CacheError(
+            f"{path}: cache format version {attrs.get('format_version')} is not supported by this abawfeat "
+            f"(reads version {FORMAT_VERSION}); re-extract it"
+        )
+    for key in ("encoder", "feature_dim", "dtype"):
+        if key not in attrs:
+            raise CacheError(f"{path}: provenance attribute {key!r} is missing")
+    return attrs
+
+
+def _open_h5(path: Path) -> Any:
+    import h5py
+
+    try:
+        # No HDF5 file locking: a consolidated file is never modified in place (we replace it whole),
+        # and HDF5's own locks fail on some network filesystems.
+        return h5py.File(path, "r", locking=False)
+    except OSError as exc:
+        raise CacheError(f"{path}: not a readable HDF5 file ({exc})") from None
+
+
+def _write_video_group(
+    group: Any, frames: np.ndarray, features: np.ndarray, logits: np.ndarray | None, bad: np.ndarray
+) -> None:
+    # Contiguous, uncompressed: stage two reads whole videos, and this is the fastest layout to read.
+    group.create_dataset("features", data=features)
+    group.create_dataset("frames", data=frames.astype(np.int32))
+    group.create_dataset("bad_frames", data=bad.astype(np.int32))
+    if logits is not None:
+        group.create_dataset("logits", data=logits.astype(np.float32))
+    group.attrs["n_crops"] = int(len(frames) + len(bad))
+
+
+def _write_text_group(fh: Any, names: list[str], embeddings: np.ndarray, template: str) -> None:
+    import h5py
+
+    text = fh.create_group("text")
+    text.create_dataset("names", data=np.array(names, dtype=object), dtype=h5py.string_dtype())
+    text.create_dataset("embeddings", data=embeddings)
+    text.attrs["template"] = template
+
+
+def _write_h5_atomic(target: Path, fill: Any) -> None:
+    import h5py
+
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with h5py.File(tmp, "w") as fh:
+            fill(fh)
+        _fsync_path(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_bytes_atomic(target: Path, data: bytes) -> None:
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_path(path: Path) -> None:
+    # Renames are atomic against kill -9 without this; the fsync makes them durable across power loss too.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _part_videos(parts: Path) -> list[str]:
+    if not parts.is_dir():
+        return []
+    return sorted(p.name[:-3] for p in parts.glob("*.h5") if not p.name.startswith((".", "_")))
+
+
+def _set_root_attrs(fh: Any, provenance: dict[str, Any]) -> None:
+    for key in list(fh.attrs.keys()):
+        del fh.attrs[key]
+    for key, value in sorted(provenance.items()):
+        # Scalars stay native (h5dump shows them plainly); anything nested is stored as JSON text.
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            fh.attrs[key] = value
+        else:
+            fh.attrs[key] = "json:" + json.dumps(value, sort_keys=True)
+
+
+def _decode_attr(value: Any) -> Any:
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, str) and value.startswith("json:"):
+        return json.loads(value[5:])
+    return value
+
+
+def _check_video_name(video: str) -> None:
+    if not video or "/" in video or video.startswith((".", "_")) or video != video.strip():
+        raise ValueError(f"video name {video!r} cannot be stored (empty, has '/', or starts with '.' or '_')")
+
+
+def _jsonable(value: Any) -> Any:
+    """Round-trip through JSON so stored and compared provenance have one canonical form."""
+    return json.loads(json.dumps(value, default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    raise TypeError(f"provenance value {value!r} is not JSON-serialisable")
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(_jsonable(value), sort_keys=True)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

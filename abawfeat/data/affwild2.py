@@ -1,0 +1,910 @@
+"""Reader for Aff-Wild2 as released for the ABAW challenges (layout and quirks: docs/data.md).
+
+Everything here is lazy and memoised: building an ``AffWild2`` only locates folders; an annotation file is
+parsed the first time it is asked for, and a crop folder is listed (one ``os.scandir``) the first time its
+frames are asked for. The release has ~1,800 annotation files and ~3 million crops, so both the parsing
+(numpy over the whole file text) and the listing are written for that scale.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from abawfeat.constants import (
+    AU_INVALID,
+    AU_NAMES,
+    EXPR_CLASSES,
+    EXPR_INVALID,
+    HEADERS,
+    SAMPLE_FILE_TAGS,
+    SPLIT_DIRS,
+    SPLITS,
+    TASK_DIRS,
+    TASKS,
+    TEST_LIST_FILES,
+    VA_INVALID,
+    VA_NAMES,
+)
+from abawfeat.errors import DataError
+
+__all__ = [
+    "AffWild2",
+    "Annotation",
+    "MtlAnnotations",
+    "find_annotations_dir",
+    "read_annotation",
+    "read_mtl_file",
+    "read_name_list",
+    "read_sample_frame_counts",
+]
+
+# "6th ABAW Annotations", "8th_ABAW_Annotations", "ABAW-annotations": both words, in this order.
+_ANNOTATIONS_DIR_RE = re.compile(r"abaw.*annotations", re.IGNORECASE)
+# Crop roots directly under the data root: cropped_aligned, cropped_aligned_new_50_vids, batch1, batch2, ...
+_CROP_ROOT_RE = re.compile(r".*cropped.*|batch[ _-]?\d*", re.IGNORECASE)
+# A nested crop tree is never deep in practice (root/batch1/<video>/); the limit only stops runaway walks.
+_MAX_CROP_DEPTH = 3
+_TEST_LIST_DIR = "names_of_videos_in_each_test_set"
+_SAMPLE_DIR = "prediction_files_format"
+# Keyword of each task in test-list file names, used when the exact release name is not there.
+_TEST_LIST_KEYWORDS = {"va": "valence_arousal", "expr": "expression", "au": "action_unit"}
+_MTL_DIR_RE = re.compile(r".*mtl.*", re.IGNORECASE)
+_MTL_SPLIT_PREFIX = {"train": ("train",), "val": ("val",)}  # "validation_set.txt" starts with "val" too
+_MTL_HEADERS = (
+    ("image", "valence", "arousal", "expression", "aus"),
+    ("image", "valence", "arousal", "expression", *AU_NAMES),
+)
+_MTL_VALUE_NAMES = ("valence", "arousal", "expression", *AU_NAMES)
+# `<video>/<NNNNN>.jpg`, possibly behind more folders; the video is the folder holding the jpg.
+_IMAGE_RE = re.compile(r"(?:.*/)?([^/,]+)/(\d+)\.jpg", re.IGNORECASE)
+_MTL_ROW_RE = re.compile(r"^[ \t]*((?:[^,/\n]+/)*?([^,/\n]+)/(\d+)\.jpg)[ \t]*,([^\n]*)$",
+                         re.IGNORECASE | re.MULTILINE)
+# A sample-file row, or a blank line (empty groups), so that one findall accounts for every line.
+# (The lazy folder prefix avoids backtracking over the whole line: ~2x faster on a million rows.)
+_SAMPLE_ROW_RE = re.compile(r"^(?:[ \t]*(?:[^,/\n]+/)*?([^,/\n]+)/(\d+)\.jpg[ \t]*(?:,[^\n]*)?|[ \t]*)$",
+                            re.IGNORECASE | re.MULTILINE)
+_BLANK_LINE_RE = re.compile(r"^[ \t]*$", re.MULTILINE)
+_NAME_LIST_HEADER_RE = re.compile(r"(video|name|file)s?([ _-]?(name|names|id|ids))?:?", re.IGNORECASE)
+_VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv")
+_EDITION_RE = re.compile(r"(\d+)(?:st|nd|rd|th)", re.IGNORECASE)
+
+# What "valid" means per task, for messages; the checks themselves are in _labels_and_validity.
+_RULES = {"va": "[-1, 1]", "expr": "0..7", "au": "{0, 1}"}
+_MARKERS = {"va": VA_INVALID, "expr": EXPR_INVALID, "au": AU_INVALID}
+# Data columns per task. EXPR's header names all eight classes, but each row holds ONE class index.
+_COLUMNS: dict[str, tuple[str, ...]] = {"va": VA_NAMES, "expr": ("class index",), "au": AU_NAMES}
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """One annotation file. Row i is frame i + 1, whose crop is ``{i + 1:05d}.jpg``.
+
+    Invalid rows (the marker, or an out-of-range value) hold the task's invalid marker in every column
+    (VA -5, EXPR -1, AU -1), so a label never looks usable where ``valid`` is False. Arrays are read-only
+    because annotations are memoised and shared.
+    """
+
+    video: str
+    task: str
+    split: str  # "train", "val", or "" when the file is not inside a Train_Set/Validation_Set folder
+    path: Path
+    labels: np.ndarray  # va float32 [N, 2]; expr int64 [N]; au int8 [N, 12]
+    valid: np.ndarray  # bool [N]
+    n_frames: int  # N = number of data rows = last annotated frame
+    # Extension of the contract: rows whose value is neither valid nor the marker (warned about once).
+    n_out_of_range: int = 0
+
+    @property
+    def frames(self) -> np.ndarray:
+        """int32 [N]: the 1-based frame number of each row."""
+        return np.arange(1, self.n_frames + 1, dtype=np.int32)
+
+    @property
+    def n_valid(self) -> int:
+        return int(self.valid.sum())
+
+
+@dataclass(frozen=True)
+class MtlAnnotations:
+    """A 7th-ABAW multi-task file (s-Aff-Wild2): static frames, each with all three annotations.
+
+    Invalid entries hold the task's marker (VA -5, EXPR -1, AU -1), as in ``Annotation``.
+    """
+
+    path: Path
+    images: np.ndarray  # str [N], as written, e.g. "video10_left/00012.jpg"
+    video: np.ndarray  # str [N]
+    frame: np.ndarray  # int32 [N]
+    va: np.ndarray  # float32 [N, 2]
+    expr: np.ndarray  # int64 [N]
+    au: np.ndarray  # int8 [N, 12]
+    va_valid: np.ndarray  # bool [N]
+    expr_valid: np.ndarray  # bool [N]
+    au_valid: np.ndarray  # bool [N]
+    n_out_of_range: int = 0  # rows with any value that is neither valid nor its marker
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def videos(self) -> list[str]:
+        return sorted(set(self.video.tolist()))
+
+
+# --------------------------------------------------------------------------------------------------- text
+
+
+def _read_lines(path: Path) -> list[str]:
+    """The file's lines whatever the line endings (\\n, \\r\\n, lone \\r, mixed), without trailing blank
+    lines. Line i of the list is line i + 1 of the file, so error messages can name it."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(path, "file not found") from None
+    except OSError as exc:
+        raise DataError(path, f"cannot read: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: a BOM written by a spreadsheet tool must not spoil the header
+    except UnicodeDecodeError as exc:
+        head = raw[: exc.start].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        raise DataError(path, "not UTF-8 text", head.count(b"\n") + 1) from None
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    lines = text.split("\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise DataError(path, "empty file")
+    return lines
+
+
+def _check_no_blank_line(path: Path, body: str, first_line: int) -> None:
+    """A blank line between data rows is an error: every later row would get the wrong frame number."""
+    match = _BLANK_LINE_RE.search(body)
+    if match is not None:
+        line = first_line + body.count("\n", 0, match.start())
+        raise DataError(path, "blank line inside the data (every later row would get the wrong frame number)",
+                        line)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
+@contextmanager
+def _quiet_numpy() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+# Characters the vectorised parser handles: digits, '.', '-', ',' and newline.
+_FAST_CHARS = np.zeros(256, dtype=bool)
+_FAST_CHARS[np.frombuffer(b"0123456789.-,\n", dtype=np.uint8)] = True
+_POW10 = 10.0 ** np.arange(16)  # exact in float64 up to 1e22
+_MAX_DIGITS = 15  # mantissas below 1e15 < 2**53 are exact, so m / 10**f is correctly rounded
+
+
+def _fast_numbers(body: str, n_rows: int, n_cols: int) -> np.ndarray | None:
+    """Parse plain decimal numbers (``-0.25``, ``1``, ``.5``) with array operations over the bytes, or
+    return None for anything else (spaces, exponents, blank lines, wrong column counts, junk), which the
+    slower readers then handle. The result equals Python's ``float`` of each token: the digits form an exact
+    integer mantissa below 2**53, and one IEEE division by an exact power of ten rounds correctly.
+    """
+    if not body.isascii():
+        return None
+    b = np.frombuffer((body + "\n").encode("ascii"), dtype=np.uint8)
+    if not _FAST_CHARS[b].all():
+        return None
+    # Of the allowed characters, only ',' (44) and newline (10) are below '-' (45), only digits >= '0'.
+    is_sep = b < ord("-")
+    ends = np.flatnonzero(is_sep)  # each value's terminator
+    n_tokens = n_rows * n_cols
+    if len(ends) != n_tokens:
+        return None
+    newline_at = b[ends] == ord("\n")
+    if not newline_at[n_cols - 1 :: n_cols].all() or np.count_nonzero(newline_at) != n_rows:
+        return None  # some row has the wrong number of columns
+    is_digit = b >= ord("0")
+    digits_before = np.zeros(len(b) + 1, dtype=np.int32)  # digits_before[i]: digits in b[:i]
+    np.cumsum(is_digit, out=digits_before[1:])
+    digits_at_end = digits_before[ends]
+    n_digits = np.diff(digits_at_end, prepend=0)
+    most = n_digits.max()
+    if n_digits.min() < 1 or most > _MAX_DIGITS:
+        return None  # an empty value, a lone '-' or '.', or more digits than float64 holds exactly
+    digit_values = b[is_digit] - ord("0")
+    if most == 1:
+        values = digit_values.astype(np.float64)  # AU / EXPR files: one digit per value, in value order
+    else:
+        token = np.repeat(np.arange(n_tokens, dtype=np.int32), n_digits)
+        # Each digit's power of ten in its value's integer mantissa: how many digits follow it.
+        power = digits_at_end[token] - np.arange(1, len(token) + 1, dtype=np.int32)
+        values = np.bincount(token, weights=digit_values * _POW10[power], minlength=n_tokens)
+    dots = np.flatnonzero(b == ord("."))
+    if dots.size:
+        dot_token = np.searchsorted(ends, dots)
+        if dot_token.size > 1 and not (np.diff(dot_token) > 0).all():
+            return None  # two dots in one value
+        fraction = np.zeros(n_tokens, dtype=np.int32)
+        fraction[dot_token] = digits_at_end[dot_token] - digits_before[dots]
+        values /= _POW10[fraction]
+    minus = np.flatnonzero(b == ord("-"))
+    if minus.size:
+        minus_token = np.searchsorted(ends, minus)
+        token_start = np.zeros_like(minus)
+        later = minus_token > 0
+        token_start[later] = ends[minus_token[later] - 1] + 1
+        if not np.array_equal(token_start, minus):
+            return None  # a '-' that is not the first character of its value
+        values[minus_token] *= -1.0
+    return values.reshape(n_rows, n_cols)
+
+
+def _parse_numbers(path: Path, lines: list[str], first_line: int, names: tuple[str, ...],
+                   integer: bool) -> np.ndarray:
+    """float64 [len(lines), len(names)] from comma-separated numeric lines.
+
+    Three readers, fastest first: array operations over the bytes (plain decimals: the release as shipped),
+    numpy's C reader (spaces around values, exponents; integer parsing is ~8x faster than float parsing in
+    it), then a line-by-line parse that finds the exact line and column at fault.
+    """
+    body = "\n".join(lines)
+    values = _fast_numbers(body, len(lines), len(names))
+    if values is not None:
+        return values
+    _check_no_blank_line(path, body, first_line)  # numpy's reader would silently skip blank lines
+    dtypes: tuple[type, ...] = (np.int64, np.float64) if integer else (np.float64,)
+    for dtype in dtypes:
+        try:
+            with _quiet_numpy():
+                values = np.loadtxt(io.StringIO(body), delimiter=",", comments=None, quotechar=None,
+                                    ndmin=2, dtype=dtype)
+        except ValueError:
+            continue  # a float in an integer file, or a real error: the next reader tells which
+        if values.shape == (len(lines), len(names)):
+            return values.astype(np.float64, copy=False)
+        break
+    return _parse_numbers_slowly(path, lines, first_line, names)
+
+
+def _parse_numbers_slowly(path: Path, lines: list[str], first_line: int,
+                          names: tuple[str, ...]) -> np.ndarray:
+    k = len(names)
+    out = np.empty((len(lines), k), dtype=np.float64)
+    for i, line in enumerate(lines):
+        parts = line.split(",")
+        if len(parts) != k:
+            raise DataError(path, f"expected {_plural(k, 'value')} per row ({','.join(names)}), "
+                                  f"found {len(parts)}", first_line + i)
+        for j, part in enumerate(parts):
+            token = part.strip()
+            try:
+                # Python's float() also reads "1_0" and non-ASCII digits; numpy does not, and neither do we.
+                if not token.isascii() or "_" in token:
+                    raise ValueError
+                out[i, j] = float(token)
+            except ValueError:
+                problem = f"{names[j]}: {token!r} is not a number" if token else f"{names[j]}: empty value"
+                raise DataError(path, problem, first_line + i) from None
+    return out
+
+
+def _check_header(path: Path, header: str, expected: Iterable[tuple[str, ...]], what: str) -> None:
+    got = tuple(c.strip().lower() for c in header.split(","))
+    options = list(expected)
+    if any(got == tuple(n.lower() for n in names) for names in options):
+        return
+    hint = ""
+    for task, names in HEADERS.items():
+        if got == tuple(n.lower() for n in names):
+            hint = f" (this is the {task.upper()} header: wrong folder?)"
+    if not hint and all(_is_number(c) for c in header.split(",")):
+        hint = " (the first line looks like data: is the header missing?)"
+    want = " or ".join(repr(",".join(names)) for names in options)
+    raise DataError(path, f"header {header.strip()!r} is not the {what} header {want}{hint}", 1)
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def _labels_and_validity(task: str, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, valid, out_of_range) for one task's columns of float64 values.
+
+    out_of_range marks rows holding a value that is neither valid nor the invalid marker (NaN included):
+    such rows are invalid like marked ones, but they suggest a damaged file, so they are counted.
+    """
+    if task == "va":
+        ok = (values >= -1.0) & (values <= 1.0)
+        valid = ok.all(axis=1)
+        out_of_range = ~(ok | (values == VA_INVALID)).all(axis=1)
+        labels = np.where(valid[:, None], values, VA_INVALID).astype(np.float32)
+    elif task == "expr":
+        v = values[:, 0]
+        with _quiet_numpy():  # NaN / inf compare False, which is what we want
+            valid = (v == np.floor(v)) & (v >= 0) & (v <= len(EXPR_CLASSES) - 1)
+        out_of_range = ~valid & (v != EXPR_INVALID)
+        labels = np.where(valid, v, EXPR_INVALID).astype(np.int64)
+    elif task == "au":
+        ok = (values == 0) | (values == 1)
+        valid = ok.all(axis=1)
+        out_of_range = ~(ok | (values == AU_INVALID)).all(axis=1)
+        labels = np.where(valid[:, None], values, AU_INVALID).astype(np.int8)
+    else:  # pragma: no cover - guarded by _check_task
+        raise ValueError(task)
+    return labels, valid, out_of_range
+
+
+def _warn(message: str) -> None:
+    # Imported here so that importing abawfeat.data does not pull in rich.progress.
+    from abawfeat.utils.progress import warn
+
+    warn(message)
+
+
+def _freeze(*arrays: np.ndarray) -> None:
+    for a in arrays:
+        a.setflags(write=False)
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, not {task!r}")
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+
+
+# ----------------------------------------------------------------------------------------------- readers
+
+
+def read_annotation(path: str | Path, task: str, split: str | None = None) -> Annotation:
+    """Read one per-video annotation file of ``task`` ("va", "expr" or "au").
+
+    ``split`` (an extension of the contract) defaults to what the parent folder says (Train_Set -> "train",
+    Validation_Set -> "val", otherwise ""). Raises ``DataError(path, problem, line)`` for an empty file, a
+    wrong header, a wrong number of columns, a non-numeric value or a blank line between data rows. Values
+    that are neither valid nor the invalid marker make their row invalid and trigger one warning per file.
+    """
+    _check_task(task)
+    path = Path(path)
+    if split is None:
+        split = {d.lower(): s for s, d in SPLIT_DIRS.items()}.get(path.parent.name.lower(), "")
+    lines = _read_lines(path)
+    _check_header(path, lines[0], [HEADERS[task]], task.upper())
+    if len(lines) == 1:
+        raise DataError(path, "header but no data rows", 2)
+    values = _parse_numbers(path, lines[1:], 2, _COLUMNS[task], integer=task != "va")
+    labels, valid, out_of_range = _labels_and_validity(task, values)
+    n_bad = int(out_of_range.sum())
+    if n_bad:
+        _warn(f"{path}: {_plural(n_bad, 'row')} with values outside {_RULES[task]} that are not the invalid "
+              f"marker {_MARKERS[task]:g}; counted as invalid")
+    _freeze(labels, valid)
+    return Annotation(video=path.stem, task=task, split=split, path=path, labels=labels, valid=valid,
+                      n_frames=len(valid), n_out_of_range=n_bad)
+
+
+def read_mtl_file(path: str | Path) -> MtlAnnotations:
+    """Read a 7th-ABAW multi-task file: header ``image,valence,arousal,expression,aus`` (or with the twelve
+    AU names spelled out), then ``<video>/<NNNNN>.jpg,V,A,EXPR,AU1,...,AU26`` per line."""
+    path = Path(path)
+    lines = _read_lines(path)
+    _check_header(path, lines[0], _MTL_HEADERS, "multi-task")
+    body = lines[1:]
+    if not body:
+        raise DataError(path, "header but no data rows", 2)
+    # One regex pass over the whole text; only if some line does not match, a loop finds which and why.
+    rows = _MTL_ROW_RE.findall("\n".join(body))
+    if len(rows) != len(body):
+        _explain_bad_mtl_row(path, body)
+    images = [r[0] for r in rows]
+    videos = [r[1] for r in rows]
+    frames = [int(r[2]) for r in rows]
+    rests = [r[3] for r in rows]
+    values = _fast_numbers("\n".join(rests), len(rests), len(_MTL_VALUE_NAMES))
+    if values is None:
+        _check_mtl_columns(path, body)  # so that a column-count error counts the image column too
+        values = _parse_numbers(path, rests, 2, _MTL_VALUE_NAMES, integer=False)
+    va, va_valid, va_bad = _labels_and_validity("va", values[:, 0:2])
+    expr, expr_valid, expr_bad = _labels_and_validity("expr", values[:, 2:3])
+    au, au_valid, au_bad = _labels_and_validity("au", values[:, 3:])
+    n_bad = int((va_bad | expr_bad | au_bad).sum())
+    if n_bad:
+        _warn(f"{path}: {_plural(n_bad, 'row')} with values outside VA [-1, 1], EXPR 0..7 or AU {{0, 1}} "
+              "that are not the invalid markers (-5 / -1); those labels are counted as invalid")
+    result = MtlAnnotations(
+        path=path, images=np.array(images, dtype=str), video=np.array(videos, dtype=str),
+        frame=np.array(frames, dtype=np.int32), va=va, expr=expr, au=au, va_valid=va_valid,
+        expr_valid=expr_valid, au_valid=au_valid, n_out_of_range=n_bad,
+    )
+    _freeze(result.images, result.video, result.frame, va, expr, au, va_valid, expr_valid, au_valid)
+    return result
+
+
+def _check_mtl_columns(path: Path, body: list[str]) -> None:
+    n = len(_MTL_VALUE_NAMES) + 1
+    for i, line in enumerate(body):
+        if line.count(",") != n - 1:
+            raise DataError(path, f"expected {n} comma-separated values (image, valence, arousal, "
+                                  f"expression, {len(AU_NAMES)} AUs), found {line.count(',') + 1}", i + 2)
+
+
+def _explain_bad_mtl_row(path: Path, body: list[str]) -> None:
+    _check_no_blank_line(path, "\n".join(body), 2)
+    _check_mtl_columns(path, body)
+    for i, line in enumerate(body):
+        image = line.partition(",")[0].strip()
+        if _IMAGE_RE.fullmatch(image) is None:
+            raise DataError(path, f"image {image!r} is not <video>/<NNNNN>.jpg", i + 2)
+    raise DataError(path, "unreadable multi-task rows")  # pragma: no cover - the checks above cover all
+
+
+def read_name_list(path: str | Path) -> list[str]:
+    """Video names from a test-set list, one per line, in file order without duplicates.
+
+    Tolerates blank lines, any line endings, surrounding spaces, an optional header line ("video",
+    "Video names", ...), a trailing video extension (.mp4, .avi, ...) and extra comma-separated columns.
+    """
+    path = Path(path)
+    names: list[str] = []
+    seen: set[str] = set()
+    for line in _read_lines(path):
+        name = line.split(",")[0].strip()
+        if not name:
+            continue
+        if not names and _NAME_LIST_HEADER_RE.fullmatch(name):
+            continue
+        if name.lower().endswith(_VIDEO_EXTENSIONS):
+            name = name.rsplit(".", 1)[0]
+        if name not in seen:
+            seen.add(name)
+            names.append(name)
+    if not names:
+        raise DataError(path, "no video names in this list")
+    return names
+
+
+def read_sample_frame_counts(path: str | Path) -> dict[str, int]:
+    """N (the highest frame number) per video of an organisers' sample prediction file, whose rows are
+    ``<video>/<NNNNN>.jpg,...`` after an ``image_location,...`` header. Blank lines are skipped."""
+    path = Path(path)
+    lines = _read_lines(path)
+    first = lines[0].split(",")[0].strip()
+    start = 1 if first.lower() == "image_location" else 0
+    if start == 0 and _IMAGE_RE.fullmatch(first) is None:
+        raise DataError(path, f"first line {lines[0].strip()!r} is neither the 'image_location,...' header "
+                              "nor a <video>/<NNNNN>.jpg row", 1)
+    body = "\n".join(lines[start:])
+    # One regex pass over the whole text: the EXPR sample file has about a million rows.
+    pairs = _SAMPLE_ROW_RE.findall(body)
+    if len(pairs) != len(lines) - start:
+        for i, line in enumerate(lines[start:], start=start + 1):
+            if _SAMPLE_ROW_RE.fullmatch(line) is None:
+                raise DataError(path, f"row {line.strip()[:60]!r} does not start with <video>/<NNNNN>.jpg", i)
+    counts: dict[str, int] = {}
+    for video, frame in pairs:
+        if not video:
+            continue  # a blank line
+        n = int(frame)
+        if n > counts.get(video, 0):
+            counts[video] = n
+    if not counts:
+        raise DataError(path, "no frame rows")
+    return counts
+
+
+def find_annotations_dir(root: str | Path) -> Path:
+    """The one folder directly under ``root`` whose name matches ``*ABAW*Annotations*`` (any case,
+    spaces or underscores). DataError if there is none, or several (listing them)."""
+    root = Path(root)
+    found = sorted(
+        (e.name for e in _scandir(root) if e.is_dir() and _ANNOTATIONS_DIR_RE.search(e.name)),
+        key=str.lower,
+    )
+    if not found:
+        raise DataError(root, "no annotations folder here (a folder named like '8th_ABAW_Annotations' or "
+                              "'6th ABAW Annotations'); give its path with --annotations")
+    if len(found) > 1:
+        listed = ", ".join(repr(n) for n in found)
+        raise DataError(root, f"several annotations folders: {listed}; choose one with --annotations")
+    return root / found[0]
+
+
+def _scandir(folder: Path) -> list[os.DirEntry[str]]:
+    """Entries of a folder, without hidden ones (macOS leaves ._name files beside every real file)."""
+    try:
+        with os.scandir(folder) as it:
+            return [e for e in it if not e.name.startswith(".")]
+    except FileNotFoundError:
+        raise DataError(folder, "folder not found") from None
+    except OSError as exc:
+        raise DataError(folder, f"cannot list folder: {exc.strerror or exc}") from None
+
+
+def _child_dirs(folder: Path) -> dict[str, Path]:
+    """Sub-folders by lower-cased name: release folder names are matched without regard to case."""
+    return {e.name.lower(): Path(e.path) for e in _scandir(folder) if e.is_dir()}
+
+
+def _crop_frame(name: str) -> int | None:
+    """Frame number of a crop file name ``NNNNN.jpg``; None for anything else (Thumbs.db, .png, ...)."""
+    if len(name) > 4 and name[-4:].lower() == ".jpg":
+        stem = name[:-4]
+        if stem.isascii() and stem.isdigit():
+            return int(stem)
+    return None
+
+
+def _classify(folder: str) -> str | None:
+    """Kind of folder: "crops" if it holds NNNNN.jpg files, "tree" if sub-folders only (a batch), else None.
+
+    Stops at the first jpg: crop folders hold thousands of files and are listed in full only on demand.
+    """
+    has_dirs = False
+    try:
+        with os.scandir(folder) as it:
+            for entry in it:
+                if entry.name.startswith("."):
+                    continue
+                if _crop_frame(entry.name) is not None and entry.is_file():
+                    return "crops"
+                if not has_dirs and entry.is_dir():
+                    has_dirs = True
+    except OSError as exc:
+        raise DataError(folder, f"cannot list folder: {exc.strerror or exc}") from None
+    return "tree" if has_dirs else None
+
+
+# ---------------------------------------------------------------------------------------------- dataset
+
+
+class AffWild2:
+    """An Aff-Wild2 tree: annotations of the three tasks, crop folders, test lists and sample files.
+
+    ``root`` is the data root (holding the annotations folder, ``cropped_aligned``, ...); ``annotations``
+    overrides the search for the annotations folder (relative paths are tried from the current directory,
+    then from ``root``). Building one only locates folders; everything else is read on demand and memoised.
+    """
+
+    def __init__(self, root: str | Path, annotations: str | Path | None = None) -> None:
+        self.root = Path(root)
+        if not self.root.exists():
+            raise DataError(self.root, "data root not found")
+        if not self.root.is_dir():
+            raise DataError(self.root, "data root is not a folder")
+        # abspath, not resolve: a symlinked data folder keeps the name the user gave it.
+        self.name: str = Path(os.path.abspath(self.root)).name
+        self.annotations_dir: Path = self._locate_annotations(annotations)
+        self._task_dirs: dict[str, Path | None] = {t: self._locate_task_dir(t) for t in TASKS}
+        self._mtl_dir = self._locate_mtl_dir()
+        if not any(self._task_dirs.values()) and self._mtl_dir is None:
+            expected = ", ".join(d for t in TASKS for d in TASK_DIRS[t])
+            raise DataError(self.annotations_dir, f"no task folder in this annotations folder (expected "
+                                                  f"{expected})")
+        self._video_files: dict[tuple[str, str], dict[str, Path]] = {}
+        self._annotations: dict[tuple[str, str, str], Annotation] = {}
+        self._crop_index: dict[str, Path] | None = None
+        self._crop_frames: dict[str, np.ndarray] = {}
+        self._sample_counts: dict[str, dict[str, int]] = {}
+        self._mtl: dict[str, MtlAnnotations] = {}
+
+    def __repr__(self) -> str:
+        return f"AffWild2(root={str(self.root)!r}, annotations_dir={str(self.annotations_dir)!r})"
+
+    # -- locating folders
+
+    def _locate_annotations(self, annotations: str | Path | None) -> Path:
+        if annotations is None:
+            return find_annotations_dir(self.root)
+        path = Path(annotations)
+        if not path.exists() and not path.is_absolute() and (self.root / path).exists():
+            path = self.root / path
+        if not path.is_dir():
+            raise DataError(path, "annotations folder not found")
+        return path
+
+    def _locate_task_dir(self, task: str) -> Path | None:
+        children = _child_dirs(self.annotations_dir)
+        present = [children[d.lower()] for d in TASK_DIRS[task] if d.lower() in children]
+        if len(present) > 1:
+            # Both EXPR names side by side: the newer release name wins, but say so.
+            _warn(f"{self.annotations_dir}: both {present[0].name} and {present[1].name} exist; "
+                  f"reading {present[0].name}")
+        return present[0] if present else None
+
+    def _locate_mtl_dir(self) -> Path | None:
+        children = _child_dirs(self.annotations_dir)
+        dirs = sorted(p for name, p in children.items() if _MTL_DIR_RE.fullmatch(name))
+        return dirs[0] if dirs else None
+
+    def task_dir(self, task: str) -> Path | None:
+        """The task's folder inside the annotations folder (None if the release has none)."""
+        _check_task(task)
+        return self._task_dirs[task]
+
+    def split_dir(self, task: str, split: str) -> Path | None:
+        """``<task folder>/Train_Set`` or ``Validation_Set`` (None if absent)."""
+        _check_split(split)
+        task_dir = self.task_dir(task)
+        if task_dir is None:
+            return None
+        return _child_dirs(task_dir).get(SPLIT_DIRS[split].lower())
+
+    def _files(self, task: str, split: str) -> dict[str, Path]:
+        key = (task, split)
+        if key not in self._video_files:
+            folder = self.split_dir(task, split)
+            files: dict[str, Path] = {}
+            if folder is not None:
+                for e in _scandir(folder):
+                    if e.name.lower().endswith(".txt") and e.is_file():
+                        files[e.name[:-4]] = Path(e.path)
+            self._video_files[key] = dict(sorted(files.items()))
+        return self._video_files[key]
+
+    # -- annotations
+
+    def videos(self, task: str, split: str) -> list[str]:
+        """Sorted names of the videos annotated for ``task`` in ``split`` ("train" or "val")."""
+        _check_task(task)
+        return list(self._files(task, split))
+
+    def annotation_path(self, task: str, split: str, video: str) -> Path:
+        _check_task(task)
+        files = self._files(task, split)
+        if video not in files:
+            where = self.split_dir(task, split) or self.annotations_dir
+            raise DataError(where, f"no {task.upper()} {split} annotation for video {video!r}")
+        return files[video]
+
+    def annotation(self, task: str, split: str, video: str) -> Annotation:
+        """The parsed annotation file (memoised)."""
+        key = (task, split, video)
+        if key not in self._annotations:
+            self._annotations[key] = read_annotation(self.annotation_path(task, split, video), task, split)
+        return self._annotations[key]
+
+    # -- crops
+
+    def _crop_roots(self) -> list[Path]:
+        return sorted(
+            (Path(e.path) for e in _scandir(self.root)
+             if e.is_dir() and _CROP_ROOT_RE.fullmatch(e.name) and Path(e.path) != self.annotations_dir),
+            key=lambda p: p.name.lower(),
+        )
+
+    def _crops(self) -> dict[str, Path]:
+        if self._crop_index is None:
+            index: dict[str, Path] = {}
+            for crop_root in self._crop_roots():
+                self._index_crop_tree(crop_root, index, 0)
+            self._crop_index = dict(sorted(index.items()))
+        return self._crop_index
+
+    def _index_crop_tree(self, folder: Path, index: dict[str, Path], depth: int) -> None:
+        for entry in sorted(_scandir(folder), key=lambda e: e.name):
+            if not entry.is_dir():
+                continue
+            kind = _classify(entry.path)
+            if kind == "crops":
+                if entry.name in index:
+                    raise DataError(entry.path, f"video {entry.name!r} already has a crop folder at "
+                                                f"{index[entry.name]}; keep only one")
+                index[entry.name] = Path(entry.path)
+            elif kind == "tree" and depth < _MAX_CROP_DEPTH:
+                self._index_crop_tree(Path(entry.path), index, depth + 1)
+
+    def videos_with_crops(self) -> list[str]:
+        """Every video with a crop folder (train, val and test), sorted."""
+        return list(self._crops())
+
+    def crop_dir(self, video: str) -> Path | None:
+        """The video's crop folder, wherever it sits (cropped_aligned, ..._new_50_vids, batchN/)."""
+        return self._crops().get(video)
+
+    def crop_frames(self, video: str) -> np.ndarray:
+        """int32, ascending: the frame numbers that have a ``NNNNN.jpg`` (empty without a crop folder).
+        Gaps are frames where no face was detected; numbers past the annotation's N have no label."""
+        if video not in self._crop_frames:
+            folder = self.crop_dir(video)
+            if folder is None:
+                frames = np.zeros(0, dtype=np.int32)
+            else:
+                numbers = [_crop_frame(e.name) for e in _scandir(folder)]
+                frames = np.array([n for n in numbers if n is not None], dtype=np.int32)
+                frames.sort()
+            _freeze(frames)
+            self._crop_frames[video] = frames
+        return self._crop_frames[video]
+
+    def crop_path(self, video: str, frame: int) -> Path:
+        """Path of the crop of ``frame`` (1-based); it exists only if ``frame`` is in ``crop_frames``."""
+        folder = self.crop_dir(video)
+        if folder is None:
+            raise DataError(self.root, f"no crop folder for video {video!r}")
+        return folder / f"{int(frame):05d}.jpg"
+
+    def crop_mask(self, video: str, n_frames: int) -> np.ndarray:
+        """bool [n_frames]: whether frame i + 1 has a crop (extension of the contract)."""
+        frames = self.crop_frames(video)
+        mask = np.zeros(n_frames, dtype=bool)
+        inside = frames[(frames >= 1) & (frames <= n_frames)]
+        mask[inside - 1] = True
+        return mask
+
+    # -- test set
+
+    def _release_dir(self, name: str) -> Path | None:
+        """A release folder (test lists, sample files) under the root or, failing that, the annotations."""
+        for parent in (self.root, self.annotations_dir):
+            found = _child_dirs(parent).get(name.lower())
+            if found is not None:
+                return found
+        return None
+
+    def test_list_file(self, task: str) -> Path | None:
+        _check_task(task)
+        folder = self._release_dir(_TEST_LIST_DIR)
+        if folder is None:
+            return None
+        files = {e.name.lower(): Path(e.path) for e in _scandir(folder) if e.is_file()}
+        exact = files.get(TEST_LIST_FILES[task].lower())
+        if exact is not None:
+            return exact
+        keyword = _TEST_LIST_KEYWORDS[task]
+        matches = sorted(p for n, p in files.items() if keyword in n and n.endswith(".txt"))
+        if len(matches) > 1:
+            listed = ", ".join(p.name for p in matches)
+            raise DataError(folder, f"several {task.upper()} test lists: {listed}")
+        return matches[0] if matches else None
+
+    def test_videos(self, task: str) -> list[str]:
+        """Sorted names of the task's test videos ([] when the release has no test list)."""
+        path = self.test_list_file(task)
+        return sorted(read_name_list(path)) if path is not None else []
+
+    def sample_file(self, task: str) -> Path | None:
+        """The organisers' sample prediction file ``*_{VA,Expr,AU}_test_set_sample.txt``. If several
+        editions are present (6th and 8th), the highest edition number wins."""
+        _check_task(task)
+        folder = self._release_dir(_SAMPLE_DIR)
+        if folder is None:
+            return None
+        suffix = f"_{SAMPLE_FILE_TAGS[task]}_test_set_sample.txt".lower()
+        matches = sorted(Path(e.path) for e in _scandir(folder) if e.name.lower().endswith(suffix))
+        if len(matches) <= 1:
+            return matches[0] if matches else None
+
+        def edition(p: Path) -> int:
+            m = _EDITION_RE.search(p.name)
+            return int(m.group(1)) if m else -1
+
+        best = max(edition(p) for p in matches)
+        newest = [p for p in matches if edition(p) == best]
+        if len(newest) > 1:
+            listed = ", ".join(p.name for p in newest)
+            raise DataError(folder, f"several {task.upper()} sample files of the same edition: {listed}")
+        return newest[0]
+
+    def sample_frame_counts(self, task: str) -> dict[str, int]:
+        """N per test video from the organisers' sample file (memoised): the submission needs every frame
+        1..N, crop or not."""
+        if task not in self._sample_counts:
+            path = self.sample_file(task)
+            if path is None:
+                pattern = f"*_{SAMPLE_FILE_TAGS[task]}_test_set_sample.txt"
+                raise DataError(self.root, f"no {task.upper()} sample file ({pattern}) in {_SAMPLE_DIR}/")
+            self._sample_counts[task] = read_sample_frame_counts(path)
+        return self._sample_counts[task]
+
+    # -- multi-task (7th ABAW)
+
+    def mtl_file(self, split: str) -> Path | None:
+        """The multi-task file of ``split`` in an ``*MTL*`` folder of the annotations (e.g.
+        ``MTL_Challenge/train_set.txt``, ``validation_set.txt``), or None."""
+        _check_split(split)
+        if self._mtl_dir is None:
+            return None
+        matches = sorted(
+            Path(e.path) for e in _scandir(self._mtl_dir)
+            if e.is_file() and e.name.lower().endswith(".txt")
+            and e.name.lower().startswith(_MTL_SPLIT_PREFIX[split])
+        )
+        if len(matches) > 1:
+            listed = ", ".join(p.name for p in matches)
+            raise DataError(self._mtl_dir, f"several multi-task {split} files: {listed}")
+        return matches[0] if matches else None
+
+    def mtl_annotations(self, split: str) -> MtlAnnotations:
+        """The parsed multi-task file of ``split`` (memoised); DataError if the release has none."""
+        if split not in self._mtl:
+            path = self.mtl_file(split)
+            if path is None:
+                example = "train_set.txt" if split == "train" else "validation_set.txt"
+                raise DataError(self.annotations_dir,
+                                f"no multi-task {split} file (e.g. MTL_Challenge/{example})")
+            self._mtl[split] = read_mtl_file(path)
+        return self._mtl[split]
+
+    # -- summary
+
+    def summary(self, details: bool = False, progress: bool = False) -> list[dict[str, Any]]:
+        """One row per task (va, expr, au) and split (train, val): ``task``, ``split``, ``videos``,
+        ``frames`` (annotation rows), ``valid_frames``, ``usable_frames`` (valid and with a crop).
+
+        ``details=True`` (extension) adds ``valid_without_crop``, ``crops_past_end`` (crops after the last
+        annotated frame), ``videos_without_crops`` and ``out_of_range``. ``progress`` shows a bar on stderr.
+        """
+        jobs = [(t, s, v) for t in TASKS for s in SPLITS for v in self.videos(t, s)]
+        stats = {(t, s): dict.fromkeys(("frames", "valid", "usable", "past", "no_crops", "bad"), 0)
+                 for t in TASKS for s in SPLITS}
+        with _maybe_progress(progress, len(jobs), "annotations") as advance:
+            for task, split, video in jobs:
+                ann = self.annotation(task, split, video)
+                crops = self.crop_frames(video)
+                has_crop = self.crop_mask(video, ann.n_frames)
+                st = stats[(task, split)]
+                st["frames"] += ann.n_frames
+                st["valid"] += ann.n_valid
+                st["usable"] += int((ann.valid & has_crop).sum())
+                st["past"] += int((crops > ann.n_frames).sum())
+                st["no_crops"] += int(crops.size == 0)
+                st["bad"] += ann.n_out_of_range
+                advance()
+        rows: list[dict[str, Any]] = []
+        for task in TASKS:
+            for split in SPLITS:
+                st = stats[(task, split)]
+                row: dict[str, Any] = {
+                    "task": task, "split": split, "videos": len(self.videos(task, split)),
+                    "frames": st["frames"], "valid_frames": st["valid"], "usable_frames": st["usable"],
+                }
+                if details:
+                    row.update(valid_without_crop=st["valid"] - st["usable"], crops_past_end=st["past"],
+                               videos_without_crops=st["no_crops"], out_of_range=st["bad"])
+                rows.append(row)
+        return rows
+
+    def test_summary(self) -> list[dict[str, Any]]:
+        """One row per task for the test set (extension): ``videos`` (from the test list, else the sample
+        file), ``frames`` (sum of N from the sample file, None without one) and ``videos_without_crops``."""
+        rows = []
+        for task in TASKS:
+            videos = self.test_videos(task)
+            counts = self.sample_frame_counts(task) if self.sample_file(task) is not None else None
+            if not videos and counts:
+                videos = sorted(counts)
+            frames = None if counts is None else sum(counts.get(v, 0) for v in videos)
+            crops = self._crops()
+            rows.append({"task": task, "split": "test", "videos": len(videos), "frames": frames,
+                         "videos_without_crops": sum(v not in crops for v in videos)})
+        return rows
+
+
+@contextmanager
+def _maybe_progress(enabled: bool, total: int, unit: str) -> Iterator[Any]:
+    if not enabled:
+        yield lambda: None
+        return
+    from abawfeat.utils.progress import make_progress
+
+    with make_progress(unit) as bar:
+        task_id = bar.add_task("reading", total=total)
+        yield lambda: bar.advance(task_id)

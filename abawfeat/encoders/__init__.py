@@ -1,0 +1,63 @@
+"""Stage-one encoders: a registry of frozen image networks, each owning its preprocessing and weights.
+
+    from abawfeat.encoders import build_encoder, list_encoders
+    encoder = build_encoder("ddamfn", weights="affectnet8")      # or random_init=True, or a checkpoint path
+    features, logits = encoder(encoder.transform(image)[None])
+
+Importing this package registers the built-in encoders (``ddamfn``, ``clip``); open_clip itself is only
+imported when a CLIP encoder is described or built.
+"""
+
+from __future__ import annotations
+
+from abawfeat.encoders import clip as _clip  # noqa: F401  (registers "clip")
+from abawfeat.encoders import ddamfn as _ddamfn  # noqa: F401  (registers "ddamfn")
+from abawfeat.encoders.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RANDOM_INIT,
+    Encoder,
+    EncoderInfo,
+    ImageTransform,
+    build_encoder,
+    encoder_class,
+    encoder_names,
+    list_encoders,
+    make_config,
+    register_encoder,
+)
+from abawfeat.encoders.ddamfn import (
+    DDAMFNConfig,
+    DDAMFNEncoder,
+    DDAMFNNet,
+    DDAMFNOutput,
+    attention_diversity_loss,
+    load_ddamfn_net,
+    save_published_checkpoint,
+)
+from abawfeat.encoders.weights import NAMED_WEIGHTS, NamedWeights, resolve_weights
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "NAMED_WEIGHTS",
+    "RANDOM_INIT",
+    "DDAMFNConfig",
+    "DDAMFNEncoder",
+    "DDAMFNNet",
+    "DDAMFNOutput",
+    "Encoder",
+    "EncoderInfo",
+    "ImageTransform",
+    "NamedWeights",
+    "attention_diversity_loss",
+    "build_encoder",
+    "encoder_class",
+    "encoder_names",
+    "list_encoders",
+    "load_ddamfn_net",
+    "make_config",
+    "register_encoder",
+    "resolve_weights",
+    "save_published_checkpoint",
+]

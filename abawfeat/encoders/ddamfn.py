@@ -1,0 +1,516 @@
+"""DDAMFN (Dual-Direction Attention Mixed Feature Network), our implementation.
+
+The network computes what the published DDAMFN / DDAMFN++ computes and owns parameters under the published
+names, so the authors' checkpoints load with a strict ``load_state_dict`` (tests/test_ddamfn.py checks parity
+against reference outputs of the original code). Structure, for a 112 x 112 face:
+
+    features  MixedFeatureNet up to its 1x1 conv to 512 channels -> feature map [512, 7, 7]
+              (a MobileFaceNet whose bottlenecks use mixed depthwise convolutions, kernels 3/5/7/9, and a
+              coordinate-attention block between the depthwise and the projection convolution)
+    cat_headK K = 0..num_head-1: coordinate-attention heads over the map, pooling with learned 1x7 / 7x1
+              depthwise convolutions; combined by element-wise max, then multiplied with the map
+    Linear    GDConv, a 7x7 depthwise conv + BN -> the 512-d embedding (what stage one caches)
+    fc        Linear 512 -> classes (AffectNet order) -> logits
+
+A few modules exist only because published checkpoints contain them and a strict load must find an owner:
+the BN and PReLU inside each mixed depthwise convolution, each head's ``Linear`` and the top-level ``bn``.
+They take no part in the forward pass.
+
+The forward pass has no data-dependent Python control flow, so it works with ``torch.compile``,
+``channels_last`` and bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from abawfeat.constants import AFFECTNET7_CLASSES, AFFECTNET8_CLASSES
+from abawfeat.encoders.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RANDOM_INIT,
+    Encoder,
+    EncoderInfo,
+    ImageTransform,
+    register_encoder,
+    tensor_sha256,
+)
+from abawfeat.encoders.weights import NAMED_WEIGHTS, resolve_weights
+from abawfeat.errors import CheckpointError, ConfigError
+
+INPUT_SIZE = 112
+EMBEDDING_DIM = 512
+DEFAULT_WEIGHTS = "affectnet8"
+# How many key names an architecture-mismatch message shows per kind of problem.
+_SHOW_KEYS = 4
+
+
+# --------------------------------------------------------------------------------------------------------
+# Building blocks. Attribute names (conv, bn, prelu, conv_dw, CA, project, model, CoordAtt, Linear_h, ...)
+# are those of the published checkpoints; class names are ours.
+# --------------------------------------------------------------------------------------------------------
+class ConvBN(nn.Module):
+    """Conv (no bias) + BN, optionally followed by a per-channel PReLU."""
+
+    def __init__(self, in_c: int, out_c: int, kernel: int | tuple[int, int] = 1, stride: int = 1,
+                 padding: int | tuple[int, int] = 0, groups: int = 1, act: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_c, out_c, kernel, stride=stride, padding=padding, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(out_c)
+        self.prelu = nn.PReLU(out_c) if act else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn(self.conv(x))
+        return self.prelu(x) if self.prelu is not None else x
+
+
+class MixedDepthwiseConv(nn.Module):
+    """MixConv: channels split into groups, each group a depthwise conv with its own kernel size."""
+
+    def __init__(self, channels: int, kernels: tuple[int, ...], splits: tuple[int, ...], stride: int) -> None:
+        super().__init__()
+        if sum(splits) != channels or len(splits) != len(kernels):
+            raise ValueError(f"splits {splits} must cover {channels} channels, one per kernel {kernels}")
+        self.splits = list(splits)
+        self.mixed_depthwise_conv = nn.ModuleList(
+            nn.Conv2d(c, c, k, stride=stride, padding=k // 2, groups=c, bias=False)
+            for c, k in zip(splits, kernels)
+        )
+        # Present in published checkpoints, never applied by the published forward pass (the bottleneck goes
+        # straight from the mixed convolution to coordinate attention). Kept for strict loading only.
+        self.bn = nn.BatchNorm2d(channels)
+        self.prelu = nn.PReLU(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(x, self.splits, dim=1)
+        return torch.cat([conv(p) for conv, p in zip(self.mixed_depthwise_conv, parts)], dim=1)
+
+
+class CoordinateAttention(nn.Module):
+    """Coordinate attention (Hou et al. 2021) inside each bottleneck: average-pool along W and along H,
+    a shared 1x1 conv + BN + h-swish over both, then one sigmoid gate per direction."""
+
+    def __init__(self, channels: int, reduction: int = 32) -> None:
+        super().__init__()
+        mid = max(8, channels // reduction)
+        self.conv1 = nn.Conv2d(channels, mid, 1)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, channels, 1)
+        self.conv3 = nn.Conv2d(mid, channels, 1)
+
+    def gates(self, pooled_h: torch.Tensor, pooled_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, C, H, 1] and [B, C, W, 1] -> sigmoid gates [B, C, H, 1] and [B, C, 1, W]."""
+        h = pooled_h.shape[2]
+        w = pooled_w.shape[2]
+        # One conv over both directions (not two), so that BN statistics in train mode (calibration,
+        # fine-tuning) are pooled over H and W positions together, as in the published model.
+        y = F.hardswish(self.bn1(self.conv1(torch.cat([pooled_h, pooled_w], dim=2))))
+        y_h, y_w = torch.split(y, [h, w], dim=2)
+        return torch.sigmoid(self.conv2(y_h)), torch.sigmoid(self.conv3(y_w)).transpose(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_h, gate_w = self.gates(x.mean(dim=3, keepdim=True), x.mean(dim=2, keepdim=True).transpose(2, 3))
+        return x * gate_w * gate_h
+
+
+class MixedBottleneck(nn.Module):
+    """Inverted bottleneck: 1x1 expand (BN, PReLU) -> mixed depthwise -> coordinate attention -> 1x1 project
+    (BN), plus the input when shapes allow (stride 1, same width)."""
+
+    def __init__(self, in_c: int, out_c: int, expand: int, stride: int, kernels: tuple[int, ...],
+                 splits: tuple[int, ...], residual: bool) -> None:
+        super().__init__()
+        self.conv = ConvBN(in_c, expand, 1)
+        self.conv_dw = MixedDepthwiseConv(expand, kernels, splits, stride)
+        self.CA = CoordinateAttention(expand)
+        self.project = ConvBN(expand, out_c, 1, act=False)
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.project(self.CA(self.conv_dw(self.conv(x))))
+        return x + y if self.residual else y
+
+
+class BottleneckStack(nn.Module):
+    """``repeats`` residual bottlenecks at constant width and resolution."""
+
+    def __init__(self, channels: int, repeats: int, expand: int, kernels: tuple[int, ...],
+                 splits: tuple[int, ...]) -> None:
+        super().__init__()
+        self.model = nn.Sequential(*[
+            MixedBottleneck(channels, channels, expand, 1, kernels, splits, residual=True) for _ in range(repeats)
+        ])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def mixed_feature_net() -> nn.Sequential:
+    """The MixedFeatureNet trunk as published (widths, kernels and channel splits), 112x112 -> [512, 7, 7]."""
+    return nn.Sequential(
+        ConvBN(3, 64, 3, stride=2, padding=1),  # 56x56
+        ConvBN(64, 64, 3, stride=1, padding=1, groups=64),
+        MixedBottleneck(64, 64, 128, 2, (3, 5, 7), (64, 32, 32), residual=False),  # 28x28
+        BottleneckStack(64, 9, 128, (3, 5), (96, 32)),
+        MixedBottleneck(64, 128, 256, 2, (3, 5, 7), (128, 64, 64), residual=False),  # 14x14
+        BottleneckStack(128, 16, 256, (3, 5), (192, 64)),
+        MixedBottleneck(128, 256, 1024, 2, (3, 5, 7, 9), (256, 256, 256, 256), residual=False),  # 7x7
+        BottleneckStack(256, 6, 512, (3, 5, 7), (172, 170, 170)),
+        ConvBN(256, 512, 1),
+    )
+
+
+class DirectionalAttention(nn.Module):
+    """One dual-direction attention map over the 7x7 feature map: learned 1x7 / 7x1 depthwise pooling
+    (+ BN) instead of averages, then the coordinate-attention gates; returns the map, not the product."""
+
+    def __init__(self, channels: int = EMBEDDING_DIM, size: int = 7, reduction: int = 32) -> None:
+        super().__init__()
+        self.Linear_h = ConvBN(channels, channels, (1, size), groups=channels, act=False)
+        self.Linear_w = ConvBN(channels, channels, (size, 1), groups=channels, act=False)
+        mid = max(8, channels // reduction)
+        self.conv1 = nn.Conv2d(channels, mid, 1)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, channels, 1)
+        self.conv3 = nn.Conv2d(mid, channels, 1)
+        # In published checkpoints, unused by the published forward pass; kept for strict loading only.
+        self.Linear = ConvBN(channels, channels, size, groups=channels, act=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[2], x.shape[3]
+        pooled_h = self.Linear_h(x)  # [B, C, H, 1]
+        pooled_w = self.Linear_w(x).transpose(2, 3)  # [B, C, 1, W] -> [B, C, W, 1]
+        y = F.hardswish(self.bn1(self.conv1(torch.cat([pooled_h, pooled_w], dim=2))))
+        y_h, y_w = torch.split(y, [h, w], dim=2)
+        gate_h = torch.sigmoid(self.conv2(y_h))
+        gate_w = torch.sigmoid(self.conv3(y_w)).transpose(2, 3)
+        return gate_w * gate_h  # broadcasts to [B, C, H, W]
+
+
+class AttentionHead(nn.Module):
+    """Published wrapper level (``cat_headK.CoordAtt``), kept so that parameter names match."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.CoordAtt = DirectionalAttention()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.CoordAtt(x)
+
+
+class DDAMFNOutput(NamedTuple):
+    embedding: torch.Tensor  # [B, 512], GDConv output: the vector stage one caches
+    logits: torch.Tensor  # [B, num_class]
+    feature_map: torch.Tensor  # [B, 512, 7, 7], before attention
+    head_maps: tuple[torch.Tensor, ...]  # num_head x [B, 512, 7, 7], for the attention-diversity loss
+
+
+class DDAMFNNet(nn.Module):
+    """The network alone, with published parameter names: ``state_dict()`` is the published format."""
+
+    def __init__(self, num_class: int = 8, num_head: int = 2) -> None:
+        super().__init__()
+        if num_head < 1:
+            raise ConfigError(f"num_head must be at least 1, got {num_head}")
+        self.num_class = num_class
+        self.num_head = num_head
+        self.features = mixed_feature_net()
+        for i in range(num_head):
+            setattr(self, f"cat_head{i}", AttentionHead())
+        self.Linear = ConvBN(EMBEDDING_DIM, EMBEDDING_DIM, 7, groups=EMBEDDING_DIM, act=False)  # GDConv
+        self.fc = nn.Linear(EMBEDDING_DIM, num_class)
+        # In published checkpoints, unused by the published forward pass; kept for strict loading only.
+        self.bn = nn.BatchNorm1d(num_class)
+
+    def forward(self, x: torch.Tensor) -> DDAMFNOutput:
+        feature_map = self.features(x)
+        heads = tuple(getattr(self, f"cat_head{i}")(feature_map) for i in range(self.num_head))
+        attention = heads[0]
+        for head in heads[1:]:
+            attention = torch.max(attention, head)
+        embedding = self.Linear(feature_map * attention).flatten(1)
+        return DDAMFNOutput(embedding, self.fc(embedding), feature_map, heads)
+
+
+def attention_diversity_loss(head_maps: tuple[torch.Tensor, ...] | list[torch.Tensor],
+                             eps: float = sys.float_info.epsilon) -> torch.Tensor:
+    """The published attention loss: number of head pairs / (sum of pairwise MSE between maps + eps).
+    It is large when heads attend alike, pushing them apart; weighted 0.1 next to cross-entropy in training.
+    Zero for a single head."""
+    n = len(head_maps)
+    if n < 2:
+        return head_maps[0].new_zeros(())
+    total = head_maps[0].new_zeros((), dtype=torch.float32)
+    for i in range(n - 1):
+        for j in range(i + 1, n):
+            total = total + F.mse_loss(head_maps[i].float(), head_maps[j].float())
+    return (n * (n - 1) // 2) / (total + eps)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Checkpoints in the published format
+# --------------------------------------------------------------------------------------------------------
+_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
+
+
+def read_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The model weights of a DDAMFN checkpoint file, with wrapper prefixes removed.
+
+    Accepts the published format (a dict with ``model_state_dict``), a bare state dict, or (only with
+    ``trust_pickle``) a whole pickled model. Files are opened with ``weights_only=True``: a pickle that
+    needs code to load is refused, because loading it would run that code.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" not in str(exc).lower():
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+        if not trust_pickle:
+            raise CheckpointError(
+                f"{path}: a pickled Python object (e.g. torch.save(model)), not a state dict; loading it would "
+                "run code from the file. Re-save it as a state dict, or pass trust_pickle=True "
+                "(--trust-pickle) if you trust where it comes from"
+            ) from None
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc2:  # noqa: BLE001 - any failure of arbitrary unpickling is the file's fault
+            raise CheckpointError(f"{path}: cannot unpickle ({type(exc2).__name__}: {_first_line(exc2)})") from None
+    except Exception as exc:  # noqa: BLE001 - truncated zips, wrong magic numbers, directories, ...
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):
+        obj = obj["model_state_dict"]
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: neither a state dict nor a dict with 'model_state_dict'")
+    state = dict(obj)
+    for prefix in _PREFIXES:
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _head_count(state: dict[str, torch.Tensor]) -> int:
+    heads = {k.split(".", 1)[0] for k in state if k.startswith("cat_head")}
+    return len(heads)
+
+
+def _shorten(keys: list[str]) -> str:
+    more = f" (+{len(keys) - _SHOW_KEYS} more)" if len(keys) > _SHOW_KEYS else ""
+    return ", ".join(keys[:_SHOW_KEYS]) + more
+
+
+def net_from_state_dict(state: dict[str, torch.Tensor], path: str | Path) -> DDAMFNNet:
+    """Build a DDAMFNNet sized from the weights (classes from ``fc.weight``, heads from ``cat_headK``) and
+    load them strictly; any mismatch is a CheckpointError naming the file and the first offending keys."""
+    fc = state.get("fc.weight")
+    if fc is None or fc.ndim != 2:
+        raise CheckpointError(f"{path}: not a DDAMFN checkpoint (no 2-d 'fc.weight'; keys start with "
+                              f"{_shorten(list(state))})")
+    num_class, num_head = int(fc.shape[0]), max(_head_count(state), 1)
+    net = DDAMFNNet(num_class=num_class, num_head=num_head)
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+             if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        problems = [f"{label}: {_shorten(keys)}" for label, keys in
+                    (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if keys]
+        raise CheckpointError(f"{path}: not a DDAMFN checkpoint ({num_class} classes, {num_head} heads); "
+                              + "; ".join(problems))
+    net.load_state_dict(state, strict=True)
+    return net
+
+
+def load_ddamfn_net(path: str | Path, *, trust_pickle: bool = False) -> DDAMFNNet:
+    """A DDAMFNNet (eval mode) from a checkpoint file in the published format."""
+    return net_from_state_dict(read_state_dict(path, trust_pickle=trust_pickle), path).eval()
+
+
+def _net_of(model: nn.Module) -> DDAMFNNet:
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    model = getattr(model, "module", model)  # (Distributed)DataParallel
+    if isinstance(model, DDAMFNEncoder):
+        return model.net
+    if isinstance(model, DDAMFNNet):
+        return model
+    raise TypeError(f"expected a DDAMFN encoder or network, got {type(model).__name__}")
+
+
+def save_published_checkpoint(model: nn.Module, path: str | Path, *, iteration: int = 0,
+                              optimizer: torch.optim.Optimizer | None = None) -> Path:
+    """Write ``model`` (a DDAMFNEncoder or DDAMFNNet, possibly fine-tuned) in the published format:
+    ``{"iter", "model_state_dict", "optimizer_state_dict"}`` with the published key names, so that both the
+    authors' scripts and ``build_encoder("ddamfn", weights=path)`` load it. Written atomically."""
+    net = _net_of(model)
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in net.state_dict().items()}
+    payload = {
+        "iter": int(iteration),
+        "model_state_dict": state,
+        "optimizer_state_dict": optimizer.state_dict() if optimizer is not None else {"state": {}, "param_groups": []},
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------
+# The encoder
+# --------------------------------------------------------------------------------------------------------
+@dataclass
+class DDAMFNConfig:
+    # Named published weights (affectnet8, affectnet7, rafdb) or a checkpoint path; None = affectnet8.
+    weights: str | None = None
+    # Build with PyTorch's default initialisation from `seed` instead of loading weights (demo, tests).
+    # Such an encoder needs calibrate() on real frames before its features mean anything.
+    random_init: bool = False
+    # Seed of the random initialisation; part of the provenance so a resumed run rebuilds the same network.
+    seed: int = 0
+    # Random init only: classifier size (8 = AffectNet-8 order) and attention heads. Loaded checkpoints
+    # set both from their own weights.
+    num_class: int = 8
+    num_head: int = 2
+    # Allow whole-model pickles (torch.save(model)); unpickling runs code from the file.
+    trust_pickle: bool = False
+    # Frames per train-mode forward pass in calibrate(); fixed so calibration is reproducible.
+    calibration_chunk: int = 64
+
+
+def _logit_names(num_class: int) -> tuple[str, ...] | None:
+    return {8: AFFECTNET8_CLASSES, 7: AFFECTNET7_CLASSES}.get(num_class)
+
+
+@register_encoder("ddamfn")
+class DDAMFNEncoder(Encoder):
+    """DDAMFN / DDAMFN++ as a frozen feature extractor: 512-d GDConv embedding plus AffectNet logits."""
+
+    config_class = DDAMFNConfig
+    summary = "DDAMFN++ (MixedFeatureNet + dual-direction attention), 512-d GDConv embedding + logits"
+
+    def __init__(self, config: DDAMFNConfig) -> None:
+        super().__init__(config)
+        if config.calibration_chunk < 2:
+            raise ConfigError("calibration_chunk must be at least 2 (batch norm needs two frames per pass)")
+        self.transform = ImageTransform(INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD, "bilinear", "squash")
+        self.feature_dim = EMBEDDING_DIM
+        if config.random_init:
+            if config.weights is not None:
+                raise ConfigError("ddamfn: give either weights or random_init, not both")
+            # A private RNG stream: the same seed gives the same network whatever ran before.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                self.net = DDAMFNNet(num_class=config.num_class, num_head=config.num_head)
+            self.weights_source = RANDOM_INIT
+            self.weights_sha256 = RANDOM_INIT
+        else:
+            spec = config.weights or DEFAULT_WEIGHTS
+            resolved = resolve_weights(
+                spec, "ddamfn", verify=lambda p: load_ddamfn_net(p, trust_pickle=config.trust_pickle)
+            )
+            self.net = load_ddamfn_net(resolved.path, trust_pickle=config.trust_pickle)
+            self.weights_source = resolved.source
+            self.weights_sha256 = resolved.sha256
+            # Record what the weights really are, whatever the config asked for.
+            self.config = dataclasses.replace(config, num_class=self.net.num_class, num_head=self.net.num_head)
+        self.logit_names = _logit_names(self.net.num_class)
+        self.net.eval()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.net(x)
+        return out.embedding, out.logits
+
+    def forward_with_maps(self, x: torch.Tensor) -> DDAMFNOutput:
+        """Embedding, logits, feature map and the heads' attention maps (for end-to-end fine-tuning)."""
+        return self.net(x)
+
+    def head_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.net(x).head_maps
+
+    @torch.no_grad()
+    def calibrate(self, images: torch.Tensor) -> None:
+        """Recompute every batch-norm running statistic from ``images`` (normalised, [N, 3, 112, 112]).
+
+        Why: with default initialisation, in eval mode, the signal dies through the ~35 blocks and every
+        image gets the same embedding. Train-mode passes with ``momentum=None`` set each BN's running mean
+        and variance to the average over the passes of the batch statistics, which brings the features to
+        life. Deterministic: statistics are reset first, chunks have a fixed size (a last chunk of one frame
+        joins the previous one, since BN needs two), and the result depends only on the weights and frames.
+        """
+        if self.weights_sha256 != RANDOM_INIT:
+            raise ConfigError("calibrate() recomputes batch-norm statistics of random-init weights only; "
+                              f"these are {self.weights_source}")
+        if images.ndim != 4 or images.shape[1:] != (3, INPUT_SIZE, INPUT_SIZE) or images.shape[0] < 2:
+            raise ConfigError(f"calibrate() needs at least 2 frames of shape [3, {INPUT_SIZE}, {INPUT_SIZE}], "
+                              f"got {tuple(images.shape)}")
+        images = images.to(torch.float32)
+        chunk = self.config.calibration_chunk
+        starts = list(range(0, images.shape[0], chunk))
+        if images.shape[0] - starts[-1] < 2 and len(starts) > 1:
+            starts.pop()
+        bounds = list(zip(starts, starts[1:] + [images.shape[0]]))
+        norms = [m for m in self.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in norms]
+        was_training = self.training
+        try:
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over the passes
+            self.net.train()
+            for lo, hi in bounds:
+                self.net(images[lo:hi])
+        finally:
+            for m, momentum in zip(norms, momenta):
+                m.momentum = momentum
+            self.train(was_training)
+        self.calibration = {
+            "method": "batchnorm-recalibration",
+            "frames": int(images.shape[0]),
+            "frames_sha256": tensor_sha256(images),
+            "chunk": chunk,
+        }
+
+    @classmethod
+    def describe(cls) -> EncoderInfo:
+        named = NAMED_WEIGHTS[DEFAULT_WEIGHTS]
+        others = ", ".join(n for n, w in NAMED_WEIGHTS.items() if w.encoder == "ddamfn" and n != named.name)
+        return EncoderInfo(
+            name=cls.name,
+            feature_dim=EMBEDDING_DIM,
+            input_size=INPUT_SIZE,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            interpolation="bilinear",
+            weights=f"{named.name} ({others}, or a path)",
+            logit_names=named.logit_names,
+            summary=cls.summary,
+        )

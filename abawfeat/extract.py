@@ -1,0 +1,614 @@
+"""Stage one: run a frozen encoder over every face crop once and write the HDF5 feature cache.
+
+``run_extraction(config)`` reads top to bottom: dataset, encoder (calibrated when random-init), provenance,
+cache writer (lock, resume), the videos left to do, one streaming loop, consolidation. The loop decodes JPEGs
+in DataLoader workers, batches across video boundaries (a full batch whatever the video lengths), and hands
+each video to the writer as soon as its last frame is through, so memory stays bounded by the longest video
+whatever the dataset size. Under torchrun each rank takes a share of the videos and writes its own parts;
+rank 0 consolidates them into one file (see abawfeat/cache.py for why this survives ``kill -9``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from abawfeat.cache import FEATURE_DTYPES, CacheWriter, default_cache_path, make_provenance
+from abawfeat.errors import CacheError, ConfigError, DataError
+from abawfeat.utils.configs import to_dict
+from abawfeat.utils.device import PRECISIONS
+
+if TYPE_CHECKING:
+    import torch
+
+    from abawfeat.data.affwild2 import AffWild2
+    from abawfeat.encoders.base import Encoder
+
+
+@dataclass
+class ExtractConfig:
+    """Everything one extraction needs; saved (as ``extract_config``) in the cache's provenance."""
+
+    backbone: str  # registered encoder name: ddamfn, clip, ...
+    data: Path  # Aff-Wild2 root; its folder name names the dataset in the default output path
+    out: Path | None = None  # default: cache/<dataset name>/<backbone>.h5
+    weights: str | None = None  # a path or a published name; None = the encoder's default
+    random_init: bool = False  # no weights: seeded init + batch-norm calibration (demo and tests)
+    trust_pickle: bool = False  # allow legacy pickled checkpoints (runs code from the file)
+    clip_model: str | None = None  # open_clip architecture, e.g. ViT-B-32
+    clip_pretrained: str | None = None  # open_clip pretrained tag or a local weights file
+    precision: str = "fp32"  # compute precision; bf16 is ~3x faster on CPUs with AVX-512 BF16
+    batch_size: int = 64  # frames per forward pass, filled across video boundaries
+    workers: int = 2  # DataLoader processes decoding JPEGs; 0 decodes in the main process
+    device: str = "auto"  # auto | cpu | cuda[:N]
+    videos: tuple[str, ...] = ()  # only these videos (default: every video with crops)
+    dtype: str = "float16"  # stored feature dtype; float16 halves the cache with ~5e-4 relative error
+    compile: bool = False  # torch.compile the encoder: ~2x on CPU after a one-off compile of ~1 min
+    seed: int = 0  # random-init weights are drawn from this seed
+    calibration_frames: int = 256  # random-init: frames (spread over the whole dataset) for BN statistics
+    progress: bool = True  # show the rich progress bar (rank 0 only)
+
+
+@dataclass
+class ExtractResult:
+    """What one run did (``format_summary`` turns it into the closing summary)."""
+
+    out: Path
+    backbone: str
+    videos_total: int  # videos asked for
+    videos_done: int  # extracted in this run (all ranks)
+    videos_skipped: int  # already complete in the cache
+    frames: int  # frames written in this run
+    bad_frames: dict[str, list[tuple[int, str]]] = field(default_factory=dict)  # video -> (frame, reason)
+    seconds: float = 0.0
+    file_size: int = 0
+    random_init: bool = False
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def n_bad_frames(self) -> int:
+        return sum(len(v) for v in self.bad_frames.values())
+
+
+# Encoder options that ExtractConfig can set: {encoder config field: (ExtractConfig field, CLI flag)}.
+_ENCODER_OPTIONS: dict[str, tuple[str, str]] = {
+    "weights": ("weights", "--weights"),
+    "random_init": ("random_init", "--random-init"),
+    "trust_pickle": ("trust_pickle", "--trust-pickle"),
+    "model": ("clip_model", "--clip-model"),
+    "pretrained": ("clip_pretrained", "--clip-pretrained"),
+}
+
+
+def encoder_options(config: ExtractConfig) -> dict[str, Any]:
+    """Keyword options for ``build_encoder``: only those the user set, so each encoder keeps its defaults;
+    an option the encoder does not have is a ConfigError naming the flag."""
+    from abawfeat.encoders import encoder_class
+
+    fields = {f.name for f in dataclasses.fields(encoder_class(config.backbone).config_class)}
+    options: dict[str, Any] = {}
+    for option, (attr, flag) in _ENCODER_OPTIONS.items():
+        value = getattr(config, attr)
+        if value is None or value is False:
+            continue
+        if option not in fields:
+            raise ConfigError(f"{flag} does not apply to --backbone {config.backbone}")
+        options[option] = value
+    if config.random_init and "seed" in fields:
+        options["seed"] = config.seed  # the seed is what makes a random-init encoder rebuildable
+    return options
+
+
+def validate_config(config: ExtractConfig) -> None:
+    if config.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, not {config.batch_size}")
+    if config.workers < 0:
+        raise ConfigError(f"--workers must be 0 or more, not {config.workers}")
+    if config.dtype not in FEATURE_DTYPES:
+        raise ConfigError(f"--dtype {config.dtype!r}: use one of {', '.join(FEATURE_DTYPES)}")
+    if config.precision not in PRECISIONS:
+        raise ConfigError(f"--precision {config.precision!r}: use one of {', '.join(PRECISIONS)}")
+    if config.random_init and config.weights is not None:
+        raise ConfigError("--random-init and --weights exclude each other")
+    if config.calibration_frames < 1:
+        raise ConfigError(f"calibration_frames must be at least 1, not {config.calibration_frames}")
+
+
+def resolve_output(config: ExtractConfig, dataset_name: str) -> Path:
+    return Path(config.out) if config.out is not None else default_cache_path(dataset_name, config.backbone)
+
+
+# ------------------------------------------------------------------------------------------ the stage-one run
+
+
+def run_extraction(config: ExtractConfig, encoder: Encoder | None = None) -> ExtractResult:
+    """Extract features for every video with crops (or ``config.videos``) into the cache; resumable.
+
+    ``encoder`` overrides building one from the config (benchmarks use it to share one model)."""
+    import torch
+
+    from abawfeat.utils import dist
+    from abawfeat.utils.device import autocast_dtype, resolve_device, seed_everything
+    from abawfeat.utils.progress import loud_warning
+
+    validate_config(config)
+    info = dist.dist_info()
+    distributed = dist.init_process_group(info)
+    device = resolve_device(config.device)
+    if autocast_dtype(config.precision) == torch.float16 and device.type == "cpu":
+        raise ConfigError("--precision fp16 needs CUDA; on CPU use bf16 or fp32")
+
+    # 1. Dataset: every video with crops, train, validation and test alike.
+    dataset = open_dataset(config.data)
+    all_videos = sorted(dataset.videos_with_crops())
+    if not all_videos:
+        raise DataError(config.data, "no crop folders found (expected cropped_aligned/<video>/NNNNN.jpg)")
+    selected = select_videos(all_videos, config.videos, config.data)
+    out = resolve_output(config, dataset.name)
+
+    # 2. Encoder. A random-init encoder is drawn from a fixed seed and calibrated on frames picked from the
+    # whole dataset, so a resumed run (or another rank) rebuilds exactly the same network.
+    if config.random_init and info.is_main:
+        loud_warning(
+            f"--random-init: {config.backbone} gets RANDOM weights (seed {config.seed}), with batch-norm "
+            "statistics calibrated on dataset frames. Its features mean nothing about affect; use it for "
+            "demos and tests only. This is recorded in the cache's provenance."
+        )
+    if encoder is None:
+        from abawfeat.encoders import build_encoder
+
+        seed_everything(config.seed)
+        encoder = build_encoder(config.backbone, **encoder_options(config))
+    encoder = encoder.eval()
+    calibration_source = None
+    if config.random_init:
+        calibration_source = calibrate_encoder(encoder, dataset, all_videos, config.calibration_frames)
+        if distributed:
+            _broadcast_state(encoder)  # identical BN statistics on every rank, bit for bit
+
+    enc_prov = dict(encoder.provenance())
+    if calibration_source is not None:
+        # Record which frames calibrated the network next to the encoder's own account of it.
+        enc_prov["calibration"] = {"encoder": enc_prov.get("calibration"), "frames": calibration_source}
+    provenance = make_provenance(
+        enc_prov,
+        feature_dim=encoder.feature_dim,
+        dtype=config.dtype,
+        precision=config.precision,
+        logit_names=encoder.logit_names,
+        extract_config=to_dict(config),
+    )
+
+    # 3. Writer: rank 0 takes the lock and checks the existing cache first; the other ranks open it only if
+    # that succeeded, so a refused run never leaves a rank waiting.
+    writer = CacheWriter(out, provenance, lock=info.is_main, consolidate_on_exit=info.is_main)
+    _enter_writer(writer, info, distributed)
+    try:
+        result = _extract_videos(config, dataset, encoder, writer, selected, out, device, info, distributed)
+    except BaseException:
+        writer.__exit__(*sys.exc_info())  # Ctrl-C consolidates completed videos; other errors keep parts
+        raise
+    writer.__exit__(None, None, None)
+    if info.is_main and out.exists():
+        result.file_size = out.stat().st_size
+    if distributed:
+        import torch.distributed as tdist
+
+        tdist.destroy_process_group()
+    return result
+
+
+def _extract_videos(
+    config: ExtractConfig,
+    dataset: AffWild2,
+    encoder: Encoder,
+    writer: CacheWriter,
+    selected: list[str],
+    out: Path,
+    device: torch.device,
+    info: Any,
+    distributed: bool,
+) -> ExtractResult:
+    from abawfeat.utils.progress import make_progress
+
+    # Every rank must see the same "done" set before any rank writes, or the shares would differ.
+    done = writer.done_videos()
+    _agree(distributed, True)
+    pending = [v for v in selected if v not in done]
+    frames_of = {v: np.asarray(dataset.crop_frames(v), dtype=np.int32) for v in pending}
+    mine = balance_videos(pending, [len(frames_of[v]) for v in pending], info.rank, info.world_size)
+
+    if info.is_main:
+        text = encoder.text_embeddings()
+        if text is not None:
+            names, emb = text
+            template = str(getattr(encoder, "prompt_template", "") or "")
+            writer.set_text_embeddings(names, emb.detach().float().cpu().numpy(), template=template)
+
+    model = _prepare_model(encoder, device, config)
+    n_frames = sum(len(frames_of[v]) for v in mine)
+    bad: dict[str, list[tuple[int, str]]] = {}
+    start = time.perf_counter()
+    written = 0
+    ok = False
+    try:
+        progress = make_progress("frames", disable=None if (config.progress and info.is_main) else True)
+        with progress:
+            task = progress.add_task(f"{config.backbone} 0/{len(mine)} videos", total=n_frames)
+            videos_done = 0
+
+            def on_video(video: str, n: int, bad_list: list[tuple[int, str]]) -> None:
+                nonlocal videos_done, written
+                videos_done += 1
+                written += n
+                if bad_list:
+                    bad[video] = bad_list
+                progress.update(task, description=f"{config.backbone} {videos_done}/{len(mine)} videos")
+
+            _stream(
+                config, dataset, encoder, model, writer, mine, frames_of, device,
+                on_frames=lambda k: progress.advance(task, k), on_video=on_video,
+            )
+        ok = True
+    finally:
+        if distributed:
+            # Gathering the stats doubles as the barrier before rank 0 consolidates; a failed rank says so.
+            import torch.distributed as tdist
+
+            gathered: list[Any] = [None] * info.world_size
+            tdist.all_gather_object(gathered, (ok, written, len(mine), bad))
+    seconds = time.perf_counter() - start
+    if distributed:
+        if not all(g[0] for g in gathered):
+            raise ConfigError(f"{out}: a torchrun rank failed; completed videos are kept, re-run to resume")
+        written = sum(g[1] for g in gathered)
+        n_done = sum(g[2] for g in gathered)
+        bad = {k: v for g in gathered for k, v in g[3].items()}
+    else:
+        n_done = len(mine)
+    return ExtractResult(
+        out=out, backbone=config.backbone, videos_total=len(selected), videos_done=n_done,
+        videos_skipped=len(selected) - len(pending), frames=written, bad_frames=dict(sorted(bad.items())),
+        seconds=seconds, random_init=config.random_init,
+    )
+
+
+def _prepare_model(encoder: Encoder, device: torch.device, config: ExtractConfig) -> Any:
+    import torch
+
+    encoder.to(device)
+    # channels_last: the convolutions of DDAMFN run ~1.5x faster in NHWC on CPU (oneDNN) and GPU alike.
+    encoder.to(memory_format=torch.channels_last)
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    if config.compile:
+        # Batches are always padded to batch_size, so one static graph serves the whole run.
+        return torch.compile(encoder, dynamic=False)
+    return encoder
+
+
+def _stream(
+    config: ExtractConfig,
+    dataset: AffWild2,
+    encoder: Encoder,
+    model: Any,
+    writer: CacheWriter,
+    videos: list[str],
+    frames_of: dict[str, np.ndarray],
+    device: torch.device,
+    on_frames: Any,
+    on_video: Any,
+) -> None:
+    """Decode, encode and write ``videos`` in order; each finished video goes to the writer at once."""
+    import torch
+    from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
+
+    from abawfeat.utils.device import autocast, to_device
+
+    if not videos:
+        return
+    counts = np.array([len(frames_of[v]) for v in videos], dtype=np.int64)
+    for i, v in enumerate(videos):
+        if counts[i] == 0:  # an empty crop folder is complete as it is
+            writer.write_video(v, np.zeros(0, np.int32), np.zeros((0, encoder.feature_dim), np.float32))
+            on_video(v, 0, [])
+    crops = CropDataset(dataset, videos, frames_of, encoder.transform)
+    loader = DataLoader(
+        crops,
+        batch_sampler=BatchSampler(SequentialSampler(crops), config.batch_size, drop_last=False),
+        num_workers=config.workers,
+        collate_fn=collate_crops,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if config.workers > 0 else None,
+        worker_init_fn=_CloseInheritedFd(writer.lock_fd),
+    )
+    pending = _VideoBuffers(videos, counts, frames_of)
+    size = encoder.input_size
+    for indices, images, bad_items in loader:
+        n = len(indices)
+        if n:
+            # Pad to a full batch: one static shape for torch.compile, and the same kernels for every batch,
+            # so a frame's features do not depend on where a resumed run's batches happen to start.
+            if n < config.batch_size:
+                pad = images.new_zeros((config.batch_size - n, 3, size, size))
+                images = torch.cat([images, pad])
+            x = to_device(images, device).contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), autocast(device, config.precision):
+                feats, logits = model(x)
+            feats_np = feats[:n].float().cpu().numpy()
+            logits_np = None if logits is None else logits[:n].float().cpu().numpy()
+        else:
+            feats_np, logits_np = np.zeros((0, encoder.feature_dim), np.float32), None
+        for video, frames, features, logits_v, bad_v in pending.add(indices, feats_np, logits_np, bad_items):
+            writer.write_video(
+                video, frames, features, logits=logits_v, bad_frames=[f for f, _ in bad_v]
+            )
+            on_video(video, len(frames), bad_v)
+        on_frames(n + len(bad_items))
+
+
+class _VideoBuffers:
+    """Collects rows per video until every crop of the video is accounted for (decoded or bad)."""
+
+    def __init__(self, videos: list[str], counts: np.ndarray, frames_of: dict[str, np.ndarray]) -> None:
+        self.videos = videos
+        self.frames_of = frames_of
+        self.offsets = np.concatenate([[0], np.cumsum(counts)])
+        self.remaining = counts.copy()
+        self.rows: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]] = {}
+        self.bad: dict[int, list[tuple[int, str]]] = {}
+
+    def locate(self, index: int) -> tuple[int, int]:
+        v = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        return v, int(self.frames_of[self.videos[v]][index - self.offsets[v]])
+
+    def add(
+        self,
+        indices: np.ndarray,
+        feats: np.ndarray,
+        logits: np.ndarray | None,
+        bad_items: list[tuple[int, str]],
+    ) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None, list[tuple[int, str]]]]:
+        touched: set[int] = set()
+        vids = np.searchsorted(self.offsets, indices, side="right") - 1
+        for v in np.unique(vids):
+            sel = vids == v
+            local = indices[sel] - self.offsets[v]
+            frames = self.frames_of[self.videos[v]][local]
+            self.rows.setdefault(int(v), []).append(
+                (frames, feats[sel], None if logits is None else logits[sel])
+            )
+            self.remaining[v] -= int(sel.sum())
+            touched.add(int(v))
+        for index, reason in bad_items:
+            v, frame = self.locate(index)
+            self.bad.setdefault(v, []).append((frame, reason))
+            self.remaining[v] -= 1
+            touched.add(v)
+        finished = []
+        for v in sorted(touched):
+            if self.remaining[v] == 0:
+                chunks = self.rows.pop(v, [])
+                if chunks:
+                    frames = np.concatenate([c[0] for c in chunks])
+                    features = np.concatenate([c[1] for c in chunks])
+                else:  # every crop of the video was bad
+                    frames, features = np.zeros(0, np.int32), np.zeros((0, feats.shape[1]), np.float32)
+                logit_v = None
+                if chunks and chunks[0][2] is not None:
+                    logit_v = np.concatenate([c[2] for c in chunks])
+                finished.append((self.videos[v], frames, features, logit_v, sorted(self.bad.pop(v, []))))
+        return finished
+
+
+class CropDataset:
+    """Item i -> (i, normalised image tensor or None, reason). Holds only arrays and picklable objects so it
+    travels to DataLoader workers cheaply; paths are built on demand from the dataset's crop layout."""
+
+    def __init__(
+        self, dataset: AffWild2, videos: list[str], frames_of: dict[str, np.ndarray], transform: Any
+    ) -> None:
+        self.dataset = dataset
+        self.videos = videos
+        self.frames = [frames_of[v] for v in videos]
+        self.offsets = np.concatenate([[0], np.cumsum([len(f) for f in self.frames])])
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def path(self, index: int) -> Path:
+        v = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        return self.dataset.crop_path(self.videos[v], int(self.frames[v][index - self.offsets[v]]))
+
+    def __getitem__(self, index: int) -> tuple[int, Any, str]:
+        path = self.path(index)
+        image, reason = decode_crop(path, self.transform)
+        return index, image, reason
+
+
+def decode_crop(path: Path, transform: Any) -> tuple[Any, str]:
+    """(normalised tensor, "") or (None, reason) for a crop that cannot be decoded (zero-byte, truncated,
+    corrupt): such frames are skipped and listed, never fatal."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()  # force the full decode here: PIL decodes lazily and truncation shows only now
+            return transform(img.convert("RGB")), ""
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+        return None, f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+
+
+class _CloseInheritedFd:
+    """DataLoader ``worker_init_fn``: forked workers inherit the cache lock's descriptor, and a flock lives
+    as long as any copy of it is open, so a worker outliving a killed parent would keep the lock (and make
+    the re-run fail as "another extraction"). Closing the copy in each worker leaves it to the parent."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    def __call__(self, worker_id: int) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+
+
+def collate_crops(items: list[tuple[int, Any, str]]) -> tuple[np.ndarray, Any, list[tuple[int, str]]]:
+    import torch
+
+    good = [(i, x) for i, x, _ in items if x is not None]
+    bad = [(i, reason) for i, x, reason in items if x is None]
+    indices = np.array([i for i, _ in good], dtype=np.int64)
+    images = torch.stack([x for _, x in good]) if good else torch.zeros(0)
+    return indices, images, bad
+
+
+# ----------------------------------------------------------------------------------------- helpers (public)
+
+
+def open_dataset(root: str | Path) -> AffWild2:
+    from abawfeat.data.affwild2 import AffWild2
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(root, "data root does not exist or is not a folder")
+    return AffWild2(root)
+
+
+def select_videos(all_videos: Sequence[str], wanted: Sequence[str], root: str | Path) -> list[str]:
+    if not wanted:
+        return list(all_videos)
+    known = set(all_videos)
+    unknown = [v for v in wanted if v not in known]
+    if unknown:
+        raise ConfigError(f"--videos: {', '.join(unknown)} not found among the crop folders under {root}")
+    return sorted(set(wanted))
+
+
+def balance_videos(videos: Sequence[str], n_frames: Sequence[int], rank: int, world_size: int) -> list[str]:
+    """This rank's share: longest videos first, each to the least-loaded rank (ties to the lowest rank), so
+    ranks finish together even though video lengths vary from a few hundred to tens of thousands of frames.
+    Deterministic, and returned in name order."""
+    if world_size <= 1:
+        return list(videos)
+    load = [0] * world_size
+    share: list[list[str]] = [[] for _ in range(world_size)]
+    for n, video in sorted(zip(n_frames, videos, strict=True), key=lambda t: (-t[0], t[1])):
+        r = min(range(world_size), key=lambda k: (load[k], k))
+        load[r] += n
+        share[r].append(video)
+    return sorted(share[rank])
+
+
+def calibration_frames(dataset: AffWild2, videos: Sequence[str], n: int) -> list[tuple[str, int]]:
+    """``n`` (video, frame) pairs at a fixed stride over all crops of the sorted videos: the same frames
+    whatever ``--videos`` asks for and whatever is left to do, so resumed runs calibrate identically."""
+    counts = [len(dataset.crop_frames(v)) for v in videos]
+    total = sum(counts)
+    if total == 0:
+        return []
+    n = min(n, total)
+    picks = sorted({math.floor((k + 0.5) * total / n) for k in range(n)})
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    out = []
+    for g in picks:
+        v = int(np.searchsorted(offsets, g, side="right") - 1)
+        out.append((videos[v], int(dataset.crop_frames(videos[v])[g - offsets[v]])))
+    return out
+
+
+def calibrate_encoder(encoder: Encoder, dataset: AffWild2, videos: Sequence[str], n: int) -> dict[str, Any]:
+    """Recompute a random-init encoder's batch-norm statistics on frames spread over the whole dataset;
+    returns the record of which frames were used (for the provenance)."""
+    import torch
+
+    picks = calibration_frames(dataset, videos, n)
+    images, used = [], []
+    for video, frame in picks:
+        image, _ = decode_crop(dataset.crop_path(video, frame), encoder.transform)
+        if image is not None:  # undecodable frames are skipped, deterministically
+            images.append(image)
+            used.append(f"{video}/{frame:05d}")
+    if not images:
+        raise DataError(dataset.root, "random-init calibration found no decodable crops")
+    encoder.calibrate(torch.stack(images))
+    encoder.eval()
+    digest = hashlib.sha256("\n".join(used).encode()).hexdigest()
+    return {"count": len(used), "selection": "fixed stride over sorted videos and frames", "sha256": digest}
+
+
+def format_summary(result: ExtractResult, max_bad: int = 20) -> list[str]:
+    """The closing summary, one line each."""
+    size_mb = result.file_size / 1e6
+    lines = [
+        f"{result.out}: {result.videos_done} videos extracted, {result.videos_skipped} already complete "
+        f"({result.videos_total} asked for); {result.frames:,} frames in {result.seconds:.1f} s "
+        f"({result.frames_per_second:,.1f} frames/s); {result.n_bad_frames} bad frames; {size_mb:,.1f} MB",
+    ]
+    shown = 0
+    for video, items in result.bad_frames.items():
+        for frame, reason in items:
+            if shown < max_bad:
+                lines.append(f"  bad frame {video}/{frame:05d}.jpg: {reason}")
+            shown += 1
+    if shown > max_bad:
+        lines.append(f"  ... and {shown - max_bad} more (see `abawfeat cache info --json`)")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------- helpers (private)
+
+
+def _try_enter(writer: CacheWriter) -> Exception | None:
+    try:
+        writer.__enter__()
+        return None
+    except Exception as exc:
+        return exc
+
+
+def _enter_writer(writer: CacheWriter, info: Any, distributed: bool) -> None:
+    """Open the writer on every rank, rank 0 (lock, checks, parts folder) first; raise on any failure."""
+    error = _try_enter(writer) if info.is_main else None
+    if not _agree(distributed, error is None):
+        raise error or CacheError(f"{writer.path}: rank 0 could not open the cache; see its message")
+    if not info.is_main:
+        error = _try_enter(writer)
+    if not _agree(distributed, error is None):
+        if error is None:
+            writer.__exit__(CacheError, None, None)  # release the lock, keep what exists
+        raise error or CacheError(f"{writer.path}: another rank could not open the cache; see its message")
+
+
+def _agree(distributed: bool, ok: bool) -> bool:
+    """True when every rank reports ok (a barrier that also carries failure); trivially ``ok`` alone."""
+    if not distributed:
+        return ok
+    import torch
+    import torch.distributed as tdist
+
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
+    tdist.all_reduce(flag, op=tdist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _broadcast_state(module: Any) -> None:
+    import torch.distributed as tdist
+
+    for tensor in list(module.state_dict().values()):
+        tdist.broadcast(tensor, src=0)

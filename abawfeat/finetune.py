@@ -1,0 +1,949 @@
+"""End-to-end fine-tuning (``train-head --unfreeze``): DDAMFN and a stage-two head trained from frames.
+
+Stage two trains a head on cached features; this trains the backbone with it, from the crops. Everything
+that is not about pixels is stage two's, reused unchanged from ``abawfeat.train``: the ``TrainConfig``
+(task, head, objective, class / positive weights, seed, fill), the head built by ``head_spec``, the
+objectives of ``build_objective``, the ``SequenceSet`` split and its windows (here with crops as rows, see
+``abawfeat.data.frames``), and the whole evaluation: ``evaluate_set`` -> ``infer_rows`` ->
+``fill_timeline`` -> ``score_timeline``, run on the fine-tuned backbone's embeddings of every validation
+crop. So metrics, val_outputs.npz, history.csv and checkpoint.pt mean exactly what they mean for a head.
+
+A run reads top to bottom (``run_finetune``): data, model (backbone from published weights or random init,
+blocks before ``unfreeze_from`` frozen), optimiser with two learning rates, the loop, evaluation after
+every epoch, a full training state after every epoch (``train_state.pt``: resume reaches the same weights
+as an uninterrupted run), the best epoch's head (``checkpoint.pt``) and backbone in the published DDAMFN
+format (``ddamfn_finetuned.pth``, which ``abawfeat extract --weights`` reads to build a new cache).
+
+Under torchrun every process takes a contiguous slice of each global batch; per-task losses are weighted by
+the task's labelled frames in the whole global batch, so a step on W processes with batch B computes the
+loss of one process with batch W x B (up to float summation order; see docs/finetune.md for what is not
+exactly equal: batch-norm statistics in train mode and the batch-level CCC loss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from abawfeat import __version__
+from abawfeat.data.frames import AugmentConfig, FrameSource, FrameWindows, load_frames_split
+from abawfeat.data.sequences import SequenceSet, make_windows
+from abawfeat.errors import AbawfeatError, CheckpointError, ConfigError
+from abawfeat.train import (
+    DEFAULT_OBJECTIVE,
+    SELECT_METRIC,
+    Batch,
+    Evaluation,
+    Objective,
+    Resolved,
+    TrainConfig,
+    WindowSource,
+    build_objective,
+    evaluate_set,
+    head_spec,
+    metrics_record,
+    resolve,
+    resolved_objective,
+    run_tasks,
+    save_checkpoint,
+    validate_config,
+    write_history,
+    write_plots,
+    write_val_outputs,
+)
+from abawfeat.utils import dist
+from abawfeat.utils.configs import from_dict, read_json, to_dict, write_json_atomic
+from abawfeat.utils.device import autocast, resolve_device, seed_everything
+
+# DDAMFN's trainable stages in forward order. The first nine are MixedFeatureNet's (``features.0`` ..
+# ``features.8``, named as in the MobileFaceNet code DDAMFN derives from); then the attention heads and the
+# GDConv that makes the 512-d embedding. ``--unfreeze-from conv_5`` trains conv_5 and everything after it.
+BLOCKS: tuple[str, ...] = (
+    "conv1", "conv2_dw", "conv_23", "conv_3", "conv_34", "conv_4", "conv_45", "conv_5", "conv_6_sep",
+    "attention", "gdconv",
+)
+SCHEDULES = ("cosine", "constant")
+STATE_FILE = "train_state.pt"
+STATE_FORMAT = "abawfeat-finetune-state"
+STATE_VERSION = 1
+PUBLISHED_FILE = "ddamfn_finetuned.pth"
+# Auxiliary model output (not a task): the attention heads' maps, for the attention-diversity loss.
+ATTENTION_KEY = "attention_maps"
+# Images per forward pass at evaluation and for the head's input statistics (no gradients kept).
+DEFAULT_EVAL_BATCH = 64
+# Training batch when --batch-size is 0: 32 frames for frame-wise heads; for temporal heads as many
+# windows as make about 64 frames (batch norm needs more than one video's frames in a batch).
+DEFAULT_FRAMES_PER_BATCH = {False: 32, True: 64}
+
+
+# ------------------------------------------------------------------------------------------------ configs
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything an end-to-end run depends on; saved in config.json (``finetune``) so ``--resume`` and
+    ``python -m abawfeat.finetune`` rebuild the run without the command line."""
+
+    # Task, head, objective, epochs, seed, head learning rate (``lr``), batch, window, precision, fill...:
+    # the stage-two options, meaning what they mean there. ``batch_size`` 0 = see DEFAULT_FRAMES_PER_BATCH.
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # DDAMFN weights: a published-format checkpoint path or name (None = affectnet8, as `extract`).
+    weights: str | None = None
+    # Seeded random DDAMFN, batch-norm calibrated on dataset frames as `extract --random-init` does (tests).
+    random_init: bool = False
+    trust_pickle: bool = False  # accept whole-model pickles (runs code from the file)
+    # First trainable block (see BLOCKS; a name or its index). Earlier blocks are frozen and kept in eval
+    # mode, so their batch-norm statistics stay those of the published weights.
+    unfreeze_from: str = BLOCKS[0]
+    # Also keep the trainable blocks' batch norms in eval mode (affine parameters still learn): small
+    # batches estimate statistics badly, and frozen statistics make processes and micro-batches agree.
+    freeze_bn: bool = False
+    backbone_lr: float = 1e-4  # AdamW lr of the backbone; the head uses train.lr (a new head learns faster)
+    schedule: str = "cosine"  # cosine decay to 0 over the run (after warm-up) or constant
+    warmup: float = 0.05  # fraction of all steps with a linear warm-up: a fresh head's first gradients
+    # would otherwise push the pretrained backbone far from where it was
+    grad_accum: int = 1  # micro-batches per optimiser step (global batch = batch x grad_accum x processes)
+    # DDAMFN's attention-diversity loss over its attention heads, added with diversity_weight (published
+    # training: 0.1 next to cross-entropy).
+    attention_diversity: bool = False
+    diversity_weight: float = 0.1
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # training only, never at evaluation
+    workers: int = 2  # DataLoader processes decoding JPEGs; 0 decodes in the main process
+    eval_batch_size: int = DEFAULT_EVAL_BATCH  # images per forward pass at evaluation
+    calibration_frames: int = 256  # random_init: frames for batch-norm calibration (as `extract`)
+    stats_frames: int = 2048  # training crops whose initial embeddings standardise the head's input
+    channels_last: bool = True  # NHWC convolutions: faster on CPU (oneDNN) and tensor-core GPUs
+    sync_bn: bool = True  # CUDA + torchrun + train-mode BN: SyncBatchNorm (no CPU support in PyTorch)
+    save_published: bool = True  # write ddamfn_finetuned.pth at every best epoch
+
+
+def validate_finetune(cfg: FinetuneConfig) -> None:
+    """Refuse impossible combinations with one line naming the option."""
+    validate_config(cfg.train)
+    if cfg.train.backbone != "ddamfn":
+        raise ConfigError(f"--unfreeze trains DDAMFN end to end, not --backbone {cfg.train.backbone}")
+    if resolved_objective(cfg.train) == "contrastive":
+        raise ConfigError("--unfreeze does not support --objective contrastive (it needs CLIP prompts)")
+    if cfg.weights is not None and cfg.random_init:
+        raise ConfigError("--weights and --random-init exclude each other")
+    if cfg.backbone_lr <= 0:
+        raise ConfigError(f"--backbone-lr must be > 0, got {cfg.backbone_lr}")
+    if cfg.grad_accum < 1:
+        raise ConfigError(f"--grad-accum must be >= 1, got {cfg.grad_accum}")
+    if cfg.diversity_weight < 0:
+        raise ConfigError(f"--diversity-weight must be >= 0, got {cfg.diversity_weight}")
+    if cfg.schedule not in SCHEDULES:
+        raise ConfigError(f"--schedule {cfg.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    if not 0.0 <= cfg.warmup < 1.0:
+        raise ConfigError(f"--warmup is a fraction of the steps in [0, 1), got {cfg.warmup}")
+    for name in ("eval_batch_size", "calibration_frames", "stats_frames"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {cfg.workers}")
+    cfg.augment.validate()
+    block_index(cfg.unfreeze_from)
+
+
+def block_index(spec: str | int) -> int:
+    """Position in BLOCKS of a block given by name, by index, or as ``features.N``."""
+    text = str(spec).strip()
+    if text in BLOCKS:
+        return BLOCKS.index(text)
+    if text.startswith("features."):
+        text = text[len("features."):]
+    if text.isdigit() and int(text) < len(BLOCKS):
+        return int(text)
+    raise ConfigError(f"--unfreeze-from {spec!r}: choose a DDAMFN block, one of {', '.join(BLOCKS)} "
+                      f"(or its index 0..{len(BLOCKS) - 1})")
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def backbone_blocks(net: nn.Module) -> list[tuple[str, list[nn.Module]]]:
+    """DDAMFN's blocks in forward order, as (name, modules); see BLOCKS."""
+    features = list(net.features.children())
+    if len(features) != len(BLOCKS) - 2:
+        raise CheckpointError(f"DDAMFN trunk has {len(features)} stages, expected {len(BLOCKS) - 2}")
+    heads = [getattr(net, f"cat_head{i}") for i in range(net.num_head)]
+    trunk = [(name, [m]) for name, m in zip(BLOCKS, features, strict=False)]
+    return [*trunk, ("attention", heads), ("gdconv", [net.Linear])]
+
+
+def _outside_embedding(net: nn.Module) -> list[str]:
+    """Parameters the embedding does not depend on: the AffectNet classifier and the modules published
+    checkpoints carry but the forward pass never uses. They get no gradient, so they are frozen (else
+    DistributedDataParallel would wait for their gradients forever)."""
+    was_training = net.training
+    net.eval()  # no batch-norm statistics are touched by this probe
+    try:
+        with torch.enable_grad():
+            embedding = net(torch.zeros(2, 3, 112, 112)).embedding
+            named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+            grads = torch.autograd.grad(embedding.sum(), [p for _, p in named], allow_unused=True)
+    finally:
+        net.train(was_training)
+    return [n for (n, _), g in zip(named, grads, strict=True) if g is None]
+
+
+class FinetuneModel(nn.Module):
+    """DDAMFN encoder + stage-two head: ``forward(images [B, T, 3, S, S], mask [B, T]) -> {task: [B, T, K]}``
+    (plus ``attention_maps`` [heads, N, C, 7, 7] when ``return_maps``), the same contract as a head on
+    features, so stage two's objectives and loops take it as is."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module, *, unfreeze_from: str = BLOCKS[0],
+                 freeze_bn: bool = False, return_maps: bool = False, channels_last: bool = True) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+        self.freeze_bn = freeze_bn
+        self.return_maps = return_maps
+        self.channels_last = channels_last
+        net = encoder.net
+        start = block_index(unfreeze_from)
+        blocks = backbone_blocks(net)
+        self.trainable_blocks = [name for name, _ in blocks[start:]]
+        self.frozen_blocks = [name for name, _ in blocks[:start]]
+        # A plain list, not a ModuleList: registering the modules twice would duplicate state-dict keys.
+        self._frozen: list[nn.Module] = [m for _, mods in blocks[:start] for m in mods]
+        for module in self._frozen:
+            module.requires_grad_(False)
+        self.unused_parameters = _outside_embedding(net)
+        params = dict(net.named_parameters())
+        for name in self.unused_parameters:
+            params[name].requires_grad_(False)
+        if channels_last:
+            self.encoder.to(memory_format=torch.channels_last)
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.encoder.parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True) -> FinetuneModel:
+        super().train(mode)
+        if mode:
+            # Frozen blocks keep their running statistics; so do all batch norms with freeze_bn.
+            for module in self._frozen:
+                module.eval()
+            if self.freeze_bn:
+                for module in self.encoder.modules():
+                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                        module.eval()
+        return self
+
+    def embed(self, images: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """[N, 3, S, S] -> (embedding [N, 512], attention-head maps)."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        out = self.encoder.forward_with_maps(images)
+        return out.embedding, out.head_maps
+
+    def forward(self, images: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        b, t = mask.shape
+        keep = mask.reshape(-1).bool()
+        flat = images.reshape(b * t, *images.shape[2:])
+        if bool(keep.all()):
+            embedding, maps = self.embed(flat)
+            features = embedding.reshape(b, t, -1)
+        else:
+            # Padding never enters the backbone: in train mode it would skew batch-norm statistics.
+            index = torch.nonzero(keep).squeeze(1)
+            embedding, maps = self.embed(flat[index])
+            features = embedding.new_zeros(b * t, embedding.shape[1]).index_copy(0, index, embedding)
+            features = features.reshape(b, t, -1)
+        outputs = dict(self.head(features, mask))
+        if self.return_maps:
+            outputs[ATTENTION_KEY] = torch.stack([m.float() for m in maps])
+        return outputs
+
+
+def unwrap(model: nn.Module) -> FinetuneModel:
+    inner = getattr(model, "module", model)  # DistributedDataParallel
+    if not isinstance(inner, FinetuneModel):
+        raise TypeError(f"expected a FinetuneModel, got {type(inner).__name__}")
+    return inner
+
+
+def _encoder_options(cfg: FinetuneConfig) -> dict[str, Any]:
+    if cfg.random_init:
+        return {"random_init": True, "seed": cfg.train.seed}
+    options: dict[str, Any] = {}
+    if cfg.weights is not None:
+        options["weights"] = cfg.weights
+    if cfg.trust_pickle:
+        options["trust_pickle"] = True
+    return options
+
+
+# ------------------------------------------------------------------------------------- embeddings of rows
+
+
+def embed_rows(model: FinetuneModel, windows: FrameWindows, *, batch_size: int, device: torch.device,
+               precision: str, workers: int = 0, info: dist.DistInfo | None = None) -> np.ndarray:
+    """Embeddings (float32 [W, 512]) of the one-frame windows of ``windows``, in order, without
+    augmentation, backbone in eval mode. Under torchrun each process embeds a contiguous share and all of
+    them receive the whole array."""
+    from torch.utils.data import DataLoader
+
+    from abawfeat.data.frames import collate_batch
+
+    info = info or dist.DistInfo()
+    n = len(windows)
+    share = math.ceil(n / info.world_size) if n else 0
+    lo, hi = min(info.rank * share, n), min((info.rank + 1) * share, n)
+    keys = [[(i, -1) for i in range(s, min(s + batch_size, hi))] for s in range(lo, hi, batch_size)]
+    was_training = model.training
+    model.eval()
+    dim = int(model.encoder.feature_dim)
+    out = torch.zeros(max(share, 0), dim, dtype=torch.float32)
+    loader = DataLoader(windows, batch_sampler=keys, num_workers=workers if keys else 0,
+                        collate_fn=collate_batch, pin_memory=device.type == "cuda",
+                        # Own generator: evaluation must not consume the global RNG (dropout's).
+                        generator=torch.Generator().manual_seed(0))
+    pos = 0
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                images = batch.inputs.reshape(-1, *batch.inputs.shape[2:]).to(device, non_blocking=True)
+                with autocast(device, precision):
+                    embedding, _ = model.embed(images)
+                out[pos : pos + len(embedding)] = embedding.float().cpu()
+                pos += len(embedding)
+    finally:
+        model.train(was_training)
+    if info.enabled:
+        import torch.distributed as tdist
+
+        # Same-size pieces (the last share is zero-padded), gathered on every rank, then trimmed.
+        mine = out.to(device) if device.type == "cuda" else out  # nccl gathers device tensors only
+        pieces = [torch.zeros_like(mine) for _ in range(info.world_size)]
+        tdist.all_gather(pieces, mine)
+        return torch.cat([p.cpu() for p in pieces])[:n].numpy()
+    return out[:n].numpy()
+
+
+def _spread(n_rows: int, count: int) -> np.ndarray:
+    """``count`` row indices at a fixed stride over ``n_rows`` rows (deterministic, covers every video)."""
+    count = min(count, n_rows)
+    return np.unique(np.floor((np.arange(count) + 0.5) * n_rows / max(count, 1)).astype(np.int64))
+
+
+# ------------------------------------------------------------------------------------------- one step
+
+
+@dataclass
+class StepLoss:
+    """The loss of one micro-batch, weighted so that a step's micro-batches and processes together compute
+    the loss of their global batch: each task's term is scaled by (its labelled frames in this micro-batch) /
+    (its labelled frames in the global batch) x world size (DistributedDataParallel averages gradients over
+    processes, the world size undoes that). With one process and no accumulation this is stage two's loss."""
+
+    objectives: dict[str, Objective]  # one stage-two objective per task (mtl: ccc + ce + bce, weight 1 each)
+    tasks: tuple[str, ...]
+    diversity_weight: float = 0.0
+    world_size: int = 1
+
+    def counts(self, batch: Batch) -> Tensor:
+        """float64 [tasks + 1]: labelled frames per task, then real frames (the diversity term's weight)."""
+        values = [float(batch.valid[t].sum()) for t in self.tasks] + [float(batch.mask.sum())]
+        return torch.tensor(values, dtype=torch.float64)
+
+    def __call__(self, out: Mapping[str, Tensor], batch: Batch, mine: Tensor, total: Tensor) -> Tensor:
+        share = torch.where(total > 0, mine / total.clamp(min=1), torch.zeros_like(mine)) * self.world_size
+        loss: Tensor | None = None
+        for i, task in enumerate(self.tasks):
+            term, _ = self.objectives[task](out, batch)
+            term = term * float(share[i])
+            loss = term if loss is None else loss + term
+        if self.diversity_weight:
+            from abawfeat.losses import attention_diversity_loss
+
+            term = attention_diversity_loss(out[ATTENTION_KEY]) * (self.diversity_weight * float(share[-1]))
+            loss = term if loss is None else loss + term
+        assert loss is not None
+        return loss
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return any(s in text for s in ("out of memory", "can't allocate memory", "not enough memory",
+                                   "failed to allocate"))
+
+
+@dataclass
+class Stepper:
+    """One optimiser step over this process's micro-batches of a global batch: forward, weighted loss,
+    backward (gradient sync only on the last micro-batch), unscale (fp16), clip, step, schedule. Returns the
+    step's loss summed over this process's micro-batches (the global loss is its mean over processes)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    loss: StepLoss
+    device: torch.device
+    precision: str
+    grad_clip: float = 0.0
+    distributed: bool = False
+    steps_done: int = 0
+
+    def __call__(self, model: nn.Module, micro: Sequence[Batch]) -> float:
+        counts = [self.loss.counts(b) for b in micro]
+        total = torch.stack(counts).sum(dim=0)
+        if self.distributed:
+            import torch.distributed as tdist
+
+            total = total.to(self.device)
+            tdist.all_reduce(total)
+            total = total.cpu()
+        self.optimizer.zero_grad(set_to_none=True)
+        value = 0.0
+        for i, batch in enumerate(micro):
+            b = batch.to(self.device)
+            last = i == len(micro) - 1
+            # DDP's no_sync: accumulate locally, all-reduce once with the last micro-batch's backward.
+            sync = model.no_sync() if (self.distributed and not last) else contextlib.nullcontext()
+            with sync:
+                with autocast(self.device, self.precision):
+                    out = model(b.inputs, b.mask)
+                    loss = self.loss(out, b, counts[i], total)
+                self.scaler.scale(loss).backward()
+            value += float(loss.detach())
+        self.scaler.unscale_(self.optimizer)
+        if self.grad_clip:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            nn.utils.clip_grad_norm_(params, self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.steps_done += 1
+        return value
+
+
+def lr_lambda(total_steps: int, warmup: float, schedule: str) -> Callable[[int], float]:
+    """Multiplier of the base learning rates at optimiser step ``step`` (0-based)."""
+    warm = int(round(warmup * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warm) / max(total_steps - warm, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+# --------------------------------------------------------------------------------------------- the loop
+
+
+def run_epochs_with_steps(
+    model: nn.Module,
+    source: FrameSource,
+    validate: Callable[[nn.Module], Evaluation],
+    step: Callable[[nn.Module, Sequence[Batch]], float],
+    *,
+    epochs: int,
+    select: str,
+    start_epoch: int = 1,
+    stop_epoch: int | None = None,
+    history: list[dict[str, Any]] | None = None,
+    best: float = -math.inf,
+    on_best: Callable[[int, Evaluation], None] | None = None,
+    on_epoch: Callable[[int, list[dict[str, Any]], float], None] | None = None,
+    reduce_mean: Callable[[float], float] = lambda x: x,
+    log: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """``train.run_epochs`` with the optimiser step delegated to ``step(model, micro_batches)``.
+
+    Same epochs, same validation, same best-epoch rule (strictly better ``metrics[select]``, ties keep the
+    earlier epoch), same history rows. It exists only because ``run_epochs`` hard-codes a one-batch step;
+    once that takes a ``step`` hook this function goes (docs/finetune.md, "Reuse").
+    """
+    history = list(history or [])
+    last = epochs if stop_epoch is None else min(epochs, stop_epoch)
+    for epoch in range(start_epoch, last + 1):
+        t0 = time.perf_counter()
+        model.train()
+        total, n_steps = 0.0, 0
+        for micro in source.batches(epoch):
+            total += step(model, micro)
+            n_steps += 1
+        train_loss = reduce_mean(total / max(n_steps, 1))
+        evaluation = validate(model)
+        value = float(evaluation.metrics.get(select, math.nan))
+        improved = value > best
+        if improved:
+            best = value
+            if on_best is not None:
+                on_best(epoch, evaluation)
+        row: dict[str, Any] = {
+            "epoch": epoch, "train_loss": train_loss, "val_loss": evaluation.loss, "val_metric": value,
+            "seconds": time.perf_counter() - t0,
+        }
+        row.update({k: v for k, v in evaluation.metrics.items() if isinstance(v, float)})
+        history.append(row)
+        if on_epoch is not None:
+            on_epoch(epoch, history, best)
+        if log is not None:
+            log(f"epoch {epoch}/{epochs}  train_loss {train_loss:.4f}  val_loss {evaluation.loss:.4f}  "
+                f"{select} {value:.4f}{'  (best)' if improved else ''}  {row['seconds']:.1f}s")
+    return history
+
+
+# ------------------------------------------------------------------------------------- training state
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every global RNG (dropout draws from torch's), in types ``torch.load(weights_only=True)`` accepts."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss),
+                  float(gauss)],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_save(payload: Any, path: Path) -> None:
+    """torch.save through a temporary file and a rename: a crash mid-write keeps the previous state."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def load_state(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing, nothing to resume (no epoch of this run finished)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: unreadable training state ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path}: not an abawfeat fine-tuning state")
+    if state.get("version") != STATE_VERSION:
+        raise CheckpointError(f"{path}: state version {state.get('version')} is not supported "
+                              f"(this abawfeat reads version {STATE_VERSION})")
+    return state
+
+
+# ------------------------------------------------------------------------------------------ run directory
+
+
+def expected_fingerprint(published: Path, precision: str) -> dict[str, Any]:
+    """The fingerprint of the cache ``abawfeat extract --backbone ddamfn --weights <published>`` writes:
+    what checkpoint.pt records, so ``evaluate`` / ``predict`` accept that cache for this run's head and
+    refuse every other. Loading the file strictly here also proves the published-format round trip."""
+    from abawfeat.cache import fingerprint_of, make_provenance
+    from abawfeat.encoders import build_encoder
+
+    encoder = build_encoder("ddamfn", weights=str(published.resolve()))
+    provenance = make_provenance(encoder.provenance(), feature_dim=encoder.feature_dim, dtype="float16",
+                                 precision=precision, logit_names=encoder.logit_names)
+    return fingerprint_of(provenance)
+
+
+def load_finetune_config(run_dir: str | Path) -> FinetuneConfig:
+    """The FinetuneConfig of a run directory (config.json, key ``finetune``)."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; {run_dir} is not a run directory")
+    info = read_json(path)
+    if info.get("kind") != "finetune" or not isinstance(info.get("finetune"), dict):
+        raise CheckpointError(f"{path}: not an end-to-end (--unfreeze) run; --resume continues those only")
+    cfg = from_dict(FinetuneConfig, info["finetune"])
+    cfg.train.out = str(run_dir)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------- run
+
+
+def _resolved(cfg: FinetuneConfig, head: nn.Module, device: torch.device) -> Resolved:
+    """Stage two's resolution (window, stride, inference windows over embeddings, precision), with the
+    training batch counted in images rather than cached rows."""
+    res = resolve(cfg.train, head, device)
+    if not cfg.train.batch_size:
+        frames = DEFAULT_FRAMES_PER_BATCH[res.temporal]
+        res = dataclasses.replace(res, batch_size=max(1, frames // res.window))
+    return res
+
+
+def _task_objectives(cfg: FinetuneConfig, head: nn.Module, tasks: Sequence[str],
+                     class_weight: Tensor | None, pos_weight: Tensor | None) -> dict[str, Objective]:
+    if cfg.train.task == "mtl":
+        # mtl_loss is the sum of the three single-task losses; kept apart so each is weighted by its counts.
+        return {t: build_objective(DEFAULT_OBJECTIVE[t], head, (t,), class_weight, pos_weight) for t in tasks}
+    return {cfg.train.task: build_objective(resolved_objective(cfg.train), head, tasks, class_weight,
+                                            pos_weight)}
+
+
+def _loss_weights(cfg: TrainConfig, seqs: SequenceSet, device: torch.device) -> tuple[Tensor | None, ...]:
+    """Class and AU positive weights from the training crops' labels, exactly as ``fit`` computes them."""
+    from abawfeat import losses
+    from abawfeat.constants import EXPR_CLASSES
+
+    class_weight = pos_weight = None
+    if cfg.class_weights != "none":
+        lab, ok = seqs.row_labels("expr")
+        class_weight = losses.class_weights_from_counts(
+            np.bincount(lab[ok], minlength=len(EXPR_CLASSES)), scheme=cfg.class_weights).to(device)
+    if cfg.pos_weight:
+        lab, ok = seqs.row_labels("au")
+        pos_weight = losses.pos_weight_from_labels(lab, ok).to(device)
+    return class_weight, pos_weight
+
+
+def run_finetune(cfg: FinetuneConfig, *, resume: bool = False, stop_after_epochs: int | None = None,
+                 log: Callable[[str], None] | None = None) -> Path:
+    """Train DDAMFN + head end to end and write the run directory ``cfg.train.out``; returns it.
+
+    ``resume``: continue the run in ``cfg.train.out`` from its last finished epoch (``train_state.pt``).
+    ``stop_after_epochs``: stop after that many epochs of this invocation (a job with a time limit), to be
+    continued with ``resume``. Works under torchrun (one process per device).
+    """
+    validate_finetune(cfg)
+    info = dist.dist_info()
+    distributed = dist.init_process_group(info)
+    try:
+        return _run(cfg, info, distributed, resume, stop_after_epochs, log)
+    finally:
+        if distributed:
+            import torch.distributed as tdist
+
+            if tdist.is_initialized():
+                tdist.destroy_process_group()
+
+
+def _run(cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool, resume: bool,
+         stop_after_epochs: int | None, log: Callable[[str], None] | None) -> Path:
+    from abawfeat.encoders import build_encoder
+    from abawfeat.extract import calibrate_encoder, open_dataset
+    from abawfeat.heads import build_head, head_to_dict
+    from abawfeat.utils.progress import loud_warning
+
+    def say(message: str) -> None:
+        if log is not None and info.is_main:
+            log(message)
+
+    tcfg = cfg.train
+    out = Path(tcfg.out)
+    tasks = run_tasks(tcfg.task)
+    device = resolve_device(tcfg.device)
+    state = load_state(out) if resume else None
+    if not resume and (out / STATE_FILE).exists():
+        raise ConfigError(f"{out}: holds an end-to-end run already; continue it with --resume {out} "
+                          "or choose another --out")
+
+    # -- data: stage two's split with crops as rows; windows exactly as stage two makes them.
+    data = open_dataset(tcfg.data)
+    train_set, train_dirs = load_frames_split(data, tasks, "train")
+    val_set, val_dirs = load_frames_split(data, tasks, "val")
+    say(f"train: {len(train_set.videos)} videos, {train_set.n_rows:,} crops; "
+        f"val: {len(val_set.videos)} videos, {val_set.n_timeline:,} frames")
+
+    # -- model: DDAMFN (published weights, or seeded random init calibrated as `extract` does) + head.
+    seed_everything(tcfg.seed)
+    if cfg.random_init and info.is_main:
+        loud_warning(f"--random-init: DDAMFN starts from RANDOM weights (seed {tcfg.seed}) with batch-norm "
+                     "statistics calibrated on dataset frames; use it for demos and tests only.")
+    encoder = build_encoder("ddamfn", **_encoder_options(cfg))
+    calibration = None
+    if cfg.random_init and state is None:
+        calibration = calibrate_encoder(encoder, data, data.videos_with_crops(), cfg.calibration_frames)
+    start_provenance = dict(encoder.provenance())
+    name, fields = head_spec(tcfg, int(encoder.feature_dim))
+    head = build_head(name, **fields)
+    model = FinetuneModel(encoder, head, unfreeze_from=cfg.unfreeze_from, freeze_bn=cfg.freeze_bn,
+                          return_maps=cfg.attention_diversity, channels_last=cfg.channels_last).to(device)
+    res = _resolved(cfg, head, device)
+    precision = res.precision
+
+    transform = encoder.transform
+    if head.config.normalize and state is None:
+        # Stage two standardises with the training features' statistics; here those of the starting
+        # backbone on a fixed spread of training crops (all of them would cost an epoch of inference).
+        picks = _spread(train_set.n_rows, cfg.stats_frames)
+        subset = FrameWindows(train_set, train_dirs, picks[:, None], (), transform)
+        emb = embed_rows(model, subset, batch_size=cfg.eval_batch_size, device=device, precision="fp32",
+                         workers=0, info=info)
+        head.set_feature_stats(torch.from_numpy(emb.mean(axis=0)), torch.from_numpy(emb.std(axis=0)))
+
+    train_windows = make_windows(train_set.row_offsets, res.window, res.stride, keep=train_set.row_weight())
+    if len(train_windows) == 0:
+        raise ConfigError(f"{tcfg.data}: no training crop carries a {'/'.join(tasks)} label")
+    source = FrameSource(
+        FrameWindows(train_set, train_dirs, train_windows, tasks, transform, cfg.augment),
+        batch_size=res.batch_size, grad_accum=cfg.grad_accum, seed=tcfg.seed, world_size=info.world_size,
+        rank=info.rank, workers=cfg.workers, pin_memory=device.type == "cuda",
+    )
+    val_rows = FrameWindows(val_set, val_dirs, np.arange(val_set.n_rows)[:, None], (), transform)
+
+    # -- objectives (stage two's), optimiser with two learning rates, schedule, fp16 scaler.
+    class_weight, pos_weight = _loss_weights(tcfg, train_set, device)
+    objective = build_objective(resolved_objective(tcfg), head, tasks, class_weight, pos_weight)
+    step_loss = StepLoss(_task_objectives(cfg, head, tasks, class_weight, pos_weight), tasks,
+                         cfg.diversity_weight if cfg.attention_diversity else 0.0, info.world_size)
+    backbone_params = model.backbone_parameters()
+    optimizer = torch.optim.AdamW(
+        [{"params": backbone_params, "lr": cfg.backbone_lr, "name": "backbone"},
+         {"params": list(head.parameters()), "lr": tcfg.lr, "name": "head"}],
+        weight_decay=tcfg.weight_decay,
+    )
+    total_steps = tcfg.epochs * len(source)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, cfg.warmup, cfg.schedule))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    # -- state of an interrupted run: weights, optimiser, schedule, scaler, RNG, history, best.
+    start_epoch, history, best_value = 1, [], -math.inf
+    best_record: dict[str, Any] = {}
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"{out / STATE_FILE}: weights do not fit this model ({exc})") from None
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_epoch = int(state["epoch"]) + 1
+        history = list(state["history"])
+        best_value = float(state["best"]["value"])
+        best_record = dict(state["best"])
+        start_provenance = dict(state.get("start_provenance", start_provenance))
+        rng = state["rng"]
+        if len(rng) == info.world_size:
+            _set_rng_state(rng[info.rank])
+        elif info.is_main:
+            from abawfeat.utils.progress import warn
+
+            warn(f"{out}: resumed on {info.world_size} process(es) after {len(rng)}; the global batch and "
+                 "random streams change, so the result will differ from an uninterrupted run")
+        say(f"resuming {out} after epoch {start_epoch - 1}")
+
+    ddp_model: nn.Module = model
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if device.type == "cuda" and cfg.sync_bn and not cfg.freeze_bn:
+            # SyncBatchNorm makes train-mode statistics those of the global batch, as on one device.
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        ids = [device.index] if device.type == "cuda" else None
+        ddp_model = DistributedDataParallel(model, device_ids=ids)
+
+    # -- run directory: config first (rank 0); metrics.json, the completion mark, comes last.
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").unlink(missing_ok=True)
+        if calibration is not None:
+            start_provenance["calibration"] = {"encoder": start_provenance.get("calibration"),
+                                               "frames": calibration}
+        config_info = {
+            "kind": "finetune", "task": tcfg.task, "head": tcfg.head, "backbone": tcfg.backbone,
+            "objective": resolved_objective(tcfg), "train": to_dict(tcfg), "finetune": to_dict(cfg),
+            "resolved": to_dict(res), "head_config": head_to_dict(head),
+            # No cache: the head reads the fine-tuned backbone. `extract --weights <run>/ddamfn_finetuned.pth`
+            # makes one whose fingerprint checkpoint.pt records.
+            "cache_path": None, "cache_fingerprint": best_record.get("fingerprint"), "cache_dtype": None,
+            "dataset": {"root": str(tcfg.data), "name": Path(tcfg.data).resolve().name},
+            "class_weight": None if class_weight is None else class_weight.cpu().tolist(),
+            "pos_weight": None if pos_weight is None else pos_weight.cpu().tolist(),
+            "backbone_start": start_provenance,
+            "blocks": {"trainable": list(unwrap(ddp_model).trainable_blocks),
+                       "frozen": list(unwrap(ddp_model).frozen_blocks)},
+            "world_size": info.world_size,
+            "global_batch": res.batch_size * cfg.grad_accum * info.world_size,
+            "published_checkpoint": PUBLISHED_FILE if cfg.save_published else None,
+            "package_version": __version__,
+        }
+        write_json_atomic(out / "config.json", config_info)
+
+    stepper = Stepper(optimizer, scheduler, scaler, step_loss, device, precision, tcfg.grad_clip,
+                      distributed, steps_done=int(scheduler.last_epoch))
+
+    def validate(m: nn.Module) -> Evaluation:
+        inner = unwrap(m)
+        emb = embed_rows(inner, val_rows, batch_size=cfg.eval_batch_size, device=device,
+                         precision=precision, workers=cfg.workers, info=info)
+        # The head is scored exactly as stage two scores a head on a cache holding these features.
+        feats = dataclasses.replace(val_set, features=emb)
+        windows = make_windows(feats.row_offsets, res.infer_window, res.infer_stride)
+        val_source = WindowSource(feats, windows, tasks, res.infer_batch_size, shuffle=False)
+        return evaluate_set(inner.head, feats, tcfg.task, val_source, device, precision, objective,
+                            fill=tcfg.fill)
+
+    def on_best(epoch: int, ev: Evaluation) -> None:
+        best_record.update(value=float(ev.metrics.get(SELECT_METRIC[tcfg.task], math.nan)), epoch=epoch,
+                           metrics=_jsonable(ev.metrics))
+        if not info.is_main:
+            return
+        inner = unwrap(ddp_model)
+        fingerprint: dict[str, Any] = {}
+        if cfg.save_published:
+            from abawfeat.encoders import save_published_checkpoint
+
+            published = save_published_checkpoint(inner.encoder, out / PUBLISHED_FILE,
+                                                  iteration=stepper.steps_done)
+            fingerprint = expected_fingerprint(published, precision)
+        best_record["fingerprint"] = fingerprint
+        save_checkpoint(out / "checkpoint.pt", inner.head, fingerprint, ev.au_thresholds, epoch,
+                        {"metrics": _jsonable(ev.metrics), "kind": "finetune",
+                         "backbone_weights": PUBLISHED_FILE if cfg.save_published else None})
+        write_val_outputs(out / "val_outputs.npz", val_set, ev.timeline)
+
+    def on_epoch(epoch: int, rows: list[dict[str, Any]], best: float) -> None:
+        rngs = _gather_objects(_rng_state(), info)
+        if not info.is_main:
+            return
+        write_history(out / "history.csv", rows)
+        _atomic_save({
+            "format": STATE_FORMAT, "version": STATE_VERSION, "epoch": epoch, "steps": stepper.steps_done,
+            "model": {k: v.detach().cpu() for k, v in unwrap(ddp_model).state_dict().items()},
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None, "rng": rngs,
+            "history": rows, "best": dict(best_record, value=best), "world_size": info.world_size,
+            "start_provenance": _jsonable(start_provenance), "package_version": __version__,
+        }, out / STATE_FILE)
+
+    def reduce_mean(value: float) -> float:
+        if not distributed:
+            return value
+        import torch.distributed as tdist
+
+        t = torch.tensor([value], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+        tdist.all_reduce(t)
+        return float(t.item()) / info.world_size
+
+    stop = None if stop_after_epochs is None else start_epoch + stop_after_epochs - 1
+    try:
+        history = run_epochs_with_steps(
+            ddp_model, source, validate, stepper, epochs=tcfg.epochs, select=SELECT_METRIC[tcfg.task],
+            start_epoch=start_epoch, stop_epoch=stop, history=history, best=best_value, on_best=on_best,
+            on_epoch=on_epoch, reduce_mean=reduce_mean, log=say,
+        )
+    except RuntimeError as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        images = res.batch_size * res.window
+        raise ConfigError(
+            f"out of memory on {device} for a micro-batch of {res.batch_size} x {res.window} frame(s) "
+            f"({images} images of {transform.size}x{transform.size}): lower --batch-size, or keep the global "
+            "batch with --grad-accum"
+        ) from None
+
+    finished = bool(history) and int(history[-1]["epoch"]) >= tcfg.epochs
+    if info.is_main and finished:
+        if not best_record.get("metrics"):
+            raise ConfigError(f"{out}: no epoch produced a finite {SELECT_METRIC[tcfg.task]} (diverged?); "
+                              "try a lower --lr / --backbone-lr")
+        config_info = read_json(out / "config.json")
+        config_info["cache_fingerprint"] = best_record.get("fingerprint")
+        write_json_atomic(out / "config.json", config_info)
+        write_plots(out, log)
+        record = metrics_record(tcfg.task, "val", int(best_record["epoch"]), best_record["metrics"])
+        write_json_atomic(out / "metrics.json", record)
+    if distributed:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+    return out
+
+
+def resume_finetune(run_dir: str | Path, *, stop_after_epochs: int | None = None,
+                    log: Callable[[str], None] | None = None) -> Path:
+    """Continue an interrupted end-to-end run from its last finished epoch (``--resume RUN_DIR``)."""
+    return run_finetune(load_finetune_config(run_dir), resume=True, stop_after_epochs=stop_after_epochs,
+                        log=log)
+
+
+def _gather_objects(obj: Any, info: dist.DistInfo) -> list[Any]:
+    if not info.enabled:
+        return [obj]
+    import torch.distributed as tdist
+
+    gathered: list[Any] = [None] * info.world_size
+    tdist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value
+
+
+# ------------------------------------------------------------------------------------ torchrun entry point
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m abawfeat.finetune CONFIG.json`` (or ``--resume RUN_DIR``): a library entry point that
+    torchrun launches without the CLI: ``torchrun --nproc-per-node 2 -m abawfeat.finetune cfg.json``."""
+    parser = argparse.ArgumentParser(prog="python -m abawfeat.finetune", description=main.__doc__)
+    parser.add_argument("config", nargs="?", help="FinetuneConfig as JSON (utils.configs.to_dict)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    parser.add_argument("--stop-after-epochs", type=int, default=None)
+    args = parser.parse_args(argv)
+    try:
+        if args.resume:
+            resume_finetune(args.resume, stop_after_epochs=args.stop_after_epochs, log=print)
+        elif args.config:
+            cfg = from_dict(FinetuneConfig, read_json(args.config))
+            run_finetune(cfg, stop_after_epochs=args.stop_after_epochs, log=print)
+        else:
+            parser.error("give a config file or --resume RUN_DIR")
+    except AbawfeatError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+__all__ = [
+    "BLOCKS", "PUBLISHED_FILE", "STATE_FILE", "FinetuneConfig", "FinetuneModel", "StepLoss", "Stepper",
+    "block_index", "embed_rows", "expected_fingerprint", "load_finetune_config", "resume_finetune",
+    "run_epochs_with_steps", "run_finetune", "validate_finetune",
+]
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,391 @@
+"""Stage one end to end on hand-made crop trees, with a tiny registered encoder (and DDAMFN random-init once):
+rows line up with frames, bad JPEGs are listed, resume, kill -9, Ctrl-C, lock, provenance, torchrun, CLI."""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from typer.testing import CliRunner
+
+from abawfeat.cache import FeatureCache, lock_path, parts_dir, verify_cache
+from abawfeat.cli import app
+from abawfeat.encoders import IMAGENET_MEAN, IMAGENET_STD, Encoder, ImageTransform, register_encoder
+from abawfeat.errors import CacheError, ConfigError
+from abawfeat.extract import (
+    ExtractConfig,
+    balance_videos,
+    calibration_frames,
+    format_summary,
+    run_extraction,
+)
+
+TESTS = Path(__file__).parent
+
+
+@dataclass
+class FakeConfig:
+    random_init: bool = False
+    seed: int = 0
+    weights: str | None = None
+
+
+@register_encoder("fake-test")
+class FakeEncoder(Encoder):
+    """A 16 x 16 toy network with DDAMFN's shape of contract: per-sample, deterministic, seeded, and with a
+    calibration that changes its output (so a calibration on different frames shows in the features)."""
+
+    config_class = FakeConfig
+    summary = "test-only toy encoder"
+
+    def __init__(self, config: FakeConfig) -> None:
+        super().__init__(config)
+        self.transform = ImageTransform(16, IMAGENET_MEAN, IMAGENET_STD)
+        self.feature_dim = 6
+        self.logit_names = ("a", "b", "c")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.conv = nn.Conv2d(3, 6, 4, stride=4)
+            self.fc = nn.Linear(6, 3)
+        self.register_buffer("shift", torch.zeros(3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        delay = float(os.environ.get("FAKE_ENCODER_DELAY", "0"))
+        if delay:
+            time.sleep(delay)  # lets the kill test catch the run in the middle
+        interrupt_after = int(os.environ.get("FAKE_ENCODER_INTERRUPT_AFTER", "0"))
+        if interrupt_after:
+            self._calls = getattr(self, "_calls", 0) + 1
+            if self._calls > interrupt_after:
+                raise KeyboardInterrupt
+        feats = torch.relu(self.conv(x - self.shift)).mean(dim=(2, 3))
+        return feats, self.fc(feats)
+
+    def calibrate(self, images: torch.Tensor) -> None:
+        self.shift.copy_(images.mean(dim=(0, 2, 3)).view(3, 1, 1))
+        self.calibration = {"method": "mean-shift", "frames": int(images.shape[0])}
+
+
+def jpeg_bytes(seed: int, size: int = 24) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = (rng.random((size, size, 3)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def make_tree(root: Path, videos: dict[str, list[int]], bad: dict[str, dict[int, str]] | None = None) -> Path:
+    """An Aff-Wild2-shaped tree: an annotations folder and cropped_aligned/<video>/NNNNN.jpg. ``bad`` makes
+    zero-byte, truncated or garbage JPEGs."""
+    (root / "8th_ABAW_Annotations" / "VA_Estimation_Challenge" / "Train_Set").mkdir(parents=True)
+    bad = bad or {}
+    for v_index, (video, frames) in enumerate(sorted(videos.items())):
+        folder = root / "cropped_aligned" / video
+        folder.mkdir(parents=True)
+        for frame in frames:
+            data = jpeg_bytes(1000 * v_index + frame)
+            kind = bad.get(video, {}).get(frame)
+            if kind == "empty":
+                data = b""
+            elif kind == "truncated":
+                data = data[: len(data) // 3]
+            elif kind == "garbage":
+                data = b"\xff\xd8 this is not a jpeg" * 10
+            (folder / f"{frame:05d}.jpg").write_bytes(data)
+    return root
+
+
+VIDEOS = {
+    "10-30-640x480": [1, 2, 3, 5, 6, 9],  # gaps: frames without a face have no crop
+    "2-30-640x360_left": list(range(1, 12)),
+    "2-30-640x360_right": [2, 3, 4],
+    "video7": [1, 2, 3, 4, 5, 6, 7],
+}
+BAD = {"2-30-640x360_left": {4: "empty", 8: "truncated"}, "video7": {7: "garbage"}}
+
+
+@pytest.fixture()
+def tree(tmp_path: Path) -> Path:
+    return make_tree(tmp_path / "AffTiny", VIDEOS, BAD)
+
+
+def config(tree: Path, out: Path, **kw: object) -> ExtractConfig:
+    base = dict(backbone="fake-test", data=tree, out=out, random_init=True, batch_size=4, workers=0,
+                device="cpu", progress=False, calibration_frames=8)
+    base.update(kw)
+    return ExtractConfig(**base)  # type: ignore[arg-type]
+
+
+def snapshot(path: Path) -> dict:
+    with FeatureCache(path) as cache:
+        prov = {k: v for k, v in cache.provenance.items() if k != "created"}
+        prov["extract_config"].pop("out")  # compared caches live at different paths
+        return {
+            "prov": json.dumps(prov, sort_keys=True),
+            "videos": {v: (cache.frames(v).tolist(), cache.features(v, None).tobytes(),
+                           cache.logits(v).tobytes(), cache.bad_frames(v).tolist()) for v in cache.videos()},
+        }
+
+
+def test_rows_match_frames_and_bad_jpegs_are_listed(tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "fake.h5"
+    result = run_extraction(config(tree, out, dtype="float32", batch_size=5))
+    assert result.videos_done == 4 and result.frames == 27 - 3
+    assert {v: [f for f, _ in items] for v, items in result.bad_frames.items()} == {
+        "2-30-640x360_left": [4, 8], "video7": [7]}
+    assert any("bad frame video7/00007.jpg" in line for line in format_summary(result))
+    assert verify_cache(out) == []
+
+    with FeatureCache(out) as cache:
+        assert cache.videos() == sorted(VIDEOS)
+        assert cache.frames("2-30-640x360_left").tolist() == [1, 2, 3, 5, 6, 7, 9, 10, 11]
+        assert cache.bad_frames("2-30-640x360_left").tolist() == [4, 8]
+        assert cache.frames("10-30-640x480").tolist() == VIDEOS["10-30-640x480"]
+        assert cache.provenance["weights_sha256"] == "random-init"
+        assert cache.provenance["extract_config"]["random_init"] is True
+        assert cache.provenance["calibration"]["frames"]["count"] == 8
+        assert cache.provenance["logit_names"] == ["a", "b", "c"]
+        # Each stored row is the encoder's output for that very frame (batches crossed video boundaries).
+        enc = FakeEncoder(FakeConfig(random_init=True))
+        enc.shift.copy_(torch.zeros(3, 1, 1))
+        enc.calibrate(torch.stack([enc.transform(Image.open(
+            tree / "cropped_aligned" / v / f"{f:05d}.jpg").convert("RGB")) for v, f in
+            calibration_frames(_dataset(tree), sorted(VIDEOS), 8) if (v, f) not in _bad_pairs()]))
+        for video in cache.videos():
+            frames = cache.frames(video)
+            x = torch.stack([enc.transform(Image.open(tree / "cropped_aligned" / video / f"{f:05d}.jpg"))
+                             for f in frames])
+            want, logits = enc(x)
+            np.testing.assert_allclose(cache.features(video), want.detach().numpy(), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(cache.logits(video), logits.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def _dataset(tree: Path):  # noqa: ANN202
+    from abawfeat.data import AffWild2
+
+    return AffWild2(tree)
+
+
+def _bad_pairs() -> set[tuple[str, int]]:
+    return {(v, f) for v, frames in BAD.items() for f in frames}
+
+
+def test_resume_skips_complete_videos_and_leaves_file_alone(tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "fake.h5"
+    first = run_extraction(config(tree, out, videos=("video7", "2-30-640x360_right")))
+    assert first.videos_done == 2 and FeatureCache(out).videos() == ["2-30-640x360_right", "video7"]
+    before = snapshot(out)["videos"]["video7"]
+    second = run_extraction(config(tree, out))
+    assert (second.videos_done, second.videos_skipped) == (2, 2)
+    assert snapshot(out)["videos"]["video7"] == before
+    mtime = out.stat().st_mtime_ns
+    third = run_extraction(config(tree, out))
+    assert (third.videos_done, third.frames) == (0, 0)
+    assert out.stat().st_mtime_ns == mtime  # nothing new: the file is not rewritten
+
+
+def test_random_init_calibration_ignores_videos_selection(tree: Path, tmp_path: Path) -> None:
+    # Piecewise extraction (one video, then the rest) must equal a one-go run: same calibration frames.
+    piecewise, whole = tmp_path / "piecewise.h5", tmp_path / "whole.h5"
+    run_extraction(config(tree, piecewise, videos=("video7",)))
+    run_extraction(config(tree, piecewise))
+    run_extraction(config(tree, whole))
+    assert snapshot(piecewise)["videos"] == snapshot(whole)["videos"]
+
+
+def test_provenance_mismatch_is_refused(tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "fake.h5"
+    run_extraction(config(tree, out, videos=("video7",)))
+    with pytest.raises(CacheError, match="different encoder configuration.*encoder_config"):
+        run_extraction(config(tree, out, seed=1))
+    with pytest.raises(CacheError, match="precision"):
+        run_extraction(config(tree, out, precision="bf16"))
+    run_extraction(config(tree, out, batch_size=3))  # run options may change between runs
+
+
+def test_ctrl_c_keeps_completed_videos(tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "fake.h5"
+    # 5 batches of 4 frames: the first three videos (6 + 11 + 3 crops) are complete, video7 is not.
+    monkeypatch.setenv("FAKE_ENCODER_INTERRUPT_AFTER", "5")
+    with pytest.raises(KeyboardInterrupt):
+        run_extraction(config(tree, out))
+    kept = FeatureCache(out).videos()
+    assert kept == ["10-30-640x480", "2-30-640x360_left", "2-30-640x360_right"]
+    assert verify_cache(out) == [] and not parts_dir(out).exists()
+    monkeypatch.delenv("FAKE_ENCODER_INTERRUPT_AFTER")
+    ref = tmp_path / "ref.h5"
+    run_extraction(config(tree, ref))
+    run_extraction(config(tree, out))
+    assert snapshot(out) == snapshot(ref)
+
+
+def test_balance_and_calibration_frames_are_deterministic(tree: Path) -> None:
+    names = [f"v{i}" for i in range(7)]
+    sizes = [100, 5, 60, 60, 7, 30, 1]
+    shares = [balance_videos(names, sizes, r, 3) for r in range(3)]
+    assert sorted(sum(shares, [])) == names
+    loads = [sum(sizes[names.index(v)] for v in s) for s in shares]
+    assert loads == [100, 90, 73]  # longest first: 100 | 60+30 | 60+7+5+1 (round-robin would give 161)
+    picks = calibration_frames(_dataset(tree), sorted(VIDEOS), 5)
+    assert len(picks) == 5 and len({v for v, _ in picks}) >= 3  # spread over the dataset, not one video
+    assert picks == calibration_frames(_dataset(tree), sorted(VIDEOS), 5)
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+
+def cli(*args: str) -> object:
+    return CliRunner().invoke(app, list(args))
+
+
+def test_cli_extract_info_verify(tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "c.h5"
+    res = cli("extract", "--backbone", "fake-test", "--random-init", "--data", str(tree), "--out", str(out),
+              "--batch-size", "4", "--workers", "1", "--device", "cpu", "--videos", "video7,10-30-640x480")
+    assert res.exit_code == 0, res.output
+    assert "2 videos extracted" in res.output and "1 bad frames" in res.output
+    res = cli("cache", "info", str(out), "--json")
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output)
+    assert (info["videos"], info["frames"], info["bad_frames"], info["feature_dim"]) == (2, 12, 1, 6)
+    assert info["dtype"] == "float16" and info["fingerprint"]["encoder"] == "fake-test"
+    res = cli("cache", "info", str(out))
+    assert res.exit_code == 0 and "bad frames in video7: 7" in res.output
+    res = cli("cache", "verify", str(out))
+    assert res.exit_code == 0 and res.output.startswith("ok:")
+    with h5py.File(out, "r+") as fh:
+        fh["videos/video7/features"][0, 0] = np.inf
+        del fh["videos/10-30-640x480/bad_frames"]
+    res = cli("cache", "verify", str(out))
+    assert res.exit_code == 1
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 2 and "missing dataset bad_frames" in lines[0] and "NaN/inf" in lines[1]
+
+
+def test_cli_errors_are_one_line(tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "c.h5"
+    res = cli("extract", "--backbone", "fake-test", "--data", str(tree), "--out", str(out), "--videos", "nope")
+    assert res.exit_code == 2 and "nope not found among the crop folders" in res.output
+    res = cli("extract", "--backbone", "fake-test", "--data", str(tree), "--clip-model", "ViT-B-32")
+    assert res.exit_code == 2 and "--clip-model does not apply to --backbone fake-test" in res.output
+    res = cli("cache", "info", str(tmp_path / "missing.h5"))
+    assert res.exit_code == 2 and "no such cache file" in res.output
+    # A second writer on the same output: the lock is held (as by another running extraction).
+    fd = os.open(lock_path(out), os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        res = cli("extract", "--backbone", "fake-test", "--random-init", "--data", str(tree), "--out", str(out),
+                  "--workers", "0")
+        assert res.exit_code == 2 and "another extraction is writing this cache" in res.output
+        assert "Traceback" not in res.output
+    finally:
+        os.close(fd)
+
+
+def test_config_errors(tree: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+        run_extraction(config(tree, tmp_path / "x.h5", precision="fp16"))
+    with pytest.raises(ConfigError, match="batch-size"):
+        run_extraction(config(tree, tmp_path / "x.h5", batch_size=0))
+
+
+# ------------------------------------------------------------------------------------- crash and torchrun
+
+# Runs the CLI in a fresh process with the toy encoder registered (importing this module does that).
+_RUNNER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    import test_extract  # noqa: F401  (registers fake-test)
+    from abawfeat.cli import main
+    sys.argv = ["abawfeat"] + sys.argv[1:]
+    main()
+""").format(tests=str(TESTS))
+
+
+def _cli_args(tree: Path, out: Path, workers: int = 0) -> list[str]:
+    return ["extract", "--backbone", "fake-test", "--random-init", "--data", str(tree), "--out", str(out),
+            "--batch-size", "3", "--workers", str(workers), "--device", "cpu"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, ABAWFEAT_NO_PROGRESS="1", OMP_NUM_THREADS="1")
+    env.update(extra)
+    return env
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    videos = {f"vid{i:02d}": list(range(1, 7)) for i in range(12)}
+    tree = make_tree(tmp_path / "AffKill", videos)
+    ref, out = tmp_path / "ref.h5", tmp_path / "out.h5"
+    # The reference is the same command, uninterrupted.
+    done = subprocess.run([sys.executable, "-c", _RUNNER, *_cli_args(tree, ref, workers=1)],
+                          env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    # DataLoader workers on, so a worker outliving its killed parent would show up as a stale lock.
+    proc = subprocess.Popen([sys.executable, "-c", _RUNNER, *_cli_args(tree, out, workers=1)],
+                            env=_env(FAKE_ENCODER_DELAY="0.05"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(list(parts_dir(out).glob("vid*.h5"))) < 3:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_parts = len(list(parts_dir(out).glob("vid*.h5")))
+    assert 3 <= n_parts < 12 and not out.exists()
+    done = subprocess.run([sys.executable, "-c", _RUNNER, *_cli_args(tree, out, workers=1)],
+                          env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"{12 - n_parts} videos extracted, {n_parts} already complete" in done.stdout.replace("\n", " ")
+    assert snapshot(out) == snapshot(ref)
+
+
+def test_torchrun_two_ranks_equals_single_process(tree: Path, tmp_path: Path) -> None:
+    single, multi = tmp_path / "single.h5", tmp_path / "multi.h5"
+    done = subprocess.run([sys.executable, "-c", _RUNNER, *_cli_args(tree, single)], env=_env(),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    script = tmp_path / "runner.py"
+    script.write_text(_RUNNER)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+         str(script), *_cli_args(tree, multi)],
+        env=_env(), capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert snapshot(multi) == snapshot(single)
+    assert verify_cache(multi) == [] and not parts_dir(multi).exists()
+
+
+def test_ddamfn_random_init_features_are_alive(tmp_path: Path) -> None:
+    # The real encoder once, small: 112 x 112 crops, calibrated, features differ between images.
+    root = tmp_path / "AffDD"
+    (root / "8th_ABAW_Annotations" / "VA_Estimation_Challenge").mkdir(parents=True)
+    for v in ("a", "b"):
+        folder = root / "cropped_aligned" / v
+        folder.mkdir(parents=True)
+        for f in range(1, 9):
+            (folder / f"{f:05d}.jpg").write_bytes(jpeg_bytes(f + (100 if v == "b" else 0), size=112))
+    out = tmp_path / "dd.h5"
+    result = run_extraction(ExtractConfig(backbone="ddamfn", data=root, out=out, random_init=True, batch_size=8,
+                                          workers=0, device="cpu", progress=False, calibration_frames=16))
+    assert result.frames == 16
+    with FeatureCache(out) as cache:
+        x = cache.features("a")
+        assert x.shape == (8, 512) and cache.logits("a").shape == (8, 8)
+        assert float(x.std(axis=0).mean()) > 1e-3  # not the dead constant embedding of uncalibrated weights
+        assert cache.fingerprint()["calibration"]["encoder"]["method"] == "batchnorm-recalibration"

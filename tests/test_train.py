@@ -1,0 +1,319 @@
+"""Training heads on tiny synthetic caches built here: learning, temporal context, determinism, run dirs.
+
+``build_world`` writes an Aff-Wild2-shaped annotation tree and a matching feature cache whose features encode
+the labels linearly (plus noise), with the release's quirks: frames without a crop (labelled, absent from the
+cache), crops past the last annotated frame, invalid labels. The other head test files import it from here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from abawfeat.cache import CacheWriter, make_provenance
+from abawfeat.constants import (
+    AU_NAMES,
+    EXPR_CLASSES,
+    HEADERS,
+    SAMPLE_FILE_TAGS,
+    SPLIT_DIRS,
+    SUBMISSION_HEADERS,
+    TASK_DIRS,
+    TASKS,
+    TEST_LIST_FILES,
+)
+from abawfeat.data.sequences import load_split, make_windows
+from abawfeat.errors import CheckpointError, ConfigError
+from abawfeat.train import TrainConfig, evaluate, fit, load_run, run_is_complete
+
+N_SIGNAL = 2 + len(EXPR_CLASSES) + len(AU_NAMES)  # what the features encode: va, expr one-hot, au bits
+
+
+@dataclass
+class World:
+    root: Path
+    cache: Path
+    dim: int
+
+
+def _labels(rng: np.random.Generator, n: int, temporal: bool) -> tuple[np.ndarray, ...]:
+    """Hidden per-frame labels (always defined) and the signal the features carry."""
+    if temporal:
+        # VA at frame t is an i.i.d. signal seen at t-3 / t-6: a frame alone says nothing about its label.
+        s = rng.uniform(-0.9, 0.9, size=(n + 6, 2))
+        va = np.stack([s[3:n + 3, 0], s[:n, 1]], axis=1).astype(np.float32)
+        signal = np.zeros((n, N_SIGNAL), np.float32)
+        signal[:, 0] = s[6:, 0]
+        signal[:, 1] = s[6:, 1]
+        expr = rng.integers(0, 8, n)
+        au = rng.integers(0, 2, (n, 12))
+        return va, expr, au, signal
+    # Piecewise-constant segments, like real annotations.
+    seg = np.repeat(np.arange(n // 20 + 1), 20)[:n]
+    k = seg.max() + 1
+    va = np.repeat(rng.uniform(-0.8, 0.8, (k, 2)), 20, axis=0)[:n].astype(np.float32)
+    expr = np.repeat(rng.integers(0, 8, k), 20)[:n]
+    au = np.repeat((rng.random((k, 12)) < 0.4).astype(int), 20, axis=0)[:n]
+    signal = np.concatenate([va, np.eye(8)[expr], au], axis=1).astype(np.float32)
+    return va, expr, au, signal
+
+
+def _write_annotation(path: Path, task: str, rows: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(",".join(HEADERS[task]) + "\n" + "\n".join(rows) + "\n")
+
+
+def build_world(
+    tmp: Path, *, n_train: int = 6, n_val: int = 3, n_test: int = 2, n_frames: int = 160, dim: int = 24,
+    temporal: bool = False, noise: float = 0.3, seed: int = 0, text: bool = False, name: str = "tinyaff",
+) -> World:
+    rng = np.random.default_rng(seed)
+    root = tmp / name
+    ann = root / "8th_ABAW_Annotations"
+    mixing = rng.normal(size=(N_SIGNAL, dim)).astype(np.float32)
+    provenance = make_provenance(
+        {"name": "fake", "config": {"dim": dim}, "weights_sha256": "random-init", "preprocessing": {},
+         "calibration": None},
+        feature_dim=dim, dtype="float16", precision="fp32",
+    )
+    cache = tmp / f"{name}-fake.h5"
+    splits = {"train": n_train, "val": n_val, "test": n_test}
+    sample_rows: dict[str, list[str]] = {t: [] for t in TASKS}
+    with CacheWriter(cache, provenance) as writer:
+        for split, count in splits.items():
+            for i in range(count):
+                video = f"{split}{i:02d}"
+                n = n_frames + int(rng.integers(-20, 21))
+                va, expr, au, signal = _labels(rng, n, temporal)
+                if split == "test":
+                    for t in TASKS:
+                        sample_rows[t] += [f"{video}/{f:05d}.jpg" for f in range(1, n + 1)]
+                else:
+                    # Invalid labels in a few runs of frames (the release marks them -5 / -1).
+                    bad = np.zeros(n, bool)
+                    bad[rng.integers(0, n - 10) :][:8] = True
+                    va_rows = [("-5,-5" if b else f"{v:.4f},{a:.4f}") for (v, a), b in zip(va, bad, strict=True)]
+                    ex_rows = [("-1" if b else str(e)) for e, b in zip(expr, bad, strict=True)]
+                    au_rows = [(",".join(["-1"] * 12) if b else ",".join(map(str, r)))
+                               for r, b in zip(au, bad, strict=True)]
+                    d = SPLIT_DIRS[split]
+                    _write_annotation(ann / TASK_DIRS["va"][0] / d / f"{video}.txt", "va", va_rows)
+                    _write_annotation(ann / TASK_DIRS["expr"][0] / d / f"{video}.txt", "expr", ex_rows)
+                    _write_annotation(ann / TASK_DIRS["au"][0] / d / f"{video}.txt", "au", au_rows)
+                # Crops: frames 1..n minus a gap of undetected faces (not in temporal worlds, where a gap
+                # would break "the label is the signal 3 frames ago"), plus two crops past the last frame.
+                frames = np.arange(1, n + 3)
+                extra = rng.normal(size=(2, N_SIGNAL)).astype(np.float32)
+                feats = np.concatenate([signal, extra]) @ mixing
+                if not temporal:
+                    keep = np.ones(n + 2, bool)
+                    gap = int(rng.integers(5, n - 20))
+                    keep[gap : gap + 6] = False
+                    keep[0] = i % 2 == 1  # some videos start without a crop
+                    frames, feats = frames[keep], feats[keep]
+                feats = feats + noise * rng.normal(size=feats.shape).astype(np.float32)
+                writer.write_video(video, frames, feats)
+        if text:
+            writer.set_text_embeddings([f"a face showing {c.lower()}" for c in EXPR_CLASSES],
+                                       rng.normal(size=(8, dim)).astype(np.float32))
+    tests = root / "names_of_videos_in_each_test_set"
+    tests.mkdir(parents=True)
+    samples = root / "prediction_files_format"
+    samples.mkdir()
+    for t in TASKS:
+        (tests / TEST_LIST_FILES[t]).write_text("\n".join(f"test{i:02d}" for i in range(n_test)) + "\n")
+        (samples / f"CVPR_8th_ABAW_{SAMPLE_FILE_TAGS[t]}_test_set_sample.txt").write_text(
+            SUBMISSION_HEADERS[t] + "\n" + "\n".join(sample_rows[t]) + "\n"
+        )
+    return World(root=root, cache=cache, dim=dim)
+
+
+def config(world: World, out: Path, **kw: object) -> TrainConfig:
+    # No plots by default: matplotlib costs seconds per run and is tested once, below.
+    base = TrainConfig(task="va", head="fc", data=str(world.root), cache=str(world.cache), out=str(out),
+                       epochs=4, seed=0, lr=3e-3, batch_size=64, hidden=-1, plots=False)
+    return replace(base, **kw)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> object:
+    # Tiny heads gain nothing from a second thread, and on a busy machine its synchronisation dominates.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    return build_world(tmp_path_factory.mktemp("world"))
+
+
+@pytest.fixture(scope="module")
+def temporal_world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    return build_world(tmp_path_factory.mktemp("temporal"), temporal=True, noise=0.05, n_train=24, n_val=3,
+                       n_test=1, n_frames=200, dim=8)
+
+
+# -------------------------------------------------------------------------------------- alignment, windows
+
+
+def test_rows_align_with_annotation_rows_by_frame_number(world: World) -> None:
+    from abawfeat.cache import FeatureCache
+    from abawfeat.data import AffWild2
+
+    data = AffWild2(world.root)
+    with FeatureCache(world.cache) as cache:
+        seqs = load_split(data, cache, ("expr",), "val")
+        for v, video in enumerate(seqs.videos):
+            ann = data.annotation("expr", "val", video)
+            frames = cache.frames(video)
+            lo, hi = seqs.row_offsets[v], seqs.row_offsets[v + 1]
+            assert np.array_equal(seqs.row_frames[lo:hi], frames)
+            lab, ok = seqs.row_labels("expr")
+            inside = frames <= ann.n_frames
+            # A row's label is the annotation row of its frame number, not of its position among the crops.
+            assert np.array_equal(lab[lo:hi][inside], ann.labels[frames[inside] - 1])
+            assert np.array_equal(ok[lo:hi][inside], ann.valid[frames[inside] - 1])
+            assert not ok[lo:hi][~inside].any()  # crops past the last annotated frame carry no label
+            assert seqs.tl_offsets[v + 1] - seqs.tl_offsets[v] == ann.n_frames
+        # Timeline = every annotated frame, including those without a crop.
+        assert seqs.n_timeline == sum(data.annotation("expr", "val", v).n_frames for v in seqs.videos)
+        assert seqs.n_rows < seqs.n_timeline + 2 * len(seqs.videos)
+
+
+def test_windows_cover_every_row_and_never_cross_videos() -> None:
+    offsets = np.array([0, 10, 13, 13, 40])
+    w = make_windows(offsets, 8, 4)
+    covered = np.unique(w[w >= 0])
+    assert np.array_equal(covered, np.arange(40))
+    for row in w:
+        real = row[row >= 0]
+        video = np.searchsorted(offsets, real, side="right") - 1
+        assert len(set(video.tolist())) == 1
+        assert np.all(np.diff(real) == 1)
+        assert np.all(row[len(real):] == -1)  # padding only at the end
+    short = w[(w[:, 0] >= 10) & (w[:, 0] < 13)]
+    assert len(short) == 1 and list(short[0]) == [10, 11, 12, -1, -1, -1, -1, -1]
+    keep = np.zeros(40, bool)
+    keep[35] = True
+    kept = make_windows(offsets, 8, 8, keep=keep)
+    assert all((k == 35).any() for k in kept) and len(kept) >= 1
+
+
+# -------------------------------------------------------------------------------------------- learning
+
+
+# Chance levels: CCC 0 for a constant; macro F1 1/8 for one class; AU F1 ~0.57 when predicting every AU
+# positive at the world's 40% prevalence (what a tuned threshold can always reach); MTL their sum.
+@pytest.mark.parametrize(
+    "task, head, metric, floor",
+    [("va", "fc", "ccc_va", 0.5), ("expr", "fc", "f1_expr", 0.5), ("au", "lstm", "f1_au_opt", 0.72),
+     ("mtl", "fc", "score", 1.6)],
+)
+def test_training_reaches_well_above_chance(
+    world: World, tmp_path: Path, task: str, head: str, metric: str, floor: float
+) -> None:
+    batch = 32 if head == "lstm" else 64
+    result = fit(config(world, tmp_path / "run", task=task, head=head, window=16, batch_size=batch, epochs=6))
+    assert result.metrics[metric] > floor, result.metrics
+    assert result.metrics["best_epoch"] == max(
+        result.history, key=lambda r: (r["val_metric"], -r["epoch"])
+    )["epoch"]
+
+
+def test_lstm_beats_fc_when_labels_need_temporal_context(temporal_world: World, tmp_path: Path) -> None:
+    fc = fit(config(temporal_world, tmp_path / "fc", task="va", head="fc", epochs=6))
+    lstm = fit(config(temporal_world, tmp_path / "lstm", task="va", head="lstm", window=24, batch_size=16,
+                      epochs=12, hidden=16, lr=1e-2))
+    assert fc.metrics["ccc_va"] < 0.2  # the label is not in the current frame
+    assert lstm.metrics["ccc_va"] > fc.metrics["ccc_va"] + 0.5
+
+
+def test_contrastive_objective_learns_expressions(tmp_path: Path) -> None:
+    world = build_world(tmp_path, text=True, dim=16, n_train=5, n_val=2, n_test=1)
+    result = fit(config(world, tmp_path / "run", task="expr", head="fc", objective="contrastive", epochs=6,
+                        lr=2e-3))
+    assert result.metrics["f1_expr"] > 0.5
+    run = load_run(tmp_path / "run")
+    assert run.head.name == "contrastive"
+    assert run.head.text_emb.shape == (8, 16)
+
+
+def test_contrastive_objective_needs_prompt_embeddings(world: World, tmp_path: Path) -> None:
+    from abawfeat.errors import CacheError
+
+    with pytest.raises(CacheError, match="text embeddings"):
+        fit(config(world, tmp_path / "run", task="expr", objective="contrastive", epochs=1))
+
+
+@pytest.mark.parametrize("bad", [dict(task="expr", objective="ccc"), dict(task="va", class_weights="inverse"),
+                                 dict(head="gru"), dict(epochs=0)])
+def test_impossible_configs_are_refused(world: World, tmp_path: Path, bad: dict) -> None:
+    with pytest.raises(ConfigError):
+        fit(config(world, tmp_path / "run", **bad))
+
+
+# ------------------------------------------------------------------------------- determinism, run dirs
+
+
+def test_same_seed_same_numbers_and_run_dir_contract(world: World, tmp_path: Path) -> None:
+    a = fit(config(world, tmp_path / "a", task="au", head="lstm", window=16, batch_size=16, epochs=3,
+                   dropout=0.1))
+    b = fit(config(world, tmp_path / "b", task="au", head="lstm", window=16, batch_size=16, epochs=3,
+                   dropout=0.1))
+    c = fit(config(world, tmp_path / "c", task="au", head="lstm", window=16, batch_size=16, epochs=3,
+                   dropout=0.1, seed=1))
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(a.history) == strip(b.history)
+    assert a.metrics == b.metrics
+    assert strip(a.history) != strip(c.history)  # the seed matters
+    wa = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["state_dict"]
+    wb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    run_dir = tmp_path / "a"
+    for name in ("config.json", "checkpoint.pt", "metrics.json", "history.csv", "val_outputs.npz"):
+        assert (run_dir / name).is_file(), name
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {"task", "split", "best_epoch", "f1_au", "f1_au_opt", "f1_au_per_au", "f1_au_opt_per_au",
+            "au_thresholds"} <= set(metrics)
+    assert list(metrics["au_thresholds"]) == list(AU_NAMES)
+    header = (run_dir / "history.csv").read_text().splitlines()[0].split(",")
+    assert header[:5] == ["epoch", "train_loss", "val_loss", "val_metric", "seconds"]
+    assert len((run_dir / "history.csv").read_text().splitlines()) == 4
+    with np.load(run_dir / "val_outputs.npz") as npz:
+        assert {"video", "frame", "has_crop", "au_label", "au_valid", "au_prob"} <= set(npz.files)
+        assert npz["au_prob"].shape == (len(npz["frame"]), 12)
+        assert not npz["has_crop"].all()  # frames without a crop are part of the protocol
+    # The checkpoint holds the best epoch's weights: evaluating it reproduces metrics.json.
+    again = evaluate(run_dir)
+    for key in ("f1_au", "f1_au_opt"):
+        assert again[key] == pytest.approx(metrics[key], abs=1e-12)
+    assert run_is_complete(run_dir, config(world, tmp_path / "elsewhere", task="au", head="lstm", window=16,
+                                            batch_size=16, epochs=3, dropout=0.1))
+    assert not run_is_complete(run_dir, config(world, run_dir, task="au", head="lstm", epochs=4))
+
+
+def test_load_run_rebuilds_the_head_without_the_cli(world: World, tmp_path: Path) -> None:
+    fit(config(world, tmp_path / "run", task="expr", head="lstm", window=16, batch_size=16, epochs=1,
+               hidden=20, layers=2, bidirectional=True))
+    run = load_run(tmp_path / "run")
+    assert run.head.name == "lstm" and run.head.config.hidden == 20 and run.head.config.layers == 2
+    assert run.head.config.bidirectional and run.config.task == "expr"
+    x = torch.randn(2, 7, world.dim)
+    assert run.head(x, torch.ones(2, 7, dtype=torch.bool))["expr"].shape == (2, 7, 8)
+
+
+def test_checkpoint_on_a_foreign_cache_is_refused(world: World, tmp_path: Path) -> None:
+    fit(config(world, tmp_path / "run", task="va", epochs=1))
+    other = build_world(tmp_path / "other", dim=world.dim + 8)
+    with pytest.raises(CheckpointError, match="fingerprint differs in .*feature_dim"):
+        evaluate(tmp_path / "run", cache_path=other.cache)
+    with pytest.raises(CheckpointError, match="checkpoint.pt: missing"):
+        evaluate(tmp_path / "nothing-here" if (tmp_path / "nothing-here").mkdir() is None else "")
