@@ -291,8 +291,15 @@ class CacheWriter:
 
         _write_h5_atomic(target, fill)
 
-    def set_text_embeddings(self, names: Sequence[str], embeddings: np.ndarray, template: str = "") -> None:
-        """Store an encoder's class-prompt text embeddings [C, D] (CLIP), so stage two never loads CLIP."""
+    def set_text_embeddings(
+        self,
+        names: Sequence[str],
+        embeddings: np.ndarray,
+        template: str = "",
+        prompts: Sequence[str] | None = None,
+    ) -> None:
+        """Store an encoder's class-prompt text embeddings [C, D] (CLIP), so stage two never loads CLIP:
+        ``names`` are the classes, ``prompts`` the texts encoded, ``template`` how they were made."""
         if not self._open:
             raise RuntimeError("CacheWriter.set_text_embeddings outside its `with` block")
         emb = np.asarray(embeddings, dtype=np.float32)
@@ -300,8 +307,11 @@ class CacheWriter:
             raise ValueError(f"text embeddings {emb.shape} do not match {len(names)} names")
         self.parts.mkdir(parents=True, exist_ok=True)
 
+        if prompts is not None and len(prompts) != len(names):
+            raise ValueError(f"{len(prompts)} prompts for {len(names)} names")
+
         def fill(fh: Any) -> None:
-            _write_text_group(fh, list(names), emb, template)
+            _write_text_group(fh, list(names), emb, template, list(prompts or names))
 
         _write_h5_atomic(self.parts / _TEXT_PART, fill)
 
@@ -448,6 +458,12 @@ class FeatureCache:
         text = self._fh["text"]
         names = [n.decode() if isinstance(n, bytes) else str(n) for n in text["names"][()]]
         return names, text["embeddings"][()]
+
+    def text_prompts(self) -> list[str] | None:
+        """The texts that were encoded, one per class (None without text embeddings)."""
+        if "text" not in self._fh or "prompts" not in self._fh["text"]:
+            return None
+        return [n.decode() if isinstance(n, bytes) else str(n) for n in self._fh["text"]["prompts"][()]]
 
     def text_template(self) -> str | None:
         return None if "text" not in self._fh else str(self._fh["text"].attrs.get("template", ""))
@@ -626,11 +642,14 @@ def _write_video_group(
     group.attrs["n_crops"] = int(len(frames) + len(bad))
 
 
-def _write_text_group(fh: Any, names: list[str], embeddings: np.ndarray, template: str) -> None:
+def _write_text_group(
+    fh: Any, names: list[str], embeddings: np.ndarray, template: str, prompts: list[str]
+) -> None:
     import h5py
 
     text = fh.create_group("text")
     text.create_dataset("names", data=np.array(names, dtype=object), dtype=h5py.string_dtype())
+    text.create_dataset("prompts", data=np.array(prompts, dtype=object), dtype=h5py.string_dtype())
     text.create_dataset("embeddings", data=embeddings)
     text.attrs["template"] = template
 

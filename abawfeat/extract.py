@@ -71,13 +71,21 @@ class ExtractResult:
     videos_skipped: int  # already complete in the cache
     frames: int  # frames written in this run
     bad_frames: dict[str, list[tuple[int, str]]] = field(default_factory=dict)  # video -> (frame, reason)
-    seconds: float = 0.0
+    seconds: float = 0.0  # the streaming loop (decode, encode, write), this rank
+    warmup_frames: int = 0  # frames of the first batch, which also pays for worker start-up and compiling
+    warmup_seconds: float = 0.0
     file_size: int = 0
     random_init: bool = False
 
     @property
     def frames_per_second(self) -> float:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def steady_frames_per_second(self) -> float:
+        """Throughput after the first batch: what a long extraction runs at, compile time amortised."""
+        seconds = self.seconds - self.warmup_seconds
+        return (self.frames - self.warmup_frames) / seconds if seconds > 0 else 0.0
 
     @property
     def n_bad_frames(self) -> int:
@@ -89,8 +97,8 @@ _ENCODER_OPTIONS: dict[str, tuple[str, str]] = {
     "weights": ("weights", "--weights"),
     "random_init": ("random_init", "--random-init"),
     "trust_pickle": ("trust_pickle", "--trust-pickle"),
-    "model": ("clip_model", "--clip-model"),
-    "pretrained": ("clip_pretrained", "--clip-pretrained"),
+    "clip_model": ("clip_model", "--clip-model"),
+    "clip_pretrained": ("clip_pretrained", "--clip-pretrained"),
 }
 
 
@@ -175,7 +183,7 @@ def run_extraction(config: ExtractConfig, encoder: Encoder | None = None) -> Ext
         encoder = build_encoder(config.backbone, **encoder_options(config))
     encoder = encoder.eval()
     calibration_source = None
-    if config.random_init:
+    if config.random_init and needs_calibration(encoder):
         calibration_source = calibrate_encoder(encoder, dataset, all_videos, config.calibration_frames)
         if distributed:
             _broadcast_state(encoder)  # identical BN statistics on every rank, bit for bit
@@ -235,15 +243,21 @@ def _extract_videos(
     if info.is_main:
         text = encoder.text_embeddings()
         if text is not None:
-            names, emb = text
-            template = str(getattr(encoder, "prompt_template", "") or "")
-            writer.set_text_embeddings(names, emb.detach().float().cpu().numpy(), template=template)
+            prompts, emb = text
+            enc_prov = encoder.provenance()
+            # Class names when the encoder says which class each prompt stands for, else the prompts.
+            names = list(enc_prov.get("prompt_classes") or prompts)
+            template = str(getattr(encoder.config, "prompt_template", "") or "")
+            writer.set_text_embeddings(
+                names, emb.detach().float().cpu().numpy(), template=template, prompts=list(prompts)
+            )
 
     model = _prepare_model(encoder, device, config)
     n_frames = sum(len(frames_of[v]) for v in mine)
     bad: dict[str, list[tuple[int, str]]] = {}
     start = time.perf_counter()
     written = 0
+    warmup: list[float] = []  # [frames, seconds] of the first batch
     ok = False
     try:
         progress = make_progress("frames", disable=None if (config.progress and info.is_main) else True)
@@ -259,9 +273,14 @@ def _extract_videos(
                     bad[video] = bad_list
                 progress.update(task, description=f"{config.backbone} {videos_done}/{len(mine)} videos")
 
+            def on_frames(k: int) -> None:
+                if not warmup:
+                    warmup.extend([k, time.perf_counter() - start])
+                progress.advance(task, k)
+
             _stream(
                 config, dataset, encoder, model, writer, mine, frames_of, device,
-                on_frames=lambda k: progress.advance(task, k), on_video=on_video,
+                on_frames=on_frames, on_video=on_video,
             )
         ok = True
     finally:
@@ -284,6 +303,7 @@ def _extract_videos(
         out=out, backbone=config.backbone, videos_total=len(selected), videos_done=n_done,
         videos_skipped=len(selected) - len(pending), frames=written, bad_frames=dict(sorted(bad.items())),
         seconds=seconds, random_init=config.random_init,
+        warmup_frames=int(warmup[0]) if warmup else 0, warmup_seconds=warmup[1] if warmup else 0.0,
     )
 
 
@@ -513,6 +533,14 @@ def balance_videos(videos: Sequence[str], n_frames: Sequence[int], rank: int, wo
         load[r] += n
         share[r].append(video)
     return sorted(share[rank])
+
+
+def needs_calibration(encoder: Encoder) -> bool:
+    """Whether a random-init encoder has batch-norm statistics to recompute: encoders that need it override
+    ``calibrate`` (DDAMFN); the others (CLIP, all LayerNorm) keep the base method, which refuses."""
+    from abawfeat.encoders import Encoder
+
+    return type(encoder).calibrate is not Encoder.calibrate
 
 
 def calibration_frames(dataset: AffWild2, videos: Sequence[str], n: int) -> list[tuple[str, int]]:

@@ -875,9 +875,10 @@ def _run(cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool, resume: bo
         config_info = read_json(out / "config.json")
         config_info["cache_fingerprint"] = best_record.get("fingerprint")
         write_json_atomic(out / "config.json", config_info)
-        write_plots(out, log)
         record = metrics_record(tcfg.task, "val", int(best_record["epoch"]), best_record["metrics"])
-        write_json_atomic(out / "metrics.json", record)
+        if tcfg.plots:
+            write_plots(out, metrics=record, log=log)
+        write_json_atomic(out / "metrics.json", record)  # last: its presence marks a complete run
     if distributed:
         import torch.distributed as tdist
 

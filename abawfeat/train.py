@@ -83,7 +83,7 @@ class TrainConfig:
     window: int = 64  # LSTM training window in frames (crops); FC heads ignore it
     stride: int = 0  # step between training windows; 0 = window (no overlap)
     infer_stride: int = 0  # step between inference windows (outputs of overlaps averaged); 0 = window // 2
-    hidden: int = -1  # hidden size; -1 = head default (FC 0 = linear, LSTM 256, MTL 256, contrastive 512)
+    hidden: int = -1  # -1 = head default (FC: 0 = linear; LSTM, MTL: 256; contrastive: 512 FC / 256 LSTM)
     layers: int = 1  # LSTM layers
     bidirectional: bool = False  # LSTM reads windows both ways
     dropout: float = 0.0  # on head inputs and hidden states
@@ -91,7 +91,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 for LSTM heads, fp32 otherwise) | fp32 | bf16 | fp16 (CUDA only)
     grad_clip: float = 1.0  # max gradient norm (LSTMs on long windows can spike); 0 = off
     fill: str = "interpolate"  # how frames without a crop get outputs: interpolate | nearest | previous
-    plots: bool = True  # write plots/*.png at the end (matplotlib, a few seconds); the run is complete without
+    plots: bool = True  # write plots/*.png at the end (matplotlib, seconds); a run is complete without them
 
 
 def resolved_objective(cfg: TrainConfig) -> str:
@@ -730,10 +730,16 @@ def check_fingerprint(expected: Mapping[str, Any], cache: Any, where: str | Path
         )
 
 
+def dataset_name(data_root: str | Path) -> str:
+    """The data root's folder name, as ``AffWild2.name`` spells it (abspath: a symlink keeps its name)."""
+    return Path(os.path.abspath(data_root)).name
+
+
 def default_cache(data_root: str | Path, backbone: str) -> Path:
+    """Where ``abawfeat extract`` writes the cache of ``backbone`` for this data root by default."""
     from abawfeat.cache import default_cache_path
 
-    return default_cache_path(Path(data_root).resolve().name, backbone)
+    return default_cache_path(dataset_name(data_root), backbone)
 
 
 def open_data(root: str | Path) -> Any:
@@ -786,22 +792,23 @@ class FitResult:
 
 
 def _text_embeddings_in_class_order(cache: Any) -> np.ndarray:
-    """The cache's prompt embeddings reordered to EXPR_CLASSES; refuses caches without matching prompts."""
+    """The cache's prompt embeddings [8, D] in EXPR_CLASSES order (the order of the head's outputs).
+
+    extract stores one prompt per class and records the class of each (``prompt_classes`` in the encoder
+    provenance); without that record the cache format's rule applies: prompts are in EXPR_CLASSES order.
+    """
     text = cache.text_embeddings()
     if text is None:
         raise CacheError(f"{cache.path}: has no class-prompt text embeddings; --objective contrastive "
                          "needs a CLIP cache (`abawfeat extract --backbone clip`)")
     names, emb = text
-    order = []
-    lowered = [str(n).lower() for n in names]
-    for cls in EXPR_CLASSES:
-        c = cls.lower()
-        hits = [i for i, n in enumerate(lowered) if n == c or n.endswith(" " + c) or n.split()[-1:] == [c]]
-        if len(hits) != 1:
-            raise CacheError(
-                f"{cache.path}: text prompts {list(names)} do not name class {cls!r} exactly once"
-            )
-        order.append(hits[0])
+    prov = cache.provenance
+    classes = (prov.get("encoder_provenance") or {}).get("prompt_classes") or prov.get("prompt_classes")
+    classes = list(classes) if classes else list(EXPR_CLASSES)
+    if len(classes) != len(names) or sorted(classes) != sorted(EXPR_CLASSES):
+        raise CacheError(f"{cache.path}: {len(names)} text prompts for classes {classes}; the contrastive "
+                         f"head needs one prompt per class of {', '.join(EXPR_CLASSES)}")
+    order = [classes.index(c) for c in EXPR_CLASSES]
     return np.asarray(emb, dtype=np.float32)[order]
 
 
@@ -869,7 +876,7 @@ def fit(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> FitResult
         "task": cfg.task, "head": cfg.head, "backbone": cfg.backbone, "objective": objective_name,
         "train": to_dict(cfg), "resolved": to_dict(res), "head_config": head_to_dict(head),
         "cache_path": str(cache_path), "cache_fingerprint": fingerprint, "cache_dtype": cache_dtype,
-        "dataset": {"root": str(cfg.data), "name": Path(cfg.data).resolve().name},
+        "dataset": {"root": str(cfg.data), "name": dataset_name(cfg.data)},
         "class_weight": None if class_weight is None else class_weight.cpu().tolist(),
         "pos_weight": None if pos_weight is None else pos_weight.cpu().tolist(),
         "package_version": __version__,

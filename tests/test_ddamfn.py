@@ -201,7 +201,7 @@ def test_save_published_checkpoint_round_trip(tmp_path: Path, ckpt: Path, encode
     again = build_encoder("ddamfn", weights=str(path))
     x = torch.randn(2, 3, 112, 112)
     with torch.no_grad():
-        for a, b in zip(again(x), tuned(x)):
+        for a, b in zip(again(x), tuned(x), strict=True):
             assert torch.equal(a, b)
     assert again.weights_sha256 != encoder.weights_sha256
 
@@ -268,7 +268,7 @@ def test_named_weights_checksum_mismatch(tmp_path: Path, monkeypatch: pytest.Mon
         build_encoder("ddamfn", weights="affectnet8")
     assert not W.cached_path(named).exists()
     # A wrong file put at the cache path by hand is refused too, with what to do about it.
-    W.cached_path(named).parent.mkdir(parents=True)
+    W.cached_path(named).parent.mkdir(parents=True, exist_ok=True)
     W.cached_path(named).write_bytes(ckpt.read_bytes())
     with pytest.raises(CheckpointError, match="delete it"):
         build_encoder("ddamfn", weights="affectnet8")
@@ -293,7 +293,8 @@ def test_random_init_is_seeded_and_recorded() -> None:
     torch.manual_seed(123)  # the global RNG must not matter
     b = build_encoder("ddamfn", random_init=True, seed=3)
     c = build_encoder("ddamfn", random_init=True, seed=4)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    b_state = b.state_dict()
+    assert all(torch.equal(v, b_state[k]) for k, v in a.state_dict().items())
     assert not torch.equal(a.net.fc.weight, c.net.fc.weight)
     prov = a.provenance()
     assert prov["weights_sha256"] == "random-init" and prov["config"]["seed"] == 3

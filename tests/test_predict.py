@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_train import World, build_world, config
 
 from abawfeat.constants import SUBMISSION_HEADERS, TASKS
 from abawfeat.data import AffWild2
 from abawfeat.predict import predict
 from abawfeat.submission import read_submission, score_submission
 from abawfeat.train import evaluate, fit
-from test_train import World, build_world, config
 
 SCORE_KEYS = {"va": ("ccc_valence", "ccc_arousal", "ccc_va"), "expr": ("f1_expr",), "au": ("f1_au",)}
 

@@ -71,16 +71,18 @@ def _write_annotation(path: Path, task: str, rows: list[str]) -> None:
 def build_world(
     tmp: Path, *, n_train: int = 6, n_val: int = 3, n_test: int = 2, n_frames: int = 160, dim: int = 24,
     temporal: bool = False, noise: float = 0.3, seed: int = 0, text: bool = False, name: str = "tinyaff",
+    prompt_classes: tuple[str, ...] | None = None,
 ) -> World:
     rng = np.random.default_rng(seed)
     root = tmp / name
     ann = root / "8th_ABAW_Annotations"
     mixing = rng.normal(size=(N_SIGNAL, dim)).astype(np.float32)
-    provenance = make_provenance(
-        {"name": "fake", "config": {"dim": dim}, "weights_sha256": "random-init", "preprocessing": {},
-         "calibration": None},
-        feature_dim=dim, dtype="float16", precision="fp32",
-    )
+    encoder = {"name": "fake", "config": {"dim": dim}, "weights_sha256": "random-init", "preprocessing": {},
+               "calibration": None}
+    if prompt_classes is not None:
+        encoder["prompt_classes"] = list(prompt_classes)  # what the CLIP encoder records
+    provenance = make_provenance(encoder, feature_dim=dim, dtype="float16", precision="fp32")
+    prompt_emb = rng.normal(size=(8, dim)).astype(np.float32)
     cache = tmp / f"{name}-fake.h5"
     splits = {"train": n_train, "val": n_val, "test": n_test}
     sample_rows: dict[str, list[str]] = {t: [] for t in TASKS}
@@ -97,7 +99,8 @@ def build_world(
                     # Invalid labels in a few runs of frames (the release marks them -5 / -1).
                     bad = np.zeros(n, bool)
                     bad[rng.integers(0, n - 10) :][:8] = True
-                    va_rows = [("-5,-5" if b else f"{v:.4f},{a:.4f}") for (v, a), b in zip(va, bad, strict=True)]
+                    va_rows = [("-5,-5" if b else f"{v:.4f},{a:.4f}")
+                               for (v, a), b in zip(va, bad, strict=True)]
                     ex_rows = [("-1" if b else str(e)) for e, b in zip(expr, bad, strict=True)]
                     au_rows = [(",".join(["-1"] * 12) if b else ",".join(map(str, r)))
                                for r, b in zip(au, bad, strict=True)]
@@ -119,8 +122,8 @@ def build_world(
                 feats = feats + noise * rng.normal(size=feats.shape).astype(np.float32)
                 writer.write_video(video, frames, feats)
         if text:
-            writer.set_text_embeddings([f"a face showing {c.lower()}" for c in EXPR_CLASSES],
-                                       rng.normal(size=(8, dim)).astype(np.float32))
+            classes = prompt_classes or EXPR_CLASSES
+            writer.set_text_embeddings([f"a face showing {c.lower()}" for c in classes], prompt_emb)
     tests = root / "names_of_videos_in_each_test_set"
     tests.mkdir(parents=True)
     samples = root / "prediction_files_format"
@@ -245,6 +248,19 @@ def test_contrastive_objective_learns_expressions(tmp_path: Path) -> None:
     assert run.head.text_emb.shape == (8, 16)
 
 
+def test_contrastive_head_gets_prompts_in_expression_class_order(tmp_path: Path) -> None:
+    order = tuple(reversed(EXPR_CLASSES))
+    world = build_world(tmp_path, text=True, dim=8, n_train=2, n_val=1, n_test=1, prompt_classes=order)
+    fit(config(world, tmp_path / "run", task="expr", objective="contrastive", epochs=1))
+    from abawfeat.cache import FeatureCache
+
+    with FeatureCache(world.cache) as cache:
+        _, stored = cache.text_embeddings()
+    head = load_run(tmp_path / "run").head
+    # Output k must be class EXPR_CLASSES[k]: stored prompt 0 is "Other", so it becomes row 7.
+    assert torch.equal(head.text_emb, torch.from_numpy(stored[::-1].copy()))
+
+
 def test_contrastive_objective_needs_prompt_embeddings(world: World, tmp_path: Path) -> None:
     from abawfeat.errors import CacheError
 
@@ -315,5 +331,6 @@ def test_checkpoint_on_a_foreign_cache_is_refused(world: World, tmp_path: Path) 
     other = build_world(tmp_path / "other", dim=world.dim + 8)
     with pytest.raises(CheckpointError, match="fingerprint differs in .*feature_dim"):
         evaluate(tmp_path / "run", cache_path=other.cache)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="checkpoint.pt: missing"):
-        evaluate(tmp_path / "nothing-here" if (tmp_path / "nothing-here").mkdir() is None else "")
+        evaluate(tmp_path / "empty")

@@ -1,5 +1,197 @@
-"""CLI commands for this area (see abawfeat/cli/__init__.py)."""
+"""Stage-two commands: ``train-head``, ``evaluate``, ``predict``, ``ablate``, ``heads``.
+
+Each parses options, builds a config and calls one library function (abawfeat.train / predict / ablate);
+torch is imported inside the commands so that ``abawfeat --help`` stays instant.
+"""
 
 from __future__ import annotations
 
-from abawfeat.cli import app  # noqa: F401
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from abawfeat.cli import app
+from abawfeat.cli._common import console, err_console, guarded
+
+_MAIN_KEYS = ("ccc_valence", "ccc_arousal", "ccc_va", "f1_expr", "f1_au", "f1_au_opt", "score")
+
+
+def _log(message: str) -> None:
+    err_console.print(message, highlight=False, soft_wrap=True)
+
+
+def _print_metrics(metrics: dict[str, Any], title: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("task", "split", "best_epoch"):
+        if key in metrics:
+            table.add_row(key, str(metrics[key]))
+    for key in _MAIN_KEYS:
+        if key in metrics:
+            table.add_row(key, f"{metrics[key]:.4f}")
+    for group in ("f1_expr_per_class", "f1_au_per_au", "f1_au_opt_per_au", "au_thresholds"):
+        if group in metrics:
+            values = ", ".join(f"{k} {v:.3f}" for k, v in metrics[group].items())
+            table.add_row(group, values)
+    console.print(table)
+
+
+@app.command("train-head")
+@guarded
+def train_head(
+    task: str = typer.Option(..., "--task", help="va, expr, au or mtl (one head for all three tasks)."),
+    head: str = typer.Option("fc", "--head", help="fc (frame-wise) or lstm (temporal, trained on windows)."),
+    backbone: str = typer.Option("ddamfn", "--backbone", help="Encoder of the cache: ddamfn or clip."),
+    data: Path = typer.Option(..., "--data", help="Aff-Wild2 root (annotations, test lists, sample files)."),
+    cache: Path | None = typer.Option(
+        None, "--cache", help="Feature cache. Default: cache/<data folder name>/<backbone>.h5 (extract's)."
+    ),
+    out: Path = typer.Option(..., "--out", help="Run directory to write (config, checkpoint, metrics...)."),
+    objective: str = typer.Option(
+        "", "--objective", help="ccc (va), ce (expr), bce (au), contrastive (expr, CLIP caches), mtl. "
+        "Default: the task's own."
+    ),
+    class_weights: str = typer.Option(
+        "none", "--class-weights", help="EXPR cross-entropy weights: none, inverse, sqrt_inverse, effective."
+    ),
+    pos_weight: bool = typer.Option(False, "--pos-weight", help="AU BCE: weight positives by neg/pos ratio."),
+    epochs: int = typer.Option(10, "--epochs", help="Epochs; the best validation epoch is kept."),
+    seed: int = typer.Option(0, "--seed", help="Seed (weights, dropout, window order)."),
+    lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate."),
+    weight_decay: float = typer.Option(1e-4, "--weight-decay", help="AdamW weight decay."),
+    batch_size: int = typer.Option(0, "--batch-size", help="Windows (frames for fc) per batch; 0 = auto."),
+    window: int = typer.Option(64, "--window", help="LSTM training window length in frames."),
+    stride: int = typer.Option(0, "--stride", help="Step between training windows; 0 = --window."),
+    infer_stride: int = typer.Option(0, "--infer-stride", help="Step between inference windows; 0 = half."),
+    hidden: int = typer.Option(-1, "--hidden", help="Hidden size; -1 = head default (fc: no hidden layer)."),
+    layers: int = typer.Option(1, "--layers", help="LSTM layers."),
+    bidirectional: bool = typer.Option(False, "--bidirectional", help="Bidirectional LSTM."),
+    dropout: float = typer.Option(0.0, "--dropout", help="Dropout on head inputs and hidden states."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 for LSTM), fp32, bf16, fp16."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write plots/*.png at the end."),
+) -> None:
+    """Train a head on cached features; writes the run directory and prints validation metrics."""
+    from abawfeat.train import TrainConfig, fit
+
+    config = TrainConfig(
+        task=task, head=head, backbone=backbone, data=str(data), cache=str(cache) if cache else "",
+        out=str(out), objective=objective, class_weights=class_weights, pos_weight=pos_weight, epochs=epochs,
+        seed=seed, lr=lr, weight_decay=weight_decay, batch_size=batch_size, window=window, stride=stride,
+        infer_stride=infer_stride, hidden=hidden, layers=layers, bidirectional=bidirectional,
+        dropout=dropout, device=device, precision=precision, plots=plots,
+    )
+    result = fit(config, log=_log)
+    _print_metrics(result.metrics, f"{out}: validation, best epoch {result.metrics['best_epoch']}")
+
+
+@app.command("evaluate")
+@guarded
+def evaluate_command(
+    run_dir: Path = typer.Argument(..., help="Run directory written by train-head."),
+    split: str = typer.Option("val", "--split", help="val or train."),
+    as_json: bool = typer.Option(False, "--json", help="Print metrics as JSON on stdout."),
+    data: Path | None = typer.Option(None, "--data", help="Override the run's data root."),
+    cache: Path | None = typer.Option(None, "--cache", help="Override the run's cache (same encoder only)."),
+) -> None:
+    """Score a trained run by the official protocol (every labelled frame, crop or not)."""
+    from abawfeat.train import evaluate
+
+    metrics = evaluate(run_dir, split, data, cache)
+    if as_json:
+        typer.echo(json.dumps(metrics, indent=2))
+    else:
+        _print_metrics(metrics, f"{run_dir}: {split}")
+
+
+@app.command("predict")
+@guarded
+def predict_command(
+    run_dir: Path = typer.Argument(..., help="Run directory written by train-head."),
+    split: str = typer.Option(..., "--split", help="val or test."),
+    out: Path = typer.Option(..., "--out", help="Submission file (mtl runs: one file per task beside it)."),
+    smooth: int = typer.Option(0, "--smooth", help="Centred moving average over W frames (odd); 0 = off."),
+    data: Path | None = typer.Option(None, "--data", help="Override the run's data root."),
+    cache: Path | None = typer.Option(None, "--cache", help="Override the run's cache (same encoder only)."),
+) -> None:
+    """Write predictions in the organisers' format: every frame 1..N of every video, crop or not."""
+    from abawfeat.predict import predict
+
+    result = predict(run_dir, split, out, smooth, data, cache)
+    for task, path in result.files.items():
+        console.print(f"{path}: {task}, {result.videos[task]} videos, {result.frames[task]:,} frames "
+                      f"({result.frames_without_crop[task]:,} without a crop, filled)", highlight=False)
+
+
+@app.command("ablate")
+@guarded
+def ablate_command(
+    recipe: Path = typer.Argument(..., help="TOML recipe, e.g. pipelines/paper-table3.toml."),
+    data: Path | None = typer.Option(None, "--data", help="Aff-Wild2 root (overrides the recipe's)."),
+    out: Path | None = typer.Option(None, "--out", help="Output folder (overrides the recipe's)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be trained or skipped."),
+) -> None:
+    """Run a grid of train-head runs (complete runs with the same config are skipped) and write
+    results.md / results.csv in the seed paper's Table 3 layout, plus report.html."""
+    from rich.table import Table
+
+    from abawfeat.ablate import COLUMNS, run_ablation
+
+    result = run_ablation(recipe, str(data) if data else None, str(out) if out else None, log=_log,
+                          dry_run=dry_run)
+    table = Table(title=result.recipe.title, title_justify="left")
+    table.add_column("Architecture")
+    for column in COLUMNS:
+        table.add_column(column, justify="right")
+    for row in result.table:
+        table.add_row(row["architecture"], *("-" if row[c] is None else f"{row[c]:.3f}" for c in COLUMNS))
+    console.print(table)
+    for path in result.files.values():
+        console.print(str(path), highlight=False)
+    if result.failed:
+        for cell in result.failed:
+            err_console.print(f"[bold red]failed:[/bold red] {cell.row.label} {cell.task}: {cell.error}",
+                              highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1)
+
+
+@app.command("heads")
+@guarded
+def heads_command(
+    as_json: bool = typer.Option(False, "--json", help="Print heads and objectives as JSON."),
+) -> None:
+    """List the registered heads (with their config defaults) and the training objectives."""
+    from abawfeat.heads import describe_heads
+    from abawfeat.train import DEFAULT_OBJECTIVE, OBJECTIVES
+
+    heads = describe_heads()
+    objectives = [
+        {"name": name, "tasks": list(tasks), "description": text,
+         "default_for": [t for t, o in DEFAULT_OBJECTIVE.items() if o == name]}
+        for name, (tasks, text) in OBJECTIVES.items()
+    ]
+    if as_json:
+        typer.echo(json.dumps({"heads": heads, "objectives": objectives}, indent=2, default=list))
+        return
+    from rich.table import Table
+
+    table = Table(title="Heads (--head fc|lstm; the objective/task picks contrastive or mtl)",
+                  title_justify="left")
+    for column in ("name", "temporal", "description", "config defaults"):
+        table.add_column(column, overflow="fold")
+    for h in heads:
+        defaults = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                             for k, v in h["config"].items() if k not in ("class_names",))
+        table.add_row(h["name"], h["temporal"], h["description"], defaults)
+    console.print(table)
+    table = Table(title="Objectives (--objective)", title_justify="left")
+    for column in ("name", "tasks", "default for", "description"):
+        table.add_column(column, overflow="fold")
+    for o in objectives:
+        table.add_row(o["name"], ", ".join(o["tasks"]), ", ".join(o["default_for"]) or "-", o["description"])
+    console.print(table)

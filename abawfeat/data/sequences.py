@@ -98,7 +98,7 @@ class SequenceSet:
         return names, frame, has_crop
 
     def feature_stats(
-        self, rows: np.ndarray | None = None, chunk: int = 65536
+        self, rows: np.ndarray | None = None, chunk: int = 16384
     ) -> tuple[np.ndarray, np.ndarray]:
         """Per-dimension mean and std over ``rows`` (all rows by default), accumulated in float64 by chunk so
         no float32 copy of the whole array is ever made."""

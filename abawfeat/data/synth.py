@@ -519,8 +519,10 @@ def _manifest(cfg: SynthConfig, videos: Sequence[VideoPlan], files: dict[str, li
 
 
 def _blend(a: Sequence[float], b: Sequence[float], t: float) -> tuple[int, int, int]:
+    """Colour a moved towards colour b by t in [0, 1] (unrolled: called a few dozen times per frame)."""
     t = min(max(t, 0.0), 1.0)
-    return tuple(int(round(x + (y - x) * t)) for x, y in zip(a, b, strict=True))  # type: ignore[return-value]
+    return (int(a[0] + (b[0] - a[0]) * t + 0.5), int(a[1] + (b[1] - a[1]) * t + 0.5),
+            int(a[2] + (b[2] - a[2]) * t + 0.5))
 
 
 _DARK = (25, 18, 16)
@@ -538,7 +540,7 @@ class _Face:
     """One person's appearance, drawn for any state; all geometry in 112-pixel units."""
 
     def __init__(self, rng: np.random.Generator, background: Sequence[int], strength: float) -> None:
-        from PIL import Image
+        from PIL import Image, ImageDraw
 
         u = lambda lo, hi: float(rng.uniform(lo, hi))  # noqa: E731
         k = strength
@@ -564,14 +566,18 @@ class _Face:
         grad = np.linspace(0, 1, CROP_SIZE * _SS, dtype=np.float32)[:, None, None]
         bg = top + (bottom - top) * grad
         self.bg = Image.fromarray(np.broadcast_to(bg, (CROP_SIZE * _SS, CROP_SIZE * _SS, 3)).astype(np.uint8))
+        # One canvas and one ImageDraw reused for every frame: building them per frame cost a third of draw().
+        self.canvas = self.bg.copy()
+        self.pen = ImageDraw.Draw(self.canvas)
 
     def draw(self, x: np.ndarray, dx: float, dy: float, scale: float, yaw: float) -> Any:
-        """The 224 x 224 supersampled drawing of state ``x`` (intensities in STATE_NAMES order)."""
-        from PIL import ImageDraw
+        """The 224 x 224 supersampled drawing of state ``x`` (intensities in STATE_NAMES order); the returned
+        canvas is reused by the next call."""
 
-        i1, i2, i4, i6, i7, i10, i12, i15, i23, i24, i25, i26, i5, i9, i20 = (float(v) for v in x)
-        img = self.bg.copy()
-        d = ImageDraw.Draw(img)
+        i1, i2, i4, i6, i7, i10, i12, i15, i23, i24, i25, i26, i5, i9, i20 = x.tolist()
+        img = self.canvas
+        img.paste(self.bg)
+        d = self.pen
         s = self.s0 * scale
         cx, cy = 56 + self.dx0 + dx, 57 + self.dy0 + dy
         fx = cx + yaw  # inner features turn with the head more than the outline does

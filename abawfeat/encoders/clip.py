@@ -37,7 +37,8 @@ from abawfeat.errors import CheckpointError, ConfigError
 
 # Lower-case wording of EXPR_CLASSES (same order) that reads well after "a face showing ...".
 DEFAULT_PROMPT_WORDS: tuple[str, ...] = (
-    "a neutral expression", "anger", "disgust", "fear", "happiness", "sadness", "surprise", "some other emotion",
+    "a neutral expression", "anger", "disgust", "fear",
+    "happiness", "sadness", "surprise", "some other emotion",
 )
 DEFAULT_TEMPLATE = "a face showing {emotion}"
 _RANDOM_SPECS = ("", "none", "random", RANDOM_INIT)
@@ -67,7 +68,8 @@ def _open_clip() -> Any:
 def _check_model_name(name: str) -> None:
     oc = _open_clip()
     if ":" in name:
-        raise ConfigError(f"clip_model {name!r}: use a built-in open_clip model name and clip_pretrained=<file>")
+        raise ConfigError(f"clip_model {name!r}: use a built-in open_clip model name "
+                          "and clip_pretrained=<file>")
     if name not in oc.list_models():
         close = [m for m in oc.list_models() if name.lower().split("-")[0] in m.lower()][:8]
         raise ConfigError(f"unknown clip_model {name!r} (e.g. {', '.join(close) or 'ViT-B-32, ViT-B-16'})")
@@ -110,8 +112,8 @@ def resolve_clip_weights(model: str, spec: str) -> tuple[Path, dict[str, Any], s
     manual = (f"put the file at {target} (source: {url}), or pass clip_pretrained=<path to a checkpoint "
               f"file>")
     if offline():
-        raise CheckpointError(f"CLIP weights {model}:{spec} cannot be downloaded here (ABAWFEAT_OFFLINE is set): "
-                              f"{manual}")
+        raise CheckpointError(f"CLIP weights {model}:{spec} cannot be downloaded here "
+                              f"(ABAWFEAT_OFFLINE is set): {manual}")
     last: BaseException | None = None
     for url_i, target_i in sources:
         try:
@@ -133,7 +135,8 @@ def _preprocessing(model: Any, where: str) -> ImageTransform:
         size = size[0]
     resize_mode = cfg.get("resize_mode", "shortest")
     if resize_mode not in ("shortest", "squash"):
-        raise ConfigError(f"{where}: open_clip resize mode {resize_mode!r} is not supported (shortest, squash)")
+        raise ConfigError(f"{where}: open_clip resize mode {resize_mode!r} is not supported "
+                          "(shortest, squash)")
     return ImageTransform(
         size=int(size),
         mean=tuple(float(v) for v in cfg.get("mean")),  # type: ignore[arg-type]
@@ -148,7 +151,7 @@ class CLIPEncoder(Encoder):
     """open_clip image tower; features are ``encode_image`` output, unnormalised; no logits."""
 
     config_class = CLIPConfig
-    summary = "CLIP image encoder (open_clip), unnormalised image embedding + expression-prompt text embeddings"
+    summary = "CLIP image encoder (open_clip): unnormalised image embedding + expression-prompt embeddings"
 
     def __init__(self, config: CLIPConfig) -> None:
         if config.clip_pretrained is None or str(config.clip_pretrained).lower() in _RANDOM_SPECS:
@@ -158,7 +161,8 @@ class CLIPEncoder(Encoder):
         config = dataclasses.replace(config, prompt_words=tuple(config.prompt_words))
         super().__init__(config)
         if len(config.prompt_words) != len(EXPR_CLASSES):
-            raise ConfigError(f"prompt_words needs {len(EXPR_CLASSES)} entries (one per {', '.join(EXPR_CLASSES)})")
+            raise ConfigError(f"prompt_words needs {len(EXPR_CLASSES)} entries, one per class of "
+                              f"{', '.join(EXPR_CLASSES)}")
         if "{emotion}" not in config.prompt_template:
             raise ConfigError(f"prompt_template {config.prompt_template!r} must contain {{emotion}}")
         _check_model_name(config.clip_model)
@@ -173,7 +177,8 @@ class CLIPEncoder(Encoder):
             assert config.clip_pretrained is not None
             path, tag_cfg, source = resolve_clip_weights(config.clip_model, config.clip_pretrained)
             # A tag fixes how its weights were trained: QuickGELU and preprocessing travel with them.
-            preprocess = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
+            keys = ("mean", "std", "interpolation", "resize_mode")
+            preprocess = {k: tag_cfg[k] for k in keys if k in tag_cfg}
             try:
                 model = oc.create_model(
                     config.clip_model,

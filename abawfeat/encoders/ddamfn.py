@@ -85,7 +85,7 @@ class MixedDepthwiseConv(nn.Module):
         self.splits = list(splits)
         self.mixed_depthwise_conv = nn.ModuleList(
             nn.Conv2d(c, c, k, stride=stride, padding=k // 2, groups=c, bias=False)
-            for c, k in zip(splits, kernels)
+            for c, k in zip(splits, kernels, strict=True)
         )
         # Present in published checkpoints, never applied by the published forward pass (the bottleneck goes
         # straight from the mixed convolution to coordinate attention). Kept for strict loading only.
@@ -94,7 +94,7 @@ class MixedDepthwiseConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = torch.split(x, self.splits, dim=1)
-        return torch.cat([conv(p) for conv, p in zip(self.mixed_depthwise_conv, parts)], dim=1)
+        return torch.cat([conv(p) for conv, p in zip(self.mixed_depthwise_conv, parts, strict=True)], dim=1)
 
 
 class CoordinateAttention(nn.Module):
@@ -149,7 +149,8 @@ class BottleneckStack(nn.Module):
                  splits: tuple[int, ...]) -> None:
         super().__init__()
         self.model = nn.Sequential(*[
-            MixedBottleneck(channels, channels, expand, 1, kernels, splits, residual=True) for _ in range(repeats)
+            MixedBottleneck(channels, channels, expand, 1, kernels, splits, residual=True)
+            for _ in range(repeats)
         ])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -281,14 +282,16 @@ def read_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str
             raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
         if not trust_pickle:
             raise CheckpointError(
-                f"{path}: a pickled Python object (e.g. torch.save(model)), not a state dict; loading it would "
-                "run code from the file. Re-save it as a state dict, or pass trust_pickle=True "
+                f"{path}: a pickled Python object (e.g. torch.save(model)), not a state dict; loading it "
+                "would run code from the file. Re-save it as a state dict, or pass trust_pickle=True "
                 "(--trust-pickle) if you trust where it comes from"
             ) from None
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc2:  # noqa: BLE001 - any failure of arbitrary unpickling is the file's fault
-            raise CheckpointError(f"{path}: cannot unpickle ({type(exc2).__name__}: {_first_line(exc2)})") from None
+            raise CheckpointError(
+                f"{path}: cannot unpickle ({type(exc2).__name__}: {_first_line(exc2)})"
+            ) from None
     except Exception as exc:  # noqa: BLE001 - truncated zips, wrong magic numbers, directories, ...
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
 
@@ -337,8 +340,8 @@ def net_from_state_dict(state: dict[str, torch.Tensor], path: str | Path) -> DDA
     wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
              if k in state and state[k].shape != v.shape]
     if missing or unexpected or wrong:
-        problems = [f"{label}: {_shorten(keys)}" for label, keys in
-                    (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if keys]
+        kinds = (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
+        problems = [f"{label}: {_shorten(keys)}" for label, keys in kinds if keys]
         raise CheckpointError(f"{path}: not a DDAMFN checkpoint ({num_class} classes, {num_head} heads); "
                               + "; ".join(problems))
     net.load_state_dict(state, strict=True)
@@ -370,7 +373,10 @@ def save_published_checkpoint(model: nn.Module, path: str | Path, *, iteration: 
     payload = {
         "iter": int(iteration),
         "model_state_dict": state,
-        "optimizer_state_dict": optimizer.state_dict() if optimizer is not None else {"state": {}, "param_groups": []},
+        # The authors' scripts save their optimizer too; an empty one keeps the format without the bulk.
+        "optimizer_state_dict": (
+            optimizer.state_dict() if optimizer is not None else {"state": {}, "param_groups": []}
+        ),
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -441,7 +447,9 @@ class DDAMFNEncoder(Encoder):
             self.weights_source = resolved.source
             self.weights_sha256 = resolved.sha256
             # Record what the weights really are, whatever the config asked for.
-            self.config = dataclasses.replace(config, num_class=self.net.num_class, num_head=self.net.num_head)
+            self.config = dataclasses.replace(
+                config, num_class=self.net.num_class, num_head=self.net.num_head
+            )
         self.logit_names = _logit_names(self.net.num_class)
         self.net.eval()
 
@@ -470,14 +478,15 @@ class DDAMFNEncoder(Encoder):
             raise ConfigError("calibrate() recomputes batch-norm statistics of random-init weights only; "
                               f"these are {self.weights_source}")
         if images.ndim != 4 or images.shape[1:] != (3, INPUT_SIZE, INPUT_SIZE) or images.shape[0] < 2:
-            raise ConfigError(f"calibrate() needs at least 2 frames of shape [3, {INPUT_SIZE}, {INPUT_SIZE}], "
-                              f"got {tuple(images.shape)}")
-        images = images.to(torch.float32)
+            raise ConfigError(f"calibrate() needs at least 2 frames of shape "
+                              f"[3, {INPUT_SIZE}, {INPUT_SIZE}], got {tuple(images.shape)}")
+        device = self.net.fc.weight.device
+        images = images.to(device=device, dtype=torch.float32)
         chunk = self.config.calibration_chunk
         starts = list(range(0, images.shape[0], chunk))
         if images.shape[0] - starts[-1] < 2 and len(starts) > 1:
             starts.pop()
-        bounds = list(zip(starts, starts[1:] + [images.shape[0]]))
+        bounds = list(zip(starts, starts[1:] + [images.shape[0]], strict=True))
         norms = [m for m in self.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         momenta = [m.momentum for m in norms]
         was_training = self.training
@@ -486,10 +495,12 @@ class DDAMFNEncoder(Encoder):
                 m.reset_running_stats()
                 m.momentum = None  # cumulative average over the passes
             self.net.train()
-            for lo, hi in bounds:
-                self.net(images[lo:hi])
+            # Statistics in fp32 whatever autocast the caller runs under: they are part of the weights.
+            with torch.autocast(device_type=device.type, enabled=False):
+                for lo, hi in bounds:
+                    self.net(images[lo:hi])
         finally:
-            for m, momentum in zip(norms, momenta):
+            for m, momentum in zip(norms, momenta, strict=True):
                 m.momentum = momentum
             self.train(was_training)
         self.calibration = {

@@ -174,7 +174,9 @@ def download(url: str, target: Path, *, check: Callable[[Path], None] | None = N
         tmp.unlink(missing_ok=True)
 
 
-def resolve_weights(spec: str, encoder: str, *, verify: Callable[[Path], None] | None = None) -> ResolvedWeights:
+def resolve_weights(
+    spec: str, encoder: str, *, verify: Callable[[Path], None] | None = None
+) -> ResolvedWeights:
     """A local file, or a named checkpoint from the cache or the network (see the module docstring).
 
     ``verify(path)`` is the caller's strict load; it must raise ``CheckpointError`` for an unusable file and
@@ -203,12 +205,16 @@ def resolve_weights(spec: str, encoder: str, *, verify: Callable[[Path], None] |
 
     manual = f"put the file at {target} (source: {named.url})"
     if offline():
-        raise CheckpointError(f"{named.name} weights cannot be downloaded here (ABAWFEAT_OFFLINE is set): {manual}")
+        raise CheckpointError(
+            f"{named.name} weights cannot be downloaded here (ABAWFEAT_OFFLINE is set): {manual}"
+        )
 
     def check(tmp: Path) -> None:
         problem = checksum_problem(tmp, named)
         if problem is not None:
-            raise CheckpointError(f"{named.url}: downloaded file is not the published {named.name} ({problem})")
+            raise CheckpointError(
+                f"{named.url}: downloaded file is not the published {named.name} ({problem})"
+            )
         if verify is not None:
             verify(tmp)
         if named.sha256 is None:
@@ -219,5 +225,7 @@ def resolve_weights(spec: str, encoder: str, *, verify: Callable[[Path], None] |
         download(named.url, target, check=check)
     except OSError as exc:
         reason = getattr(exc, "reason", None) or exc
-        raise CheckpointError(f"{named.name} weights cannot be downloaded here ({reason}): {manual}") from None
+        raise CheckpointError(
+            f"{named.name} weights cannot be downloaded here ({reason}): {manual}"
+        ) from None
     return ResolvedWeights(path=target, source=source, sha256=file_sha256(target), named=named)

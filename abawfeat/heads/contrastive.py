@@ -21,7 +21,9 @@ class ContrastiveConfig(HeadConfig):
     # CLIP's embedding space has meaningful signs and scale; the paper projects it as is, unstandardised.
     normalize: bool = False
     trunk: str = "fc"  # "fc": FC 512 + ReLU as in the paper; "lstm": an LSTM in its place (CLIP+LSTM)
-    hidden: int = 512  # width of the FC layer (paper: 512) or the LSTM state
+    # 0 = 512 for the FC trunk (the paper's FC 512) and 256 for the LSTM trunk: an LSTM(512) costs 4x an
+    # LSTM(256) and would dominate the paper grid's time budget (docs/performance.md).
+    hidden: int = 0
     layers: int = 1  # LSTM trunk only: stacked layers
     bidirectional: bool = False  # LSTM trunk only: also read windows backwards
     embed_dim: int = 512  # output of the final linear layer = the text embeddings' dimension (paper: 512)
@@ -41,9 +43,9 @@ class ContrastiveHead(Head):
         if tuple(config.tasks) != ("expr",):
             raise ConfigError(f"the contrastive head predicts expressions only, not {list(config.tasks)}")
         if config.trunk == "fc":
-            self.trunk: nn.Module = FCTrunk(config.in_dim, max(config.hidden, 1), config.dropout)
+            self.trunk: nn.Module = FCTrunk(config.in_dim, config.hidden or 512, config.dropout)
         elif config.trunk == "lstm":
-            self.trunk = LSTMTrunk(config.in_dim, config.hidden, config.layers, config.bidirectional,
+            self.trunk = LSTMTrunk(config.in_dim, config.hidden or 256, config.layers, config.bidirectional,
                                    config.dropout)
         else:
             raise ConfigError(f"contrastive trunk must be 'fc' or 'lstm', got {config.trunk!r}")

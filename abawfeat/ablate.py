@@ -1,0 +1,376 @@
+"""Grids of ``train-head`` runs from a TOML recipe, summarised in the seed paper's Table 3 layout.
+
+A recipe is data, never code (parsed with ``tomllib``, every key checked, errors name the file and the key).
+Its shape (see ``pipelines/paper-table3.toml``)::
+
+    [grid]                     name, title, data (Aff-Wild2 root), out (where runs and tables go)
+    [caches]                   optional: backbone = "path/to/cache.h5" (default: where extract writes it)
+    [defaults]                 any train-head option (TrainConfig field) for every run ...
+    [defaults.au]              ... or only for runs of one task (va, expr, au, mtl)
+    [[rows]]                   one Table 3 row: label, backbone, head, tasks, optional reference (a published
+                               result id) and any train-head option for this row's runs
+
+Each (row, task) is one run in ``<out>/<row slug>/<task>``. A run whose directory is complete and holds the
+same configuration (``train.run_is_complete``) is skipped, so an interrupted grid resumes where it stopped.
+``results.md`` / ``results.csv`` get one row per recipe row and the columns CCC_VA, F1_Expr, F1_AU, F1_AUopt
+(validation, best epoch); ``report.html`` comes from ``abawfeat.report.build_report``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from abawfeat.errors import AbawfeatError, ConfigError
+from abawfeat.train import (
+    TASK_CHOICES,
+    TrainConfig,
+    default_cache,
+    fit,
+    run_is_complete,
+    validate_config,
+)
+from abawfeat.utils.configs import read_json
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+# Table 3 columns: header -> (task whose run fills it, metrics.json key).
+COLUMNS: dict[str, tuple[str, str]] = {
+    "CCC_VA": ("va", "ccc_va"),
+    "F1_Expr": ("expr", "f1_expr"),
+    "F1_AU": ("au", "f1_au"),
+    "F1_AUopt": ("au", "f1_au_opt"),
+}
+GRID_KEYS = {"name": str, "title": str, "data": str, "out": str}
+ROW_KEYS = {"label": str, "backbone": str, "head": str, "tasks": list, "reference": str}
+# Options a recipe may not set per run: the grid decides them (task, data, out) or they are row keys.
+_MANAGED = {"task", "head", "backbone", "data", "out", "cache"}
+TRAIN_KEYS = {f.name: type(f.default) for f in dataclasses.fields(TrainConfig) if f.name not in _MANAGED}
+
+
+@dataclass
+class Row:
+    label: str
+    backbone: str
+    head: str
+    tasks: tuple[str, ...]
+    reference: str | None
+    options: dict[str, Any]
+
+
+@dataclass
+class Recipe:
+    path: Path
+    name: str
+    title: str
+    data: str
+    out: str
+    caches: dict[str, str]
+    defaults: dict[str, Any]
+    task_defaults: dict[str, dict[str, Any]]
+    rows: list[Row]
+
+
+@dataclass
+class Cell:
+    row: Row
+    task: str
+    config: TrainConfig
+    status: str = "pending"  # pending | skipped (already complete) | trained | failed
+    error: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.out)
+
+
+@dataclass
+class AblationResult:
+    recipe: Recipe
+    cells: list[Cell]
+    table: list[dict[str, Any]]  # rows of results.csv: architecture + the four columns (None = no value)
+    files: dict[str, Path]
+
+    @property
+    def failed(self) -> list[Cell]:
+        return [c for c in self.cells if c.status == "failed"]
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+
+
+def _check_value(where: str, key: str, value: Any, want: type) -> Any:
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: key {key!r} must be true or false, got {value!r}")
+    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: key {key!r} must be a {want.__name__}, got {value!r}")
+    return value
+
+
+def _options(where: str, table: Mapping[str, Any], extra: Mapping[str, type] = {}) -> dict[str, Any]:
+    """Train-head options of a table, type-checked against TrainConfig's defaults."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if key in extra:
+            continue
+        if key not in TRAIN_KEYS:
+            hint = " (set by the grid)" if key in _MANAGED else ""
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}; train-head options are "
+                              f"{', '.join(sorted(TRAIN_KEYS))}")
+        out[key] = _check_value(where, key, value, TRAIN_KEYS[key])
+    return out
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Parse and validate a recipe; every problem is a ConfigError naming the file and the key."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: recipe not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    unknown = sorted(set(raw) - {"grid", "caches", "defaults", "rows"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(unknown)}; expected grid, caches, "
+                          "defaults, rows")
+    grid = raw.get("grid", {})
+    if not isinstance(grid, dict):
+        raise ConfigError(f"{path}: [grid] must be a table")
+    for key, value in grid.items():
+        if key not in GRID_KEYS:
+            raise ConfigError(f"{path}: [grid] unknown key {key!r}; expected {', '.join(GRID_KEYS)}")
+        _check_value(f"{path}: [grid]", key, value, GRID_KEYS[key])
+    caches = raw.get("caches", {})
+    if not isinstance(caches, dict) or not all(isinstance(v, str) for v in caches.values()):
+        raise ConfigError(f"{path}: [caches] must map backbone names to cache file paths (strings)")
+
+    defaults_raw = raw.get("defaults", {})
+    if not isinstance(defaults_raw, dict):
+        raise ConfigError(f"{path}: [defaults] must be a table")
+    task_tables = {k: v for k, v in defaults_raw.items() if isinstance(v, dict)}
+    for task in task_tables:
+        if task not in TASK_CHOICES:
+            raise ConfigError(f"{path}: [defaults.{task}]: not a task; per-task defaults are "
+                              f"[defaults.{'], [defaults.'.join(TASK_CHOICES)}]")
+    plain = {k: v for k, v in defaults_raw.items() if k not in task_tables}
+    defaults = _options(f"{path}: [defaults]", plain)
+    task_defaults = {t: _options(f"{path}: [defaults.{t}]", v) for t, v in task_tables.items()}
+
+    rows_raw = raw.get("rows", [])
+    if not isinstance(rows_raw, list) or not rows_raw:
+        raise ConfigError(f"{path}: needs at least one [[rows]] table")
+    rows: list[Row] = []
+    for i, entry in enumerate(rows_raw, start=1):
+        where = f"{path}: [[rows]] #{i}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: must be a table")
+        for key in ("label", "backbone", "head", "tasks"):
+            if key not in entry:
+                raise ConfigError(f"{where}: missing key {key!r}")
+        for key, want in ROW_KEYS.items():
+            if key in entry:
+                _check_value(where, key, entry[key], want)
+        tasks = tuple(entry["tasks"])
+        bad = [t for t in tasks if t not in TASK_CHOICES]
+        if bad or not tasks or len(set(tasks)) != len(tasks):
+            raise ConfigError(f"{where}: key 'tasks' must list distinct tasks among "
+                              f"{', '.join(TASK_CHOICES)}, got {list(tasks)}")
+        label = str(entry["label"])
+        if any(r.label == label for r in rows):
+            raise ConfigError(f"{where}: label {label!r} is used twice")
+        rows.append(Row(label=label, backbone=str(entry["backbone"]), head=str(entry["head"]), tasks=tasks,
+                        reference=entry.get("reference"),
+                        options=_options(f"{where} ({label!r})", entry, ROW_KEYS)))
+    return Recipe(
+        path=path, name=str(grid.get("name", path.stem)), title=str(grid.get("title", path.stem)),
+        data=str(grid.get("data", "")), out=str(grid.get("out", "")), caches=dict(caches),
+        defaults=defaults, task_defaults=task_defaults, rows=rows,
+    )
+
+
+def slug(label: str) -> str:
+    """A folder name for a row label: ``DDAMFN+LSTM`` -> ``ddamfn-lstm``."""
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-") or "row"
+
+
+def plan_cells(recipe: Recipe, data: str | None = None, out: str | None = None) -> list[Cell]:
+    """One TrainConfig per (row, task), validated before anything runs."""
+    data = data or recipe.data
+    out = out or recipe.out
+    if not data:
+        raise ConfigError(f"{recipe.path}: no data root: set [grid] data or pass --data")
+    if not out:
+        raise ConfigError(f"{recipe.path}: no output folder: set [grid] out or pass --out")
+    cells = []
+    for row in recipe.rows:
+        cache = recipe.caches.get(row.backbone) or str(default_cache(data, row.backbone))
+        for task in row.tasks:
+            options = {**recipe.defaults, **recipe.task_defaults.get(task, {}), **row.options}
+            cfg = TrainConfig(task=task, head=row.head, backbone=row.backbone, data=str(data), cache=cache,
+                              out=str(Path(out) / slug(row.label) / task), **options)
+            try:
+                validate_config(cfg)
+            except ConfigError as exc:
+                raise ConfigError(f"{recipe.path}: row {row.label!r}, task {task}: {exc}") from None
+            cells.append(Cell(row=row, task=task, config=cfg))
+    missing = sorted({c.config.cache for c in cells if not Path(c.config.cache).is_file()})
+    if missing:
+        raise ConfigError(f"{recipe.path}: cache file(s) not found: {', '.join(missing)}; run `abawfeat "
+                          "extract` for those backbones or set [caches]")
+    return cells
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def run_ablation(
+    recipe_path: str | Path, data: str | None = None, out: str | None = None,
+    log: Callable[[str], None] | None = None, dry_run: bool = False,
+) -> AblationResult:
+    """Run (or skip) every cell, then write results.md, results.csv and report.html into the grid's out."""
+    say = log or (lambda _msg: None)
+    recipe = load_recipe(recipe_path)
+    cells = plan_cells(recipe, data, out)
+    out_dir = Path(out or recipe.out)
+    for i, cell in enumerate(cells, start=1):
+        name = f"[{i}/{len(cells)}] {cell.row.label} {cell.task}"
+        if run_is_complete(cell.run_dir, cell.config):
+            cell.status = "skipped"
+            cell.metrics = read_json(cell.run_dir / "metrics.json")
+            say(f"{name}: already complete in {cell.run_dir}, skipped")
+            continue
+        if dry_run:
+            say(f"{name}: would train into {cell.run_dir}")
+            continue
+        say(f"{name}: training into {cell.run_dir}")
+        t0 = time.perf_counter()
+        try:
+            cell.metrics = fit(cell.config, log=lambda m, n=name: say(f"{n}: {m}")).metrics
+            cell.status = "trained"
+        except AbawfeatError as exc:
+            # One bad cell (say, a diverged run) should not cost the rest of the grid.
+            cell.status, cell.error = "failed", str(exc)
+            say(f"{name}: FAILED: {exc}")
+        cell.seconds = time.perf_counter() - t0
+    table = results_table(recipe, cells)
+    files = {} if dry_run else write_results(recipe, cells, table, out_dir, say)
+    return AblationResult(recipe=recipe, cells=cells, table=table, files=files)
+
+
+def results_table(recipe: Recipe, cells: list[Cell]) -> list[dict[str, Any]]:
+    """One dict per recipe row: architecture and the four Table 3 columns (None where no run fills it)."""
+    table = []
+    for row in recipe.rows:
+        values: dict[str, Any] = {"architecture": row.label}
+        for column, (task, key) in COLUMNS.items():
+            values[column] = None
+            for cell in cells:
+                if cell.row is row and cell.metrics and cell.task in (task, "mtl"):
+                    value = cell.metrics.get(key)
+                    if isinstance(value, (int, float)) and math.isfinite(value):
+                        values[column] = float(value)
+        table.append(values)
+    return table
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _references(recipe: Recipe) -> list[tuple[str, dict[str, float | None]]]:
+    """Published numbers for the rows that name one, in the recipe's row order."""
+    wanted = [r for r in recipe.rows if r.reference]
+    if not wanted:
+        return []
+    from abawfeat.reference import load_published
+
+    published = {p.id: p for p in load_published()}
+    out = []
+    for row in wanted:
+        p = published.get(str(row.reference))
+        if p is None:
+            raise ConfigError(f"{recipe.path}: row {row.label!r}: unknown reference {row.reference!r}; "
+                              f"known: {', '.join(sorted(published))}")
+        out.append((f"{p.label} [{p.split}]",
+                    {col: p.value(key) for col, (_task, key) in COLUMNS.items()}))
+    return out
+
+
+def markdown(recipe: Recipe, cells: list[Cell], table: list[dict[str, Any]]) -> str:
+    header = "| Architecture | " + " | ".join(COLUMNS) + " |"
+    rule = "|---|" + "---:|" * len(COLUMNS)
+    lines = [f"# {recipe.title}", "",
+             "Validation split, official protocol (every labelled frame, crop or not), best epoch per run.",
+             "F1_AU thresholds every AU at 0.5; F1_AUopt uses one threshold per AU tuned on validation.", "",
+             header, rule]
+    lines += [f"| {r['architecture']} | " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in table]
+    refs = _references(recipe)
+    if refs:
+        lines += ["", "Published numbers for comparison (abawfeat/reference/published.json):", "", header,
+                  rule]
+        lines += [f"| {label} | " + " | ".join(_fmt(v[c]) for c in COLUMNS) + " |" for label, v in refs]
+    lines += ["", "## Runs", "", "| row | task | run directory | status | best epoch | train seconds |",
+              "|---|---|---|---|---:|---:|"]
+    for c in cells:
+        best = c.metrics.get("best_epoch", "-") if c.metrics else "-"
+        status = c.status + (f": {c.error}" if c.error else "")
+        lines.append(f"| {c.row.label} | {c.task} | `{c.run_dir}` | {status} | {best} | "
+                     f"{_run_seconds(c):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _run_seconds(cell: Cell) -> float:
+    """Training time from the run's history (also right for runs skipped because already complete)."""
+    path = cell.run_dir / "history.csv"
+    if not path.is_file():
+        return cell.seconds
+    with open(path, newline="") as fh:
+        return sum(float(r.get("seconds") or 0.0) for r in csv.DictReader(fh))
+
+
+def write_results(
+    recipe: Recipe, cells: list[Cell], table: list[dict[str, Any]], out: Path, say: Callable[[str], None]
+) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"md": out / "results.md", "csv": out / "results.csv"}
+    files["md"].write_text(markdown(recipe, cells, table), encoding="utf-8")
+    with open(files["csv"], "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["architecture", *COLUMNS])
+        for r in table:
+            writer.writerow([r["architecture"], *("" if r[c] is None else f"{r[c]:.6f}" for c in COLUMNS)])
+    done = [c.run_dir for c in cells if c.metrics]
+    if done:
+        try:
+            from abawfeat.report import build_report
+        except Exception as exc:  # the tables are the deliverable; the HTML report is a bonus
+            say(f"HTML report skipped ({type(exc).__name__}: {exc})")
+        else:
+            try:
+                # Runs trained with plots = false asked for no matplotlib time; the report respects that.
+                plots = all(c.config.plots for c in cells if c.metrics)
+                files["html"] = build_report(done, out / "report.html", title=recipe.title,
+                                             make_missing_plots=plots)
+            except Exception as exc:
+                say(f"HTML report failed ({type(exc).__name__}: {exc})")
+    return files
+
+
+__all__ = ["COLUMNS", "AblationResult", "Cell", "Recipe", "load_recipe", "plan_cells", "results_table",
+           "run_ablation", "slug"]

@@ -1,0 +1,357 @@
+"""Stage-two speed and memory at VA-train scale, against a naive baseline measured in the same run.
+
+    .venv/bin/python benchmarks/heads.py            # measure, print, rewrite docs/performance.md (heads)
+    .venv/bin/python benchmarks/heads.py --no-write # measure and print only
+
+Data: 1,682,057 synthetic frames x 512 fp16 features in memory (the VA training set of the 8th ABAW,
+seed paper Table 2), in ~594 videos, with VA labels that depend on the features. Each measurement runs in its
+own subprocess so peak memory (ru_maxrss) belongs to that measurement alone.
+
+- ours: ``abawfeat.train`` as ``fit`` uses it: one contiguous fp16 array, precomputed index windows
+  (``make_windows``), ``WindowSource`` batches converted to float32 per batch, ``run_epochs``.
+- naive: a plain ``torch.utils.data.DataLoader`` over per-frame float32 tensors (FC), or over windows stacked
+  from per-frame tensors (LSTM): what a first implementation typically does. Too slow and too big to run at
+  full scale, it runs on 1/8 of the frames; time and memory are scaled by 8 (both grow linearly).
+
+From the measured throughputs the script estimates the paper grid (pipelines/paper-table3.toml: 8 runs,
+10 epochs each, every epoch followed by a full validation pass) at full Aff-Wild2 scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "performance.md"
+N_FRAMES = 1_682_057  # VA train frames (8th ABAW)
+N_VIDEOS = 594
+DIM = 512
+NAIVE_FRACTION = 8
+
+# Full-scale sizes (seed paper Table 2): crops per split and frames with valid labels.
+SCALE = {
+    "va": {"train": 1_682_057, "train_valid": 1_679_854, "val": 383_814},
+    "expr": {"train": 1_110_367, "train_valid": 597_361, "val": 453_535},
+    "au": {"train": 1_381_411, "train_valid": 1_359_523, "val": 454_022},
+}
+# pipelines/paper-table3.toml: (label, task, measurement key of its head).
+PAPER_GRID = [
+    ("DDAMFN+Fc", "va", "fc"), ("DDAMFN+Fc", "expr", "fc"), ("DDAMFN+Fc", "au", "fc"),
+    ("DDAMFN+LSTM", "va", "lstm"), ("DDAMFN+LSTM", "expr", "lstm"), ("DDAMFN+LSTM", "au", "lstm"),
+    ("CLIP+Fc", "expr", "contrastive-fc"), ("CLIP+LSTM", "expr", "contrastive-lstm"),
+]
+
+
+def rss_mb() -> float:
+    """Current resident set size (MB) from /proc (Linux)."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def synthetic(n: int, videos: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """fp16 features [n, dim] written chunk by chunk (no float64 copy), video offsets, VA labels [n, 2]."""
+    rng = np.random.default_rng(seed)
+    feats = np.empty((n, dim), dtype=np.float16)
+    w = rng.normal(size=(dim, 2)).astype(np.float32) / np.sqrt(dim)
+    va = np.empty((n, 2), dtype=np.float32)
+    for lo in range(0, n, 131072):
+        block = rng.standard_normal((min(131072, n - lo), dim), dtype=np.float32)
+        feats[lo : lo + len(block)] = block
+        va[lo : lo + len(block)] = np.tanh(block @ w)
+    cuts = np.sort(rng.choice(np.arange(1, n), size=videos - 1, replace=False))
+    offsets = np.concatenate([[0], cuts, [n]]).astype(np.int64)
+    return feats, offsets, va
+
+
+def sequence_set(feats: np.ndarray, offsets: np.ndarray, labels: dict[str, np.ndarray]) -> Any:
+    """A SequenceSet whose timeline is exactly its rows (every frame has a crop)."""
+    from abawfeat.data.sequences import SequenceSet
+
+    n = len(feats)
+    frames = np.concatenate([np.arange(1, b - a + 1) for a, b in zip(offsets[:-1], offsets[1:], strict=True)])
+    tasks = tuple(labels)
+    return SequenceSet(
+        split="train", tasks=tasks, videos=[f"v{i}" for i in range(len(offsets) - 1)], features=feats,
+        row_offsets=offsets, row_frames=frames.astype(np.int32), tl_offsets=offsets.copy(),
+        row_to_tl=np.arange(n, dtype=np.int64), labels=labels,
+        valid={t: np.ones(n, dtype=bool) for t in tasks},
+        task_frames={t: np.diff(offsets) for t in tasks},
+    )
+
+
+# ------------------------------------------------------------------------------------------------ workers
+
+
+def _head(kind: str, dim: int) -> tuple[Any, str, str]:
+    """(head, task, objective) of a measurement key."""
+    import torch
+
+    from abawfeat.heads import build_head
+
+    torch.manual_seed(0)
+    if kind == "fc":
+        return build_head("fc", in_dim=dim, tasks=("va",)), "va", "ccc"
+    if kind == "lstm":
+        return build_head("lstm", in_dim=dim, tasks=("va",), hidden=256), "va", "ccc"
+    trunk = kind.split("-")[1]
+    head = build_head("contrastive", in_dim=dim, trunk=trunk, embed_dim=dim)
+    head.set_text_embeddings(torch.randn(8, dim))
+    return head, "expr", "contrastive"
+
+
+def worker_ours(kind: str, precision: str, fraction: int) -> dict[str, Any]:
+    """One training epoch (1/fraction of it) with the library's loop; then one validation-size pass."""
+    import torch
+
+    from abawfeat.data.sequences import make_windows
+    from abawfeat.train import Evaluation, WindowSource, build_objective, evaluate_set, run_epochs
+
+    base = rss_mb()
+    feats, offsets, va = synthetic(N_FRAMES, N_VIDEOS, DIM)
+    head, task, objective_name = _head(kind, DIM)
+    labels = {"va": va} if task == "va" else {"expr": (np.abs(va[:, 0]) * 8).astype(np.int64).clip(0, 7)}
+    data = sequence_set(feats, offsets, labels)
+    temporal = head.is_temporal()
+    window, batch = (64, 32) if temporal else (1, 512)
+    t0 = time.perf_counter()
+    windows = make_windows(offsets, window, window, keep=data.row_weight())
+    mean, std = data.feature_stats()
+    head.set_feature_stats(torch.from_numpy(mean), torch.from_numpy(std))
+    setup = time.perf_counter() - t0
+    source = WindowSource(data, windows[: len(windows) // fraction], (task,), batch, shuffle=True, seed=0)
+    objective = build_objective(objective_name, head, (task,))
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3)
+    device = torch.device("cpu")
+    history = run_epochs(head, source, lambda m: Evaluation({"x": 0.0}, 0.0, {}), objective, optimizer,
+                         epochs=1, select="x", device=device, precision=precision, grad_clip=1.0)
+    epoch = history[0]["seconds"] * fraction
+    train_peak = peak_mb()
+
+    # A validation pass at AU-val size (the largest val split): overlapping windows for temporal heads,
+    # fill to every frame, official metrics (AU threshold tuning is the costliest scoring step).
+    n_val = SCALE["au"]["val"]
+    val_offsets = offsets[offsets <= n_val].copy()
+    val_offsets[-1] = n_val
+    val_labels = {"va": va[:n_val]} if task == "va" else {"expr": labels["expr"][:n_val]}
+    val = sequence_set(feats[:n_val], val_offsets, val_labels)
+    infer_window = 64 if temporal else 256
+    val_source = WindowSource(val, make_windows(val_offsets, infer_window, 32 if temporal else 256), (task,),
+                              max(batch, 8192 // infer_window), shuffle=False)
+    t0 = time.perf_counter()
+    evaluate_set(head, val, task, val_source, device, precision, objective)
+    val_seconds = time.perf_counter() - t0
+    return {
+        "kind": kind, "precision": precision, "epoch_seconds": epoch, "frames": N_FRAMES,
+        "train_frames_per_s": N_FRAMES / epoch, "setup_seconds": setup, "val_seconds": val_seconds,
+        "val_frames": n_val, "feature_mb": feats.nbytes / 2**20, "train_peak_over_base_mb": train_peak - base,
+        "fraction_measured": 1 / fraction, "threads": torch.get_num_threads(),
+    }
+
+
+def worker_naive(kind: str) -> dict[str, Any]:
+    """The baseline: per-frame float32 tensors and a DataLoader, on 1/NAIVE_FRACTION of the frames."""
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+
+    from abawfeat.losses import ccc_loss
+
+    base = rss_mb()
+    n = N_FRAMES // NAIVE_FRACTION
+    feats, offsets, va = synthetic(n, max(N_VIDEOS // NAIVE_FRACTION, 2), DIM)
+    frames = [torch.tensor(f, dtype=torch.float32) for f in feats]  # one tensor per frame
+    labels = [torch.tensor(v) for v in va]
+    del feats
+    temporal = kind == "lstm"
+
+    class Frames(Dataset):
+        def __len__(self) -> int:
+            return len(frames)
+
+        def __getitem__(self, i: int) -> tuple[Any, Any]:
+            return frames[i], labels[i]
+
+    class Windows(Dataset):
+        def __init__(self) -> None:
+            self.starts = [s for a, b in zip(offsets[:-1], offsets[1:], strict=True)
+                           for s in range(int(a), int(b) - 64 + 1, 64)]
+
+        def __len__(self) -> int:
+            return len(self.starts)
+
+        def __getitem__(self, i: int) -> tuple[Any, Any]:
+            s = self.starts[i]
+            return torch.stack(frames[s : s + 64]), torch.stack(labels[s : s + 64])
+
+    torch.manual_seed(0)
+    if temporal:
+        lstm = torch.nn.LSTM(DIM, 256, batch_first=True)
+        out = torch.nn.Linear(256, 2)
+        params = list(lstm.parameters()) + list(out.parameters())
+        loader = DataLoader(Windows(), batch_size=32, shuffle=True)
+    else:
+        lin = torch.nn.Linear(DIM, 2)
+        params = list(lin.parameters())
+        loader = DataLoader(Frames(), batch_size=512, shuffle=True)
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    t0 = time.perf_counter()
+    for x, y in loader:
+        if temporal:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                h, _ = lstm(x)
+                pred = torch.tanh(out(h))
+        else:
+            pred = torch.tanh(lin(x))
+        loss = ccc_loss(pred.float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    seconds = time.perf_counter() - t0
+    peak = peak_mb()
+    return {
+        "kind": f"naive-{kind}", "epoch_seconds": seconds * NAIVE_FRACTION, "frames": N_FRAMES,
+        "train_frames_per_s": n / seconds, "train_peak_over_base_mb": (peak - base) * NAIVE_FRACTION,
+        "feature_mb": N_FRAMES * DIM * 2 / 2**20, "fraction_measured": 1 / NAIVE_FRACTION,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def run_worker(args: list[str]) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--worker", *args]
+    print("  $", " ".join(cmd[1:]), file=sys.stderr, flush=True)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def grid_estimate(m: dict[str, dict[str, Any]]) -> tuple[float, list[tuple[str, str, float]]]:
+    """Seconds for the paper grid, 10 epochs per run, each followed by a validation pass.
+
+    Frame-wise heads train on labelled crops only; LSTM windows on every crop (an upper bound for EXPR,
+    whose unlabelled stretches drop whole windows). Validation cost scales with the split's size."""
+    rows = []
+    total = 0.0
+    for label, task, kind in PAPER_GRID:
+        r = m[kind]
+        s = SCALE[task]
+        frames = s["train_valid"] if kind in ("fc", "contrastive-fc") else s["train"]
+        train = frames / r["train_frames_per_s"]
+        val = r["val_seconds"] * s["val"] / r["val_frames"]
+        run = 10 * (train + val) + r["setup_seconds"] * frames / r["frames"]
+        rows.append((label, task, run))
+        total += run
+    return total, rows
+
+
+def render(m: dict[str, dict[str, Any]], command: str) -> str:
+    total, rows = grid_estimate(m)
+
+    def line(key: str, label: str) -> str:
+        r = m[key]
+        ratio = r["train_peak_over_base_mb"] / r["feature_mb"]
+        frac = "" if r["fraction_measured"] == 1 else f" (1/{round(1 / r['fraction_measured'])} measured)"
+        val = f"{r['val_seconds']:.1f} s" if "val_seconds" in r else "-"
+        return (f"| {label} | {r['epoch_seconds']:.1f} s{frac} | {r['train_frames_per_s'] / 1e3:,.0f} k | "
+                f"{val} | {r['train_peak_over_base_mb'] / 1024:.2f} GB | {ratio:.2f}x |")
+
+    load = os.getloadavg()
+    out = [
+        f"Command: `{command}` ({time.strftime('%Y-%m-%d')}, torch {m['fc'].get('torch', '?')}, "
+        f"{m['fc']['threads']} threads, load average {load[0]:.1f} at the end: other jobs shared the cores).",
+        "",
+        f"Data: {N_FRAMES:,} synthetic frames x {DIM} fp16 in memory ({m['fc']['feature_mb'] / 1024:.2f} GB "
+        "of features = the VA training set of the 8th ABAW), 594 videos. One training epoch, default batch "
+        "sizes (FC: 512 frames; LSTM: 32 windows of 64 frames). Validation pass: 454,022 frames (AU val "
+        "size), inference (LSTM: windows of 64, stride 32) + fill + official metrics. Memory: peak RSS "
+        "above the process's RSS before the features were allocated (features included).",
+        "",
+        "| training | epoch | frames/s | val pass | peak memory | / feature bytes |",
+        "|---|---:|---:|---:|---:|---:|",
+        line("fc", "FC (linear), ours, fp32"),
+        line("naive-fc", "FC, naive DataLoader over per-frame tensors"),
+        line("lstm", "LSTM(256), ours, bf16 autocast (default for LSTM)"),
+        line("lstm-fp32", "LSTM(256), ours, fp32"),
+        line("naive-lstm", "LSTM(256), naive DataLoader over stacked per-frame tensors, bf16"),
+        line("contrastive-fc", "CLIP contrastive FC 512+512, ours, fp32"),
+        line("contrastive-lstm", "CLIP contrastive LSTM(256)+512, ours, bf16"),
+        "",
+        f"- FC epoch: **{m['fc']['epoch_seconds']:.1f} s** (target <= 5 s), "
+        f"{m['naive-fc']['epoch_seconds'] / m['fc']['epoch_seconds']:.1f}x faster than the naive loader.",
+        f"- LSTM(256) epoch: **{m['lstm']['epoch_seconds']:.1f} s** with bf16 (target <= 45 s; fp32: "
+        f"{m['lstm-fp32']['epoch_seconds']:.1f} s), "
+        f"{m['naive-lstm']['epoch_seconds'] / m['lstm']['epoch_seconds']:.1f}x faster than the naive loader.",
+        f"- Training memory: {m['fc']['train_peak_over_base_mb'] / m['fc']['feature_mb']:.2f}x (FC) and "
+        f"{m['lstm']['train_peak_over_base_mb'] / m['lstm']['feature_mb']:.2f}x (LSTM) the feature bytes "
+        f"(target <= 1.5x); the naive loader needs "
+        f"{m['naive-fc']['train_peak_over_base_mb'] / m['naive-fc']['feature_mb']:.1f}x.",
+        "",
+        "Paper grid estimate (pipelines/paper-table3.toml at full Aff-Wild2 scale, 10 epochs per run, a "
+        "validation pass after every epoch; FC runs train on labelled crops only, LSTM runs on all crops; "
+        "reading the caches from disk not included):",
+        "",
+        "| run | task | minutes |",
+        "|---|---|---:|",
+        *[f"| {label} | {task} | {s / 60:.1f} |" for label, task, s in rows],
+        f"| **total** | | **{total / 60:.1f}** |",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def write_doc(text: str) -> None:
+    doc = DOC.read_text()
+    pattern = re.compile(r"(<!-- BEGIN heads -->\n).*?(<!-- END heads -->)", re.S)
+    if not pattern.search(doc):
+        raise SystemExit(f"{DOC}: no <!-- BEGIN heads --> ... <!-- END heads --> section")
+    DOC.write_text(pattern.sub(lambda mm: mm.group(1) + text + mm.group(2), doc))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--no-write", action="store_true", help="Do not rewrite docs/performance.md.")
+    args = parser.parse_args()
+    if args.worker:
+        kind, *rest = args.worker
+        result = worker_naive(rest[0]) if kind == "naive" else worker_ours(kind, rest[0], int(rest[1]))
+        import torch
+
+        result["torch"] = torch.__version__
+        print(json.dumps(result))
+        return
+    print(f"python {platform.python_version()}, {os.cpu_count()} CPUs", file=sys.stderr)
+    m = {
+        "fc": run_worker(["fc", "fp32", "1"]),
+        "naive-fc": run_worker(["naive", "fc"]),
+        "lstm": run_worker(["lstm", "bf16", "1"]),
+        "lstm-fp32": run_worker(["lstm", "fp32", "1"]),
+        "naive-lstm": run_worker(["naive", "lstm"]),
+        # Same loop, other heads: a quarter epoch each, scaled (their per-frame cost is constant).
+        "contrastive-fc": run_worker(["contrastive-fc", "fp32", "4"]),
+        "contrastive-lstm": run_worker(["contrastive-lstm", "bf16", "4"]),
+    }
+    text = render(m, "python benchmarks/heads.py")
+    print(text)
+    if not args.no_write:
+        write_doc(text)
+        print(f"wrote the heads section of {DOC}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""Every registered encoder, one parametrised suite (timm-style): adding an encoder adds its tests.
+
+Each encoder is built from its ``smoke_options()`` (random weights, small configs), so nothing here needs
+downloaded weights. CLIP specifics and the ``abawfeat encoders`` command are tested at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from abawfeat.constants import EXPR_CLASSES
+from abawfeat.encoders import (
+    Encoder,
+    EncoderInfo,
+    ImageTransform,
+    build_encoder,
+    encoder_class,
+    encoder_names,
+    list_encoders,
+    register_encoder,
+)
+from abawfeat.errors import CheckpointError, ConfigError
+
+NAMES = encoder_names()
+PROVENANCE_KEYS = {"name", "config", "weights_source", "weights_sha256", "calibration", "preprocessing",
+                   "feature_dim", "logit_names"}
+_BUILT: dict[str, Encoder] = {}
+
+
+def smoke(name: str) -> Encoder:
+    """One shared smoke build per encoder (tests must not modify it)."""
+    if name not in _BUILT:
+        _BUILT[name] = build_encoder(name, **encoder_class(name).smoke_options())
+    return _BUILT[name]
+
+
+def images(encoder: Encoder, n: int = 3, seed: int = 0) -> torch.Tensor:
+    """Normalised batch made with the encoder's own transform from varied, non-square RGB images."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        low = rng.integers(0, 256, size=(6, 5, 3), dtype=np.uint8)
+        img = Image.fromarray(low).resize((90 + 7 * i, 120), Image.Resampling.BILINEAR)
+        out.append(encoder.transform(img))
+    return torch.stack(out)
+
+
+def test_registry_has_the_builtin_encoders() -> None:
+    assert {"ddamfn", "clip"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_shapes_and_dtype(name: str) -> None:
+    enc = smoke(name)
+    x = images(enc)
+    assert x.shape == (3, 3, enc.input_size, enc.input_size) and x.dtype == torch.float32
+    with torch.no_grad():
+        features, logits = enc(x)
+        embedded = enc.embed(x)
+    assert features.shape == (3, enc.feature_dim) and features.dtype == torch.float32
+    assert torch.isfinite(features).all()
+    assert torch.equal(embedded, features)
+    if enc.logit_names is None:
+        assert logits is None
+    else:
+        assert logits is not None and logits.shape == (3, len(enc.logit_names))
+    assert not enc.training
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_deterministic_and_batch_independent(name: str) -> None:
+    enc = smoke(name)
+    x = images(enc, seed=1)
+    with torch.no_grad():
+        a = enc(x)[0]
+        b = enc(x)[0]
+        single = enc(x[1:2])[0]
+    assert torch.equal(a, b)
+    # Eval mode: a frame's features do not depend on the rest of its batch (up to kernel rounding).
+    torch.testing.assert_close(single[0], a[1], rtol=1e-4, atol=1e-5)
+    rebuilt = build_encoder(name, **encoder_class(name).smoke_options())
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x)[0], a)  # seeded build: same weights, same features
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_provenance(name: str) -> None:
+    enc = smoke(name)
+    prov = enc.provenance()
+    assert set(prov) >= PROVENANCE_KEYS
+    assert json.loads(json.dumps(prov)) == prov  # JSON-ready, no tuples or tensors left
+    assert prov["name"] == name and prov["feature_dim"] == enc.feature_dim
+    assert prov["weights_sha256"] == "random-init"
+    pre = prov["preprocessing"]
+    assert pre["size"] == enc.input_size and pre["mean"] == list(enc.mean) and pre["std"] == list(enc.std)
+    assert pre["interpolation"] in ("bilinear", "bicubic")
+    assert prov == build_encoder(name, **encoder_class(name).smoke_options()).provenance()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_transform_output_and_normalisation(name: str) -> None:
+    enc = smoke(name)
+    colour = (200, 30, 90)
+    img = Image.new("RGB", (143, 97), colour)
+    t = enc.transform(img)
+    assert t.shape == (3, enc.input_size, enc.input_size) and t.dtype == torch.float32
+    expected = [(c / 255 - m) / s for c, m, s in zip(colour, enc.mean, enc.std, strict=True)]
+    for channel in range(3):
+        torch.testing.assert_close(t[channel], torch.full_like(t[channel], expected[channel]))
+    gray = enc.transform(Image.new("L", (50, 50), 128))  # non-RGB input is converted
+    assert gray.shape == t.shape
+    clone = pickle.loads(pickle.dumps(enc.transform))  # DataLoader workers receive it pickled
+    assert torch.equal(clone(img), t)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_channels_last_and_bf16_autocast(name: str) -> None:
+    enc = build_encoder(name, **encoder_class(name).smoke_options())
+    x = images(enc, n=2, seed=2)
+    with torch.no_grad():
+        ref = enc(x)[0]
+        enc = enc.to(memory_format=torch.channels_last)
+        cl = enc(x.contiguous(memory_format=torch.channels_last))[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf, _ = enc(x.contiguous(memory_format=torch.channels_last))
+    assert cl.shape == ref.shape and torch.isfinite(cl).all()
+    assert bf.shape == ref.shape and torch.isfinite(bf.float()).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_list_encoders_describes_each(name: str) -> None:
+    infos = {info.name: info for info in list_encoders()}
+    info = infos[name]
+    assert isinstance(info, EncoderInfo) and info.feature_dim > 0 and info.input_size > 0
+    assert len(info.mean) == 3 and len(info.std) == 3 and info.weights
+    json.dumps(info.as_dict())
+
+
+def test_build_errors() -> None:
+    with pytest.raises(ConfigError, match="unknown encoder 'resnet'.*ddamfn"):
+        build_encoder("resnet")
+    with pytest.raises(ConfigError, match="no option wieghts"):
+        build_encoder("ddamfn", wieghts="affectnet8")
+
+
+def test_register_encoder_rejects_duplicates_and_non_encoders() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        register_encoder("ddamfn")(type("Other", (encoder_class("clip"),), {}))
+    with pytest.raises(TypeError):
+        register_encoder("bad")(object)  # type: ignore[arg-type]
+    assert "bad" not in encoder_names()
+
+
+def test_shortest_side_resize_matches_torchvision() -> None:
+    from torchvision import transforms as T
+
+    tf = ImageTransform(32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), "bicubic", "shortest")
+    reference = T.Compose([T.Resize(32, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32),
+                           T.ToTensor(), T.Normalize((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))])
+    rng = np.random.default_rng(0)
+    for size in ((45, 70), (70, 45), (33, 33), (20, 41)):
+        img = Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
+        assert torch.equal(tf(img), reference(img))
+
+
+# -- CLIP ---------------------------------------------------------------------------------------------
+def test_clip_text_embeddings() -> None:
+    enc = smoke("clip")
+    prompts, emb = enc.text_embeddings()
+    assert len(prompts) == len(EXPR_CLASSES) == emb.shape[0] and emb.shape[1] == enc.feature_dim
+    assert prompts[EXPR_CLASSES.index("Happiness")] == "a face showing happiness"
+    assert all(p == p.lower() for p in prompts) and emb.dtype == torch.float32
+    again = enc.text_embeddings()[1]
+    assert torch.equal(again, emb)
+    assert enc.provenance()["prompts"] == prompts
+
+
+def test_clip_preprocessing_matches_open_clip() -> None:
+    import open_clip
+
+    enc = smoke("clip")
+    cfg = open_clip.get_model_preprocess_cfg(enc.model)
+    reference = open_clip.image_transform(cfg["size"], is_train=False, mean=cfg["mean"], std=cfg["std"],
+                                          resize_mode=cfg["resize_mode"], interpolation=cfg["interpolation"])
+    img = Image.fromarray(np.random.default_rng(3).integers(0, 256, size=(150, 260, 3), dtype=np.uint8))
+    assert torch.equal(enc.transform(img), reference(img))
+    assert enc.transform.interpolation == "bicubic" and enc.transform.resize_mode == "shortest"
+
+
+def test_clip_tag_offline_says_where_to_put_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ABAWFEAT_HOME", str(tmp_path))
+    monkeypatch.setenv("ABAWFEAT_OFFLINE", "1")
+    with pytest.raises(CheckpointError) as info:
+        build_encoder("clip")  # ViT-B-32 / openai
+    message = str(info.value)
+    target = tmp_path / "weights" / "open_clip" / "ViT-B-32" / "openai" / "open_clip_model.safetensors"
+    assert f"put the file at {target}" in message and "huggingface.co" in message
+    assert "\n" not in message
+
+
+def test_clip_bad_options(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown clip_model"):
+        build_encoder("clip", clip_model="ViT-Q-99", random_init=True)
+    with pytest.raises(CheckpointError, match="neither a file nor an open_clip tag"):
+        build_encoder("clip", clip_model="ViT-S-32-alt", clip_pretrained="laion9000")
+    broken = tmp_path / "broken.pt"
+    torch.save({"visual.conv1.weight": torch.zeros(1)}, broken)
+    with pytest.raises(CheckpointError, match=str(broken)):
+        build_encoder("clip", clip_model="ViT-S-32-alt", clip_pretrained=str(broken))
+    with pytest.raises(ConfigError, match="prompt_words"):
+        build_encoder("clip", clip_model="ViT-S-32-alt", random_init=True, prompt_words=("joy",))
+
+
+def test_clip_local_checkpoint_file(tmp_path: Path) -> None:
+    enc = smoke("clip")
+    path = tmp_path / "clip_s32.pt"
+    torch.save(enc.model.state_dict(), path)
+    loaded = build_encoder("clip", clip_model="ViT-S-32-alt", clip_pretrained=str(path))
+    x = images(enc, n=2)
+    with torch.no_grad():
+        assert torch.equal(loaded(x)[0], enc(x)[0])
+    prov = loaded.provenance()
+    assert prov["weights_source"] == str(path) and len(prov["weights_sha256"]) == 64
+
+
+def test_clip_vit_b32_shapes() -> None:
+    start = time.perf_counter()
+    enc = build_encoder("clip", clip_pretrained=None)  # the default model, random weights
+    with torch.no_grad():
+        features, logits = enc(torch.zeros(1, 3, 224, 224))
+    assert features.shape == (1, 512) and logits is None
+    assert enc.input_size == 224 and enc.provenance()["config"]["clip_model"] == "ViT-B-32"
+    assert time.perf_counter() - start < 60  # typically a few seconds
+
+
+# -- CLI ----------------------------------------------------------------------------------------------
+def test_cli_lists_encoders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from abawfeat.cli import app
+
+    monkeypatch.setenv("ABAWFEAT_HOME", str(tmp_path))
+    runner = CliRunner()
+    result = runner.invoke(app, ["encoders", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert {e["name"] for e in data["encoders"]} == set(NAMES)
+    assert {w["name"] for w in data["named_weights"]} >= {"affectnet8", "affectnet7", "rafdb"}
+    result = runner.invoke(app, ["encoders"])
+    assert result.exit_code == 0 and "ddamfn" in result.stdout and "affectnet8" in result.stdout
