@@ -140,6 +140,7 @@ class CacheWriter:
         self._consolidate_on_exit = consolidate_on_exit
         self._lock_fd: int | None = None
         self._consolidated: set[str] = set()
+        self._has_text = False
         self._open = False
 
     # -- lifecycle
@@ -196,6 +197,7 @@ class CacheWriter:
             with _open_h5(self.path) as fh:
                 stored = read_provenance(fh, self.path)
                 self._consolidated = set(fh["videos"].keys()) if "videos" in fh else set()
+                self._has_text = "text" in fh
             self._refuse_if_different(stored, self.path)
             # Keep the first creation time: the cache was created then, this run only adds to it.
             self.provenance["created"] = stored.get("created", self.provenance["created"])
@@ -240,6 +242,10 @@ class CacheWriter:
     def done_videos(self) -> set[str]:
         """Videos already complete, in the consolidated file or as parts."""
         return self._consolidated | set(_part_videos(self.parts))
+
+    def has_text(self) -> bool:
+        """Whether text embeddings are stored already (in the file or as a part)."""
+        return self._has_text or (self.parts / _TEXT_PART).exists()
 
     def has_video(self, video: str) -> bool:
         return video in self._consolidated or (self.parts / f"{video}.h5").exists()

@@ -240,7 +240,7 @@ def _extract_videos(
     frames_of = {v: np.asarray(dataset.crop_frames(v), dtype=np.int32) for v in pending}
     mine = balance_videos(pending, [len(frames_of[v]) for v in pending], info.rank, info.world_size)
 
-    if info.is_main:
+    if info.is_main and not writer.has_text():  # the provenance (prompts included) matched: same text
         text = encoder.text_embeddings()
         if text is not None:
             prompts, emb = text
@@ -353,7 +353,7 @@ def _stream(
         num_workers=config.workers,
         collate_fn=collate_crops,
         pin_memory=device.type == "cuda",
-        prefetch_factor=4 if config.workers > 0 else None,
+        prefetch_factor=2 if config.workers > 0 else None,  # enough to hide decoding; bounds memory
         worker_init_fn=_CloseInheritedFd(writer.lock_fd),
     )
     pending = _VideoBuffers(videos, counts, frames_of)

@@ -30,7 +30,6 @@ import os
 import random
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +58,7 @@ from abawfeat.train import (
     metrics_record,
     resolve,
     resolved_objective,
+    run_epochs,
     run_tasks,
     save_checkpoint,
     validate_config,
@@ -300,7 +300,7 @@ def embed_rows(model: FinetuneModel, windows: FrameWindows, *, batch_size: int, 
     them receive the whole array."""
     from torch.utils.data import DataLoader
 
-    from abawfeat.data.frames import collate_batch
+    from abawfeat.data.frames import check_batch, collate_batch
 
     info = info or dist.DistInfo()
     n = len(windows)
@@ -318,7 +318,7 @@ def embed_rows(model: FinetuneModel, windows: FrameWindows, *, batch_size: int, 
     pos = 0
     try:
         with torch.no_grad():
-            for batch in loader:
+            for batch in map(check_batch, loader):
                 images = batch.inputs.reshape(-1, *batch.inputs.shape[2:]).to(device, non_blocking=True)
                 with autocast(device, precision):
                     embedding, _ = model.embed(images)
@@ -449,63 +449,6 @@ def lr_lambda(total_steps: int, warmup: float, schedule: str) -> Callable[[int],
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     return factor
-
-
-# --------------------------------------------------------------------------------------------- the loop
-
-
-def run_epochs_with_steps(
-    model: nn.Module,
-    source: FrameSource,
-    validate: Callable[[nn.Module], Evaluation],
-    step: Callable[[nn.Module, Sequence[Batch]], float],
-    *,
-    epochs: int,
-    select: str,
-    start_epoch: int = 1,
-    stop_epoch: int | None = None,
-    history: list[dict[str, Any]] | None = None,
-    best: float = -math.inf,
-    on_best: Callable[[int, Evaluation], None] | None = None,
-    on_epoch: Callable[[int, list[dict[str, Any]], float], None] | None = None,
-    reduce_mean: Callable[[float], float] = lambda x: x,
-    log: Callable[[str], None] | None = None,
-) -> list[dict[str, Any]]:
-    """``train.run_epochs`` with the optimiser step delegated to ``step(model, micro_batches)``.
-
-    Same epochs, same validation, same best-epoch rule (strictly better ``metrics[select]``, ties keep the
-    earlier epoch), same history rows. It exists only because ``run_epochs`` hard-codes a one-batch step;
-    once that takes a ``step`` hook this function goes (docs/finetune.md, "Reuse").
-    """
-    history = list(history or [])
-    last = epochs if stop_epoch is None else min(epochs, stop_epoch)
-    for epoch in range(start_epoch, last + 1):
-        t0 = time.perf_counter()
-        model.train()
-        total, n_steps = 0.0, 0
-        for micro in source.batches(epoch):
-            total += step(model, micro)
-            n_steps += 1
-        train_loss = reduce_mean(total / max(n_steps, 1))
-        evaluation = validate(model)
-        value = float(evaluation.metrics.get(select, math.nan))
-        improved = value > best
-        if improved:
-            best = value
-            if on_best is not None:
-                on_best(epoch, evaluation)
-        row: dict[str, Any] = {
-            "epoch": epoch, "train_loss": train_loss, "val_loss": evaluation.loss, "val_metric": value,
-            "seconds": time.perf_counter() - t0,
-        }
-        row.update({k: v for k, v in evaluation.metrics.items() if isinstance(v, float)})
-        history.append(row)
-        if on_epoch is not None:
-            on_epoch(epoch, history, best)
-        if log is not None:
-            log(f"epoch {epoch}/{epochs}  train_loss {train_loss:.4f}  val_loss {evaluation.loss:.4f}  "
-                f"{select} {value:.4f}{'  (best)' if improved else ''}  {row['seconds']:.1f}s")
-    return history
 
 
 # ------------------------------------------------------------------------------------- training state
@@ -639,6 +582,8 @@ def run_finetune(cfg: FinetuneConfig, *, resume: bool = False, stop_after_epochs
     continued with ``resume``. Works under torchrun (one process per device).
     """
     validate_finetune(cfg)
+    if stop_after_epochs is not None and stop_after_epochs < 1:
+        raise ConfigError(f"stop_after_epochs must be >= 1, got {stop_after_epochs}")
     info = dist.dist_info()
     distributed = dist.init_process_group(info)
     try:
@@ -775,7 +720,8 @@ def _run(cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool, resume: bo
             start_provenance["calibration"] = {"encoder": start_provenance.get("calibration"),
                                                "frames": calibration}
         config_info = {
-            "kind": "finetune", "task": tcfg.task, "head": tcfg.head, "backbone": tcfg.backbone,
+            "kind": "finetune", "unfreeze": True, "unfreeze_from": cfg.unfreeze_from,
+            "task": tcfg.task, "head": tcfg.head, "backbone": tcfg.backbone,
             "objective": resolved_objective(tcfg), "train": to_dict(tcfg), "finetune": to_dict(cfg),
             "resolved": to_dict(res), "head_config": head_to_dict(head),
             # No cache: the head reads the fine-tuned backbone. `extract --weights <run>/ddamfn_finetuned.pth`
@@ -799,8 +745,14 @@ def _run(cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool, resume: bo
 
     def validate(m: nn.Module) -> Evaluation:
         inner = unwrap(m)
-        emb = embed_rows(inner, val_rows, batch_size=cfg.eval_batch_size, device=device,
-                         precision=precision, workers=cfg.workers, info=info)
+        try:
+            emb = embed_rows(inner, val_rows, batch_size=cfg.eval_batch_size, device=device,
+                             precision=precision, workers=cfg.workers, info=info)
+        except RuntimeError as exc:
+            if not _is_out_of_memory(exc):
+                raise
+            raise ConfigError(f"out of memory on {device} embedding {cfg.eval_batch_size} validation crops "
+                              "at once: lower --eval-batch-size") from None
         # The head is scored exactly as stage two scores a head on a cache holding these features.
         feats = dataclasses.replace(val_set, features=emb)
         windows = make_windows(feats.row_offsets, res.infer_window, res.infer_stride)
@@ -852,8 +804,9 @@ def _run(cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool, resume: bo
 
     stop = None if stop_after_epochs is None else start_epoch + stop_after_epochs - 1
     try:
-        history = run_epochs_with_steps(
-            ddp_model, source, validate, stepper, epochs=tcfg.epochs, select=SELECT_METRIC[tcfg.task],
+        # Stage two's loop; only the step differs (micro-batches, DDP, scaler, schedule).
+        history = run_epochs(
+            ddp_model, source, validate, step=stepper, epochs=tcfg.epochs, select=SELECT_METRIC[tcfg.task],
             start_epoch=start_epoch, stop_epoch=stop, history=history, best=best_value, on_best=on_best,
             on_epoch=on_epoch, reduce_mean=reduce_mean, log=say,
         )
@@ -943,7 +896,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 __all__ = [
     "BLOCKS", "PUBLISHED_FILE", "STATE_FILE", "FinetuneConfig", "FinetuneModel", "StepLoss", "Stepper",
     "block_index", "embed_rows", "expected_fingerprint", "load_finetune_config", "resume_finetune",
-    "run_epochs_with_steps", "run_finetune", "validate_finetune",
+    "run_finetune", "validate_finetune",
 ]
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from abawfeat import __version__
 from abawfeat.constants import AU_NAMES, EXPR_CLASSES, TASKS
 from abawfeat.data.sequences import SequenceSet, load_split, make_windows
 from abawfeat.errors import CacheError, CheckpointError, ConfigError
-from abawfeat.heads import OUTPUT_DIMS, Head, build_head, head_class, head_from_dict, head_to_dict
+from abawfeat.heads import OUTPUT_DIMS, Head, build_head, head_from_dict, head_to_dict
 from abawfeat.utils.configs import from_dict, read_json, to_dict, write_json_atomic
 from abawfeat.utils.device import autocast, resolve_device, seed_everything, to_device
 
@@ -503,69 +503,93 @@ def evaluate_set(
 # --------------------------------------------------------------------------------------------- the loop
 
 
+def make_step(
+    objective: Objective, optimizer: torch.optim.Optimizer, device: torch.device, precision: str = "fp32",
+    grad_clip: float = 0.0,
+) -> Callable[[nn.Module, Batch], float]:
+    """The default optimiser step: forward one batch under autocast, loss, backward, clip, step."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def step(model: nn.Module, batch: Batch) -> float:
+        b = batch.to(device)
+        with autocast(device, precision):
+            out = model(b.inputs, b.mask)
+            loss, _ = objective(out, b)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        return float(loss.detach())
+
+    return step
+
+
 def run_epochs(
     model: nn.Module,
     train: BatchSource,
     validate: Callable[[nn.Module], Evaluation],
-    objective: Objective,
-    optimizer: torch.optim.Optimizer,
+    objective: Objective | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
     *,
     epochs: int,
     select: str,
-    device: torch.device,
+    device: torch.device | None = None,
     precision: str = "fp32",
     grad_clip: float = 0.0,
+    step: Callable[[nn.Module, Any], float] | None = None,
     on_best: Callable[[int, Evaluation], None] | None = None,
-    on_epoch: Callable[[list[dict[str, Any]]], None] | None = None,
+    on_epoch: Callable[[int, list[dict[str, Any]], float], None] | None = None,
     log: Callable[[str], None] | None = None,
     start_epoch: int = 1,
+    stop_epoch: int | None = None,
     history: list[dict[str, Any]] | None = None,
     best: float = -math.inf,
+    reduce_mean: Callable[[float], float] = lambda x: x,
 ) -> list[dict[str, Any]]:
-    """Train for ``epochs`` epochs, validate after each, call ``on_best`` when ``metrics[select]`` improves.
+    """Train epochs ``start_epoch``..``min(epochs, stop_epoch)``, validate after each, call ``on_best`` when
+    ``metrics[select]`` strictly improves (ties keep the earlier epoch; NaN never improves).
 
-    Generic: ``model(batch.inputs, batch.mask) -> {task: outputs}``; ``train.batches(epoch)`` yields
-    ``Batch`` objects; ``validate(model) -> Evaluation``. Returns the history rows (also passed to
-    ``on_epoch`` after every epoch, so a crash keeps the curve). ``start_epoch``/``history``/``best`` let a
-    resumed run continue where it stopped.
+    Generic: ``train.batches(epoch)`` yields whatever ``step(model, item) -> loss`` consumes; by default
+    ``item`` is a ``Batch`` and the step is ``make_step(objective, optimizer, device, precision,
+    grad_clip)``, i.e. ``model(batch.inputs, batch.mask) -> {task: outputs}``, loss, backward, step. A
+    custom ``step`` (gradient accumulation over micro-batches, distributed training) replaces it.
+    ``validate(model) -> Evaluation``. ``on_epoch(epoch, history, best)`` runs after every epoch (write
+    history and resumable state there); ``reduce_mean`` averages the epoch's train loss across processes.
+    ``history``/``best`` let a resumed run continue where it stopped. Returns the history rows.
     """
+    if step is None:
+        if objective is None or optimizer is None:
+            raise ValueError("run_epochs needs either step= or both objective and optimizer")
+        step = make_step(objective, optimizer, device or torch.device("cpu"), precision, grad_clip)
     history = list(history or [])
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    for epoch in range(start_epoch, epochs + 1):
+    last = epochs if stop_epoch is None else min(epochs, stop_epoch)
+    for epoch in range(start_epoch, last + 1):
         t0 = time.perf_counter()
         model.train()
-        total, n_batches = 0.0, 0
-        for batch in train.batches(epoch):
-            b = batch.to(device)
-            with autocast(device, precision):
-                out = model(b.inputs, b.mask)
-                loss, _ = objective(out, b)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                nn.utils.clip_grad_norm_(params, grad_clip)
-            optimizer.step()
-            total += float(loss.detach())
-            n_batches += 1
+        total, n_steps = 0.0, 0
+        for item in train.batches(epoch):
+            total += step(model, item)
+            n_steps += 1
+        train_loss = reduce_mean(total / max(n_steps, 1))
         evaluation = validate(model)
         value = float(evaluation.metrics.get(select, math.nan))
-        improved = value > best  # ties keep the earlier epoch; NaN never improves
+        improved = value > best
         if improved:
             best = value
             if on_best is not None:
                 on_best(epoch, evaluation)
         row: dict[str, Any] = {
-            "epoch": epoch, "train_loss": total / max(n_batches, 1), "val_loss": evaluation.loss,
-            "val_metric": value, "seconds": time.perf_counter() - t0,
+            "epoch": epoch, "train_loss": train_loss, "val_loss": evaluation.loss, "val_metric": value,
+            "seconds": time.perf_counter() - t0,
         }
         row.update({k: v for k, v in evaluation.metrics.items() if isinstance(v, float)})
         history.append(row)
         if on_epoch is not None:
-            on_epoch(history)
+            on_epoch(epoch, history, best)
         if log is not None:
-            log(f"epoch {epoch}/{epochs}  train_loss {row['train_loss']:.4f}  "
-                f"val_loss {row['val_loss']:.4f}  {select} {value:.4f}{'  (best)' if improved else ''}  "
-                f"{row['seconds']:.1f}s")
+            log(f"epoch {epoch}/{epochs}  train_loss {train_loss:.4f}  val_loss {evaluation.loss:.4f}  "
+                f"{select} {value:.4f}{'  (best)' if improved else ''}  {row['seconds']:.1f}s")
     return history
 
 
@@ -869,9 +893,13 @@ def fit(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> FitResult
     objective = build_objective(objective_name, head, tasks, class_weight, pos_weight)
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    # -- run directory: config first; metrics.json (the completion mark) is removed until the end.
+    # -- run directory: files of an earlier run here are removed (only the names a run writes), so a crash
+    # never leaves an old checkpoint next to the new config; metrics.json, the completion mark, comes last.
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").unlink(missing_ok=True)
+    for name in ("metrics.json", *RUN_FILES):
+        (out / name).unlink(missing_ok=True)
+    for png in (out / "plots").glob("*.png"):
+        png.unlink()
     info = {
         "task": cfg.task, "head": cfg.head, "backbone": cfg.backbone, "objective": objective_name,
         "train": to_dict(cfg), "resolved": to_dict(res), "head_config": head_to_dict(head),
@@ -897,7 +925,7 @@ def fit(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> FitResult
     history = run_epochs(
         head, train_source, validate, objective, optimizer, epochs=cfg.epochs, select=SELECT_METRIC[cfg.task],
         device=device, precision=res.precision, grad_clip=cfg.grad_clip, on_best=on_best,
-        on_epoch=lambda h: write_history(out / "history.csv", h), log=say,
+        on_epoch=lambda _epoch, h, _best: write_history(out / "history.csv", h), log=say,
     )
     if not best:
         raise ConfigError(f"{out}: no epoch produced a finite {SELECT_METRIC[cfg.task]} (diverged?); "
@@ -960,8 +988,9 @@ def evaluate(
 
 __all__ = [
     "DEFAULT_OBJECTIVE", "OBJECTIVES", "SELECT_METRIC", "Batch", "BatchSource", "Evaluation", "FitResult",
-    "LoadedRun", "Objective", "TrainConfig", "WindowSource", "build_objective", "check_fingerprint", "decide",
-    "evaluate", "evaluate_set", "fill_timeline", "fit", "head_class", "infer_rows", "load_run",
-    "run_epochs", "run_is_complete", "save_checkpoint", "score_timeline", "to_scores", "validate_config",
-    "write_history", "write_val_outputs",
+    "LoadedRun", "Objective", "Resolved", "TrainConfig", "WindowSource", "build_objective",
+    "check_fingerprint", "context_weights", "decide", "evaluate", "evaluate_set", "fill_timeline", "fit",
+    "head_spec", "infer_rows", "inference_weights", "load_run", "make_step", "metrics_record",
+    "prepare_inference", "resolve", "run_epochs", "run_is_complete", "run_tasks", "save_checkpoint",
+    "score_timeline", "to_scores", "validate_config", "write_history", "write_plots", "write_val_outputs",
 ]

@@ -1,7 +1,7 @@
 """Stage-one throughput and memory, end to end (JPEG -> HDF5), against a naive baseline in the same run.
 
-    .venv/bin/python benchmarks/extract.py              # measure, print, rewrite docs/performance.md (extract)
-    .venv/bin/python benchmarks/extract.py --no-write   # measure and print only
+    .venv/bin/python benchmarks/extract.py             # measure, print, rewrite docs/performance.md
+    .venv/bin/python benchmarks/extract.py --no-write  # measure and print only
     .venv/bin/python benchmarks/extract.py --videos 6 --frames 120 --no-clip   # a quick look
 
 Data: a synthetic Aff-Wild2 tree from ``abawfeat.data.synth`` (112 x 112 JPEG crops, the release's layout).
@@ -129,7 +129,7 @@ def plan(args: argparse.Namespace, data: Path, tmp: Path) -> list[dict[str, Any]
     def ours(backbone: str, precision: str, compile_: bool, **extra: Any) -> dict[str, Any]:
         label = f"ours {backbone} {precision} {'compiled' if compile_ else 'eager'} channels_last"
         if "videos" in extra:
-            label += f" (half the videos)"
+            label += " (half the videos)"
         name = f"{backbone}-{precision}-{int(compile_)}-{len(extra)}"
         return {"kind": "ours", "label": label, "backbone": backbone, "precision": precision,
                 "compile": compile_, "batch_size": 64, "workers": args.workers, "data": str(data),
@@ -164,13 +164,15 @@ def summarise(results: list[dict[str, Any]], n_frames: int, args: argparse.Names
         rows = [r["steady_fps"] for r in results if r["kind"] == "baseline" and r["backbone"] == backbone]
         if rows:
             base[backbone] = sorted(rows)[len(rows) // 2] if len(rows) % 2 else sum(rows) / len(rows)
+    threads = f"{args.threads} torch thread(s)" if args.threads else "torch's default threads"
     lines = [
         f"Measured with `{command}` on {time.strftime('%Y-%m-%d')} ({platform.machine()}, "
-        f"{os.cpu_count()} cores, torch {_torch_version()}, no GPU), on a synthetic tree of "
+        f"{os.cpu_count()} cores, {threads}, "
+        f"torch {_torch_version()}, no GPU), on a synthetic tree of "
         f"{n_frames:,} crops ({args.videos} videos). Load average {load[0]:.1f} before, {load[1]:.1f} after: "
         "other jobs shared the machine, so compare rows with each other, not with other machines.",
         "",
-        "| configuration | steady frames/s | vs baseline | wall frames/s | peak RSS (main + largest worker) |",
+        "| configuration | steady frames/s | vs baseline | wall frames/s | peak RSS (main + largest child) |",
         "|---|---:|---:|---:|---:|",
     ]
     for r in results:
@@ -180,8 +182,8 @@ def summarise(results: list[dict[str, Any]], n_frames: int, args: argparse.Names
                      f"{r['rss_mb']:.0f} + {r['worker_rss_mb']:.0f} MB |")
     lines += [
         "",
-        "- baseline: DDAMFN (or CLIP ViT-B-32) eager, fp32, NCHW, batch 64, forward passes only on tensors decoded "
-        "beforehand; its DDAMFN row is the median of two runs.",
+        "- baseline: DDAMFN (or CLIP ViT-B-32) eager, fp32, NCHW, batch 64, forward passes only on tensors "
+        "decoded beforehand; the DDAMFN ratio uses the mean of its two runs.",
         "- ours: `run_extraction` end to end, JPEG decoding in DataLoader workers "
         f"(`--workers {args.workers}`), batch 64, writing float16 HDF5. *steady* excludes the first batch "
         "(worker start-up, torch.compile); *wall* counts everything from building the model to the "
@@ -215,11 +217,18 @@ def main() -> None:
     parser.add_argument("--clip-baseline-frames", type=int, default=512)
     parser.add_argument("--no-rss-check", dest="rss_check", action="store_false",
                         help="skip the half-set run that shows peak RSS does not grow with the data")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per measurement (default: torch's choice, one per core); 1 keeps "
+                             "OpenMP from spinning when other jobs share the machine")
     parser.add_argument("--no-write", dest="write", action="store_false", help="do not touch the docs")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         spec = json.loads(args.child)
+        if spec.get("threads"):
+            import torch
+
+            torch.set_num_threads(spec["threads"])
         result = measure_baseline(spec) if spec["kind"] == "baseline" else measure_ours(spec)
         print(json.dumps(result))
         return
@@ -230,7 +239,7 @@ def main() -> None:
         tmp = Path(tmp_name)
         data, n_frames = make_data(tmp, args.videos, args.frames)
         print(f"synthetic tree: {n_frames:,} crops in {args.videos} videos", flush=True)
-        results = [run_child(spec) for spec in plan(args, data, tmp)]
+        results = [run_child({**spec, "threads": args.threads}) for spec in plan(args, data, tmp)]
     text = summarise(results, n_frames, args, command, (load_before, os.getloadavg()[0]))
     print()
     print(text)

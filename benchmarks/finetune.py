@@ -171,11 +171,13 @@ def summarise(results: list[dict[str, Any]], args: argparse.Namespace, command: 
 
     base = results[0]["ips"]
     lines = [
+        "## End-to-end fine-tuning",
+        "",
         f"Command: `{command}` (torch {torch.__version__}, Python {platform.python_version()}, "
         f"{os.cpu_count()} CPUs). DDAMFN (published-format fixture weights) + FC head, task VA, "
         f"batch {args.batch} frames of 112 x 112, {args.steps} timed steps after one warm-up, each "
-        f"configuration in its own process. Load average {load[0]:.1f} before, {load[1]:.1f} after "
-        "(other jobs on the machine slow every row alike).",
+        f"configuration in its own process, best of {args.rounds} alternating rounds. Load average "
+        f"{load[0]:.1f} before, {load[1]:.1f} after (on 2 cores: other jobs ran; they slow every row).",
         "",
         "| configuration | train images/s | vs baseline | one VA-train epoch (1.68 M frames) | peak RSS |",
         "|---|---:|---:|---:|---:|",
@@ -212,6 +214,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32, help="frames per training step")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
+    parser.add_argument("--rounds", type=int, default=2, help="measurements per configuration (best kept)")
     parser.add_argument("--no-write", action="store_true", help="do not rewrite docs/performance.md")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -222,18 +225,23 @@ def main() -> None:
         return
 
     os.environ.setdefault("ABAWFEAT_NO_PROGRESS", "1")
-    options = (("batch", args.batch), ("steps", args.steps))
+    options = (("batch", args.batch), ("steps", args.steps), ("rounds", args.rounds))
     command = "python benchmarks/finetune.py" + "".join(
         f" --{k} {v}" for k, v in options if v != parser.get_default(k))
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="abawfeat-bench-ft-") as tmp:
         data = make_data(Path(tmp), args.batch * (args.steps + 1))
-        results = []
-        for spec in plan(args, data):
-            print(f"measuring {spec['label']} ...", file=sys.stderr, flush=True)
-            results.append({**spec, **run_child(spec)})
-            print(f"  {results[-1]['ips']:.1f} images/s", file=sys.stderr, flush=True)
-    text = summarise(results, args, command, (load_before, os.getloadavg()[0]))
+        # Rounds alternate the configurations, so a change in machine load hits all of them; each keeps
+        # its best round (throughput is only ever lowered by other jobs, never raised).
+        results: dict[str, dict[str, Any]] = {}
+        for r in range(args.rounds):
+            for spec in plan(args, data):
+                print(f"round {r + 1}: {spec['label']} ...", file=sys.stderr, flush=True)
+                got = run_child(spec)
+                print(f"  {got['ips']:.1f} images/s", file=sys.stderr, flush=True)
+                if spec["label"] not in results or got["ips"] > results[spec["label"]]["ips"]:
+                    results[spec["label"]] = {**spec, **got}
+    text = summarise(list(results.values()), args, command, (load_before, os.getloadavg()[0]))
     print(text)
     if not args.no_write:
         write_section(text)

@@ -43,7 +43,7 @@ def smoke(name: str) -> Encoder:
     return _BUILT[name]
 
 
-def images(encoder: Encoder, n: int = 3, seed: int = 0) -> torch.Tensor:
+def images(encoder: Encoder, n: int = 2, seed: int = 0) -> torch.Tensor:
     """Normalised batch made with the encoder's own transform from varied, non-square RGB images."""
     rng = np.random.default_rng(seed)
     out = []
@@ -62,17 +62,17 @@ def test_registry_has_the_builtin_encoders() -> None:
 def test_forward_shapes_and_dtype(name: str) -> None:
     enc = smoke(name)
     x = images(enc)
-    assert x.shape == (3, 3, enc.input_size, enc.input_size) and x.dtype == torch.float32
+    assert x.shape == (2, 3, enc.input_size, enc.input_size) and x.dtype == torch.float32
     with torch.no_grad():
         features, logits = enc(x)
         embedded = enc.embed(x)
-    assert features.shape == (3, enc.feature_dim) and features.dtype == torch.float32
+    assert features.shape == (2, enc.feature_dim) and features.dtype == torch.float32
     assert torch.isfinite(features).all()
     assert torch.equal(embedded, features)
     if enc.logit_names is None:
         assert logits is None
     else:
-        assert logits is not None and logits.shape == (3, len(enc.logit_names))
+        assert logits is not None and logits.shape == (2, len(enc.logit_names))
     assert not enc.training
 
 
@@ -229,7 +229,8 @@ def test_clip_local_checkpoint_file(tmp_path: Path) -> None:
     with torch.no_grad():
         assert torch.equal(loaded(x)[0], enc(x)[0])
     prov = loaded.provenance()
-    assert prov["weights_source"] == str(path) and len(prov["weights_sha256"]) == 64
+    assert prov["weights_source"] == "file:clip_s32.pt" and len(prov["weights_sha256"]) == 64
+    assert prov["config"]["clip_pretrained"] == "file:clip_s32.pt"
 
 
 def test_clip_vit_b32_shapes() -> None:

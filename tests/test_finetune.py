@@ -40,6 +40,7 @@ from abawfeat.finetune import (
     validate_finetune,
 )
 from abawfeat.heads import build_head
+from abawfeat.report.html import architecture_label
 from abawfeat.train import Batch, TrainConfig, build_objective, load_run
 from abawfeat.utils.configs import to_dict
 
@@ -193,6 +194,7 @@ def test_run_trains_unfrozen_blocks_only_and_writes_a_stage_two_run_dir(root: Pa
     assert {"task", "split", "best_epoch", "ccc_valence", "ccc_arousal", "ccc_va"} <= set(metrics)
     run = load_run(out)
     assert run.config.task == "va" and run.head.tasks == ("va",)
+    assert architecture_label(run.info) == "DDAMFN+Fc (end-to-end)"  # reports give it a row of its own
     header = (out / "history.csv").read_text().splitlines()[0].split(",")
     assert header[:5] == ["epoch", "train_loss", "val_loss", "val_metric", "seconds"]
     # Official protocol: every labelled val frame, the crop-less one filled between its neighbours.
@@ -301,6 +303,19 @@ def test_missing_crop_folder_is_named(root: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError) as exc:
         run_finetune(config(copy, tmp_path / "run"))
     assert video in _first_line_only(exc)
+
+
+def test_corrupt_crop_is_named_even_from_a_worker_process(root: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "data"
+    shutil.copytree(root, copy)
+    seqs, dirs = load_frames_split(AffWild2(copy), ("expr",), "train")
+    windows = FrameWindows(seqs, dirs, np.arange(seqs.n_rows)[:, None], ("expr",),
+                           build_encoder("ddamfn", random_init=True).transform)
+    broken = windows.path(3)
+    broken.write_bytes(b"not a jpeg")
+    with pytest.raises(DataError) as exc:
+        list(FrameSource(windows, batch_size=4, workers=1).batches(1))
+    assert str(broken) in _first_line_only(exc)
 
 
 def test_out_of_memory_says_what_to_lower(

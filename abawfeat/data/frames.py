@@ -31,10 +31,12 @@ from abawfeat.errors import ConfigError, DataError
 __all__ = [
     "AugmentConfig",
     "AugmentParams",
+    "BrokenBatch",
     "CropListing",
     "FrameSource",
     "FrameWindows",
     "apply_augment",
+    "check_batch",
     "collate_batch",
     "draw_augment",
     "epoch_steps",
@@ -247,8 +249,13 @@ class FrameWindows(Dataset):
         n = int(real.sum())
         size = self.transform.size
         pixels = np.zeros((len(rows), size, size, 3), dtype=np.uint8)
-        for k in range(n):
-            pixels[k] = self.decode(int(rows[k]))
+        try:
+            for k in range(n):
+                pixels[k] = self.decode(int(rows[k]))
+        except DataError as exc:
+            # Raised in a DataLoader worker, the error would come back wrapped in a multi-line traceback;
+            # carried as data instead, the main process re-raises it as the one line it is.
+            return {"error": (str(exc.path), exc.problem)}
         images = torch.from_numpy(pixels).permute(0, 3, 1, 2)
         if seed >= 0 and self.augment.enabled and n:
             # Real frames only, one draw for the whole window; padding stays zero.
@@ -269,9 +276,13 @@ class FrameWindows(Dataset):
 
 
 def collate_batch(items: Sequence[dict[str, Any]]) -> Any:
-    """Samples -> stage two's ``Batch`` (inputs are images [B, L, 3, S, S])."""
+    """Samples -> stage two's ``Batch`` (inputs are images [B, L, 3, S, S]); raises the DataError of an
+    undecodable crop (see ``check_batch`` for batches collated in DataLoader workers)."""
     from abawfeat.train import Batch
 
+    for it in items:
+        if "error" in it:
+            return BrokenBatch(*it["error"])
     tasks = [k[: -len("_target")] for k in items[0] if k.endswith("_target")]
     return Batch(
         inputs=torch.stack([it["images"] for it in items]),
@@ -280,6 +291,24 @@ def collate_batch(items: Sequence[dict[str, Any]]) -> Any:
         valid={t: torch.stack([it[f"{t}_valid"] for it in items]) for t in tasks},
         rows=np.stack([it["rows"] for it in items]),
     )
+
+
+@dataclass(frozen=True)
+class BrokenBatch:
+    """A batch that could not be built: the crop that failed to decode and why."""
+
+    path: str
+    problem: str
+
+    def raise_error(self) -> None:
+        raise DataError(self.path, self.problem)
+
+
+def check_batch(batch: Any) -> Any:
+    """The batch itself, or the one-line DataError of the crop that broke it."""
+    if isinstance(batch, BrokenBatch):
+        batch.raise_error()
+    return batch
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -356,7 +385,7 @@ class FrameSource:
         )
         group: list[Any] = []
         for batch in loader:
-            group.append(batch)
+            group.append(check_batch(batch))
             if len(group) == self.grad_accum:
                 yield group
                 group = []

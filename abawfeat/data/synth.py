@@ -151,6 +151,10 @@ class SynthConfig:
             self.expr_weights
         ) <= 0:
             raise ConfigError(f"synth: expr_weights needs {len(EXPR_CLASSES)} non-negative weights")
+        if not 0.0 <= self.identity_strength <= 1.5:
+            raise ConfigError(f"synth: identity_strength must be in [0, 1.5], got {self.identity_strength}")
+        if not 0.0 <= self.noise_std <= 50.0:
+            raise ConfigError(f"synth: noise_std must be in [0, 50], got {self.noise_std}")
         if not 1 <= self.jpeg_quality <= 95:
             raise ConfigError(f"synth: jpeg_quality must be in 1..95, got {self.jpeg_quality}")
         for name in ("segment_frames", "transition_frames", "missing_crop_run", "invalid_run"):
@@ -351,7 +355,7 @@ def plan(cfg: SynthConfig) -> list[VideoPlan]:
         for _ in range(n_sources)
     ]
     # Muted scene tones (a random colour pulled halfway to grey), a different one at top and bottom.
-    backgrounds = [tuple(int(v) for v in (rng.integers(30, 226, 6) + rng.integers(60, 180)) // 2)
+    backgrounds = [tuple(int(v) for v in (rng.integers(40, 216, 6) + 2 * rng.integers(80, 170)) // 3)
                    for _ in range(n_sources)]
 
     videos: list[VideoPlan] = []
@@ -544,7 +548,7 @@ class _Face:
 
         u = lambda lo, hi: float(rng.uniform(lo, hi))  # noqa: E731
         k = strength
-        light = u(0.55, 0.95) if k > 0 else 0.8
+        light = u(0.62, 0.93) if k > 0 else 0.8
         light = 0.8 + (light - 0.8) * min(k, 1.0)
         self.skin = (255 * light, 205 * light * u(0.97, 1.03), 172 * light * u(0.95, 1.05))
         self.lip = _blend(self.skin, (140, 35, 45), 0.7)  # dark enough to show lip thinning in grey
@@ -554,15 +558,17 @@ class _Face:
         self.dx0, self.dy0 = u(-2.5, 2.5) * k, u(-2.0, 2.0) * k
         self.s0 = 1.0 + u(-0.05, 0.04) * k
         self.eye_dx = u(-1.2, 1.2) * k
-        self.brow_w = 3.6 + u(-0.6, 0.8) * k
+        self.brow_w = 4.4 + u(-0.6, 0.8) * k
         self.mouth_w = 1.0 + u(-0.08, 0.08) * k
         self.hair_h = 3.0 + u(0, 2.5) * k
         self.yaw_amp = u(0.5, 3.0) * k
         side = u(-0.12, 0.12) * k  # light from one side: a left-right shading ramp
         ramp = 1.0 + side * np.linspace(-1, 1, CROP_SIZE, dtype=np.float32)
         self.shade = np.broadcast_to(ramp[None, :, None], (CROP_SIZE, CROP_SIZE, 1))
-        top = np.array(background[:3], dtype=np.float32)
-        bottom = np.array(background[3:], dtype=np.float32)
+        # The scene varies with identity_strength too: a large area whose colour random features see first.
+        grey = np.float32(128.0)
+        top = grey + (np.array(background[:3], dtype=np.float32) - grey) * min(k, 1.0)
+        bottom = grey + (np.array(background[3:], dtype=np.float32) - grey) * min(k, 1.0)
         grad = np.linspace(0, 1, CROP_SIZE * _SS, dtype=np.float32)[:, None, None]
         bg = top + (bottom - top) * grad
         self.bg = Image.fromarray(np.broadcast_to(bg, (CROP_SIZE * _SS, CROP_SIZE * _SS, 3)).astype(np.uint8))
@@ -574,7 +580,11 @@ class _Face:
         """The 224 x 224 supersampled drawing of state ``x`` (intensities in STATE_NAMES order); the returned
         canvas is reused by the next call."""
 
-        i1, i2, i4, i6, i7, i10, i12, i15, i23, i24, i25, i26, i5, i9, i20 = x.tolist()
+        # A smoothstep from 0.15 to 0.75: faint below the 0.5 label threshold, near full above it, so the
+        # bit a label carries is what the pixels show most clearly (small intensities stay faintly visible).
+        t = np.clip((x - 0.15) / 0.6, 0.0, 1.0)
+        vis = t * t * (3 - 2 * t)
+        i1, i2, i4, i6, i7, i10, i12, i15, i23, i24, i25, i26, i5, i9, i20 = vis.tolist()
         img = self.canvas
         img.paste(self.bg)
         d = self.pen
@@ -604,32 +614,32 @@ class _Face:
         if i6 > 0.05:
             for side in (-1, 1):
                 ccx, ccy = fx + side * 18 * s, cy + 9 * s
-                d.ellipse([p(ccx - 8 * s, ccy - (3 + 3 * i6) * s), p(ccx + 8 * s, ccy + (3 + 3 * i6) * s)],
-                          fill=_blend(skin, (170, 60, 60), 0.65 * i6))
+                d.ellipse([p(ccx - 10 * s, ccy - (3 + 4 * i6) * s), p(ccx + 10 * s, ccy + (3 + 4 * i6) * s)],
+                          fill=_blend(skin, (160, 45, 45), 0.8 * i6))
         by = cy - 19 * s
         # AU1 / AU2: forehead wrinkles, central for the inner brow, lateral for the outer brow.
         if i1 > 0.05:
             col = _blend(skin, _DARK, 0.75 * i1)
             for yy in (by - 11 * s, by - 15 * s):
                 d.line([p(fx - 8 * s, yy + 1 * s), p(fx, yy), p(fx + 8 * s, yy + 1 * s)], fill=col,
-                       width=w(1.6))
+                       width=w(2.5))
         if i2 > 0.05:
             col = _blend(skin, _DARK, 0.75 * i2)
             for side in (-1, 1):
                 for yy in (by - 12 * s, by - 16 * s):
                     d.line([p(fx + side * 12 * s, yy), p(fx + side * 24 * s, yy + 2 * s)], fill=col,
-                           width=w(1.6))
+                           width=w(2.5))
         # Brows: AU1 lifts the inner end, AU2 the outer end, AU4 lowers and draws them together.
         for side in (-1, 1):
-            inner = p(fx + side * (6 - 2.5 * i4) * s, by - 8 * i1 * s + 5 * i4 * s)
-            outer = p(fx + side * 24 * s, by + 1 * s - 8 * i2 * s + 2.5 * i4 * s)
+            inner = p(fx + side * (6 - 2.5 * i4) * s, by - 10 * i1 * s + 5 * i4 * s)
+            outer = p(fx + side * 24 * s, by + 1 * s - 10 * i2 * s + 2.5 * i4 * s)
             mid = p(fx + side * 15 * s, (inner[1] + outer[1]) / (2 * _SS) - (2.5 + 1.5 * i2) * s)
             d.line([inner, mid, outer], fill=self.brow, width=w(self.brow_w), joint="curve")
         if i4 > 0.05:  # AU4: vertical furrows between the brows
             col = _blend(skin, _DARK, 0.85 * i4)
             for side in (-1, 1):
                 d.line([p(fx + side * 2.2 * s, by - 1 * s), p(fx + side * 1.6 * s, by + 8 * s)], fill=col,
-                       width=w(1.7))
+                       width=w(2.8))
         # Eyes: AU7 narrows both lids, AU6 pushes the lower lid up, AU5 (hidden) opens the upper lid.
         ey = cy - 6 * s
         for side in (-1, 1):
@@ -647,7 +657,7 @@ class _Face:
                 col = _blend(skin, _DARK, 0.8 * i6)
                 for k in (-1, 0, 1):
                     d.line([p(ex + side * 8.5 * s, ey + k * 2 * s), p(ex + side * 14 * s, ey + k * 4 * s)],
-                           fill=col, width=w(1.5))
+                           fill=col, width=w(2.4))
         # Nose (turns a little more than the eyes, like a nose in depth).
         nx, ny = fx + 0.3 * yaw, cy + 10 * s
         d.line([p(fx, cy - 4 * s), p(nx, ny)], fill=_blend(skin, _DARK, 0.3), width=w(1.5))
@@ -658,15 +668,15 @@ class _Face:
         if i9 > 0.05:
             col = _blend(skin, _DARK, 0.8 * i9)
             for yy in (cy - 2 * s, cy + 1.5 * s, cy + 5 * s):
-                d.line([p(fx - 4 * s, yy), p(fx + 4 * s, yy)], fill=col, width=w(1.4))
+                d.line([p(fx - 4 * s, yy), p(fx + 4 * s, yy)], fill=col, width=w(2.4))
         # Mouth: AU12 / AU15 pull the corners up / down, AU20 (hidden) stretches, AU23 thins and narrows,
         # AU24 presses (pale lips, heavy lip line, chin crease), AU25 parts, AU26 opens wide, AU10 lifts the
         # upper lip (upper teeth show) and deepens the nasolabial folds.
         my = cy + 24 * s
         mw = 12.5 * self.mouth_w * (1 + 0.3 * i12 + 0.35 * i20 - 0.3 * i23) * s
-        corner = (-7 * i12 + 7 * i15 + 1.0 * i20) * s
+        corner = (-9 * i12 + 9 * i15 + 1.0 * i20) * s
         gap = (6.5 * i25 + 8 * i26) * s
-        lift = 3.5 * i10 * s
+        lift = 4.5 * i10 * s
         thin = (1 - 0.7 * i23) * (1 - 0.45 * i24)
         t_up, t_lo = 4.0 * thin * s, 5.0 * thin * s
         us = np.linspace(-1, 1, 15)
@@ -683,7 +693,7 @@ class _Face:
             for side in (-1, 1):
                 d.line([p(nx + side * 5.5 * s, ny + 1 * s), p(fx + side * (mw / s + 3) * s, ny + 7 * s),
                         p(fx + side * (mw / s + 2.5) * s, my + corner + 2 * s)],
-                       fill=col, width=w(1.2 + 1.3 * i10), joint="curve")
+                       fill=col, width=w(2.0 + 1.5 * i10), joint="curve")
         lips = _points(np.concatenate([xs, xs[::-1]]), np.concatenate([y_uo, y_lo[::-1]]))
         d.polygon(lips, fill=_blend(self.lip, skin, 0.55 * i24))
         d.line(_points(xs, line), fill=_blend(_DARK, (90, 30, 35), 0.3 - 0.3 * i24),
@@ -702,12 +712,12 @@ class _Face:
             top = float(y_uo.min())
             for k in (-1.5, -0.5, 0.5, 1.5):
                 d.line([p(fx + k * 3.2 * s, top - 5 * s), p(fx + k * 2.6 * s, top - 1 * s)], fill=col,
-                       width=w(1.4))
+                       width=w(2.2))
         if i24 > 0.05:  # AU24: the chin boss bulges under pressed lips, with a crease below it
             col = _blend(skin, _DARK, 0.9 * i24)
             yy = float(y_lo.max()) + 4 * s
             d.line([p(fx - 9 * s, yy - 1.5 * s), p(fx, yy + 1.5 * s), p(fx + 9 * s, yy - 1.5 * s)], fill=col,
-                   width=w(2.4), joint="curve")
+                   width=w(3.0), joint="curve")
         return img
 
 

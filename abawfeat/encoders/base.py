@@ -190,7 +190,7 @@ class Encoder(nn.Module):
         return {
             "provenance_version": PROVENANCE_VERSION,
             "name": self.name,
-            "config": to_dict(self.config),
+            "config": self.provenance_config(),
             "weights_source": self.weights_source,
             "weights_sha256": self.weights_sha256,
             "calibration": self.calibration,
@@ -198,6 +198,12 @@ class Encoder(nn.Module):
             "feature_dim": self.feature_dim,
             "logit_names": list(self.logit_names) if self.logit_names is not None else None,
         }
+
+    def provenance_config(self) -> dict[str, Any]:
+        """The config as provenance records it. Encoders drop what names a place rather than a computation
+        (file paths, loading policy): the weights' identity is ``weights_sha256``, and a cache must still
+        match when the same weights sit elsewhere on another machine."""
+        return to_dict(self.config)
 
     # -- registry hooks -----------------------------------------------------------------------------
     @classmethod

@@ -94,7 +94,7 @@ def resolve_clip_weights(model: str, spec: str) -> tuple[Path, dict[str, Any], s
     oc = _open_clip()
     path = Path(spec).expanduser()
     if path.is_file():
-        return path, {}, str(spec)
+        return path, {}, f"file:{path.name}"
     cfg = oc.get_pretrained_cfg(model, spec)
     if not cfg:
         if looks_like_path(spec):
@@ -214,6 +214,13 @@ class CLIPEncoder(Encoder):
             with torch.autocast(device_type=device.type, enabled=False):
                 self._text = self.model.encode_text(tokens.to(device)).float().cpu()
         return self.prompts(), self._text.clone()
+
+    def provenance_config(self) -> dict[str, Any]:
+        config = super().provenance_config()
+        # A tag names weights; a path only says where they are (weights_sha256 says what they are).
+        if config["clip_pretrained"] is not None and self.weights_source.startswith("file:"):
+            config["clip_pretrained"] = self.weights_source
+        return config
 
     def provenance(self) -> dict[str, Any]:
         out = super().provenance()

@@ -97,7 +97,7 @@ NAMED_WEIGHTS: dict[str, NamedWeights] = {
 @dataclass(frozen=True)
 class ResolvedWeights:
     path: Path
-    source: str  # "named:<name> (<url>)" or the local path as given
+    source: str  # "named:<name>" or "file:<file name>"; no directories, so it survives moving the file
     sha256: str
     named: NamedWeights | None = None
 
@@ -184,7 +184,7 @@ def resolve_weights(
     """
     path = Path(spec).expanduser()
     if path.is_file():
-        return ResolvedWeights(path=path, source=str(spec), sha256=file_sha256(path))
+        return ResolvedWeights(path=path, source=f"file:{path.name}", sha256=file_sha256(path))
     known = {n: w for n, w in NAMED_WEIGHTS.items() if w.encoder == encoder}
     if spec not in known:
         names = ", ".join(sorted(known)) or "none"
@@ -193,7 +193,7 @@ def resolve_weights(
         raise CheckpointError(f"unknown {encoder} weights {spec!r}: give a file path or one of {names}")
     named = known[spec]
     target = cached_path(named)
-    source = f"named:{named.name} ({named.url})"
+    source = f"named:{named.name}"
     if target.is_file():
         problem = checksum_problem(target, named)
         if problem is not None:
