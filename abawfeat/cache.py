@@ -104,9 +104,28 @@ def make_provenance(
 
 
 def provenance_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Names of the identity keys (all but ``VOLATILE_KEYS``) whose values differ, sorted."""
+    """Names of the identity keys (all but ``VOLATILE_KEYS``) whose values differ, sorted. Where the weights
+    are identified by their sha256, the path they were given by is not compared."""
+    stored, current = _without_weight_paths(stored), _without_weight_paths(current)
     keys = (set(stored) | set(current)) - VOLATILE_KEYS
     return sorted(k for k in keys if _canonical(stored.get(k)) != _canonical(current.get(k)))
+
+
+def _without_weight_paths(provenance: dict[str, Any]) -> dict[str, Any]:
+    # `--weights ./ddamfn.pth` and `--weights /data/ddamfn.pth` are the same encoder when the file hashes
+    # agree; the sha256 identifies the weights, the path only says where they were that day.
+    sha = provenance.get("weights_sha256")
+    if not isinstance(sha, str) or len(sha) != 64:
+        return provenance
+    out = dict(provenance)
+    if isinstance(out.get("encoder_config"), dict):
+        out["encoder_config"] = {k: v for k, v in out["encoder_config"].items() if k != "weights"}
+    if isinstance(out.get("encoder_provenance"), dict):
+        enc = {k: v for k, v in out["encoder_provenance"].items() if k != "weights_source"}
+        if isinstance(enc.get("config"), dict):
+            enc["config"] = {k: v for k, v in enc["config"].items() if k != "weights"}
+        out["encoder_provenance"] = enc
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- writer
@@ -484,7 +503,9 @@ class FeatureCache:
 
 
 def fingerprint_of(provenance: dict[str, Any]) -> dict[str, Any]:
-    """The fingerprint (see ``FeatureCache.fingerprint``) of a provenance dict."""
+    """The fingerprint (see ``FeatureCache.fingerprint``) of a provenance dict; the weights appear by their
+    sha256 only, not by the path they were loaded from."""
+    provenance = _without_weight_paths(provenance)
     return {key: _jsonable(provenance.get(key)) for key in FINGERPRINT_KEYS}
 
 

@@ -146,7 +146,8 @@ def resolve_output(config: ExtractConfig, dataset_name: str) -> Path:
 def run_extraction(config: ExtractConfig, encoder: Encoder | None = None) -> ExtractResult:
     """Extract features for every video with crops (or ``config.videos``) into the cache; resumable.
 
-    ``encoder`` overrides building one from the config (benchmarks use it to share one model)."""
+    ``encoder`` overrides building one from the config (for callers that already hold one); it is moved to
+    the device, and with bf16/fp16 its parameters are set to require grad (see _prepare_model)."""
     import torch
 
     from abawfeat.utils import dist
@@ -313,8 +314,14 @@ def _prepare_model(encoder: Encoder, device: torch.device, config: ExtractConfig
     encoder.to(device)
     # channels_last: the convolutions of DDAMFN run ~1.5x faster in NHWC on CPU (oneDNN) and GPU alike.
     encoder.to(memory_format=torch.channels_last)
-    for p in encoder.parameters():
-        p.requires_grad_(False)
+    if config.precision != "fp32":
+        # Autocast re-casts every weight to bf16/fp16 on every batch unless it may cache the casts, which it
+        # does only for leaf parameters that require grad, under no_grad (not inference_mode), within one
+        # autocast context: _stream keeps one open for the whole run. For CLIP's 88 M weights that is 2.5x
+        # faster, with bit-identical outputs. No gradient is ever computed (no_grad).
+        for p in encoder.parameters():
+            if p.is_floating_point():
+                p.requires_grad_(True)
     if config.compile:
         # Batches are always padded to batch_size, so one static graph serves the whole run.
         return torch.compile(encoder, dynamic=False)
@@ -358,27 +365,31 @@ def _stream(
     )
     pending = _VideoBuffers(videos, counts, frames_of)
     size = encoder.input_size
-    for indices, images, bad_items in loader:
-        n = len(indices)
-        if n:
-            # Pad to a full batch: one static shape for torch.compile, and the same kernels for every batch,
-            # so a frame's features do not depend on where a resumed run's batches happen to start.
-            if n < config.batch_size:
-                pad = images.new_zeros((config.batch_size - n, 3, size, size))
-                images = torch.cat([images, pad])
-            x = to_device(images, device).contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode(), autocast(device, config.precision):
+    # One no_grad + autocast context for the whole loop, so autocast's weight-cast cache lives across batches
+    # (see _prepare_model).
+    with torch.no_grad(), autocast(device, config.precision):
+        for indices, images, bad_items in loader:
+            n = len(indices)
+            if n:
+                # Pad to a full batch: one static shape for torch.compile, and the same kernels for every
+                # batch, so a frame's features do not depend on where a resumed run's batches start.
+                if n < config.batch_size:
+                    pad = images.new_zeros((config.batch_size - n, 3, size, size))
+                    images = torch.cat([images, pad])
+                x = to_device(images, device).contiguous(memory_format=torch.channels_last)
                 feats, logits = model(x)
-            feats_np = feats[:n].float().cpu().numpy()
-            logits_np = None if logits is None else logits[:n].float().cpu().numpy()
-        else:
-            feats_np, logits_np = np.zeros((0, encoder.feature_dim), np.float32), None
-        for video, frames, features, logits_v, bad_v in pending.add(indices, feats_np, logits_np, bad_items):
-            writer.write_video(
-                video, frames, features, logits=logits_v, bad_frames=[f for f, _ in bad_v]
-            )
-            on_video(video, len(frames), bad_v)
-        on_frames(n + len(bad_items))
+                feats_np = feats[:n].float().cpu().numpy()
+                logits_np = None if logits is None else logits[:n].float().cpu().numpy()
+            else:
+                feats_np, logits_np = np.zeros((0, encoder.feature_dim), np.float32), None
+            for video, frames, features, logits_v, bad_v in pending.add(
+                indices, feats_np, logits_np, bad_items
+            ):
+                writer.write_video(
+                    video, frames, features, logits=logits_v, bad_frames=[f for f, _ in bad_v]
+                )
+                on_video(video, len(frames), bad_v)
+            on_frames(n + len(bad_items))
 
 
 class _VideoBuffers:

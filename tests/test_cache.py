@@ -19,6 +19,7 @@ from abawfeat.cache import (
     FeatureCache,
     cache_info,
     default_cache_path,
+    fingerprint_of,
     make_provenance,
     parts_dir,
     verify_cache,
@@ -139,6 +140,24 @@ def test_provenance_mismatch_is_refused(tmp_path: Path) -> None:
         w.write_video("vid_a", *video_arrays(0))
         raise RuntimeError
     with pytest.raises(CacheError, match="different encoder configuration"), CacheWriter(out2, prov(seed=1)):
+        pass
+
+
+def test_weights_path_does_not_matter_when_the_hash_agrees(tmp_path: Path) -> None:
+    def with_weights(path: str, sha: str) -> dict:
+        enc = {"name": "toy", "config": {"weights": path, "dim": DIM}, "weights_sha256": sha,
+               "weights_source": path, "preprocessing": {}, "calibration": None}
+        return make_provenance(enc, feature_dim=DIM, dtype="float16", precision="fp32")
+
+    out = tmp_path / "toy.h5"
+    with CacheWriter(out, with_weights("w.pth", "a" * 64)) as w:
+        w.write_video("vid_a", *video_arrays(0))
+    with CacheWriter(out, with_weights("/elsewhere/w.pth", "a" * 64)) as w:  # same file, other path
+        w.write_video("vid_b", *video_arrays(1))
+    with FeatureCache(out) as cache:
+        assert "weights" not in cache.fingerprint()["encoder_config"]
+        assert cache.fingerprint() == fingerprint_of(with_weights("/x/y.pth", "a" * 64))
+    with pytest.raises(CacheError, match="weights_sha256"), CacheWriter(out, with_weights("w.pth", "b" * 64)):
         pass
 
 

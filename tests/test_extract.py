@@ -280,6 +280,17 @@ def test_ctrl_c_keeps_completed_videos(tree: Path, tmp_path: Path, monkeypatch: 
     assert snapshot(out) == snapshot(ref)
 
 
+def test_bf16_precision_is_applied_and_recorded(tree: Path, tmp_path: Path) -> None:
+    fp32, bf16 = tmp_path / "fp32.h5", tmp_path / "bf16.h5"
+    run_extraction(config(tree, fp32, dtype="float32", videos=("video7",)))
+    run_extraction(config(tree, bf16, dtype="float32", videos=("video7",), precision="bf16"))
+    with FeatureCache(fp32) as a, FeatureCache(bf16) as b:
+        x, y = a.features("video7"), b.features("video7")
+        assert b.provenance["precision"] == "bf16"
+        assert not np.array_equal(x, y)  # autocast really ran in bf16 ...
+        np.testing.assert_allclose(y, x, rtol=0.05, atol=0.02)  # ... and stays close to fp32
+
+
 def test_balance_and_calibration_frames_are_deterministic(tree: Path) -> None:
     names = [f"v{i}" for i in range(7)]
     sizes = [100, 5, 60, 60, 7, 30, 1]

@@ -118,6 +118,17 @@ def test_layout_is_the_release_layout(tiny: tuple[Path, dict]) -> None:
     assert any(len(v["tasks"]) == 3 for v in videos.values())
 
 
+def test_corners_show_only_the_background(tiny: tuple[Path, dict]) -> None:
+    # The bottom-right corner is background in every crop: a stray stroke (PIL's chord() drew one once)
+    # or a face drawn off-centre would put dark pixels there.
+    root, manifest = tiny
+    for v in manifest["videos"]:
+        for jpg in sorted((root / v["crop_dir"] / v["name"]).iterdir()):
+            with Image.open(jpg) as img:
+                corner = np.asarray(img.convert("L"), dtype=np.float32)[98:, 98:]
+            assert np.abs(corner - np.median(corner)).max() < 45, jpg
+
+
 def test_test_lists_and_sample_files(tiny: tuple[Path, dict]) -> None:
     root, manifest = tiny
     videos = {v["name"]: v for v in manifest["videos"]}

@@ -334,3 +334,34 @@ def test_checkpoint_on_a_foreign_cache_is_refused(world: World, tmp_path: Path) 
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="checkpoint.pt: missing"):
         evaluate(tmp_path / "empty")
+
+
+def test_multitask_from_a_7th_abaw_multitask_file(world: World, tmp_path: Path) -> None:
+    """A tree with only the s-Aff-Wild2 multi-task files: labels on the listed (static) frames only."""
+    from abawfeat.data import AffWild2
+
+    per_task = AffWild2(world.root)
+    root = tmp_path / "saff"
+    mtl_dir = root / "7th_ABAW_Annotations" / "MTL_Challenge"
+    mtl_dir.mkdir(parents=True)
+    listed = {}
+    for split, name in (("train", "train_set.txt"), ("val", "validation_set.txt")):
+        lines = ["image,valence,arousal,expression,aus"]
+        for video in per_task.videos("va", split):
+            va, ex, au = (per_task.annotation(t, split, video) for t in ("va", "expr", "au"))
+            frames = range(1, va.n_frames + 1, 3)  # static frames: every third one
+            listed[(split, video)] = list(frames)
+            for f in frames:
+                v, a = va.labels[f - 1]
+                lines.append(f"{video}/{f:05d}.jpg,{v:.4f},{a:.4f},{ex.labels[f - 1]},"
+                             + ",".join(str(int(x)) for x in au.labels[f - 1]))
+        (mtl_dir / name).write_text("\n".join(lines) + "\n")
+    result = fit(config(world, tmp_path / "run", task="mtl", data=str(root), epochs=2))
+    assert {"ccc_va", "f1_expr", "f1_au_opt", "score"} <= set(result.metrics)
+    with np.load(tmp_path / "run" / "val_outputs.npz") as npz:
+        labelled = npz["frame"][npz["va_valid"]]
+        videos = npz["video"][npz["va_valid"]]
+    # Only listed frames carry labels (and only where the per-task file had a valid one).
+    for video, frame in zip(videos[:50], labelled[:50], strict=True):
+        assert frame in listed[("val", str(video))]
+    assert len(labelled) <= sum(len(v) for (s, _), v in listed.items() if s == "val")

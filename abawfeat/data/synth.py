@@ -123,7 +123,10 @@ class SynthConfig:
     crlf_fraction: float = 0.15  # annotation files with CRLF line endings
     no_final_newline_fraction: float = 0.15  # annotation files without a final newline
     # Rendering.
-    identity_strength: float = 1.0  # scales all per-video appearance variation (0 = one face for all)
+    # Scales all per-video appearance variation (0 = one face for all). 0.5 keeps faces, scenes and skin
+    # tones visibly different while a frozen random-init DDAMFN still reads the AUs (measured: 1.0 roughly
+    # halves what a linear probe on its features recovers).
+    identity_strength: float = 0.5
     noise_std: float = 5.0  # per-pixel Gaussian noise on 0..255
     jpeg_quality: int = 90  # fixed so that files are byte-identical across runs
 
@@ -607,8 +610,11 @@ class _Face:
         ox = cx + fw * (1 - 0.18 * np.where(lower, _SIN, 0.0) ** 2) * _COS  # jaw narrower than the temples
         oy = cy + np.where(lower, fh_bot, fh_top) * _SIN
         d.polygon(_points(ox, oy), fill=tuple(int(c) for c in skin))
-        delta = math.degrees(math.acos(max(-1.0, 1 - self.hair_h * s / fh_top)))
-        d.chord([p(cx - fw, cy - fh_top), p(cx + fw, cy + fh_top)], 270 - delta, 270 + delta, fill=self.hair)
+        # Fringe: the cap of the face ellipse above the hairline, as a polygon (PIL's chord() can leave a
+        # stray horizontal line across the image at some angles).
+        delta = math.acos(max(-1.0, 1 - self.hair_h * s / fh_top))
+        angles = np.linspace(1.5 * math.pi - delta, 1.5 * math.pi + delta, 12)
+        d.polygon(_points(cx + fw * np.cos(angles), cy + fh_top * np.sin(angles)), fill=self.hair)
 
         # AU6: raised, flushed cheeks and crow's feet; AU9 (hidden): nose wrinkles.
         if i6 > 0.05:
@@ -651,8 +657,9 @@ class _Face:
             r = 3.6 * s
             d.ellipse([p(ex - r, max(ey - r, ey - h_up)), p(ex + r, min(ey + r, ey + h_lo))],
                       fill=(45, 32, 26))
-            d.arc(box, 180, 360, fill=_DARK, width=w(1.8 + 0.8 * i7))
-            d.arc(box, 0, 180, fill=_blend(skin, _DARK, 0.5 + 0.4 * i7), width=w(1.0 + 1.2 * i7))
+            d.arc(box, 180, 360, fill=_DARK, width=w(1.8 + 1.6 * i7))
+            # AU7 also tenses the lower lid: a thicker, darker lower rim.
+            d.arc(box, 0, 180, fill=_blend(skin, _DARK, 0.5 + 0.4 * i7), width=w(1.0 + 2.5 * i7))
             if i6 > 0.05:
                 col = _blend(skin, _DARK, 0.8 * i6)
                 for k in (-1, 0, 1):
@@ -677,7 +684,7 @@ class _Face:
         corner = (-9 * i12 + 9 * i15 + 1.0 * i20) * s
         gap = (6.5 * i25 + 8 * i26) * s
         lift = 4.5 * i10 * s
-        thin = (1 - 0.7 * i23) * (1 - 0.45 * i24)
+        thin = (1 - 0.8 * i23) * (1 - 0.45 * i24)
         t_up, t_lo = 4.0 * thin * s, 5.0 * thin * s
         us = np.linspace(-1, 1, 15)
         xs = fx + mw * us
@@ -697,7 +704,7 @@ class _Face:
         lips = _points(np.concatenate([xs, xs[::-1]]), np.concatenate([y_uo, y_lo[::-1]]))
         d.polygon(lips, fill=_blend(self.lip, skin, 0.55 * i24))
         d.line(_points(xs, line), fill=_blend(_DARK, (90, 30, 35), 0.3 - 0.3 * i24),
-               width=w(1.2 + 2.5 * i24), joint="curve")
+               width=w(1.2 + 3.5 * i24), joint="curve")
         if gap + lift > 0.4 * s:
             inner = _points(np.concatenate([xs, xs[::-1]]), np.concatenate([y_ui, y_li[::-1]]))
             d.polygon(inner, fill=(35, 12, 15))
@@ -707,6 +714,12 @@ class _Face:
             bottom = np.minimum(tu + depth, tl)
             teeth = _points(np.concatenate([tx, tx[::-1]]), np.concatenate([tu, bottom[::-1]]))
             d.polygon(teeth, fill=(240, 238, 230))
+        if i15 > 0.05:  # AU15: the pulled-down corners crease the skin below them
+            col = _blend(skin, _DARK, 0.85 * i15)
+            for side, k in ((-1, 0), (1, -1)):
+                cx0, cy0 = float(xs[k]), float(line[k])
+                d.line([p(cx0 + side * 0.5 * s, cy0 + 1.5 * s), p(cx0 + side * 2.5 * s, cy0 + 8 * s)],
+                       fill=col, width=w(2.4))
         if i23 > 0.05:  # AU23: purse wrinkles on the upper lip's skin
             col = _blend(skin, _DARK, 0.8 * i23)
             top = float(y_uo.min())

@@ -31,7 +31,6 @@ from abawfeat.encoders.ddamfn import (
     DDAMFNEncoder,
     DDAMFNNet,
     DDAMFNOutput,
-    attention_diversity_loss,
     load_ddamfn_net,
     save_published_checkpoint,
 )
@@ -50,7 +49,6 @@ __all__ = [
     "EncoderInfo",
     "ImageTransform",
     "NamedWeights",
-    "attention_diversity_loss",
     "build_encoder",
     "encoder_class",
     "encoder_names",

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,7 +245,8 @@ class DDAMFNOutput(NamedTuple):
     embedding: torch.Tensor  # [B, 512], GDConv output: the vector stage one caches
     logits: torch.Tensor  # [B, num_class]
     feature_map: torch.Tensor  # [B, 512, 7, 7], before attention
-    head_maps: tuple[torch.Tensor, ...]  # num_head x [B, 512, 7, 7], for the attention-diversity loss
+    # num_head x [B, 512, 7, 7], what abawfeat.losses.attention_diversity_loss reads when fine-tuning
+    head_maps: tuple[torch.Tensor, ...]
 
 
 class DDAMFNNet(nn.Module):
@@ -274,21 +274,6 @@ class DDAMFNNet(nn.Module):
             attention = torch.max(attention, head)
         embedding = self.Linear(feature_map * attention).flatten(1)
         return DDAMFNOutput(embedding, self.fc(embedding), feature_map, heads)
-
-
-def attention_diversity_loss(head_maps: tuple[torch.Tensor, ...] | list[torch.Tensor],
-                             eps: float = sys.float_info.epsilon) -> torch.Tensor:
-    """The published attention loss: number of head pairs / (sum of pairwise MSE between maps + eps).
-    It is large when heads attend alike, pushing them apart; weighted 0.1 next to cross-entropy in training.
-    Zero for a single head."""
-    n = len(head_maps)
-    if n < 2:
-        return head_maps[0].new_zeros(())
-    total = head_maps[0].new_zeros((), dtype=torch.float32)
-    for i in range(n - 1):
-        for j in range(i + 1, n):
-            total = total + F.mse_loss(head_maps[i].float(), head_maps[j].float())
-    return (n * (n - 1) // 2) / (total + eps)
 
 
 # --------------------------------------------------------------------------------------------------------
