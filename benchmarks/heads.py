@@ -237,7 +237,9 @@ def run_worker(args: list[str]) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", *args]
     print("  $", " ".join(cmd[1:]), file=sys.stderr, flush=True)
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print("   ", json.dumps(result), file=sys.stderr, flush=True)
+    return result
 
 
 def grid_estimate(m: dict[str, dict[str, Any]]) -> tuple[float, list[tuple[str, str, float]]]:

@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from typer.testing import CliRunner
 
+from abawfeat.cli import app
 from abawfeat.data.affwild2 import AffWild2
 from abawfeat.data.frames import AugmentConfig, FrameSource, FrameWindows, epoch_steps, load_frames_split
 from abawfeat.data.synth import SynthConfig, generate
@@ -42,7 +44,6 @@ from abawfeat.finetune import (
 from abawfeat.heads import build_head
 from abawfeat.report.html import architecture_label
 from abawfeat.train import Batch, TrainConfig, build_objective, load_run
-from abawfeat.utils.configs import to_dict
 
 FIXTURE = Path(__file__).parent / "fixtures" / "ddamfn" / "ddamfn_official_format_random.pth"
 # Blocks before conv_6_sep: frozen in most runs here.
@@ -235,7 +236,9 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(root: Path, tmp
     assert not (interrupted / "metrics.json").exists()
     with pytest.raises(ConfigError, match="--resume"):
         run_finetune(config(root, interrupted, **kw))  # never silently restarts over a run
-    resumed = resume_finetune(interrupted)
+    result = CliRunner().invoke(app, ["train-head", "--resume", str(interrupted)])
+    assert result.exit_code == 0, result.output
+    resumed = interrupted
 
     a, b = _state(straight / STATE_FILE), _state(resumed / STATE_FILE)
     assert a["epoch"] == b["epoch"] == 2
@@ -253,18 +256,21 @@ def test_two_processes_agree_with_one(root: Path, tmp_path: Path) -> None:
     # Same global batch (4 = 1 x 4 = 2 x 2); frozen batch-norm statistics and per-frame losses make the
     # two runs the same computation up to float summation order (docs/finetune.md, "Distributed"). The
     # attention-diversity term is a batch-level ratio, so it is left out here, as train-mode BN is.
-    kw = {"freeze_bn": True}
+    # The CLI's defaults for what it does not expose (calibration and statistics frames: all crops here).
+    kw = {"freeze_bn": True, "calibration_frames": 256, "stats_frames": 2048}
     single = run_finetune(config(root, tmp_path / "one", batch_size=4, **kw))
-    cfg_path = tmp_path / "two.json"
-    cfg_path.write_text(json.dumps(to_dict(config(root, tmp_path / "two", batch_size=2, **kw))))
+    two = tmp_path / "two"
     env = dict(os.environ, OMP_NUM_THREADS="1", ABAWFEAT_NO_PROGRESS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "abawfeat.finetune", str(cfg_path)],
+         "-m", "abawfeat", "train-head", "--task", "expr", "--head", "fc", "--data", str(root),
+         "--out", str(two),
+         "--epochs", "1", "--batch-size", "2", "--lr", "0.01", "--device", "cpu", "--precision", "fp32",
+         "--no-plots", "--unfreeze", "--random-init", "--unfreeze-from", "conv_6_sep", "--freeze-bn",
+         "--workers", "0", "--eval-batch-size", "16"],
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    two = tmp_path / "two"
     config_two = json.loads((two / "config.json").read_text())
     assert config_two["world_size"] == 2 and config_two["global_batch"] == 4
 
@@ -334,3 +340,12 @@ def test_out_of_memory_says_what_to_lower(
 def test_resume_needs_a_finished_epoch(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="config.json"):
         resume_finetune(tmp_path)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "va", "--data", "d", "--out", "o", "--random-init"], "--unfreeze"),
+    (["--head", "fc"], "--task, --data, --out required"),
+])
+def test_cli_refuses_options_that_make_no_sense(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(app, ["train-head", *args])
+    assert result.exit_code == 2 and message in result.output.replace("\n", " ")

@@ -267,7 +267,8 @@ def test_labels_drive_the_pixels(tmp_path: Path) -> None:
     from sklearn.linear_model import Ridge, RidgeClassifier
     from sklearn.metrics import f1_score
 
-    cfg = SynthConfig(videos=24, frames=150, seed=2, segment_frames=25, expr_weights=(1.0,) * 8)
+    # Balanced classes and short segments so that a small tree holds every expression several times.
+    cfg = SynthConfig(videos=16, frames=120, seed=2, segment_frames=25, expr_weights=(1.0,) * 8)
     manifest = generate(cfg, tmp_path, workers=2)
     xa, ya = _load(tmp_path, manifest, "au", "train")
     xb, yb = _load(tmp_path, manifest, "au", "val")

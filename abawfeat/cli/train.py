@@ -44,14 +44,18 @@ def _print_metrics(metrics: dict[str, Any], title: str) -> None:
 @app.command("train-head")
 @guarded
 def train_head(
-    task: str = typer.Option(..., "--task", help="va, expr, au or mtl (one head for all three tasks)."),
+    task: str | None = typer.Option(None, "--task", help="va, expr, au or mtl (one head for all three)."),
     head: str = typer.Option("fc", "--head", help="fc (frame-wise) or lstm (temporal, trained on windows)."),
     backbone: str = typer.Option("ddamfn", "--backbone", help="Encoder of the cache: ddamfn or clip."),
-    data: Path = typer.Option(..., "--data", help="Aff-Wild2 root (annotations, test lists, sample files)."),
+    data: Path | None = typer.Option(
+        None, "--data", help="Aff-Wild2 root (annotations, test lists, sample files)."
+    ),
     cache: Path | None = typer.Option(
         None, "--cache", help="Feature cache. Default: cache/<data folder name>/<backbone>.h5 (extract's)."
     ),
-    out: Path = typer.Option(..., "--out", help="Run directory to write (config, checkpoint, metrics...)."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Run directory to write (config, checkpoint, metrics...)."
+    ),
     objective: str = typer.Option(
         "", "--objective", help="ccc (va), ce (expr), bce (au), contrastive (expr, CLIP caches), mtl. "
         "Default: the task's own."
@@ -75,10 +79,51 @@ def train_head(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 for LSTM), fp32, bf16, fp16."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write plots/*.png at the end."),
+    # End-to-end fine-tuning (abawfeat.finetune, docs/finetune.md): these options need --unfreeze.
+    unfreeze: bool = typer.Option(
+        False, "--unfreeze", help="Train DDAMFN end to end with the head, from the crops, not the cache."
+    ),
+    unfreeze_from: str = typer.Option(
+        "conv1", "--unfreeze-from", help="--unfreeze: first trainable block, conv1 ... attention, gdconv."
+    ),
+    weights: str | None = typer.Option(
+        None, "--weights", help="--unfreeze: starting DDAMFN (published-format file or name; affectnet8)."
+    ),
+    random_init: bool = typer.Option(
+        False, "--random-init", help="--unfreeze: seeded random DDAMFN, BN-calibrated (demo, tests)."
+    ),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="--unfreeze: accept model pickles."),
+    backbone_lr: float = typer.Option(1e-4, "--backbone-lr", help="--unfreeze: AdamW lr of the backbone."),
+    schedule: str = typer.Option("cosine", "--schedule", help="--unfreeze: cosine or constant, per step."),
+    warmup: float = typer.Option(0.05, "--warmup", help="--unfreeze: fraction of steps warming up."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="--unfreeze: micro-batches per optimiser step."),
+    freeze_bn: bool = typer.Option(False, "--freeze-bn", help="--unfreeze: keep batch-norm statistics."),
+    attention_diversity: bool = typer.Option(
+        False, "--attention-diversity", help="--unfreeze: add DDAMFN's attention-diversity loss."
+    ),
+    diversity_weight: float = typer.Option(0.1, "--diversity-weight", help="--unfreeze: its weight."),
+    augment: bool = typer.Option(
+        True, "--augment/--no-augment", help="--unfreeze: flip, colour jitter, small affine (training only)."
+    ),
+    workers: int = typer.Option(2, "--workers", help="--unfreeze: DataLoader processes decoding crops."),
+    eval_batch_size: int = typer.Option(64, "--eval-batch-size", help="--unfreeze: images per eval pass."),
+    resume: Path | None = typer.Option(
+        None, "--resume", help="Continue this interrupted --unfreeze run (options from its config.json)."
+    ),
 ) -> None:
-    """Train a head on cached features; writes the run directory and prints validation metrics."""
+    """Train a head on cached features (or, with --unfreeze, DDAMFN and the head from the crops); writes the
+    run directory and prints validation metrics."""
+    from abawfeat.errors import ConfigError
     from abawfeat.train import TrainConfig, fit
 
+    if resume is not None:
+        from abawfeat.finetune import resume_finetune
+
+        _print_finetune(resume_finetune(resume, log=_log))
+        return
+    missing = [flag for flag, value in (("--task", task), ("--data", data), ("--out", out)) if value is None]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} required (unless --resume RUN_DIR)")
     config = TrainConfig(
         task=task, head=head, backbone=backbone, data=str(data), cache=str(cache) if cache else "",
         out=str(out), objective=objective, class_weights=class_weights, pos_weight=pos_weight, epochs=epochs,
@@ -86,8 +131,34 @@ def train_head(
         infer_stride=infer_stride, hidden=hidden, layers=layers, bidirectional=bidirectional,
         dropout=dropout, device=device, precision=precision, plots=plots,
     )
+    if unfreeze:
+        from abawfeat.data.frames import AugmentConfig
+        from abawfeat.finetune import FinetuneConfig, run_finetune
+
+        finetune = FinetuneConfig(
+            train=config, weights=weights, random_init=random_init, trust_pickle=trust_pickle,
+            unfreeze_from=unfreeze_from, freeze_bn=freeze_bn, backbone_lr=backbone_lr, schedule=schedule,
+            warmup=warmup, grad_accum=grad_accum, attention_diversity=attention_diversity,
+            diversity_weight=diversity_weight, augment=AugmentConfig(enabled=augment), workers=workers,
+            eval_batch_size=eval_batch_size,
+        )
+        _print_finetune(run_finetune(finetune, log=_log))
+        return
+    if weights is not None or random_init:
+        raise ConfigError("--weights and --random-init choose the backbone of --unfreeze runs; a head on a "
+                          "cache uses the cache's encoder")
     result = fit(config, log=_log)
     _print_metrics(result.metrics, f"{out}: validation, best epoch {result.metrics['best_epoch']}")
+
+
+def _print_finetune(run_dir: Path) -> None:
+    """Metrics of a finished end-to-end run, printed once (rank 0 under torchrun)."""
+    from abawfeat.utils.dist import dist_info
+
+    path = Path(run_dir) / "metrics.json"
+    if dist_info().is_main and path.is_file():
+        metrics = json.loads(path.read_text())
+        _print_metrics(metrics, f"{run_dir}: validation, best epoch {metrics['best_epoch']}")
 
 
 @app.command("evaluate")

@@ -1,4 +1,4 @@
-"""A learnable demo dataset in the exact layout of the Aff-Wild2 release (see /work/shared/abaw-data.md).
+"""A learnable demo dataset in the exact layout of the Aff-Wild2 release (docs/architecture.md, Data).
 
 Every face is drawn procedurally from a hidden per-frame state of action-unit intensities, and every label is
 read off that same state: AU bits are intensities above a threshold, the expression is the segment that
@@ -52,7 +52,7 @@ SAMPLE_FILE_NAME = "CVPR_8th_ABAW_{tag}_test_set_sample.txt"
 MANIFEST_NAME = "synth_manifest.json"
 MANIFEST_FORMAT = "abawfeat-synth/1"
 CROP_SIZE = 112
-_POOL_MIN_CROPS = 2000  # below this a process pool costs more than it saves
+_POOL_MIN_CROPS = 500  # below this a process pool costs more than it saves
 
 # The hidden state: the 12 labelled AUs, then three unlabelled ones that only expressions use (upper lid
 # raiser for surprise/fear, nose wrinkler for disgust, lip stretcher for fear), so that expressions are more
