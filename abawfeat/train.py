@@ -56,7 +56,7 @@ OBJECTIVES: dict[str, tuple[tuple[str, ...], str]] = {
 SELECT_METRIC: dict[str, str] = {"va": "ccc_va", "expr": "f1_expr", "au": "f1_au_opt", "mtl": "score"}
 CLASS_WEIGHT_CHOICES = ("none", "inverse", "sqrt_inverse", "effective")
 # Default batch size in windows: frame-wise heads see single frames, temporal heads windows of --window.
-DEFAULT_BATCH = {False: 512, True: 32}
+DEFAULT_BATCH = {False: 1024, True: 32}
 RUN_FILES = ("config.json", "checkpoint.pt", "metrics.json", "history.csv", "val_outputs.npz")
 CHECKPOINT_FORMAT = "abawfeat-head"
 CHECKPOINT_VERSION = 1
@@ -79,7 +79,7 @@ class TrainConfig:
     seed: int = 0  # seeds weights, dropout and window order: same seed, same numbers on CPU
     lr: float = 1e-3  # AdamW learning rate (constant)
     weight_decay: float = 1e-4  # AdamW weight decay
-    batch_size: int = 0  # windows per batch (frames for FC); 0 = 512 frames (FC) or 32 windows (LSTM)
+    batch_size: int = 0  # windows per batch (frames for FC); 0 = 1024 frames (FC) or 32 windows (LSTM)
     window: int = 64  # LSTM training window in frames (crops); FC heads ignore it
     stride: int = 0  # step between training windows; 0 = window (no overlap)
     infer_stride: int = 0  # step between inference windows (outputs of overlaps averaged); 0 = window // 2
@@ -238,7 +238,8 @@ class WindowSource:
 
     ``windows`` int64 [W, L] (from ``make_windows``) are the only per-epoch state: shuffling permutes their
     order with a generator seeded by (seed, epoch), so the order is reproducible and differs per epoch.
-    Gathering is one NumPy fancy index per batch into the fp16 array, converted to float32 in torch.
+    Gathering is one NumPy fancy index per batch into the fp16 array; inputs stay fp16 (half the bytes to
+    copy or send to a GPU) and become float32 inside the head.
     """
 
     def __init__(
@@ -266,7 +267,8 @@ class WindowSource:
     def gather(self, idx: np.ndarray) -> Batch:
         real = idx >= 0
         safe = np.where(real, idx, 0)
-        inputs = torch.from_numpy(self.data.features[safe]).float()
+        # Still in the cache's dtype (fp16): the head converts while standardising, in one pass.
+        inputs = torch.from_numpy(self.data.features[safe])
         mask = torch.from_numpy(real)
         targets, valid = {}, {}
         for t in self.tasks:

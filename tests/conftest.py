@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("ABAWFEAT_NO_PROGRESS", "1")
+# PyTorch's OpenMP threads busy-wait by default; on a shared 2-core CI box that makes tests many times slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

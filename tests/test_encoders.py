@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,8 @@ from abawfeat.encoders import (
 )
 from abawfeat.errors import CheckpointError, ConfigError
 
-NAMES = encoder_names()
+# Every registered encoder is covered; test modules may register "fake-*" encoders of their own.
+NAMES = [name for name in encoder_names() if not name.startswith("fake-")]
 PROVENANCE_KEYS = {"name", "config", "weights_source", "weights_sha256", "calibration", "preprocessing",
                    "feature_dim", "logit_names"}
 _BUILT: dict[str, Encoder] = {}
@@ -234,13 +234,12 @@ def test_clip_local_checkpoint_file(tmp_path: Path) -> None:
 
 
 def test_clip_vit_b32_shapes() -> None:
-    start = time.perf_counter()
+    # The default model, random weights: a few seconds on 2 cores (no timing assertion: shared machines).
     enc = build_encoder("clip", clip_pretrained=None)  # the default model, random weights
     with torch.no_grad():
         features, logits = enc(torch.zeros(1, 3, 224, 224))
     assert features.shape == (1, 512) and logits is None
     assert enc.input_size == 224 and enc.provenance()["config"]["clip_model"] == "ViT-B-32"
-    assert time.perf_counter() - start < 60  # typically a few seconds
 
 
 # -- CLI ----------------------------------------------------------------------------------------------
@@ -252,7 +251,8 @@ def test_cli_lists_encoders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     result = runner.invoke(app, ["encoders", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert {e["name"] for e in data["encoders"]} == set(NAMES)
+    assert {e["name"] for e in data["encoders"]} == set(encoder_names())
+    assert {"ddamfn", "clip"} <= set(NAMES)
     assert {w["name"] for w in data["named_weights"]} >= {"affectnet8", "affectnet7", "rafdb"}
     result = runner.invoke(app, ["encoders"])
     assert result.exit_code == 0 and "ddamfn" in result.stdout and "affectnet8" in result.stdout
