@@ -1,4 +1,4 @@
-"""Dataclass configs saved as JSON with every artefact, so that any artefact can be rebuilt without the CLI."""
+"""Dataclass configs saved as JSON with every artefact, so any artefact can be rebuilt without the CLI."""
 
 from __future__ import annotations
 

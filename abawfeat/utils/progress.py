@@ -10,10 +10,10 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
-    ProgressColumn,
     TimeRemainingColumn,
 )
 from rich.text import Text
@@ -34,7 +34,7 @@ class RateColumn(ProgressColumn):
 
 
 def make_progress(unit: str = "frames", disable: bool | None = None) -> Progress:
-    """A progress bar showing count, rate (``unit``/s), elapsed time and ETA; off when not a terminal in CI."""
+    """A progress bar with count, rate (``unit``/s), elapsed time and ETA; off with ABAWFEAT_NO_PROGRESS=1."""
     if disable is None:
         disable = os.environ.get("ABAWFEAT_NO_PROGRESS") == "1"
     return Progress(
