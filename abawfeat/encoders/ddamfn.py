@@ -116,8 +116,13 @@ class MixedDepthwiseConv(nn.Module):
         return torch.cat([F.pad(conv.weight, [pad] * 4) for conv, pad in convs])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One convolution instead of split + per-group convolutions + cat: no channel-slice copies (which
-        # channels_last makes strided) and one kernel launch; the zero taps cost less than the copies saved.
+        if torch.is_grad_enabled() and any(c.weight.requires_grad for c in self.mixed_depthwise_conv):
+            # Fine-tuning: the backward pass of the zero-padded 9x9 kernel costs about 4x the per-group
+            # one, so train with split + per-group convolutions + cat (the same function).
+            parts = torch.split(x, [c.in_channels for c in self.mixed_depthwise_conv], dim=1)
+            return torch.cat([conv(p) for conv, p in zip(self.mixed_depthwise_conv, parts, strict=True)], 1)
+        # Inference: one convolution instead of split + per-group convolutions + cat: no channel-slice copies
+        # (which channels_last makes strided) and one kernel launch; the zero taps cost less than the copies.
         return F.conv2d(x, self.combined_weight(), None, self.stride, self.max_kernel // 2, 1, self.channels)
 
 
