@@ -25,7 +25,7 @@ demo: install
 	$(BIN)/abawfeat data summary --data $(DEMO)/data
 	$(BIN)/abawfeat extract --backbone ddamfn --random-init --data $(DEMO)/data --out $(DEMO)/cache/ddamfn.h5
 	$(BIN)/abawfeat train-head --task au --head lstm --backbone ddamfn --data $(DEMO)/data \
-		--cache $(DEMO)/cache/ddamfn.h5 --out $(DEMO)/runs/au-lstm --epochs 15 --seed 0
+		--cache $(DEMO)/cache/ddamfn.h5 --out $(DEMO)/runs/au-lstm --stride 8 --pos-weight --epochs 10 --seed 0
 	$(BIN)/abawfeat evaluate $(DEMO)/runs/au-lstm
 
 clean-demo:

@@ -88,7 +88,10 @@ class TrainConfig:
     bidirectional: bool = False  # LSTM reads windows both ways
     dropout: float = 0.0  # on head inputs and hidden states
     device: str = "auto"  # auto | cpu | cuda[:N]
-    precision: str = "auto"  # auto (bf16 for LSTM heads, fp32 otherwise) | fp32 | bf16 | fp16 (CUDA only)
+    # CPU threads for torch; 0 = torch's default (all cores). On a machine shared with other jobs, 1 avoids
+    # threads waiting on each other at every op (measured 3-20x slower, docs/performance.md).
+    threads: int = 0
+    precision: str = "auto"  # auto (bf16 for LSTM / contrastive heads, else fp32) | fp32 | bf16 | fp16 (CUDA)
     grad_clip: float = 1.0  # max gradient norm (LSTMs on long windows can spike); 0 = off
     fill: str = "interpolate"  # how frames without a crop get outputs: interpolate | nearest | previous
     plots: bool = True  # write plots/*.png at the end (matplotlib, seconds); a run is complete without them
@@ -126,7 +129,7 @@ def validate_config(cfg: TrainConfig) -> None:
     for name in ("epochs", "window"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("batch_size", "stride", "infer_stride", "layers"):
+    for name in ("batch_size", "stride", "infer_stride", "layers", "threads"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if not 0.0 <= cfg.dropout < 1.0:
@@ -191,8 +194,10 @@ def resolve(cfg: TrainConfig, head: Head, device: torch.device) -> Resolved:
     stride = (cfg.stride or window) if temporal else 1
     infer_window = window if temporal else 256
     infer_stride = (cfg.infer_stride or max(window // 2, 1)) if temporal else infer_window
-    # auto: bf16 roughly halves LSTM time on CPUs with AVX-512 BF16 (docs/performance.md); FC is cheap.
-    precision = ("bf16" if temporal else "fp32") if cfg.precision == "auto" else cfg.precision
+    # auto: bf16 where large matmuls dominate (LSTMs, the contrastive 512-512 projection): about half the
+    # time on CPUs with AVX-512 BF16 (docs/performance.md); linear and small FC heads are cheap in fp32.
+    heavy = temporal or head.name == "contrastive"
+    precision = ("bf16" if heavy else "fp32") if cfg.precision == "auto" else cfg.precision
     batch = cfg.batch_size or DEFAULT_BATCH[temporal]
     infer_batch = max(batch, 8192 // infer_window)
     return Resolved(
@@ -261,7 +266,9 @@ class WindowSource:
         order = (np.random.default_rng([self.seed, epoch]).permutation(len(self.windows)) if self.shuffle
                  else np.arange(len(self.windows)))
         for start in range(0, len(order), self.batch_size):
-            idx = self.windows[order[start : start + self.batch_size]]
+            # Sorted within the batch: the batch is the same set (losses do not depend on its order), but
+            # rows are read in address order, which is markedly faster from a 1.7 GB array.
+            idx = self.windows[np.sort(order[start : start + self.batch_size])]
             yield self.gather(idx)
 
     def gather(self, idx: np.ndarray) -> Batch:
@@ -782,7 +789,8 @@ def open_cache(path: str | Path) -> Any:
 
 def run_is_complete(run_dir: str | Path, cfg: TrainConfig | None = None) -> bool:
     """Every run file is there (metrics.json is written last) and, if ``cfg`` is given, config.json holds
-    the same settings (``out`` aside) and the cache still has the fingerprint the run was trained on."""
+    the same settings and the cache still has the fingerprint the run was trained on. Settings that do not
+    change what is learned (where the run is, CPU threads, plots) are not compared."""
     run_dir = Path(run_dir)
     if not all((run_dir / f).is_file() for f in RUN_FILES):
         return False
@@ -794,7 +802,7 @@ def run_is_complete(run_dir: str | Path, cfg: TrainConfig | None = None) -> bool
         return False
     stored = dict(info.get("train", {}))
     wanted = to_dict(cfg)
-    for key in ("out",):
+    for key in ("out", "threads", "plots"):
         stored.pop(key, None)
         wanted.pop(key, None)
     if stored != wanted:
@@ -841,6 +849,16 @@ def _text_embeddings_in_class_order(cache: Any) -> np.ndarray:
 def fit(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> FitResult:
     """Train one head on a cache and write the run directory. Returns the best epoch's metrics."""
     validate_config(cfg)
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _fit(cfg, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(cfg: TrainConfig, log: Callable[[str], None] | None) -> FitResult:
     say = log or (lambda _msg: None)
     out = Path(cfg.out)
     tasks = run_tasks(cfg.task)

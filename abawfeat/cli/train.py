@@ -77,7 +77,10 @@ def train_head(
     bidirectional: bool = typer.Option(False, "--bidirectional", help="Bidirectional LSTM."),
     dropout: float = typer.Option(0.0, "--dropout", help="Dropout on head inputs and hidden states."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
-    precision: str = typer.Option("auto", "--precision", help="auto (bf16 for LSTM), fp32, bf16, fp16."),
+    threads: int = typer.Option(0, "--threads", help="CPU threads; 0 = all cores. 1 on a busy machine."),
+    precision: str = typer.Option(
+        "auto", "--precision", help="auto (bf16 for LSTM and contrastive heads), fp32, bf16, fp16."
+    ),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write plots/*.png at the end."),
     # End-to-end fine-tuning (abawfeat.finetune, docs/finetune.md): these options need --unfreeze.
     unfreeze: bool = typer.Option(
@@ -129,7 +132,7 @@ def train_head(
         out=str(out), objective=objective, class_weights=class_weights, pos_weight=pos_weight, epochs=epochs,
         seed=seed, lr=lr, weight_decay=weight_decay, batch_size=batch_size, window=window, stride=stride,
         infer_stride=infer_stride, hidden=hidden, layers=layers, bidirectional=bidirectional,
-        dropout=dropout, device=device, precision=precision, plots=plots,
+        dropout=dropout, device=device, threads=threads, precision=precision, plots=plots,
     )
     if unfreeze:
         from abawfeat.data.frames import AugmentConfig
