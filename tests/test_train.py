@@ -310,7 +310,7 @@ def test_same_seed_same_numbers_and_run_dir_contract(world: World, tmp_path: Pat
     # The checkpoint holds the best epoch's weights: evaluating it reproduces metrics.json.
     again = evaluate(run_dir)
     for key in ("f1_au", "f1_au_opt"):
-        assert again[key] == pytest.approx(metrics[key], abs=1e-12)
+        assert again[key] == pytest.approx(metrics[key], abs=1e-9)
     assert run_is_complete(run_dir, config(world, tmp_path / "elsewhere", task="au", head="lstm", window=16,
                                             batch_size=16, epochs=3, dropout=0.1))
     assert not run_is_complete(run_dir, config(world, run_dir, task="au", head="lstm", epochs=4))
