@@ -53,6 +53,7 @@ from abawfeat.train import (
     TrainConfig,
     WindowSource,
     build_objective,
+    dataset_name,
     evaluate_set,
     head_spec,
     metrics_record,
@@ -727,7 +728,7 @@ def _run(cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool, resume: bo
             # No cache: the head reads the fine-tuned backbone. `extract --weights <run>/ddamfn_finetuned.pth`
             # makes one whose fingerprint checkpoint.pt records.
             "cache_path": None, "cache_fingerprint": best_record.get("fingerprint"), "cache_dtype": None,
-            "dataset": {"root": str(tcfg.data), "name": Path(tcfg.data).resolve().name},
+            "dataset": {"root": str(tcfg.data), "name": dataset_name(tcfg.data)},
             "class_weight": None if class_weight is None else class_weight.cpu().tolist(),
             "pos_weight": None if pos_weight is None else pos_weight.cpu().tolist(),
             "backbone_start": start_provenance,
