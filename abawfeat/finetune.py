@@ -56,6 +56,7 @@ from abawfeat.train import (
     dataset_name,
     evaluate_set,
     head_spec,
+    load_versioned,
     metrics_record,
     resolve,
     resolved_objective,
@@ -495,16 +496,7 @@ def load_state(run_dir: Path) -> dict[str, Any]:
     path = run_dir / STATE_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: missing, nothing to resume (no epoch of this run finished)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: unreadable training state ({type(exc).__name__}: {exc})") from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise CheckpointError(f"{path}: not an abawfeat fine-tuning state")
-    if state.get("version") != STATE_VERSION:
-        raise CheckpointError(f"{path}: state version {state.get('version')} is not supported "
-                              f"(this abawfeat reads version {STATE_VERSION})")
-    return state
+    return load_versioned(path, STATE_FORMAT, STATE_VERSION, "training state", "fine-tuning state")
 
 
 # ------------------------------------------------------------------------------------------ run directory

@@ -711,6 +711,23 @@ class LoadedRun:
         return dict(self.info.get("resolved", {}))
 
 
+def load_versioned(path: Path, fmt: str, version: int, noun: str, kind: str) -> dict[str, Any]:
+    """Load one of our torch payloads safely (weights_only) and check its format tag and version, so a
+    foreign or newer file is refused in one line instead of failing later. ``noun`` names the file in
+    messages (e.g. "checkpoint"), ``kind`` what it should have been (e.g. "head checkpoint")."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: unreadable {noun} ({type(exc).__name__}: {exc})") from None
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise CheckpointError(f"{path}: not an abawfeat {kind}")
+    if payload.get("version") != version:
+        short = noun.split()[-1]
+        raise CheckpointError(f"{path}: {short} version {payload.get('version')} is not supported "
+                              f"(this abawfeat reads version {version})")
+    return payload
+
+
 def load_run(run_dir: str | Path) -> LoadedRun:
     """Rebuild a trained head from ``run_dir`` (config.json + checkpoint.pt) without the command line."""
     run_dir = Path(run_dir)
@@ -722,15 +739,9 @@ def load_run(run_dir: str | Path) -> LoadedRun:
         raise CheckpointError(
             f"{ckpt_path}: missing (the run did not finish an epoch, or this is not a run directory)"
         )
-    try:
-        payload = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{ckpt_path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{ckpt_path}: not an abawfeat head checkpoint")
-    if payload.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{ckpt_path}: checkpoint version {payload.get('version')} is not supported "
-                              f"(this abawfeat reads version {CHECKPOINT_VERSION})")
+    payload = load_versioned(
+        ckpt_path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "checkpoint", "head checkpoint"
+    )
     head = head_from_dict(payload["head"], where=str(ckpt_path))
     try:
         head.load_state_dict(payload["state_dict"])
