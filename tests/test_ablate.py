@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from test_train import World, build_world
 from typer.testing import CliRunner
 
@@ -18,12 +17,7 @@ from abawfeat.errors import ConfigError
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> object:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

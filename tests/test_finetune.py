@@ -50,13 +50,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "ddamfn" / "ddamfn_official_forma
 FROZEN_PREFIXES = tuple(f"features.{i}." for i in range(8))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> object:
-    # On a busy 2-core machine a second intra-op thread mostly waits; one is faster and deterministic.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,7 @@ from abawfeat.train import load_run, save_checkpoint
 D = 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> object:
-    # Tiny tensors: a second thread only adds synchronisation (and on a busy machine, waiting).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def variants() -> list[tuple[str, dict]]:

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from test_train import World, build_world, config
 
 from abawfeat.constants import SUBMISSION_HEADERS, TASKS
@@ -18,12 +17,7 @@ from abawfeat.train import evaluate, fit
 SCORE_KEYS = {"va": ("ccc_valence", "ccc_arousal", "ccc_va"), "expr": ("f1_expr",), "au": ("f1_au",)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> object:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

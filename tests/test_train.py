@@ -143,13 +143,7 @@ def config(world: World, out: Path, **kw: object) -> TrainConfig:
     return replace(base, **kw)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> object:
-    # Tiny heads gain nothing from a second thread, and on a busy machine its synchronisation dominates.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
