@@ -335,3 +335,18 @@ def test_transform_pickles(encoder: DDAMFNEncoder) -> None:
     clone = pickle.loads(pickle.dumps(encoder.transform))
     img = smooth_frames(1, 5)[0].permute(1, 2, 0).numpy()
     assert torch.equal(clone(img), encoder.transform(img))
+
+
+def test_compiled_extraction_model_keeps_fp32_parity(ckpt: Path, reference: dict[str, np.ndarray]) -> None:
+    # What `abawfeat extract` runs on large DDAMFN jobs by default: torch.compile with inductor's freezing
+    # (batch norms folded, weights pre-packed as constants). It must still reproduce the published network.
+    from abawfeat.extract import _CompiledWithFallback
+
+    enc = build_encoder("ddamfn", weights=str(ckpt)).eval().to(memory_format=torch.channels_last)
+    model = _CompiledWithFallback(enc)
+    x = torch.from_numpy(reference["input_normalized_nchw"]).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        features, logits = model(x)
+    assert not model.failed, "torch.compile fell back to eager: the compiled path was not tested"
+    assert rel_err(features, reference["embedding"]) < 1e-5
+    assert rel_err(logits, reference["logits"]) < 1e-5

@@ -14,6 +14,7 @@ import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -454,3 +455,46 @@ def test_ddamfn_random_init_features_are_alive(tmp_path: Path) -> None:
         assert x.shape == (4, 512) and cache.logits("a").shape == (4, 8)
         assert float(x.std(axis=0).mean()) > 1e-3  # not the dead constant embedding of uncalibrated weights
         assert cache.fingerprint()["calibration"]["encoder"]["method"] == "batchnorm-recalibration"
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A cluster node without a C++ compiler cannot compile: the run goes on eagerly, says so, same features.
+    import torch
+
+    from abawfeat import extract as ex
+    from abawfeat.utils import progress
+
+    warnings: list[str] = []
+    monkeypatch.setattr(progress, "loud_warning", warnings.append)
+
+    def broken_compile(module: Any, **_: Any) -> Any:
+        def fail(*args: Any) -> Any:
+            raise RuntimeError("no C++ compiler found\nsecond line")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    net = torch.nn.Linear(3, 2)
+    model = ex._CompiledWithFallback(net)  # type: ignore[arg-type]
+    x = torch.randn(4, 3)
+    assert torch.equal(model(x), net(x)) and model.failed
+    assert torch.equal(model(x), net(x))
+    assert len(warnings) == 1  # said once, not per batch
+    assert "torch.compile failed (RuntimeError: no C++ compiler found)" in warnings[0]
+    assert "second line" not in warnings[0]
+
+
+@pytest.mark.parametrize(("choice", "by_default", "frames", "expected"), [
+    (None, True, 10_000, True),
+    (None, True, 9_999, False),
+    (None, False, 10**7, False),
+    (False, True, 10**7, False),
+    (True, False, 1, True),
+])
+def test_auto_compile_decision(tmp_path: Path, choice: bool | None, by_default: bool, frames: int,
+                               expected: bool) -> None:
+    from abawfeat import extract as ex
+
+    assert ex.AUTO_COMPILE_MIN_FRAMES == 10_000
+    encoder = type("E", (), {"compile_by_default": by_default})()
+    config = ex.ExtractConfig(backbone="ddamfn", data=tmp_path, compile=choice)
+    assert ex.resolve_compile(config, encoder, frames) is expected  # type: ignore[arg-type]

@@ -147,6 +147,9 @@ class Encoder(nn.Module):
     name: ClassVar[str] = ""
     config_class: ClassVar[type[Any]]
     summary: ClassVar[str] = ""
+    # Whether extraction compiles this encoder by default on large runs (ExtractConfig.compile = None):
+    # only where it was measured to pay (DDAMFN: ~2-3x on CPU). CLIP ran slower compiled on CPU.
+    compile_by_default: ClassVar[bool] = False
 
     def __init__(self, config: Any) -> None:
         super().__init__()
