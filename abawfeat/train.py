@@ -56,7 +56,10 @@ OBJECTIVES: dict[str, tuple[tuple[str, ...], str]] = {
 SELECT_METRIC: dict[str, str] = {"va": "ccc_va", "expr": "f1_expr", "au": "f1_au_opt", "mtl": "score"}
 CLASS_WEIGHT_CHOICES = ("none", "inverse", "sqrt_inverse", "effective")
 # Default batch size in windows: frame-wise heads see single frames, temporal heads windows of --window.
-DEFAULT_BATCH = {False: 1024, True: 32}
+# Temporal: 64 windows (4,096 frames of 64) rather than 32, because the LSTM's recurrent matrix products are
+# batch-sized and twice the batch is ~1.3x the frames/s on CPU (benchmarks/heads.py); on small datasets
+# (the demo) pass --batch-size 32 for more steps per epoch.
+DEFAULT_BATCH = {False: 1024, True: 64}
 RUN_FILES = ("config.json", "checkpoint.pt", "metrics.json", "history.csv", "val_outputs.npz")
 CHECKPOINT_FORMAT = "abawfeat-head"
 CHECKPOINT_VERSION = 1
@@ -79,7 +82,7 @@ class TrainConfig:
     seed: int = 0  # seeds weights, dropout and window order: same seed, same numbers on CPU
     lr: float = 1e-3  # AdamW learning rate (constant)
     weight_decay: float = 1e-4  # AdamW weight decay
-    batch_size: int = 0  # windows per batch (frames for FC); 0 = 1024 frames (FC) or 32 windows (LSTM)
+    batch_size: int = 0  # windows per batch (frames for FC); 0 = 1024 frames (FC) or 64 windows (LSTM)
     window: int = 64  # LSTM training window in frames (crops); FC heads ignore it
     stride: int = 0  # step between training windows; 0 = window (no overlap)
     infer_stride: int = 0  # step between inference windows (outputs of overlaps averaged); 0 = window // 2

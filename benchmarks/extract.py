@@ -22,6 +22,7 @@ reported apart) is its own; baseline and ours alternate so that a change in mach
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -128,11 +129,13 @@ def make_data(root: Path, videos: int, frames: int) -> tuple[Path, int]:
 
 
 def plan(args: argparse.Namespace, data: Path, tmp: Path) -> list[dict[str, Any]]:
+    serial = itertools.count()
+
     def ours(backbone: str, precision: str, compile_: bool, **extra: Any) -> dict[str, Any]:
         label = f"ours {backbone} {precision} {'compiled' if compile_ else 'eager'} channels_last"
         if "videos" in extra:
             label += " (half the videos)"
-        name = f"{backbone}-{precision}-{int(compile_)}-{len(extra)}"
+        name = f"{backbone}-{precision}-{int(compile_)}-{len(extra)}-{next(serial)}"  # never resumes another
         return {"kind": "ours", "label": label, "backbone": backbone, "precision": precision,
                 "compile": compile_, "batch_size": args.batch_size, "workers": args.workers,
                 "data": str(data), "out": str(tmp / f"{name}.h5"), **extra}
@@ -152,9 +155,9 @@ def plan(args: argparse.Namespace, data: Path, tmp: Path) -> list[dict[str, Any]
 
         videos = AffWild2(data).videos_with_crops()
         ours_ddamfn.append(ours("ddamfn", "bf16", False, videos=videos[: len(videos) // 2]))
-    specs = [baseline("ddamfn", 10**9)]
+    specs = [baseline("ddamfn", args.baseline_frames)]
     for spec in ours_ddamfn:
-        specs += [spec, baseline("ddamfn", 10**9)]
+        specs += [spec, baseline("ddamfn", args.baseline_frames)]
     if args.clip:
         specs += [baseline("clip", args.clip_baseline_frames), ours("clip", "bf16", False),
                   baseline("clip", args.clip_baseline_frames)]
@@ -311,7 +314,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3,
                         help="repetitions of the compiled configurations (median ratio, default 3)")
     parser.add_argument("--no-clip", dest="clip", action="store_false", help="skip CLIP ViT-B-32")
-    parser.add_argument("--clip-baseline-frames", type=int, default=512)
+    parser.add_argument("--baseline-frames", type=int, default=640,
+                        help="frames per DDAMFN baseline run (its steady speed needs no more; default 640)")
+    parser.add_argument("--clip-baseline-frames", type=int, default=256)
     parser.add_argument("--no-rss-check", dest="rss_check", action="store_false",
                         help="skip the half-set run that shows peak RSS does not grow with the data")
     parser.add_argument("--threads", type=int, default=0,
