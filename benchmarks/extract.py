@@ -109,6 +109,8 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     if proc.returncode != 0:
         raise SystemExit(f"measurement {spec['label']} failed:\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if spec["kind"] == "ours" and not result["frames"]:
+        raise SystemExit(f"measurement {spec['label']} extracted no frames (did it resume a finished cache?)")
     result.update(label=spec["label"], kind=spec["kind"], backbone=spec["backbone"],
                   precision=spec.get("precision", "fp32"))
     fps = f"{result['steady_fps']:7.1f}"
