@@ -289,6 +289,44 @@ def run_worker(args: list[str], scale: float = 1.0) -> dict[str, Any]:
     return result
 
 
+def run_pair(args: list[str], scale: float = 1.0) -> dict[str, Any]:
+    """The same single-thread measurement twice at once, as `abawfeat ablate --jobs 2` runs two cells on a
+    2-core machine: how much two independent runs slow each other (memory bandwidth, caches)."""
+    cmd = [sys.executable, __file__, "--scale", str(scale), "--worker", *args]
+    print("  $ 2x", " ".join(cmd[1:]), file=sys.stderr, flush=True)
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT) for _ in range(2)]
+    results = []
+    for proc in procs:
+        out, _ = proc.communicate()
+        if proc.returncode:
+            raise SystemExit(f"pair measurement {args} failed")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    r = dict(results[0])
+    r["epoch_seconds"] = max(x["epoch_seconds"] for x in results)  # the pair is done when both are
+    r["load"] = os.getloadavg()[0]
+    print("   ", json.dumps(r), file=sys.stderr, flush=True)
+    return r
+
+
+def jobs_estimate(m: dict[str, dict[str, Any]], rows: list[tuple[str, str, float, float]]
+                  ) -> tuple[float, float] | None:
+    """Wall seconds of the grid with `ablate --jobs 2`: each run's one-core time times the slowdown measured
+    when two runs share the machine, scheduled longest first on two workers (what ablate does)."""
+    if "lstm-pair" not in m or "fc-pair" not in m:
+        return None
+    # Against the solo run's CPU time: a pair slowed by shared memory bandwidth spends more CPU time too.
+    slow = {"lstm": m["lstm-pair"]["epoch_seconds"] / m["lstm"]["epoch_cpu_seconds"],
+            "fc": m["fc-pair"]["epoch_seconds"] / m["fc"]["epoch_cpu_seconds"]}
+    out = []
+    for pick in (2, 3):
+        times = sorted((r[pick] * slow["lstm" if "LSTM" in r[0] else "fc"] for r in rows), reverse=True)
+        workers = [0.0, 0.0]
+        for t in times:
+            workers[workers.index(min(workers))] += t
+        out.append(max(workers))
+    return out[0], out[1]
+
+
 def grid_estimate(
     m: dict[str, dict[str, Any]], speedup: dict[str, float] | None = None
 ) -> tuple[float, float, list[tuple[str, str, float, float]]]:
@@ -337,6 +375,7 @@ def render(m: dict[str, dict[str, Any]], command: str) -> str:
     two = two_core_speedup(m)
     low1, high1, rows1 = grid_estimate(m)
     low2, high2, rows2 = grid_estimate(m, two)
+    jobs = jobs_estimate(m, rows1)
 
     def line(key: str, label: str) -> str:
         r = m[key]
@@ -376,6 +415,9 @@ def render(m: dict[str, dict[str, Any]], command: str) -> str:
         line("contrastive-lstm", "CLIP contrastive LSTM(256) + linear 512, ours, bf16"),
         line("fc-2t", "FC, ours, both cores"),
         line("lstm-2t", "LSTM(256), ours, bf16, both cores"),
+        *([line("fc-pair", "FC, ours, two runs at once (one thread each)"),
+           line("lstm-pair", "LSTM(256), ours, bf16, two runs at once (one thread each)")]
+          if "lstm-pair" in m else []),
         "",
         f"- FC epoch: **{fc['epoch_cpu_seconds']:.1f} s** on one core, "
         f"**{two_rows['fc-2t']['epoch_seconds']:.1f} s** wall on two (target <= 5 s); the naive loader needs "
@@ -409,6 +451,13 @@ def render(m: dict[str, dict[str, Any]], command: str) -> str:
          "The two-thread rows ran while other jobs used the second core (see their load), so they say "
          "nothing about two idle cores; re-run the script on a quiet machine for that column."),
         "",
+        *([f"With `abawfeat ablate pipelines/paper-table3.toml --jobs 2` (two runs at once, one thread "
+           f"each): **{minutes(*jobs)}** minutes: the one-core times above, times the slowdown two runs at "
+           "once cause each other (the `two runs at once` rows: the pair's epoch wall time over the solo "
+           "run's CPU time), scheduled longest first on two workers as ablate does. Two single-thread runs "
+           "use the two cores better than one two-thread run, whose small matrix products scale poorly over "
+           "threads.",
+           ""] if jobs else []),
     ]
     return "\n".join(out)
 
@@ -462,6 +511,10 @@ def main() -> None:
         # Both cores (the default): wall time, meaningful only when nothing else runs.
         "fc-2t": run_worker(["fc", "fp32", "1", "2"], args.scale),
         "lstm-2t": run_worker(["lstm", "bf16", "1", "2"], args.scale),
+        # Two single-thread runs at once (`ablate --jobs 2`): their epoch wall time against the CPU time
+        # of one alone is the slowdown they cause each other.
+        "fc-pair": run_pair(["fc", "fp32", "1", "1"], args.scale),
+        "lstm-pair": run_pair(["lstm", "bf16", "4", "1"], args.scale),
     }
     m["fc"]["load_start"] = load_start
     if args.results:

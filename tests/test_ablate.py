@@ -96,6 +96,27 @@ def test_grid_runs_then_skips_completed_cells_and_writes_table3(world: World, tm
     assert [c.status for c in third.cells] == ["skipped", "skipped", "trained"]
 
 
+def test_parallel_jobs_give_the_same_grid(world: World, tmp_path: Path) -> None:
+    # --jobs 2 trains cells in two spawned processes (one thread each here, as in the serial run under the
+    # one_torch_thread fixture): same statuses, same table, same per-cell metrics, cells in recipe order.
+    path = recipe(tmp_path, world)
+    serial = run_ablation(path, out=str(tmp_path / "serial"))
+    parallel = run_ablation(path, out=str(tmp_path / "parallel"), jobs=2)
+    assert [c.status for c in parallel.cells] == ["trained", "trained", "trained"]
+    assert [(c.row.label, c.task) for c in parallel.cells] == [(c.row.label, c.task) for c in serial.cells]
+    for a, b in zip(serial.cells, parallel.cells, strict=True):
+        assert b.seconds > 0
+        for key, value in a.metrics.items():
+            if isinstance(value, float):
+                assert b.metrics[key] == pytest.approx(value, abs=1e-6), (a.row.label, a.task, key)
+    assert parallel.table == serial.table
+    assert (tmp_path / "parallel" / "results.md").is_file()
+    again = run_ablation(path, out=str(tmp_path / "parallel"), jobs=2)
+    assert [c.status for c in again.cells] == ["skipped", "skipped", "skipped"]
+    with pytest.raises(ConfigError, match="--jobs must be at least 1"):
+        run_ablation(path, jobs=0)
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

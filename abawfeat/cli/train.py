@@ -209,6 +209,9 @@ def ablate_command(
     data: Path | None = typer.Option(None, "--data", help="Aff-Wild2 root (overrides the recipe's)."),
     out: Path | None = typer.Option(None, "--out", help="Output folder (overrides the recipe's)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be trained or skipped."),
+    jobs: int = typer.Option(
+        1, "--jobs", "-j", help="Cells trained at once, each in its own process with cores/jobs threads."
+    ),
 ) -> None:
     """Run a grid of train-head runs (complete runs with the same config are skipped) and write
     results.md / results.csv in the seed paper's Table 3 layout, plus report.html."""
@@ -217,7 +220,7 @@ def ablate_command(
     from abawfeat.ablate import COLUMNS, run_ablation
 
     result = run_ablation(recipe, str(data) if data else None, str(out) if out else None, log=_log,
-                          dry_run=dry_run)
+                          dry_run=dry_run, jobs=jobs)
     table = Table(title=result.recipe.title, title_justify="left")
     table.add_column("Architecture")
     for column in COLUMNS:
