@@ -91,8 +91,10 @@ class TrainConfig:
     bidirectional: bool = False  # LSTM reads windows both ways
     dropout: float = 0.0  # on head inputs and hidden states
     device: str = "auto"  # auto | cpu | cuda[:N]
-    # CPU threads for torch; 0 = torch's default (all cores). On a machine shared with other jobs, 1 avoids
-    # threads waiting on each other at every op (measured 3-20x slower, docs/performance.md).
+    # CPU threads for torch; 0 = auto: one for the FC head with a per-frame objective (its products are too
+    # small to split: an epoch took 1.2-1.8x longer on two threads than on one, docs/performance.md), torch's
+    # default (all cores) otherwise. On a machine shared with other jobs, 1 avoids threads waiting on each
+    # other at every op (measured 3-20x slower).
     threads: int = 0
     precision: str = "auto"  # auto (bf16 for LSTM / contrastive heads, else fp32) | fp32 | bf16 | fp16 (CUDA)
     grad_clip: float = 1.0  # max gradient norm (LSTMs on long windows can spike); 0 = off
@@ -866,6 +868,8 @@ def fit(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> FitResult
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    elif cfg.head == "fc" and resolved_objective(cfg) != "contrastive":
+        torch.set_num_threads(1)
     try:
         return _fit(cfg, log)
     finally:

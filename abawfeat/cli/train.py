@@ -77,7 +77,9 @@ def train_head(
     bidirectional: bool = typer.Option(False, "--bidirectional", help="Bidirectional LSTM."),
     dropout: float = typer.Option(0.0, "--dropout", help="Dropout on head inputs and hidden states."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
-    threads: int = typer.Option(0, "--threads", help="CPU threads; 0 = all cores. 1 on a busy machine."),
+    threads: int = typer.Option(
+        0, "--threads", help="CPU threads; 0 = auto (1 for FC, else all cores). 1 on a busy machine."
+    ),
     precision: str = typer.Option(
         "auto", "--precision", help="auto (bf16 for LSTM and contrastive heads), fp32, bf16, fp16."
     ),
