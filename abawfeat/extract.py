@@ -211,6 +211,10 @@ def run_extraction(config: ExtractConfig, encoder: Encoder | None = None) -> Ext
         if distributed:
             _broadcast_state(encoder)  # identical BN statistics on every rank, bit for bit
 
+    # Compile or not, decided on the videos asked for, not those left to do: a resumed run computes as the run
+    # it continues. Recorded as decided (not "auto") in the provenance's extract_config.
+    n_selected = sum(len(dataset.crop_frames(v)) for v in selected)
+    config = dataclasses.replace(config, compile=resolve_compile(config, encoder, n_selected))
     enc_prov = dict(encoder.provenance())
     if calibration_source is not None:
         # Record which frames calibrated the network next to the encoder's own account of it.
@@ -275,9 +279,7 @@ def _extract_videos(
                 names, emb.detach().float().cpu().numpy(), template=template, prompts=list(prompts)
             )
 
-    # Decided on the videos asked for, not those left to do: a resumed run computes as the run it continues.
-    compiled = resolve_compile(config, encoder, sum(len(dataset.crop_frames(v)) for v in selected))
-    model = _prepare_model(encoder, device, config, compiled)
+    model = _prepare_model(encoder, device, config, bool(config.compile))
     n_frames = sum(len(frames_of[v]) for v in mine)
     bad: dict[str, list[tuple[int, str]]] = {}
     start = time.perf_counter()

@@ -191,6 +191,9 @@ def test_rows_match_frames_and_bad_jpegs_are_listed(tree: Path, tmp_path: Path) 
         assert cache.frames("10-30-640x480").tolist() == VIDEOS["10-30-640x480"]
         assert cache.provenance["weights_sha256"] == "random-init"
         assert cache.provenance["extract_config"]["random_init"] is True
+        # What ran, not "auto": a few crops are below the auto-compile size; the batch as asked.
+        assert cache.provenance["extract_config"]["compile"] is False
+        assert cache.provenance["extract_config"]["batch_size"] == 5
         assert cache.provenance["calibration"]["frames"]["count"] == 8
         assert cache.provenance["logit_names"] == ["a", "b", "c"]
         # Each stored row is the encoder's output for that very frame (batches crossed video boundaries).
@@ -498,3 +501,12 @@ def test_auto_compile_decision(tmp_path: Path, choice: bool | None, by_default: 
     encoder = type("E", (), {"compile_by_default": by_default})()
     config = ex.ExtractConfig(backbone="ddamfn", data=tmp_path, compile=choice)
     assert ex.resolve_compile(config, encoder, frames) is expected  # type: ignore[arg-type]
+
+
+def test_default_batch_is_32_on_cpu_and_recorded(tree: Path, tmp_path: Path) -> None:
+    # batch_size None = by device: 32 on CPU (activations stay in cache), recorded as the value used.
+    out = tmp_path / "c.h5"
+    result = run_extraction(config(tree, out, batch_size=None))
+    assert result.frames == 27 - 3 and not result.compiled
+    with FeatureCache(out) as cache:
+        assert cache.provenance["extract_config"]["batch_size"] == 32
