@@ -50,17 +50,19 @@ class ExtractConfig:
     clip_pretrained: str | None = None  # open_clip pretrained tag or a local weights file
     precision: str = "fp32"  # compute precision; bf16 is ~3x faster on CPUs with AVX-512 BF16
     # Frames per forward pass, filled across video boundaries. None = 32 on CPU, where DDAMFN's activations
-    # then stay in cache (1.3x the throughput of batch 64, benchmarks/extract.py), 128 on a GPU.
+    # then stay in cache (compiled fp32 forward: 3.1x the naive baseline at batch 32 against 2.2x at 64, in
+    # one exploratory run; benchmarks/extract.py measures the default end to end), 128 on a GPU.
     batch_size: int | None = None
     workers: int = 2  # DataLoader processes decoding JPEGs; 0 decodes in the main process
     device: str = "auto"  # auto | cpu | cuda[:N]
     videos: tuple[str, ...] = ()  # only these videos (default: every video with crops)
     dtype: str = "float16"  # stored feature dtype; float16 halves the cache with ~5e-4 relative error
-    # torch.compile the encoder (inductor, weights frozen into the graph): DDAMFN runs ~2.5x (fp32) to ~5x
-    # (bf16) the naive eager speed on CPU after a one-off compile of 30-60 s. None = auto: on for encoders
-    # that gain from it (``Encoder.compile_by_default``) when the videos asked for hold at least
-    # AUTO_COMPILE_MIN_FRAMES crops, where the compile pays for itself. The decision depends on the videos
-    # asked for, not on what is left to do, so a resumed run computes exactly as the run it continues.
+    # torch.compile the encoder (inductor, weights frozen into the graph): DDAMFN runs ~2.7x (fp32) to ~3.8x
+    # (bf16) the naive eager speed on CPU, end to end (benchmarks/extract.py), after a one-off 30-60 s
+    # compile. None = auto: on for encoders that gain from it (``Encoder.compile_by_default``) when the
+    # videos asked for hold at least AUTO_COMPILE_MIN_FRAMES crops, where the compile pays for itself. The
+    # decision depends on the videos asked for, not on what is left to do, so a resumed run computes exactly
+    # as the run it continues.
     compile: bool | None = None
     seed: int = 0  # random-init weights are drawn from this seed
     calibration_frames: int = 256  # random-init: frames (spread over the whole dataset) for BN statistics
@@ -360,8 +362,9 @@ class _CompiledWithFallback:
     when compiling fails (no C++ compiler on a cluster node, an unsupported device...).
 
     Freezing treats the frozen weights as constants: batch norms fold into convolutions, weights are
-    pre-packed for oneDNN and cast to bf16 once. On CPU it is worth ~1.3x (fp32) to ~1.5x (bf16) over plain
-    compile. It only affects graphs compiled inside ``frozen()`` and only ever sees a no_grad forward pass.
+    pre-packed for oneDNN and cast to bf16 once. On CPU it was worth ~1.4x over plain compile in a quick
+    check (bf16 forward pass). It only affects graphs compiled inside ``frozen()`` and only ever sees a
+    no_grad forward pass.
     The first call compiles; batches are always padded to batch_size, so one static graph serves the run."""
 
     def __init__(self, encoder: Encoder) -> None:
