@@ -281,7 +281,7 @@ def _extract_videos(
                 names, emb.detach().float().cpu().numpy(), template=template, prompts=list(prompts)
             )
 
-    model = _prepare_model(encoder, device, config, bool(config.compile))
+    model = _prepare_model(encoder, device, config)
     n_frames = sum(len(frames_of[v]) for v in mine)
     bad: dict[str, list[tuple[int, str]]] = {}
     start = time.perf_counter()
@@ -337,13 +337,14 @@ def _extract_videos(
     )
 
 
-def _prepare_model(encoder: Encoder, device: torch.device, config: ExtractConfig, compiled: bool) -> Any:
+def _prepare_model(encoder: Encoder, device: torch.device, config: ExtractConfig) -> Any:
+    """The encoder on ``device`` in channels_last, compiled when ``config.compile`` (already resolved)."""
     import torch
 
     encoder.to(device)
     # channels_last: the convolutions of DDAMFN run ~1.5x faster in NHWC on CPU (oneDNN) and GPU alike.
     encoder.to(memory_format=torch.channels_last)
-    if config.precision != "fp32" and not compiled:
+    if config.precision != "fp32" and not config.compile:
         # Autocast re-casts every weight to bf16/fp16 on every batch unless it may cache the casts, which it
         # does only for leaf parameters that require grad, under no_grad (not inference_mode), within one
         # autocast context: _stream keeps one open for the whole run. For CLIP's 88 M weights that is 2.5x
@@ -352,7 +353,7 @@ def _prepare_model(encoder: Encoder, device: torch.device, config: ExtractConfig
         for p in encoder.parameters():
             if p.is_floating_point():
                 p.requires_grad_(True)
-    if compiled:
+    if config.compile:
         return _CompiledWithFallback(encoder)
     return encoder
 
