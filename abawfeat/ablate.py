@@ -300,27 +300,29 @@ def _train_parallel(todo: list[tuple[str, Cell]], jobs: int, say: Callable[[str]
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    # Longest first (LSTM before FC, larger tasks first) so the last job to start is a short one.
-    order = sorted(todo, key=lambda t: (t[1].config.head != "lstm", t[1].task != "va"))
+    order = sorted(todo, key=lambda t: queue_order(t[1].config.head, t[1].task))
     # spawn, not fork: the parent may already run torch threads, which a forked child would inherit broken.
-    env_before = os.environ.get("ABAWFEAT_NO_PROGRESS")
-    os.environ["ABAWFEAT_NO_PROGRESS"] = "1"  # interleaved progress bars from several processes are noise
-    try:
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = {}
-            for name, cell in order:
-                config = cell.config if cell.config.threads else dataclasses.replace(cell.config,
-                                                                                     threads=threads)
-                say(f"{name}: queued for {cell.run_dir} ({config.threads} thread(s) per job, {jobs} jobs)")
-                futures[pool.submit(_train_cell, config, name)] = cell
-            for future in as_completed(futures):
-                cell = futures[future]
-                cell.status, cell.metrics, cell.error, cell.seconds = future.result()
-    finally:
-        if env_before is None:
-            os.environ.pop("ABAWFEAT_NO_PROGRESS", None)
-        else:
-            os.environ["ABAWFEAT_NO_PROGRESS"] = env_before
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                             initializer=_quiet_worker) as pool:
+        futures = {}
+        for name, cell in order:
+            config = cell.config if cell.config.threads else dataclasses.replace(cell.config, threads=threads)
+            say(f"{name}: queued for {cell.run_dir} ({config.threads} thread(s) per job, {jobs} jobs)")
+            futures[pool.submit(_train_cell, config, name)] = cell
+        for future in as_completed(futures):
+            cell = futures[future]
+            cell.status, cell.metrics, cell.error, cell.seconds = future.result()
+
+
+def queue_order(head: str, task: str) -> tuple[bool, bool]:
+    """Sort key of the parallel queue: LSTM cells first, and VA (the largest task) first among them, so the
+    last cell to start is a short one. benchmarks/heads.py schedules its --jobs estimate with it too."""
+    return head != "lstm", task != "va"
+
+
+def _quiet_worker() -> None:
+    # Progress bars from several processes at once would interleave into noise; each cell logs lines.
+    os.environ["ABAWFEAT_NO_PROGRESS"] = "1"
 
 
 def results_table(recipe: Recipe, cells: list[Cell]) -> list[dict[str, Any]]:

@@ -279,20 +279,27 @@ def set_scale(scale: float) -> None:
     VAL_FRAMES = int(SCALE["au"]["val"] * scale)
 
 
-def run_worker(args: list[str], scale: float = 1.0) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--scale", str(scale), "--worker", *args]
-    print("  $", " ".join(cmd[1:]), file=sys.stderr, flush=True)
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+def _worker_cmd(args: list[str], scale: float) -> list[str]:
+    return [sys.executable, __file__, "--scale", str(scale), "--worker", *args]
+
+
+def _finish(result: dict[str, Any]) -> dict[str, Any]:
     result["load"] = os.getloadavg()[0]  # 1-minute load average when the measurement ended
     print("   ", json.dumps(result), file=sys.stderr, flush=True)
     return result
 
 
+def run_worker(args: list[str], scale: float = 1.0) -> dict[str, Any]:
+    cmd = _worker_cmd(args, scale)
+    print("  $", " ".join(cmd[1:]), file=sys.stderr, flush=True)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+    return _finish(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
 def run_pair(args: list[str], scale: float = 1.0) -> dict[str, Any]:
     """The same single-thread measurement twice at once, as `abawfeat ablate --jobs 2` runs two cells on a
     2-core machine: how much two independent runs slow each other (memory bandwidth, caches)."""
-    cmd = [sys.executable, __file__, "--scale", str(scale), "--worker", *args]
+    cmd = _worker_cmd(args, scale)
     print("  $ 2x", " ".join(cmd[1:]), file=sys.stderr, flush=True)
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT) for _ in range(2)]
     results = []
@@ -303,26 +310,27 @@ def run_pair(args: list[str], scale: float = 1.0) -> dict[str, Any]:
         results.append(json.loads(out.strip().splitlines()[-1]))
     r = dict(results[0])
     r["epoch_seconds"] = max(x["epoch_seconds"] for x in results)  # the pair is done when both are
-    r["load"] = os.getloadavg()[0]
-    print("   ", json.dumps(r), file=sys.stderr, flush=True)
-    return r
+    return _finish(r)
 
 
 def jobs_estimate(m: dict[str, dict[str, Any]], rows: list[tuple[str, str, float, float]]
                   ) -> tuple[float, float] | None:
     """Wall seconds of the grid with `ablate --jobs 2`: each run's one-core time times the slowdown measured
-    when two runs share the machine, scheduled longest first on two workers (what ablate does)."""
+    when two runs share the machine, queued on two workers in the order ablate uses."""
     if "lstm-pair" not in m or "fc-pair" not in m:
         return None
     # Against the solo run's CPU time: a pair slowed by shared memory bandwidth spends more CPU time too.
     slow = {"lstm": m["lstm-pair"]["epoch_seconds"] / m["lstm"]["epoch_cpu_seconds"],
             "fc": m["fc-pair"]["epoch_seconds"] / m["fc"]["epoch_cpu_seconds"]}
+    from abawfeat.ablate import queue_order
+
+    # ablate's queue order; each run goes to whichever worker frees first, as in its process pool.
+    queue = sorted(rows, key=lambda r: queue_order("lstm" if "LSTM" in r[0] else "fc", r[1]))
     out = []
     for pick in (2, 3):
-        times = sorted((r[pick] * slow["lstm" if "LSTM" in r[0] else "fc"] for r in rows), reverse=True)
         workers = [0.0, 0.0]
-        for t in times:
-            workers[workers.index(min(workers))] += t
+        for r in queue:
+            workers[workers.index(min(workers))] += r[pick] * slow["lstm" if "LSTM" in r[0] else "fc"]
         out.append(max(workers))
     return out[0], out[1]
 
@@ -454,7 +462,7 @@ def render(m: dict[str, dict[str, Any]], command: str) -> str:
         *([f"With `abawfeat ablate pipelines/paper-table3.toml --jobs 2` (two runs at once, one thread "
            f"each): **{minutes(*jobs)}** minutes: the one-core times above, times the slowdown two runs at "
            "once cause each other (the `two runs at once` rows: the pair's epoch wall time over the solo "
-           "run's CPU time), scheduled longest first on two workers as ablate does. Two single-thread runs "
+           "run's CPU time), queued on two workers in the order ablate uses. Two single-thread runs "
            "use the two cores better than one two-thread run, whose small matrix products scale poorly over "
            "threads.",
            ""] if jobs else []),
