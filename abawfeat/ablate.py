@@ -247,12 +247,13 @@ def run_ablation(
     """Run (or skip) every cell, then write results.md, results.csv and report.html into the grid's out.
 
     ``jobs`` > 1 trains that many cells at once, each in its own process with ``cpu_count // jobs`` torch
-    threads (unless the recipe sets ``threads``). Why: a head's small matrix products scale poorly over
-    threads (an LSTM epoch is only ~1.2x faster on two threads than on one, benchmarks/heads.py), while
-    independent runs scale almost linearly, so on a 2-core machine ``--jobs 2`` finishes a grid sooner.
-    Each cell's numbers do not depend on ``jobs`` beyond float rounding of the thread count."""
-    if jobs < 1:
-        raise ConfigError(f"--jobs must be at least 1, not {jobs}")
+    threads (unless the recipe sets ``threads``); 0 picks the number (``auto_jobs``). Why: a head's small
+    matrix products scale poorly over threads (an LSTM epoch is 1.2-1.6x faster on two threads than on
+    one, benchmarks/heads.py), while independent runs scale almost linearly, so on a 2-core machine two
+    jobs finish a grid sooner. Each cell's numbers do not depend on ``jobs`` beyond float rounding of the
+    thread count."""
+    if jobs < 0:
+        raise ConfigError(f"--jobs must be at least 1 (or 0 = auto), not {jobs}")
     say = log or (lambda _msg: None)
     recipe = load_recipe(recipe_path)
     cells = plan_cells(recipe, data, out)
@@ -268,6 +269,10 @@ def run_ablation(
             say(f"{name}: would train into {cell.run_dir}")
         else:
             todo.append((name, cell))
+    if jobs == 0:
+        jobs = auto_jobs([cell for _, cell in todo])
+        if len(todo) > 1:
+            say(f"--jobs auto: {jobs} cell(s) at once")
     if jobs == 1 or len(todo) <= 1:
         for name, cell in todo:
             say(f"{name}: training into {cell.run_dir}")
@@ -278,6 +283,36 @@ def run_ablation(
     table = results_table(recipe, cells)
     files = {} if dry_run else write_results(recipe, cells, table, out_dir, say)
     return AblationResult(recipe=recipe, cells=cells, table=table, files=files)
+
+
+def auto_jobs(cells: list[Cell]) -> int:
+    """``--jobs 0``: on CPU, one job per core, as many as the cells and the available memory allow; 1 when
+    any cell trains on a GPU (one device; its heads are far too small to need sharing it).
+
+    Each job holds its own copy of the cache's features, and training peaks at ~1.3x the feature bytes
+    (docs/performance.md), so a job is budgeted 1.5x its cache file's size."""
+    from abawfeat.utils.device import resolve_device
+
+    if not cells:
+        return 1
+    if any(resolve_device(c.config.device).type != "cpu" for c in cells):
+        return 1
+    budget = max(1.5 * Path(c.config.cache).stat().st_size for c in cells)
+    available = available_memory()
+    by_memory = int(available // budget) if available and budget else len(cells)
+    return max(1, min(len(cells), os.cpu_count() or 1, by_memory))
+
+
+def available_memory() -> int:
+    """Bytes the kernel says new work can use (MemAvailable on Linux); 0 when unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def _train_cell(

@@ -338,7 +338,8 @@ def _extract_videos(
 
 
 def _prepare_model(encoder: Encoder, device: torch.device, config: ExtractConfig) -> Any:
-    """The encoder on ``device`` in channels_last, compiled when ``config.compile`` (already resolved)."""
+    """The encoder behind ``PixelInput`` on ``device`` in channels_last, compiled when ``config.compile``
+    (already resolved)."""
     import torch
 
     encoder.to(device)
@@ -353,9 +354,12 @@ def _prepare_model(encoder: Encoder, device: torch.device, config: ExtractConfig
         for p in encoder.parameters():
             if p.is_floating_point():
                 p.requires_grad_(True)
+    from abawfeat.encoders.base import PixelInput
+
+    model = PixelInput(encoder).to(device)
     if config.compile:
-        return _CompiledWithFallback(encoder)
-    return encoder
+        return _CompiledWithFallback(model)
+    return model
 
 
 class _CompiledWithFallback:
@@ -368,7 +372,7 @@ class _CompiledWithFallback:
     no_grad forward pass.
     The first call compiles; batches are always padded to batch_size, so one static graph serves the run."""
 
-    def __init__(self, encoder: Encoder) -> None:
+    def __init__(self, encoder: Any) -> None:
         import torch
 
         self.encoder = encoder
@@ -443,9 +447,10 @@ def _stream(
                 # Pad to a full batch: one static shape for torch.compile, and the same kernels for every
                 # batch, so a frame's features do not depend on where a resumed run's batches start.
                 if n < config.batch_size:
-                    pad = images.new_zeros((config.batch_size - n, 3, size, size))
+                    pad = images.new_zeros((config.batch_size - n, size, size, 3))
                     images = torch.cat([images, pad])
-                x = to_device(images, device).contiguous(memory_format=torch.channels_last)
+                # uint8 [B, H, W, 3] -> its NCHW view, which is channels_last: no copy (see PixelInput).
+                x = to_device(images, device).permute(0, 3, 1, 2)
                 feats, logits = model(x)
                 feats_np = feats[:n].float().cpu().numpy()
                 logits_np = None if logits is None else logits[:n].float().cpu().numpy()
@@ -516,8 +521,8 @@ class _VideoBuffers:
 
 
 class CropDataset:
-    """Item i -> (i, normalised image tensor or None, reason). Holds only arrays and picklable objects so it
-    travels to DataLoader workers cheaply; paths are built on demand from the dataset's crop layout."""
+    """Item i -> (i, resized uint8 pixels [S, S, 3] or None, reason). Holds only arrays and picklable
+    objects so it travels to DataLoader workers cheaply; paths are built on demand from the crop layout."""
 
     def __init__(
         self, dataset: AffWild2, videos: list[str], frames_of: dict[str, np.ndarray], transform: Any
@@ -535,23 +540,34 @@ class CropDataset:
         v = int(np.searchsorted(self.offsets, index, side="right") - 1)
         return self.dataset.crop_path(self.videos[v], int(self.frames[v][index - self.offsets[v]]))
 
-    def __getitem__(self, index: int) -> tuple[int, Any, str]:
+    def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, str]:
         path = self.path(index)
-        image, reason = decode_crop(path, self.transform)
-        return index, image, reason
+        pixels, reason = decode_pixels(path, self.transform)
+        return index, pixels, reason
 
 
-def decode_crop(path: Path, transform: Any) -> tuple[Any, str]:
-    """(normalised tensor, "") or (None, reason) for a crop that cannot be decoded (zero-byte, truncated,
-    corrupt): such frames are skipped and listed, never fatal."""
+def decode_pixels(path: Path, transform: Any) -> tuple[np.ndarray | None, str]:
+    """(resized uint8 pixels [S, S, 3], "") or (None, reason) for a crop that cannot be decoded (zero-byte,
+    truncated, corrupt): such frames are skipped and listed, never fatal."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
             img.load()  # force the full decode here: PIL decodes lazily and truncation shows only now
-            return transform(img.convert("RGB")), ""
+            return np.asarray(transform.resize(img), dtype=np.uint8), ""
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for broken files
         return None, f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+
+
+def decode_crop(path: Path, transform: Any) -> tuple[Any, str]:
+    """(normalised float32 tensor [3, S, S], "") or (None, reason): ``decode_pixels`` then the transform's
+    normalisation."""
+    import torch
+
+    pixels, reason = decode_pixels(path, transform)
+    if pixels is None:
+        return None, reason
+    return transform.normalize(torch.from_numpy(pixels.copy()).permute(2, 0, 1)), ""
 
 
 class _CloseInheritedFd:
@@ -569,12 +585,13 @@ class _CloseInheritedFd:
 
 
 def collate_crops(items: list[tuple[int, Any, str]]) -> tuple[np.ndarray, Any, list[tuple[int, str]]]:
+    """(indices, uint8 pixels [B, S, S, 3], bad items) from ``CropDataset`` items."""
     import torch
 
     good = [(i, x) for i, x, _ in items if x is not None]
     bad = [(i, reason) for i, x, reason in items if x is None]
     indices = np.array([i for i, _ in good], dtype=np.int64)
-    images = torch.stack([x for _, x in good]) if good else torch.zeros(0)
+    images = torch.from_numpy(np.stack([x for _, x in good])) if good else torch.zeros(0, dtype=torch.uint8)
     return indices, images, bad
 
 

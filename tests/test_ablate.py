@@ -114,7 +114,34 @@ def test_parallel_jobs_give_the_same_grid(world: World, tmp_path: Path) -> None:
     again = run_ablation(path, out=str(tmp_path / "parallel"), jobs=2)
     assert [c.status for c in again.cells] == ["skipped", "skipped", "skipped"]
     with pytest.raises(ConfigError, match="--jobs must be at least 1"):
-        run_ablation(path, jobs=0)
+        run_ablation(path, jobs=-1)
+
+
+def test_auto_jobs_follow_cores_memory_and_device(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --jobs 0: one job per core, capped by the cells and by memory (1.5x the cache file per job); 1 on a GPU.
+    import torch
+
+    import abawfeat.ablate as ablate
+    import abawfeat.utils.device as device
+
+    cells = ablate.plan_cells(load_recipe(recipe(tmp_path, world)), None, None)
+    size = Path(world.cache).stat().st_size
+    monkeypatch.setattr(ablate.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(ablate, "available_memory", lambda: 100 * size)
+    assert ablate.auto_jobs(cells) == 3  # the three cells, though there are 8 cores
+    assert ablate.auto_jobs(cells[:1]) == 1
+    monkeypatch.setattr(ablate.os, "cpu_count", lambda: 2)
+    assert ablate.auto_jobs(cells) == 2  # the two cores
+    monkeypatch.setattr(ablate.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(ablate, "available_memory", lambda: int(3.2 * size))
+    assert ablate.auto_jobs(cells) == 2  # 3.2x the cache holds two 1.5x budgets, not three
+    monkeypatch.setattr(ablate, "available_memory", lambda: size)
+    assert ablate.auto_jobs(cells) == 1  # never fewer than one
+    monkeypatch.setattr(ablate, "available_memory", lambda: 100 * size)
+    monkeypatch.setattr(device, "resolve_device", lambda name="auto": torch.device("cuda", 0))
+    assert ablate.auto_jobs(cells) == 1
 
 
 @pytest.mark.parametrize(

@@ -338,15 +338,18 @@ def test_transform_pickles(encoder: DDAMFNEncoder) -> None:
 
 
 def test_compiled_extraction_model_keeps_fp32_parity(ckpt: Path, reference: dict[str, np.ndarray]) -> None:
-    # What `abawfeat extract` runs on large DDAMFN jobs by default: torch.compile with inductor's freezing
-    # (batch norms folded, weights pre-packed as constants). It must still reproduce the published network.
-    from abawfeat.extract import _CompiledWithFallback
+    # What `abawfeat extract` runs on large DDAMFN jobs by default: uint8 pixels in, normalised inside the
+    # graph, torch.compile with inductor's freezing (batch norms folded, weights pre-packed as constants). It
+    # must still reproduce the published network.
+    from abawfeat.extract import ExtractConfig, _CompiledWithFallback, _prepare_model
 
-    enc = build_encoder("ddamfn", weights=str(ckpt)).eval().to(memory_format=torch.channels_last)
-    model = _CompiledWithFallback(enc)
-    x = torch.from_numpy(reference["input_normalized_nchw"]).contiguous(memory_format=torch.channels_last)
+    enc = build_encoder("ddamfn", weights=str(ckpt)).eval()
+    config = ExtractConfig(backbone="ddamfn", data=ckpt.parent, compile=True, precision="fp32")
+    model = _prepare_model(enc, torch.device("cpu"), config)
+    assert isinstance(model, _CompiledWithFallback)
+    pixels = torch.from_numpy(reference["images_uint8_nhwc"]).permute(0, 3, 1, 2)  # as _stream sends them
     with torch.no_grad():
-        features, logits = model(x)
+        features, logits = model(pixels)
     assert not model.failed, "torch.compile fell back to eager: the compiled path was not tested"
     assert rel_err(features, reference["embedding"]) < 1e-5
     assert rel_err(logits, reference["logits"]) < 1e-5

@@ -510,3 +510,31 @@ def test_default_batch_is_32_on_cpu_and_recorded(tree: Path, tmp_path: Path) -> 
     assert result.frames == 27 - 3 and not result.compiled
     with FeatureCache(out) as cache:
         assert cache.provenance["extract_config"]["batch_size"] == 32
+
+
+def test_pixel_input_normalises_exactly_as_the_transform(tree: Path) -> None:
+    # Workers send resized uint8 crops; PixelInput normalises the batch in the main process (or inside the
+    # compiled graph). Its input to the encoder must be the transform's output, bit for bit, in the
+    # channels_last view extraction uses.
+    from abawfeat.encoders.base import PixelInput
+    from abawfeat.extract import collate_crops, decode_crop, decode_pixels
+
+    seen: list[torch.Tensor] = []
+
+    class Capture(nn.Module):
+        transform = ImageTransform(16, IMAGENET_MEAN, IMAGENET_STD)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(x)
+            return x
+
+    paths = sorted((tree / "cropped_aligned" / "video7").glob("*.jpg"))[:5]
+    items = [(i, *decode_pixels(p, Capture.transform)) for i, p in enumerate(paths)]
+    indices, pixels, bad = collate_crops(items)
+    assert pixels.dtype == torch.uint8 and tuple(pixels.shape) == (5, 16, 16, 3) and bad == []
+    x = pixels.permute(0, 3, 1, 2)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    PixelInput(Capture())(x)
+    want = torch.stack([decode_crop(p, Capture.transform)[0] for p in paths])
+    assert torch.equal(seen[0], want)
+    assert seen[0].is_contiguous(memory_format=torch.channels_last)

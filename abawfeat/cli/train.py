@@ -212,7 +212,8 @@ def ablate_command(
     out: Path | None = typer.Option(None, "--out", help="Output folder (overrides the recipe's)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be trained or skipped."),
     jobs: int = typer.Option(
-        1, "--jobs", "-j", help="Cells trained at once, each in its own process with cores/jobs threads."
+        0, "--jobs", "-j", help="Cells trained at once, each in its own process with cores/jobs threads; "
+        "0 = auto: one per CPU core as memory allows, 1 on a GPU.",
     ),
 ) -> None:
     """Run a grid of train-head runs (complete runs with the same config are skipped) and write

@@ -115,6 +115,27 @@ class ImageTransform:
         }
 
 
+class PixelInput(nn.Module):
+    """An encoder that takes uint8 pixels: its transform's normalisation runs here, on the whole batch.
+
+    Extraction's decoding workers then send resized uint8 crops (a quarter of the bytes of float32) and do
+    no float work. Pixels arrive as [B, H, W, 3], whose NCHW view is already channels_last, so no layout
+    copy is made; compiled, the normalisation fuses into the first layer's input read. The arithmetic is
+    ``ImageTransform.normalize``'s (``/255``, ``-mean``, ``/std`` in float32), element for element.
+    """
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        t = encoder.transform
+        self.register_buffer("mean", torch.tensor(t.mean, dtype=torch.float32).view(1, 3, 1, 1), False)
+        self.register_buffer("std", torch.tensor(t.std, dtype=torch.float32).view(1, 3, 1, 1), False)
+
+    def forward(self, pixels: torch.Tensor) -> Any:
+        """``pixels`` uint8 [B, 3, H, W] in any memory layout -> the encoder's outputs."""
+        return self.encoder(pixels.to(torch.float32).div(255).sub(self.mean).div(self.std))
+
+
 @dataclass(frozen=True)
 class EncoderInfo:
     """What ``abawfeat encoders`` shows for one registered encoder, with its default options."""
