@@ -416,12 +416,11 @@ def render(m: dict[str, dict[str, Any]], command: str) -> str:
     fc, lstm = m["fc"], m["lstm"]
     two_rows = {k: m[k] for k in ("fc-2t", "lstm-2t")}
     out = [
-        f"Command: `{command}` ({time.strftime('%Y-%m-%d')}, torch {fc.get('torch', '?')}). Other jobs "
-        "shared the two cores during the run (1-minute load average "
-        f"{fc.get('load_start', float('nan')):.1f} "
-        "at the start; the `load` column is its value as each measurement ended). Single-thread runs are "
-        "therefore judged by their CPU time, which is what the same work takes on an idle core; two-thread "
-        "runs by their wall time, which is only meaningful at a load of about 2 (their own threads).",
+        f"Command: `{command}` ({time.strftime('%Y-%m-%d')}, torch {fc.get('torch', '?')}). 1-minute load "
+        f"average {fc.get('load_start', float('nan')):.1f} at the start; the `load` column is its value as "
+        "each measurement ended (a single-thread run alone makes about 1, a two-thread run or a pair about "
+        "2; more means other jobs ran). Single-thread runs are judged by their CPU time, which is what the "
+        "same work takes on an idle core; two-thread runs by their wall time.",
         "",
         f"Data: {N_FRAMES:,} synthetic frames x {DIM} fp16 in memory ({fc['feature_mb'] / 1024:.2f} GB of "
         "features = the VA training set of the 8th ABAW), 594 videos. One training epoch with the default "
@@ -478,8 +477,9 @@ def render(m: dict[str, dict[str, Any]], command: str) -> str:
          "The two-thread rows ran while other jobs used the second core (see their load), so they say "
          "nothing about two idle cores; re-run the script on a quiet machine for that column."),
         "",
-        *([f"With `abawfeat ablate pipelines/paper-table3.toml --jobs 2` (two runs at once, one thread "
-           f"each): **{minutes(*jobs)}** minutes: the one-core times above, times the slowdown two runs at "
+        *([f"With `abawfeat ablate pipelines/paper-table3.toml` (its default `--jobs 0` = auto is 2 on "
+           f"this machine: two runs at once, one thread each): **{minutes(*jobs)}** minutes (target <= 30): "
+           f"the one-core times above, times the slowdown two runs at "
            "once cause each other (the `two runs at once` rows: the pair's epoch wall time over the solo "
            "run's CPU time), queued on two workers in the order ablate uses. Two single-thread runs "
            "use the two cores better than one two-thread run, whose small matrix products scale poorly over "
