@@ -57,7 +57,7 @@ class ExtractConfig:
     device: str = "auto"  # auto | cpu | cuda[:N]
     videos: tuple[str, ...] = ()  # only these videos (default: every video with crops)
     dtype: str = "float16"  # stored feature dtype; float16 halves the cache with ~5e-4 relative error
-    # torch.compile the encoder (inductor, weights frozen into the graph): DDAMFN runs ~2.7x (fp32) to ~3.8x
+    # torch.compile the encoder (inductor, weights frozen into the graph): DDAMFN runs ~3x (fp32) to ~5.4x
     # (bf16) the naive eager speed on CPU, end to end (benchmarks/extract.py), after a one-off 30-60 s
     # compile. None = auto: on for encoders that gain from it (``Encoder.compile_by_default``) when the
     # videos asked for hold at least AUTO_COMPILE_MIN_FRAMES crops, where the compile pays for itself. The
