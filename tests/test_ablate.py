@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from test_train import World, build_world
 from typer.testing import CliRunner
+from worlds import World, build_world
 
 from abawfeat.ablate import load_recipe, run_ablation
 from abawfeat.cli import app

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train import World, build_world, config
+from worlds import World, build_world, config
 
 from abawfeat.constants import SUBMISSION_HEADERS, TASKS
 from abawfeat.data import AffWild2

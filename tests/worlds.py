@@ -1,0 +1,138 @@
+"""Tiny synthetic stage-two worlds shared by the head tests (test_train, test_predict, test_ablate).
+
+``build_world`` writes an Aff-Wild2-shaped annotation tree and a matching feature cache whose features encode
+the labels linearly (plus noise), with the release's quirks: frames without a crop (labelled, absent from the
+cache), crops past the last annotated frame, invalid labels. ``config`` is a fast TrainConfig on a world.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from abawfeat.cache import CacheWriter, make_provenance
+from abawfeat.constants import (
+    AU_NAMES,
+    EXPR_CLASSES,
+    HEADERS,
+    SAMPLE_FILE_TAGS,
+    SPLIT_DIRS,
+    SUBMISSION_HEADERS,
+    TASK_DIRS,
+    TASKS,
+    TEST_LIST_FILES,
+)
+from abawfeat.train import TrainConfig
+
+N_SIGNAL = 2 + len(EXPR_CLASSES) + len(AU_NAMES)  # what the features encode: va, expr one-hot, au bits
+
+
+@dataclass
+class World:
+    root: Path
+    cache: Path
+    dim: int
+
+
+def _labels(rng: np.random.Generator, n: int, temporal: bool) -> tuple[np.ndarray, ...]:
+    """Hidden per-frame labels (always defined) and the signal the features carry."""
+    if temporal:
+        # VA at frame t is an i.i.d. signal seen at t-3 / t-6: a frame alone says nothing about its label.
+        s = rng.uniform(-0.9, 0.9, size=(n + 6, 2))
+        va = np.stack([s[3:n + 3, 0], s[:n, 1]], axis=1).astype(np.float32)
+        signal = np.zeros((n, N_SIGNAL), np.float32)
+        signal[:, 0] = s[6:, 0]
+        signal[:, 1] = s[6:, 1]
+        expr = rng.integers(0, 8, n)
+        au = rng.integers(0, 2, (n, 12))
+        return va, expr, au, signal
+    # Piecewise-constant segments, like real annotations.
+    seg = np.repeat(np.arange(n // 20 + 1), 20)[:n]
+    k = seg.max() + 1
+    va = np.repeat(rng.uniform(-0.8, 0.8, (k, 2)), 20, axis=0)[:n].astype(np.float32)
+    expr = np.repeat(rng.integers(0, 8, k), 20)[:n]
+    au = np.repeat((rng.random((k, 12)) < 0.4).astype(int), 20, axis=0)[:n]
+    signal = np.concatenate([va, np.eye(8)[expr], au], axis=1).astype(np.float32)
+    return va, expr, au, signal
+
+
+def _write_annotation(path: Path, task: str, rows: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(",".join(HEADERS[task]) + "\n" + "\n".join(rows) + "\n")
+
+
+def build_world(
+    tmp: Path, *, n_train: int = 6, n_val: int = 3, n_test: int = 2, n_frames: int = 160, dim: int = 24,
+    temporal: bool = False, noise: float = 0.3, seed: int = 0, text: bool = False, name: str = "tinyaff",
+    prompt_classes: tuple[str, ...] | None = None,
+) -> World:
+    rng = np.random.default_rng(seed)
+    root = tmp / name
+    ann = root / "8th_ABAW_Annotations"
+    mixing = rng.normal(size=(N_SIGNAL, dim)).astype(np.float32)
+    encoder = {"name": "fake", "config": {"dim": dim}, "weights_sha256": "random-init", "preprocessing": {},
+               "calibration": None}
+    if prompt_classes is not None:
+        encoder["prompt_classes"] = list(prompt_classes)  # what the CLIP encoder records
+    provenance = make_provenance(encoder, feature_dim=dim, dtype="float16", precision="fp32")
+    prompt_emb = rng.normal(size=(8, dim)).astype(np.float32)
+    cache = tmp / f"{name}-fake.h5"
+    splits = {"train": n_train, "val": n_val, "test": n_test}
+    sample_rows: dict[str, list[str]] = {t: [] for t in TASKS}
+    with CacheWriter(cache, provenance) as writer:
+        for split, count in splits.items():
+            for i in range(count):
+                video = f"{split}{i:02d}"
+                n = n_frames + int(rng.integers(-20, 21))
+                va, expr, au, signal = _labels(rng, n, temporal)
+                if split == "test":
+                    for t in TASKS:
+                        sample_rows[t] += [f"{video}/{f:05d}.jpg" for f in range(1, n + 1)]
+                else:
+                    # Invalid labels in a few runs of frames (the release marks them -5 / -1).
+                    bad = np.zeros(n, bool)
+                    bad[rng.integers(0, n - 10) :][:8] = True
+                    va_rows = [("-5,-5" if b else f"{v:.4f},{a:.4f}")
+                               for (v, a), b in zip(va, bad, strict=True)]
+                    ex_rows = [("-1" if b else str(e)) for e, b in zip(expr, bad, strict=True)]
+                    au_rows = [(",".join(["-1"] * 12) if b else ",".join(map(str, r)))
+                               for r, b in zip(au, bad, strict=True)]
+                    d = SPLIT_DIRS[split]
+                    _write_annotation(ann / TASK_DIRS["va"][0] / d / f"{video}.txt", "va", va_rows)
+                    _write_annotation(ann / TASK_DIRS["expr"][0] / d / f"{video}.txt", "expr", ex_rows)
+                    _write_annotation(ann / TASK_DIRS["au"][0] / d / f"{video}.txt", "au", au_rows)
+                # Crops: frames 1..n minus a gap of undetected faces (not in temporal worlds, where a gap
+                # would break "the label is the signal 3 frames ago"), plus two crops past the last frame.
+                frames = np.arange(1, n + 3)
+                extra = rng.normal(size=(2, N_SIGNAL)).astype(np.float32)
+                feats = np.concatenate([signal, extra]) @ mixing
+                if not temporal:
+                    keep = np.ones(n + 2, bool)
+                    gap = int(rng.integers(5, n - 20))
+                    keep[gap : gap + 6] = False
+                    keep[0] = i % 2 == 1  # some videos start without a crop
+                    frames, feats = frames[keep], feats[keep]
+                feats = feats + noise * rng.normal(size=feats.shape).astype(np.float32)
+                writer.write_video(video, frames, feats)
+        if text:
+            classes = prompt_classes or EXPR_CLASSES
+            writer.set_text_embeddings([f"a face showing {c.lower()}" for c in classes], prompt_emb)
+    tests = root / "names_of_videos_in_each_test_set"
+    tests.mkdir(parents=True)
+    samples = root / "prediction_files_format"
+    samples.mkdir()
+    for t in TASKS:
+        (tests / TEST_LIST_FILES[t]).write_text("\n".join(f"test{i:02d}" for i in range(n_test)) + "\n")
+        (samples / f"CVPR_8th_ABAW_{SAMPLE_FILE_TAGS[t]}_test_set_sample.txt").write_text(
+            SUBMISSION_HEADERS[t] + "\n" + "\n".join(sample_rows[t]) + "\n"
+        )
+    return World(root=root, cache=cache, dim=dim)
+
+
+def config(world: World, out: Path, **kw: object) -> TrainConfig:
+    # No plots by default: matplotlib costs seconds per run and is tested once, below.
+    base = TrainConfig(task="va", head="fc", data=str(world.root), cache=str(world.cache), out=str(out),
+                       epochs=4, seed=0, lr=3e-3, batch_size=64, hidden=-1, plots=False)
+    return replace(base, **kw)
