@@ -335,10 +335,14 @@ def _train_parallel(todo: list[tuple[str, Cell]], jobs: int, say: Callable[[str]
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    order = sorted(todo, key=lambda t: queue_order(t[1].config.head, t[1].task))
+    order = sorted(todo, key=lambda t: queue_order(t[1].config.head, t[1].task, t[1].config.objective))
     # spawn, not fork: the parent may already run torch threads, which a forked child would inherit broken.
+    # One cell per process (Python >= 3.11): a process that trained a VA cell keeps its freed memory, and the
+    # next cell's would pile on top (5.6 GB for one worker in a full-scale grid, against 3.0-3.7 GB for any
+    # single cell); a fresh process costs a few seconds of imports per cell.
+    fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
-                             initializer=_quiet_worker) as pool:
+                             initializer=_quiet_worker, **fresh) as pool:
         futures = {}
         for name, cell in order:
             config = cell.config if cell.config.threads else dataclasses.replace(cell.config, threads=threads)
@@ -349,10 +353,11 @@ def _train_parallel(todo: list[tuple[str, Cell]], jobs: int, say: Callable[[str]
             cell.status, cell.metrics, cell.error, cell.seconds = future.result()
 
 
-def queue_order(head: str, task: str) -> tuple[bool, bool]:
-    """Sort key of the parallel queue: LSTM cells first, and VA (the largest task) first among them, so the
-    last cell to start is a short one. benchmarks/heads.py schedules its --jobs estimate with it too."""
-    return head != "lstm", task != "va"
+def queue_order(head: str, task: str, objective: str = "") -> tuple[bool, bool, bool]:
+    """Sort key of the parallel queue, longest cells first so that the last cell to start is a short one:
+    LSTM cells, then contrastive FC cells (FC 512 + linear 512 in bf16, ~10x a plain FC epoch), then plain
+    FC cells; VA (the largest task) first within each. benchmarks/heads.py schedules its estimate with it."""
+    return head != "lstm", objective != "contrastive", task != "va"
 
 
 def _quiet_worker() -> None:

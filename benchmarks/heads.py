@@ -335,7 +335,8 @@ def jobs_estimate(m: dict[str, dict[str, Any]], rows: list[tuple[str, str, float
     from abawfeat.ablate import queue_order
 
     # ablate's queue order; each run goes to whichever worker frees first, as in its process pool.
-    queue = sorted(rows, key=lambda r: queue_order("lstm" if "LSTM" in r[0] else "fc", r[1]))
+    queue = sorted(rows, key=lambda r: queue_order("lstm" if "LSTM" in r[0] else "fc", r[1],
+                                                    "contrastive" if "CLIP" in r[0] else ""))
     out = []
     for pick in (2, 3):
         workers = [0.0, 0.0]
