@@ -353,11 +353,12 @@ def _train_parallel(todo: list[tuple[str, Cell]], jobs: int, say: Callable[[str]
             cell.status, cell.metrics, cell.error, cell.seconds = future.result()
 
 
-def queue_order(head: str, task: str, objective: str = "") -> tuple[bool, bool, bool]:
+def queue_order(head: str, task: str, objective: str = "") -> tuple[int, bool]:
     """Sort key of the parallel queue, longest cells first so that the last cell to start is a short one:
     LSTM cells, then contrastive FC cells (FC 512 + linear 512 in bf16, ~10x a plain FC epoch), then plain
     FC cells; VA (the largest task) first within each. benchmarks/heads.py schedules its estimate with it."""
-    return head != "lstm", objective != "contrastive", task != "va"
+    rank = 0 if head == "lstm" else 1 if objective == "contrastive" else 2
+    return rank, task != "va"
 
 
 def _quiet_worker() -> None:
