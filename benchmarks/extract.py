@@ -26,7 +26,6 @@ import itertools
 import json
 import os
 import platform
-import re
 import resource
 import statistics
 import subprocess
@@ -36,10 +35,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from perfdoc import DOC, write_section  # benchmarks/perfdoc.py (scripts run from benchmarks/)
+
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "performance.md"
 WEIGHTS = ROOT / "tests" / "fixtures" / "ddamfn" / "ddamfn_official_format_random.pth"
-BEGIN, END = "<!-- BEGIN extract -->", "<!-- END extract -->"
 
 
 # ------------------------------------------------------------------------------------ measurements (child)
@@ -306,14 +305,6 @@ def _torch_version() -> str:
     return torch.__version__.split("+")[0]
 
 
-def write_section(text: str) -> None:
-    doc = DOC.read_text()
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.DOTALL)
-    if not pattern.search(doc):
-        raise SystemExit(f"{DOC}: markers {BEGIN} ... {END} not found")
-    DOC.write_text(pattern.sub(lambda _: f"{BEGIN}\n{text}\n{END}", doc))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--videos", type=int, default=12, help="synthetic videos (default 12)")
@@ -361,7 +352,7 @@ def main() -> None:
     print()
     print(text)
     if args.write:
-        write_section(text)
+        write_section("extract", text)
         print(f"\nwrote the extract section of {DOC.relative_to(ROOT)}")
 
 

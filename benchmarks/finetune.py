@@ -29,7 +29,6 @@ import json
 import math
 import os
 import platform
-import re
 import resource
 import subprocess
 import sys
@@ -39,10 +38,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from perfdoc import DOC, write_section  # benchmarks/perfdoc.py (scripts run from benchmarks/)
+
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "performance.md"
 WEIGHTS = ROOT / "tests" / "fixtures" / "ddamfn" / "ddamfn_official_format_random.pth"
-BEGIN, END = "<!-- BEGIN finetune -->", "<!-- END finetune -->"
 VA_TRAIN_FRAMES = 1_682_057
 CACHED_FC_EPOCH_S = 2.0  # design notes: a plain PyTorch FC epoch over the cached VA-train frames
 
@@ -210,14 +209,6 @@ def summarise(results: list[dict[str, Any]], args: argparse.Namespace, command: 
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    doc = DOC.read_text()
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.DOTALL)
-    if not pattern.search(doc):
-        raise SystemExit(f"{DOC}: markers {BEGIN} ... {END} not found")
-    DOC.write_text(pattern.sub(lambda _: f"{BEGIN}\n{text}\n{END}", doc))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32, help="frames per training step")
@@ -254,7 +245,7 @@ def main() -> None:
     print(json.dumps([{k: r[k] for k in ("label", "ips", "seconds", "images", "rss_mb")}
                       for r in results.values()]), file=sys.stderr)
     if not args.no_write:
-        write_section(text)
+        write_section("finetune", text)
         print(f"\nwrote the finetune section of {DOC.relative_to(ROOT)}")
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import resource
 import shutil
 import sys
@@ -28,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from perfdoc import DOC, write_section  # benchmarks/perfdoc.py (scripts run from benchmarks/)
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "performance.md"
 RECIPE = ROOT / "pipelines" / "paper-table3.toml"
 DIM = 512
 NAME = "AffWild2Synth"
@@ -181,15 +180,6 @@ def render(m: dict[str, Any], command: str, load_start: float) -> str:
     ])
 
 
-def write_doc(text: str) -> None:
-    doc = DOC.read_text()
-    begin, end = "<!-- BEGIN grid -->", "<!-- END grid -->"
-    if begin not in doc:
-        doc = doc.rstrip() + f"\n\n## The paper grid, end to end\n\n{begin}\n{end}\n"
-    pattern = re.compile(f"({re.escape(begin)}\n).*?({re.escape(end)})", re.S)
-    DOC.write_text(pattern.sub(lambda mm: mm.group(1) + text + mm.group(2), doc))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=1.0, help="Fraction of the full size (smoke tests).")
@@ -209,7 +199,7 @@ def main() -> None:
                   load_start)
     print(text)
     if not args.no_write and args.scale == 1.0:
-        write_doc(text)
+        write_section("grid", text)
         print(f"wrote the grid section of {DOC}", file=sys.stderr)
 
 

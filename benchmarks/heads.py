@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import resource
 import subprocess
 import sys
@@ -36,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from perfdoc import DOC, write_section  # benchmarks/perfdoc.py (scripts run from benchmarks/)
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "performance.md"
 N_FRAMES = 1_682_057  # VA train frames (8th ABAW)
 N_VIDEOS = 594
 DIM = 512
@@ -490,14 +489,6 @@ def render(m: dict[str, dict[str, Any]], command: str) -> str:
     return "\n".join(out)
 
 
-def write_doc(text: str) -> None:
-    doc = DOC.read_text()
-    pattern = re.compile(r"(<!-- BEGIN heads -->\n).*?(<!-- END heads -->)", re.S)
-    if not pattern.search(doc):
-        raise SystemExit(f"{DOC}: no <!-- BEGIN heads --> ... <!-- END heads --> section")
-    DOC.write_text(pattern.sub(lambda mm: mm.group(1) + text + mm.group(2), doc))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
@@ -512,7 +503,7 @@ def main() -> None:
         text = render(json.loads(args.render.read_text()), "python benchmarks/heads.py")
         print(text)
         if not args.no_write:
-            write_doc(text)
+            write_section("heads", text)
         return
     set_scale(args.scale)
     if args.worker:
@@ -552,7 +543,7 @@ def main() -> None:
     text = render(m, "python benchmarks/heads.py")
     print(text)
     if not args.no_write and args.scale == 1.0:
-        write_doc(text)
+        write_section("heads", text)
         print(f"wrote the heads section of {DOC}", file=sys.stderr)
 
 
