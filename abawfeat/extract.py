@@ -48,7 +48,7 @@ class ExtractConfig:
     trust_pickle: bool = False  # allow legacy pickled checkpoints (runs code from the file)
     clip_model: str | None = None  # open_clip architecture, e.g. ViT-B-32
     clip_pretrained: str | None = None  # open_clip pretrained tag or a local weights file
-    precision: str = "fp32"  # compute precision; bf16 is ~3x faster on CPUs with AVX-512 BF16
+    precision: str = "fp32"  # compute precision; bf16 is ~2x fp32's speed on CPUs with AVX-512 BF16
     # Frames per forward pass, filled across video boundaries. None = 32 on CPU, where DDAMFN's activations
     # then stay in cache (compiled fp32 forward: 3.1x the naive baseline at batch 32 against 2.2x at 64, in
     # one exploratory run; benchmarks/extract.py measures the default end to end), 128 on a GPU.

@@ -58,8 +58,8 @@ CLASS_WEIGHT_CHOICES = ("none", "inverse", "sqrt_inverse", "effective")
 # Default batch size in windows: frame-wise heads see single frames, temporal heads windows of --window.
 # Temporal: 64 windows (4,096 frames of 64) rather than 32, because the LSTM's recurrent matrix products are
 # batch-sized and twice the batch was ~1.3x the frames/s of a bare nn.LSTM on 2 CPU threads in an exploratory
-# run (benchmarks/heads.py measures the default); on small datasets
-# (the demo) pass --batch-size 32 for more steps per epoch.
+# run (benchmarks/heads.py measures the default); on small datasets (the demo) pass --batch-size 32 for more
+# steps per epoch.
 DEFAULT_BATCH = {False: 1024, True: 64}
 RUN_FILES = ("config.json", "checkpoint.pt", "metrics.json", "history.csv", "val_outputs.npz")
 CHECKPOINT_FORMAT = "abawfeat-head"

@@ -444,7 +444,7 @@ class DDAMFNEncoder(Encoder):
 
     config_class = DDAMFNConfig
     summary = "DDAMFN++ (MixedFeatureNet + dual-direction attention), 512-d GDConv embedding + logits"
-    compile_by_default = True  # benchmarks/extract.py: 1.3-1.6x our eager channels_last, end to end
+    compile_by_default = True  # benchmarks/extract.py: 1.4-1.7x our eager channels_last, end to end
 
     def __init__(self, config: DDAMFNConfig) -> None:
         super().__init__(config)
