@@ -40,6 +40,7 @@ from abawfeat.train import (
     validate_config,
 )
 from abawfeat.utils.configs import read_json
+from abawfeat.utils.io import atomic_write, atomic_write_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -442,12 +443,17 @@ def write_results(
 ) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     files = {"md": out / "results.md", "csv": out / "results.csv"}
-    files["md"].write_text(markdown(recipe, cells, table), encoding="utf-8")
-    with open(files["csv"], "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["architecture", *COLUMNS])
-        for r in table:
-            writer.writerow([r["architecture"], *("" if r[c] is None else f"{r[c]:.6f}" for c in COLUMNS)])
+    atomic_write_text(files["md"], markdown(recipe, cells, table))
+
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["architecture", *COLUMNS])
+            for r in table:
+                values = ("" if r[c] is None else f"{r[c]:.6f}" for c in COLUMNS)
+                writer.writerow([r["architecture"], *values])
+
+    atomic_write(files["csv"], write_csv)
     done = [c.run_dir for c in cells if c.metrics]
     if done:
         try:

@@ -28,6 +28,7 @@ import numpy as np
 
 from abawfeat import __version__
 from abawfeat.errors import CacheError
+from abawfeat.utils.io import atomic_write, atomic_write_bytes
 
 FORMAT_NAME = "abawfeat-features"
 FORMAT_VERSION = 1
@@ -233,7 +234,8 @@ class CacheWriter:
                 self.provenance["created"] = stored.get("created", self.provenance["created"])
         elif self._lock_wanted:
             self.parts.mkdir(parents=True, exist_ok=True)
-            _write_bytes_atomic(prov_file, json.dumps(self.provenance, indent=2, sort_keys=True).encode())
+            text = json.dumps(self.provenance, indent=2, sort_keys=True)
+            atomic_write_bytes(prov_file, text.encode(), durable=True)
 
     def _refuse_if_different(self, stored: dict[str, Any], where: Path) -> None:
         diff = provenance_differences(stored, self.provenance)
@@ -354,14 +356,10 @@ class CacheWriter:
             self._remove_parts()
             return self.path  # nothing new: leave the file (and its bytes) untouched
 
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
+        def fill(tmp: Path) -> None:
             if self.path.exists():
                 shutil.copyfile(self.path, tmp)  # sequential copy: far cheaper than re-writing per dataset
-                mode = "r+"
-            else:
-                mode = "w"
-            with h5py.File(tmp, mode) as out:
+            with h5py.File(tmp, "r+" if self.path.exists() else "w") as out:
                 _set_root_attrs(out, self.provenance)
                 root = out.require_group("videos")
                 for video in videos:
@@ -374,12 +372,8 @@ class CacheWriter:
                         del out["text"]
                     with _open_h5(text_part) as part:
                         part.copy(part["text"], out, name="text")
-            _fsync_path(tmp)
-            os.replace(tmp, self.path)
-            _fsync_path(self.path.parent)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+
+        atomic_write(self.path, fill, durable=True)
         self._consolidated |= set(videos)
         self._remove_parts()
         return self.path
@@ -684,37 +678,11 @@ def _write_text_group(
 def _write_h5_atomic(target: Path, fill: Any) -> None:
     import h5py
 
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
+    def write(tmp: Path) -> None:
         with h5py.File(tmp, "w") as fh:
             fill(fh)
-        _fsync_path(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
-
-def _write_bytes_atomic(target: Path, data: bytes) -> None:
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _fsync_path(path: Path) -> None:
-    # Renames are atomic against kill -9 without this; the fsync makes them durable across power loss too.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write(target, write, durable=True)
 
 
 def _part_videos(parts: Path) -> list[str]:

@@ -37,3 +37,11 @@ class CheckpointError(AbawfeatError):
 
 class CacheError(AbawfeatError):
     """A feature cache that is missing, locked, incomplete or does not match what is asked of it."""
+
+
+class DiskFullError(AbawfeatError):
+    """The device filled up while writing an artefact; the message names the file and what is kept."""
+
+
+class RunError(AbawfeatError):
+    """A run directory that is incomplete, belongs to another run, or would be overwritten."""

@@ -127,9 +127,9 @@ _ENCODER_OPTIONS: dict[str, tuple[str, str]] = {
 def encoder_options(config: ExtractConfig) -> dict[str, Any]:
     """Keyword options for ``build_encoder``: only those the user set, so each encoder keeps its defaults;
     an option the encoder does not have is a ConfigError naming the flag."""
-    from abawfeat.encoders import encoder_class
+    from abawfeat.encoders import ENCODERS
 
-    fields = {f.name for f in dataclasses.fields(encoder_class(config.backbone).config_class)}
+    fields = {f.name for f in dataclasses.fields(ENCODERS.get(config.backbone).config_class)}
     options: dict[str, Any] = {}
     for option, (attr, flag) in _ENCODER_OPTIONS.items():
         value = getattr(config, attr)

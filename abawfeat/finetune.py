@@ -26,10 +26,8 @@ import argparse
 import contextlib
 import dataclasses
 import math
-import os
 import random
 import sys
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,8 +67,9 @@ from abawfeat.train import (
     write_val_outputs,
 )
 from abawfeat.utils import dist
-from abawfeat.utils.configs import from_dict, read_json, to_dict, write_json_atomic
+from abawfeat.utils.configs import from_dict, read_json, to_dict
 from abawfeat.utils.device import autocast, resolve_device, seed_everything
+from abawfeat.utils.io import torch_save, write_json
 
 # DDAMFN's trainable stages in forward order. The first nine are MixedFeatureNet's (``features.0`` ..
 # ``features.8``, named as in the MobileFaceNet code DDAMFN derives from); then the attention heads and the
@@ -480,18 +479,6 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _atomic_save(payload: Any, path: Path) -> None:
-    """torch.save through a temporary file and a rename: a crash mid-write keeps the previous state."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def load_state(run_dir: Path) -> dict[str, Any]:
     path = run_dir / STATE_FILE
     if not path.is_file():
@@ -731,7 +718,7 @@ def _run(cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool, resume: bo
             "published_checkpoint": PUBLISHED_FILE if cfg.save_published else None,
             "package_version": __version__,
         }
-        write_json_atomic(out / "config.json", config_info)
+        write_json(out / "config.json", config_info)
 
     stepper = Stepper(optimizer, scheduler, scaler, step_loss, device, precision, tcfg.grad_clip,
                       distributed, steps_done=int(scheduler.last_epoch))
@@ -777,14 +764,14 @@ def _run(cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool, resume: bo
         if not info.is_main:
             return
         write_history(out / "history.csv", rows)
-        _atomic_save({
+        torch_save(out / STATE_FILE, {
             "format": STATE_FORMAT, "version": STATE_VERSION, "epoch": epoch, "steps": stepper.steps_done,
             "model": {k: v.detach().cpu() for k, v in unwrap(ddp_model).state_dict().items()},
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None, "rng": rngs,
             "history": rows, "best": dict(best_record, value=best), "world_size": info.world_size,
             "start_provenance": _jsonable(start_provenance), "package_version": __version__,
-        }, out / STATE_FILE)
+        })
 
     def reduce_mean(value: float) -> float:
         if not distributed:
@@ -820,11 +807,11 @@ def _run(cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool, resume: bo
                               "try a lower --lr / --backbone-lr")
         config_info = read_json(out / "config.json")
         config_info["cache_fingerprint"] = best_record.get("fingerprint")
-        write_json_atomic(out / "config.json", config_info)
+        write_json(out / "config.json", config_info)
         record = metrics_record(tcfg.task, "val", int(best_record["epoch"]), best_record["metrics"])
         if tcfg.plots:
             write_plots(out, metrics=record, log=log)
-        write_json_atomic(out / "metrics.json", record)  # last: its presence marks a complete run
+        write_json(out / "metrics.json", record)  # last: its presence marks a complete run
     if distributed:
         import torch.distributed as tdist
 

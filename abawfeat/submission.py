@@ -15,9 +15,7 @@ uploading, and ``score_submission`` recomputes the official metric from a file, 
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ import numpy as np
 from abawfeat import metrics
 from abawfeat.constants import AU_NAMES, EXPR_CLASSES, SUBMISSION_HEADERS, TASKS
 from abawfeat.errors import ConfigError, DataError
+from abawfeat.utils.io import atomic_write
 
 FILL_METHODS = ("interpolate", "nearest", "previous")
 N_VALUES: dict[str, int] = {"va": 2, "expr": 1, "au": len(AU_NAMES)}
@@ -179,14 +178,12 @@ def write_submission(path: str | Path, task: str, rows: Mapping[str, np.ndarray]
     task = _check_task(task)
     if not rows:
         raise ValueError("write_submission: no video to write")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+    checked = {video: _check_rows(task, video, rows[video]) for video in sorted(rows)}
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
             fh.write(SUBMISSION_HEADERS[task] + "\n")
-            for video in sorted(rows):
-                a = _check_rows(task, video, rows[video])
+            for video, a in checked.items():
                 if task == "va":
                     body = [f"{video}/{i:05d}.jpg,{v:.6f},{r:.6f}" for i, (v, r) in enumerate(a.tolist(), 1)]
                 elif task == "expr":
@@ -197,11 +194,8 @@ def write_submission(path: str | Path, task: str, rows: Mapping[str, np.ndarray]
                     ]
                 fh.write("\n".join(body))
                 fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write(path, write)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,8 +35,9 @@ from abawfeat.constants import AU_NAMES, EXPR_CLASSES, TASKS
 from abawfeat.data.sequences import SequenceSet, load_split, make_windows
 from abawfeat.errors import CacheError, CheckpointError, ConfigError
 from abawfeat.heads import OUTPUT_DIMS, Head, build_head, head_from_dict, head_to_dict
-from abawfeat.utils.configs import from_dict, read_json, to_dict, write_json_atomic
+from abawfeat.utils.configs import from_dict, read_json, to_dict
 from abawfeat.utils.device import autocast, resolve_device, seed_everything, to_device
+from abawfeat.utils.io import atomic_write, torch_save, write_json
 
 # ------------------------------------------------------------------------------------------------ configs
 
@@ -611,19 +611,6 @@ def run_epochs(
 # ----------------------------------------------------------------------------------------- run directory
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder and a rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_history(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
     base = ["epoch", "train_loss", "val_loss", "val_metric", "seconds"]
     extra = sorted({k for row in history for k in row} - set(base))
@@ -635,7 +622,7 @@ def write_history(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
             for row in history:
                 w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def save_checkpoint(
@@ -650,7 +637,7 @@ def save_checkpoint(
         "au_thresholds": None if au_thresholds is None else [float(x) for x in au_thresholds],
         "package_version": __version__, **dict(extra or {}),
     }
-    _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    torch_save(path, payload)
 
 
 def write_val_outputs(path: Path, data: SequenceSet, timeline: Mapping[str, np.ndarray]) -> None:
@@ -668,7 +655,7 @@ def write_val_outputs(path: Path, data: SequenceSet, timeline: Mapping[str, np.n
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def metrics_record(
@@ -948,7 +935,7 @@ def _fit(cfg: TrainConfig, log: Callable[[str], None] | None) -> FitResult:
         "pos_weight": None if pos_weight is None else pos_weight.cpu().tolist(),
         "package_version": __version__,
     }
-    write_json_atomic(out / "config.json", info)
+    write_json(out / "config.json", info)
 
     best: dict[str, Any] = {}
 
@@ -974,7 +961,7 @@ def _fit(cfg: TrainConfig, log: Callable[[str], None] | None) -> FitResult:
     record = metrics_record(cfg.task, "val", best["epoch"], ev.metrics)
     if cfg.plots:
         write_plots(out, record, log)
-    write_json_atomic(out / "metrics.json", record)  # last: its presence marks a complete run
+    write_json(out / "metrics.json", record)  # last: its presence marks a complete run
     return FitResult(run_dir=out, metrics=record, history=history)
 
 

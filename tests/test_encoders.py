@@ -18,19 +18,17 @@ from typer.testing import CliRunner
 
 from abawfeat.constants import EXPR_CLASSES
 from abawfeat.encoders import (
+    ENCODERS,
     Encoder,
     EncoderInfo,
     ImageTransform,
     build_encoder,
-    encoder_class,
-    encoder_names,
     list_encoders,
-    register_encoder,
 )
 from abawfeat.errors import CheckpointError, ConfigError
 
 # Every registered encoder is covered; test modules may register "fake-*" encoders of their own.
-NAMES = [name for name in encoder_names() if not name.startswith("fake-")]
+NAMES = [name for name in ENCODERS.names() if not name.startswith("fake-")]
 PROVENANCE_KEYS = {"name", "config", "weights_source", "weights_sha256", "calibration", "preprocessing",
                    "feature_dim", "logit_names"}
 _BUILT: dict[str, Encoder] = {}
@@ -39,7 +37,7 @@ _BUILT: dict[str, Encoder] = {}
 def smoke(name: str) -> Encoder:
     """One shared smoke build per encoder (tests must not modify it)."""
     if name not in _BUILT:
-        _BUILT[name] = build_encoder(name, **encoder_class(name).smoke_options())
+        _BUILT[name] = build_encoder(name, **ENCODERS.get(name).smoke_options())
     return _BUILT[name]
 
 
@@ -87,7 +85,7 @@ def test_deterministic_and_batch_independent(name: str) -> None:
     assert torch.equal(a, b)
     # Eval mode: a frame's features do not depend on the rest of its batch (up to kernel rounding).
     torch.testing.assert_close(single[0], a[1], rtol=1e-4, atol=1e-5)
-    rebuilt = build_encoder(name, **encoder_class(name).smoke_options())
+    rebuilt = build_encoder(name, **ENCODERS.get(name).smoke_options())
     with torch.no_grad():
         assert torch.equal(rebuilt(x)[0], a)  # seeded build: same weights, same features
 
@@ -103,7 +101,7 @@ def test_provenance(name: str) -> None:
     pre = prov["preprocessing"]
     assert pre["size"] == enc.input_size and pre["mean"] == list(enc.mean) and pre["std"] == list(enc.std)
     assert pre["interpolation"] in ("bilinear", "bicubic")
-    assert prov == build_encoder(name, **encoder_class(name).smoke_options()).provenance()
+    assert prov == build_encoder(name, **ENCODERS.get(name).smoke_options()).provenance()
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -124,7 +122,7 @@ def test_transform_output_and_normalisation(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_channels_last_and_bf16_autocast(name: str) -> None:
-    enc = build_encoder(name, **encoder_class(name).smoke_options())
+    enc = build_encoder(name, **ENCODERS.get(name).smoke_options())
     x = images(enc, n=2, seed=2)
     with torch.no_grad():
         ref = enc(x)[0]
@@ -153,11 +151,11 @@ def test_build_errors() -> None:
 
 
 def test_register_encoder_rejects_duplicates_and_non_encoders() -> None:
-    with pytest.raises(ValueError, match="already registered"):
-        register_encoder("ddamfn")(type("Other", (encoder_class("clip"),), {}))
+    with pytest.raises(ValueError, match="registered twice"):
+        ENCODERS.register("ddamfn")(type("Other", (ENCODERS.get("clip"),), {}))
     with pytest.raises(TypeError):
-        register_encoder("bad")(object)  # type: ignore[arg-type]
-    assert "bad" not in encoder_names()
+        ENCODERS.register("bad")(object)  # type: ignore[arg-type]
+    assert "bad" not in ENCODERS.names()
 
 
 def test_shortest_side_resize_matches_torchvision() -> None:
@@ -251,7 +249,7 @@ def test_cli_lists_encoders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     result = runner.invoke(app, ["encoders", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert {e["name"] for e in data["encoders"]} == set(encoder_names())
+    assert {e["name"] for e in data["encoders"]} == set(ENCODERS.names())
     assert {"ddamfn", "clip"} <= set(NAMES)
     assert {w["name"] for w in data["named_weights"]} >= {"affectnet8", "affectnet7", "rafdb"}
     result = runner.invoke(app, ["encoders"])

@@ -27,12 +27,12 @@ from typer.testing import CliRunner
 from abawfeat.cache import FeatureCache, lock_path, parts_dir, verify_cache
 from abawfeat.cli import app
 from abawfeat.encoders import (
+    ENCODERS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     Encoder,
     EncoderInfo,
     ImageTransform,
-    register_encoder,
 )
 from abawfeat.errors import CacheError, ConfigError
 from abawfeat.extract import (
@@ -53,7 +53,7 @@ class FakeConfig:
     weights: str | None = None
 
 
-@register_encoder("fake-test")
+@ENCODERS.register("fake-test")
 class FakeEncoder(Encoder):
     """A 16 x 16 toy network with DDAMFN's shape of contract: per-sample, deterministic, seeded, and with a
     calibration that changes its output (so a calibration on different frames shows in the features)."""
@@ -101,7 +101,7 @@ class FakeTextConfig(FakeConfig):
     prompt_template: str = "a face showing {emotion}"
 
 
-@register_encoder("fake-text")
+@ENCODERS.register("fake-text")
 class FakeTextEncoder(FakeEncoder):
     """The toy encoder with CLIP's extras: class prompts and their text embeddings."""
 

@@ -41,7 +41,8 @@ from abawfeat.constants import (
     TEST_LIST_FILES,
 )
 from abawfeat.errors import ConfigError
-from abawfeat.utils.configs import read_json, to_dict, write_json_atomic
+from abawfeat.utils.configs import read_json, to_dict
+from abawfeat.utils.io import write_json
 
 # Folder and file names of the 8th ABAW release; the reader accepts older spellings, we write the newest.
 ANNOTATIONS_DIR = "8th_ABAW_Annotations"
@@ -847,7 +848,7 @@ def generate(
     videos = plan(cfg)
     _prepare_out(out)
     # A provisional manifest first: a crashed run still leaves a tree that a re-run recognises and replaces.
-    write_json_atomic(out / MANIFEST_NAME, _manifest(cfg, videos, {}, complete=False))
+    write_json(out / MANIFEST_NAME, _manifest(cfg, videos, {}, complete=False))
 
     rng = _rng(cfg.seed, 3)
     ann_files = [
@@ -900,7 +901,7 @@ def generate(
                     on_progress(done, total)
 
     manifest = _manifest(cfg, videos, files, complete=True)
-    write_json_atomic(out / MANIFEST_NAME, manifest)
+    write_json(out / MANIFEST_NAME, manifest)
     return manifest
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from abawfeat.encoders import clip as _clip  # noqa: F401  (registers "clip")
 from abawfeat.encoders import ddamfn as _ddamfn  # noqa: F401  (registers "ddamfn")
 from abawfeat.encoders.base import (
+    ENCODERS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     RANDOM_INIT,
@@ -20,11 +21,8 @@ from abawfeat.encoders.base import (
     EncoderInfo,
     ImageTransform,
     build_encoder,
-    encoder_class,
-    encoder_names,
     list_encoders,
     make_config,
-    register_encoder,
 )
 from abawfeat.encoders.ddamfn import (
     DDAMFNConfig,
@@ -37,6 +35,7 @@ from abawfeat.encoders.ddamfn import (
 from abawfeat.encoders.weights import NAMED_WEIGHTS, NamedWeights, resolve_weights
 
 __all__ = [
+    "ENCODERS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "NAMED_WEIGHTS",
@@ -50,12 +49,9 @@ __all__ = [
     "ImageTransform",
     "NamedWeights",
     "build_encoder",
-    "encoder_class",
-    "encoder_names",
     "list_encoders",
     "load_ddamfn_net",
     "make_config",
-    "register_encoder",
     "resolve_weights",
     "save_published_checkpoint",
 ]

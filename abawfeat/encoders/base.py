@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -33,6 +32,7 @@ from torch import nn
 
 from abawfeat.errors import ConfigError
 from abawfeat.utils.configs import to_dict
+from abawfeat.utils.registry import Registry
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -244,41 +244,20 @@ class Encoder(nn.Module):
         return {"random_init": True}
 
 
-E = TypeVar("E", bound=type[Encoder])
-_REGISTRY: dict[str, type[Encoder]] = {}
+def _check_encoder(name: str, cls: Any) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, Encoder)):
+        raise TypeError(f"encoder {name!r}: the registry holds Encoder subclasses, got {cls!r}")
+    if not dataclasses.is_dataclass(getattr(cls, "config_class", None)):
+        raise TypeError(f"encoder {name!r} needs a dataclass `config_class`")
 
 
-def register_encoder(name: str) -> Callable[[E], E]:
-    """Class decorator: make an ``Encoder`` subclass buildable as ``build_encoder(name, **options)``."""
-
-    def decorate(cls: E) -> E:
-        if not (isinstance(cls, type) and issubclass(cls, Encoder)):
-            raise TypeError(f"@register_encoder({name!r}) decorates Encoder subclasses, got {cls!r}")
-        if not dataclasses.is_dataclass(getattr(cls, "config_class", None)):
-            raise TypeError(f"encoder {name!r} needs a dataclass `config_class`")
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"encoder name {name!r} is already registered by {_REGISTRY[name].__qualname__}")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorate
-
-
-def encoder_names() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def encoder_class(name: str) -> type[Encoder]:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(f"unknown encoder {name!r}: choose one of {', '.join(encoder_names())}") from None
+# Every stage-one encoder, by name: ``@ENCODERS.register("name")`` on an Encoder subclass.
+ENCODERS: Registry[type[Encoder]] = Registry("encoder", _check_encoder)
 
 
 def make_config(name: str, **options: Any) -> Any:
     """The encoder's config dataclass from keyword options; unknown options are a ConfigError."""
-    cls = encoder_class(name)
+    cls = ENCODERS.get(name)
     fields = {f.name for f in dataclasses.fields(cls.config_class)}
     unknown = sorted(set(options) - fields)
     if unknown:
@@ -291,11 +270,11 @@ def make_config(name: str, **options: Any) -> Any:
 def build_encoder(name: str, **options: Any) -> Encoder:
     """Build a registered encoder in eval mode. Options are passed verbatim to its config dataclass, so
     callers (the CLI) pass only the options a user actually set."""
-    cls = encoder_class(name)
+    cls = ENCODERS.get(name)
     encoder = cls.from_config(make_config(name, **options))
     return encoder.eval()
 
 
 def list_encoders() -> list[EncoderInfo]:
     """One row per registered encoder with its default options; builds nothing and downloads nothing."""
-    return [_REGISTRY[name].describe() for name in encoder_names()]
+    return [cls.describe() for _, cls in ENCODERS.items()]

@@ -26,11 +26,11 @@ import torch
 
 from abawfeat.constants import EXPR_CLASSES
 from abawfeat.encoders.base import (
+    ENCODERS,
     RANDOM_INIT,
     Encoder,
     EncoderInfo,
     ImageTransform,
-    register_encoder,
 )
 from abawfeat.encoders.weights import download, file_sha256, looks_like_path, offline, weights_dir
 from abawfeat.errors import CheckpointError, ConfigError
@@ -146,7 +146,7 @@ def _preprocessing(model: Any, where: str) -> ImageTransform:
     )
 
 
-@register_encoder("clip")
+@ENCODERS.register("clip")
 class CLIPEncoder(Encoder):
     """open_clip image tower; features are ``encode_image`` output, unnormalised; no logits."""
 

@@ -23,9 +23,7 @@ The forward pass has no data-dependent Python control flow, so it works with ``t
 from __future__ import annotations
 
 import dataclasses
-import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,17 +34,18 @@ from torch import nn
 
 from abawfeat.constants import AFFECTNET7_CLASSES, AFFECTNET8_CLASSES
 from abawfeat.encoders.base import (
+    ENCODERS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     RANDOM_INIT,
     Encoder,
     EncoderInfo,
     ImageTransform,
-    register_encoder,
     tensor_sha256,
 )
 from abawfeat.encoders.weights import NAMED_WEIGHTS, resolve_weights
 from abawfeat.errors import CheckpointError, ConfigError
+from abawfeat.utils.io import torch_save
 
 INPUT_SIZE = 112
 EMBEDDING_DIM = 512
@@ -400,16 +399,7 @@ def save_published_checkpoint(model: nn.Module, path: str | Path, *, iteration: 
             optimizer.state_dict() if optimizer is not None else {"state": {}, "param_groups": []}
         ),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return torch_save(path, payload)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -438,7 +428,7 @@ def _logit_names(num_class: int) -> tuple[str, ...] | None:
     return {8: AFFECTNET8_CLASSES, 7: AFFECTNET7_CLASSES}.get(num_class)
 
 
-@register_encoder("ddamfn")
+@ENCODERS.register("ddamfn")
 class DDAMFNEncoder(Encoder):
     """DDAMFN / DDAMFN++ as a frozen feature extractor: 512-d GDConv embedding plus AffectNet logits."""
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from abawfeat.constants import AFFECTNET7_CLASSES, AFFECTNET8_CLASSES
 from abawfeat.errors import CheckpointError
+from abawfeat.utils.io import atomic_write, atomic_write_text
 
 DOWNLOAD_TIMEOUT_S = 30.0
 _CHUNK = 1 << 20
@@ -161,17 +161,14 @@ def download(url: str, target: Path, *, check: Callable[[Path], None] | None = N
     """Fetch ``url`` to ``target`` through a temporary file in the same folder; ``check`` (which raises on a
     bad file) runs before the rename, so a failed or partial download never sits at ``target``.
     Network failures raise ``OSError`` (``urllib.error.URLError`` is one)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=target.name + ".", suffix=".part", dir=target.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             shutil.copyfileobj(response, out, _CHUNK)
         if check is not None:
             check(tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(target, write, durable=True)
 
 
 def resolve_weights(
@@ -219,7 +216,8 @@ def resolve_weights(
             verify(tmp)
         if named.sha256 is None:
             # Nothing published to compare the sha256 with: record it so later runs can tell it changed.
-            target.with_name(target.name + ".sha256").write_text(f"{file_sha256(tmp)}  {target.name}\n")
+            record = target.with_name(target.name + ".sha256")
+            atomic_write_text(record, f"{file_sha256(tmp)}  {target.name}\n")
 
     try:
         download(named.url, target, check=check)

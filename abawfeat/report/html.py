@@ -13,7 +13,6 @@ import datetime as _dt
 import html
 import json
 import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from abawfeat.constants import AU_NAMES, EXPR_CLASSES
 from abawfeat.errors import ConfigError, DataError
 from abawfeat.reference import TABLE3_COLUMNS, PublishedResult, load_published
 from abawfeat.report.plots import PLOT_CAPTIONS, PLOTS_DIR, write_run_plots
+from abawfeat.utils.io import atomic_write_text
 
 DECIMALS = 3
 COLUMN_HEADERS: dict[str, str] = {
@@ -471,18 +471,7 @@ def build_report(
             existing = write_run_plots(run.path)
         run.plots = _plot_order(existing)
     text = render_report(runs, load_published(), title)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Through a temporary file and a rename: a crash never leaves half a report where a full one was.
-    # (open() rather than mkstemp so the file gets the usual umask permissions, not 0600.)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
+    return atomic_write_text(out, text)
 
 
 __all__ = ["DECIMALS", "architecture_label", "build_report", "render_report", "table3_rows"]

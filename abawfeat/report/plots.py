@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -26,6 +25,7 @@ from matplotlib.figure import Figure
 
 from abawfeat.constants import AU_NAMES, EXPR_CLASSES, TASKS, VA_NAMES
 from abawfeat.errors import DataError
+from abawfeat.utils.io import atomic_write
 
 PLOTS_DIR = "plots"
 # Timelines show this many validation videos per task: the ones with the most labelled frames (ties by name),
@@ -196,13 +196,7 @@ def _figure(width: float, height: float) -> Figure:
 
 def _save(fig: Figure, path: Path) -> None:
     # Through a temporary file and a rename: a report built while a run is writing never reads half a PNG.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
 
 
 def _metric_base(column: str) -> str:

@@ -1,0 +1,125 @@
+"""The one atomic write of the project: a file appears whole or not at all, and a full disk is one line.
+
+Every artefact (config.json, checkpoint.pt, metrics.json, history.csv, val_outputs.npz, submission files,
+plots, reports, cache parts, published checkpoints, training states) is written through ``atomic_write``:
+
+- the content goes to a temporary file in the target's folder, created with ``O_EXCL`` and mode 0666 minus
+  the umask, so the finished file has the permissions any other file the user creates there has (``mkstemp``
+  would leave 0600);
+- ``durable=True`` fsyncs the file before the rename and the folder after it, so the rename survives a
+  power cut too (the cache, checkpoints, training states); without it the rename is still atomic against
+  ``kill -9``;
+- the rename replaces the target in one step; until then the previous file, if any, is untouched;
+- on any failure the temporary file is removed; "no space left on device" (ENOSPC, EDQUOT) becomes a
+  ``DiskFullError`` naming the file, never a traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from abawfeat.errors import DiskFullError
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error it wraps, as torch and h5py do) says the device is full."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _FULL:
+            return True
+        text = str(current).lower()
+        if "no space left on device" in text or "disk quota exceeded" in text:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def temporary_path(path: Path) -> Path:
+    """A fresh, exclusively created, empty file beside ``path`` (hidden name, umask permissions)."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"{path}: could not create a temporary file beside it")
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder by path (a folder's fsync makes a rename inside it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None], *, durable: bool = False) -> Path:
+    """Fill ``path`` through ``write(tmp)`` and a rename; returns ``path``.
+
+    ``write`` receives the temporary file's path and may open it itself (``torch.save``, ``h5py.File(tmp,
+    "w")``, ``fig.savefig``). The folder is created if needed. Raises ``DiskFullError`` when the device is
+    full; the previous content of ``path`` is then intact and no temporary file is left behind.
+    """
+    path = Path(path)
+    tmp: Path | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_path(path)
+        write(tmp)
+        if durable:
+            fsync_path(tmp)
+        os.replace(tmp, path)
+        tmp = None
+        if durable:
+            fsync_path(path.parent)
+    except BaseException as exc:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if is_disk_full(exc):
+            kept = "its previous content is kept" if path.exists() else "nothing was written there"
+            raise DiskFullError(f"{path}: no space left on the device while writing it; {kept}") from None
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = False) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data), durable=durable)
+
+
+def atomic_write_text(path: str | Path, text: str, *, durable: bool = False) -> Path:
+    """UTF-8 text with ``\\n`` line endings on every platform."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+
+    return atomic_write(path, write, durable=durable)
+
+
+def write_json(path: str | Path, data: Any, *, durable: bool = False) -> Path:
+    """JSON (indented, a final newline) through ``atomic_write``."""
+    return atomic_write_text(path, json.dumps(data, indent=2) + "\n", durable=durable)
+
+
+def torch_save(path: str | Path, payload: Any, *, durable: bool = True) -> Path:
+    """``torch.save`` through ``atomic_write``: checkpoints and training states are durable by default."""
+    import torch
+
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp), durable=durable)
+
+
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "fsync_path", "is_disk_full",
+           "temporary_path", "torch_save", "write_json"]
