@@ -67,6 +67,10 @@ class ExtractConfig:
     seed: int = 0  # random-init weights are drawn from this seed
     calibration_frames: int = 256  # random-init: frames (spread over the whole dataset) for BN statistics
     progress: bool = True  # show the rich progress bar (rank 0 only)
+    # -- audio encoders (wav2vec2, hubert, wavlm) only; see abawfeat/audio/extract.py and docs/audio.md
+    layer: int | None = None  # hidden state to cache (0 = transformer input .. L); None = the middle one
+    layers: str | None = None  # "a:b": the mean of hidden states a..b, both included
+    window_ms: float | None = None  # pooling window centred on each frame; None = 500 ms
 
 
 @dataclass
@@ -121,6 +125,8 @@ _ENCODER_OPTIONS: dict[str, tuple[str, str]] = {
     "trust_pickle": ("trust_pickle", "--trust-pickle"),
     "clip_model": ("clip_model", "--clip-model"),
     "clip_pretrained": ("clip_pretrained", "--clip-pretrained"),
+    "layer": ("layer", "--layer"),
+    "layers": ("layers", "--layers"),
 }
 
 
@@ -169,7 +175,16 @@ def run_extraction(config: ExtractConfig, encoder: Encoder | None = None) -> Ext
     """Extract features for every video with crops (or ``config.videos``) into the cache; resumable.
 
     ``encoder`` overrides building one from the config (for callers that already hold one); it is moved to
-    the device, and with bf16/fp16 its parameters are set to require grad (see _prepare_model)."""
+    the device, and with bf16/fp16 its parameters are set to require grad (see _prepare_model).
+
+    Audio encoders (``Encoder.modality == "audio"``) run abawfeat/audio/extract.py's loop instead, into a
+    cache of the same schema."""
+    if _modality(config, encoder) == "audio":
+        from abawfeat.audio.extract import run_audio_extraction
+
+        return run_audio_extraction(config, encoder)
+    if config.window_ms is not None:
+        raise ConfigError(f"--window-ms applies to audio encoders, not to --backbone {config.backbone}")
     import torch
 
     from abawfeat.utils import dist
@@ -247,6 +262,15 @@ def run_extraction(config: ExtractConfig, encoder: Encoder | None = None) -> Ext
 
         tdist.destroy_process_group()
     return result
+
+
+def _modality(config: ExtractConfig, encoder: Encoder | None) -> str:
+    """Which stage-one loop runs this encoder: "face" (this module) or "audio" (abawfeat/audio/extract.py)."""
+    if encoder is not None:
+        return str(getattr(encoder, "modality", "face"))
+    from abawfeat.encoders import ENCODERS
+
+    return str(getattr(ENCODERS.get(config.backbone), "modality", "face"))
 
 
 def _extract_videos(
@@ -679,6 +703,9 @@ def calibrate_encoder(encoder: Encoder, dataset: AffWild2, videos: Sequence[str]
 
 def format_summary(result: ExtractResult, max_bad: int = 20) -> list[str]:
     """The closing summary, one line each."""
+    own = getattr(result, "summary_lines", None)  # a modality's result may word its own (audio: coverage)
+    if own is not None:
+        return list(own(max_bad))
     size_mb = result.file_size / 1e6
     lines = [
         f"{result.out}: {result.videos_done} videos extracted, {result.videos_skipped} already complete "

@@ -40,11 +40,12 @@ def encoders_command(
     for column in ("name", "dim", "input", "mean / std", "resize", "default weights", "logits"):
         table.add_column(column, overflow="fold", no_wrap=column != "default weights")
     for info in infos:
+        audio = info.modality == "audio"
         table.add_row(
             info.name,
             str(info.feature_dim),
-            str(info.input_size),
-            f"{_fmt(info.mean)}\n{_fmt(info.std)}",
+            "16 kHz audio" if audio else str(info.input_size),
+            "-" if audio else f"{_fmt(info.mean)}\n{_fmt(info.std)}",
             info.interpolation,
             info.weights,
             str(len(info.logit_names)) if info.logit_names else "-",

@@ -13,7 +13,9 @@ from abawfeat.cli._common import console, guarded
 @app.command("extract")
 @guarded
 def extract(
-    backbone: str = typer.Option(..., "--backbone", help="Encoder: ddamfn or clip (`abawfeat encoders`)."),
+    backbone: str = typer.Option(
+        ..., "--backbone", help="Encoder: ddamfn or clip (faces); wav2vec2, hubert or wavlm (audio). "
+        "`abawfeat encoders` lists them."),
     data: Path = typer.Option(..., "--data", help="Aff-Wild2 root (annotations folder and crop folders)."),
     out: Path | None = typer.Option(
         None, "--out", help="Cache file. Default: cache/<data folder name>/<backbone>.h5."
@@ -45,8 +47,19 @@ def extract(
         "Default: on for DDAMFN when the videos hold 10,000 crops or more.",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of --random-init weights."),
+    # -- audio encoders only (docs/audio.md)
+    layer: int | None = typer.Option(
+        None, "--layer", help="Audio: hidden state to cache, 0 (transformer input) to L. Default: L // 2."),
+    layers: str | None = typer.Option(
+        None, "--layers", help="Audio: a:b caches the mean of hidden states a to b, both included."),
+    window_ms: float | None = typer.Option(
+        None, "--window-ms",
+        help="Audio: pooling window centred on each frame's timestamp, in ms. Default 500."),
 ) -> None:
     """Extract per-frame features of every video with crops (train, val, test) into one HDF5 cache.
+
+    Face encoders read the crops; audio encoders read the source videos' audio track and pool it around each
+    crop frame's timestamp (docs/audio.md).
 
     Resumable: re-running skips complete videos, and `kill -9` loses only the videos in flight. Runs under
     `torchrun --nproc-per-node N -m abawfeat extract ...` with the videos split across ranks."""
@@ -58,7 +71,7 @@ def extract(
         backbone=backbone, data=data, out=out, weights=weights, random_init=random_init,
         trust_pickle=trust_pickle, clip_model=clip_model, clip_pretrained=clip_pretrained,
         precision=precision, batch_size=batch_size, workers=workers, device=device, videos=names,
-        dtype=dtype, compile=compile, seed=seed,
+        dtype=dtype, compile=compile, seed=seed, layer=layer, layers=layers, window_ms=window_ms,
     )
     result = run_extraction(config)
     if dist_info().is_main:

@@ -16,6 +16,8 @@ Contract (docs/architecture.md), with two compatible extensions marked *:
     calibrate(images [N, 3, S, S]) -> None          (random-init encoders only)
     describe() -> EncoderInfo *                      (defaults, without building or loading weights)
     smoke_options() -> dict *                        (a fast, offline build for the test-suite)
+    modality *                                       ("face" here; "audio": speech encoders, whose own
+                                                      contract is in encoders/speech.py)
 """
 
 from __future__ import annotations
@@ -149,6 +151,7 @@ class EncoderInfo:
     weights: str  # default weights and where they come from
     logit_names: tuple[str, ...] | None
     summary: str
+    modality: str = "face"  # what the encoder reads: "face" crops or the "audio" track
 
     def as_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -171,6 +174,9 @@ class Encoder(nn.Module):
     # Whether extraction compiles this encoder by default on large runs (ExtractConfig.compile = None):
     # only where it was measured to pay (DDAMFN: 1.4-1.7x its eager speed on CPU). CLIP ran slower compiled.
     compile_by_default: ClassVar[bool] = False
+    # What the encoder reads, and so which stage-one loop runs it: "face" crops (abawfeat/extract.py) or the
+    # "audio" track of the source videos (abawfeat/audio/extract.py).
+    modality: ClassVar[str] = "face"
 
     def __init__(self, config: Any) -> None:
         super().__init__()

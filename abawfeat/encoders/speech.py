@@ -1,0 +1,492 @@
+"""Frozen speech encoders from the ``transformers`` library: wav2vec2, HuBERT and WavLM (the audio modality).
+
+They turn 16 kHz mono audio into 50 outputs per second; stage one (abawfeat/audio/) pools those outputs over
+a window around each video frame. The three share one front end (so one output geometry, see
+abawfeat/audio/stream.py) and differ in pre-training and in WavLM's relative position bias.
+
+Weights (``weights``):
+- a local folder with ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``), e.g. one made by
+  ``save_pretrained`` or copied from the hub;
+- a Hugging Face model name such as ``facebook/wav2vec2-base`` -> the folder
+  ``$ABAWFEAT_HOME/weights/huggingface/<org>--<name>/`` (by default under ``~/.cache/abawfeat``), downloaded
+  there when online; offline, the error says exactly which files to put there;
+- ``random_init=True`` -> a seeded random model of a named size (``tiny`` for tests, ``base`` = the
+  wav2vec2-base / hubert-base / wavlm-base architecture, ``large``). Its features mean nothing about affect.
+
+Preprocessing travels with the weights: the checkpoint's ``preprocessor_config.json`` says whether each input
+segment is normalised to zero mean and unit variance (random-init models: yes), and it is recorded in the
+provenance with the sample rate, the output geometry and the segmenting.
+
+Layers: ``layer`` N picks hidden state N as transformers' ``output_hidden_states`` gives it: 0 = the input of
+the first transformer layer, N = the output of layer N (for the large "stable layer norm" models, before the
+final LayerNorm that only ``last_hidden_state`` gets). ``layers`` "a:b" averages hidden states a to b, both
+included.
+The middle layers of these models carry more about affect than the last, so the default is the middle one
+(L // 2). Layers past the last one asked for are dropped from the model, so they cost nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from abawfeat.encoders.base import ENCODERS, PROVENANCE_VERSION, RANDOM_INIT, Encoder, EncoderInfo
+from abawfeat.encoders.weights import file_sha256, offline, weights_dir
+from abawfeat.errors import CheckpointError, ConfigError
+
+SAMPLE_RATE = 16_000
+HOP = 320  # samples per output: 50 outputs per second
+RECEPTIVE_FIELD = 400  # samples per output (25 ms)
+_CONFIG = "config.json"
+_PREPROCESSOR = "preprocessor_config.json"
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Weights a checkpoint may lack without changing a frozen forward pass (SpecAugment's mask vector is used in
+# training only).
+_OPTIONAL_WEIGHTS = ("masked_spec_embed",)
+
+# Random-init architectures. "base" is the library's default config, which is the published base models'.
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                 conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4),
+    "base": {},
+    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                  feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True),
+}
+
+
+@dataclass
+class SpeechConfig:
+    # A local checkpoint folder or a Hugging Face model name; None = the encoder's default checkpoint.
+    weights: str | None = None
+    # Seeded random weights of architecture `size` instead of a checkpoint (tests, demos).
+    random_init: bool = False
+    seed: int = 0
+    size: str = "base"  # random-init only: tiny | base | large
+    # Hidden state N (0 = transformer input .. L = last layer); None with `layers` None = the middle, L // 2.
+    layer: int | None = None
+    # "a:b": the mean of hidden states a..b, both included (excludes `layer`).
+    layers: str | None = None
+    # Segmenting of long audio (abawfeat/audio/stream.py): outputs kept per segment, and the context fed on
+    # each side whose outputs are dropped. Multiples of 20 ms. A segment is chunk_s + 2 context_s long: the
+    # models were pre-trained on crops of up to ~16 s, and 24 s keeps the encoder in that regime while the
+    # context costs 20 % more compute.
+    chunk_s: float = 20.0
+    context_s: float = 2.0
+    # Zero-mean unit-variance normalisation of each segment's input; None = what the checkpoint's
+    # preprocessor_config.json says (random-init: True).
+    normalize: bool | None = None
+
+
+@dataclass(frozen=True)
+class _Family:
+    model_type: str  # config.json "model_type"
+    config_class: str
+    model_class: str
+    default_weights: str
+    known_weights: tuple[str, ...]
+
+
+def _transformers() -> Any:
+    import transformers
+
+    return transformers
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers logs about unused checkpoint weights (pre-training heads) on every load; we check the
+    loading report ourselves, so its chatter is turned down while loading."""
+    logging = _transformers().logging
+    before = logging.get_verbosity()
+    bars = logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()  # its per-load progress bar would break our one-bar output
+    try:
+        yield
+    finally:
+        logging.set_verbosity(before)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def parse_layers(layer: int | None, layers: str | None, n_layers: int) -> tuple[int, ...]:
+    """The hidden-state indices to average (see the module docstring); negative N counts from the end."""
+    if layer is not None and layers is not None:
+        raise ConfigError("--layer and --layers exclude each other")
+    if layers is not None:
+        match = re.fullmatch(r"\s*(-?\d+)\s*:\s*(-?\d+)\s*", str(layers))
+        if match is None:
+            raise ConfigError(f"--layers {layers!r}: use a:b, e.g. 6:9 (both included)")
+        a, b = (int(g) + (n_layers + 1 if int(g) < 0 else 0) for g in match.groups())
+        if not 0 <= a <= b <= n_layers:
+            raise ConfigError(f"--layers {layers}: need 0 <= a <= b <= {n_layers} (this model's hidden "
+                              f"states are 0..{n_layers})")
+        return tuple(range(a, b + 1))
+    if layer is None:
+        return (n_layers // 2,)
+    n = layer + (n_layers + 1 if layer < 0 else 0)
+    if not 0 <= n <= n_layers:
+        raise ConfigError(f"--layer {layer}: this model's hidden states are 0..{n_layers}")
+    return (n,)
+
+
+# ------------------------------------------------------------------------------------------------ weights
+
+
+def hub_folder(name: str) -> Path:
+    """Where a Hugging Face checkpoint is looked for (and downloaded to)."""
+    return weights_dir() / "huggingface" / name.replace("/", "--")
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The weight files a checkpoint folder holds, as transformers would load them ([] if none)."""
+    for name in _WEIGHT_FILES:
+        if (folder / name).is_file():
+            return [folder / name]
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError):
+                return []
+            return [index, *(folder / s for s in shards)]
+    return []
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    return (folder / _CONFIG).is_file() and all(p.is_file() for p in _weight_files(folder)) and bool(
+        _weight_files(folder))
+
+
+def weights_sha256(folder: Path) -> str:
+    """sha256 of the weights file; for a sharded checkpoint, of the list of its files' sha256."""
+    files = _weight_files(folder)
+    if len(files) == 1:
+        return file_sha256(files[0])
+    import hashlib
+
+    lines = "".join(f"{file_sha256(p)}  {p.name}\n" for p in files)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def _download(name: str, target: Path) -> None:
+    """Fetch config, preprocessor config and weights of hub model ``name`` into ``target``, whole or not at
+    all (a temporary folder renamed into place)."""
+    from huggingface_hub import hf_hub_download, list_repo_files
+
+    files = set(list_repo_files(name))
+    wanted = [f for f in (_CONFIG, _PREPROCESSOR) if f in files]
+    for weights in _WEIGHT_FILES:
+        if weights in files:
+            wanted.append(weights)
+            break
+        if f"{weights}.index.json" in files:
+            wanted += [f"{weights}.index.json", *sorted(f for f in files
+                                                         if f.startswith(weights.split(".")[0] + "-"))]
+            break
+    if _CONFIG not in wanted or len(wanted) < 2:
+        raise OSError(f"the hub repository {name} has no config.json and weights file")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for filename in wanted:
+            hf_hub_download(name, filename, local_dir=tmp)
+        shutil.rmtree(tmp / ".cache", ignore_errors=True)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_speech_weights(spec: str, encoder: str) -> tuple[Path, str]:
+    """(checkpoint folder, source) for a folder or a hub name; downloads when online (module docstring)."""
+    path = Path(spec).expanduser()
+    if path.is_file() and (path.name in _WEIGHT_FILES or path.name == _CONFIG):
+        path = path.parent
+    if path.is_dir():
+        if not _is_checkpoint(path):
+            raise CheckpointError(f"{path}: not a checkpoint folder (it needs {_CONFIG} and "
+                                  f"{' or '.join(_WEIGHT_FILES)})")
+        return path, f"dir:{path.name}"
+    if not _HUB_NAME.fullmatch(spec):
+        raise CheckpointError(f"{spec}: no such checkpoint folder, and not a Hugging Face model name "
+                              f"(such as {_FAMILIES[encoder].default_weights})")
+    target = hub_folder(spec)
+    if _is_checkpoint(target):
+        return target, f"hub:{spec}"
+    manual = (f"put {_CONFIG}, {_PREPROCESSOR} and {_WEIGHT_FILES[0]} (or {_WEIGHT_FILES[1]}) from "
+              f"https://huggingface.co/{spec} in {target}, or pass --weights <a folder holding them>")
+    if offline():
+        raise CheckpointError(f"{encoder} weights {spec} are not on this machine and cannot be downloaded "
+                              f"(ABAWFEAT_OFFLINE is set): {manual}")
+    try:
+        _download(spec, target)
+    except Exception as exc:  # noqa: BLE001 - network, HTTP and hub errors all mean "not downloadable"
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{encoder} weights {spec} cannot be downloaded here ({reason}): {manual}") from None
+    return target, f"hub:{spec}"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return data
+
+
+# ------------------------------------------------------------------------------------------------ encoder
+
+
+class SpeechEncoder(Encoder):
+    """A frozen transformers speech model; ``forward`` maps 16 kHz waveforms to 50 Hz hidden states.
+
+    Audio contract (the face encoders' ``transform`` / ``input_size`` do not apply):
+        modality = "audio"; sample_rate = 16000; hop = 320; receptive_field = 400
+        forward(waveform [B, N] float32, already normalised) -> (hidden [B, T, D], None),
+            T = (N - 400) // 320 + 1
+        encode(samples float32 [N]) -> float32 [T, D]: normalisation (if the checkpoint asks) + forward
+    """
+
+    modality: ClassVar[str] = "audio"
+    config_class = SpeechConfig
+    family: ClassVar[_Family]
+    sample_rate: ClassVar[int] = SAMPLE_RATE
+    hop: ClassVar[int] = HOP
+    receptive_field: ClassVar[int] = RECEPTIVE_FIELD
+
+    def __init__(self, config: SpeechConfig) -> None:
+        if config.size not in SIZES:
+            raise ConfigError(f"size {config.size!r}: use one of {', '.join(SIZES)}")
+        if config.random_init and config.weights is not None:
+            raise ConfigError("--random-init and --weights exclude each other")
+        for name in ("chunk_s", "context_s"):
+            value = getattr(config, name)
+            steps = value * SAMPLE_RATE / HOP
+            if value < (0.02 if name == "chunk_s" else 0) or abs(steps - round(steps)) > 1e-6:
+                raise ConfigError(f"{name} {value}: must be a multiple of 0.02 s (one output)"
+                                  + (", at least 0.02" if name == "chunk_s" else ""))
+        super().__init__(config)
+        tf = _transformers()
+        config_cls = getattr(tf, self.family.config_class)
+        model_cls = getattr(tf, self.family.model_class)
+        normalize = config.normalize
+        if config.random_init:
+            model_config = config_cls(**SIZES[config.size])
+            # fork_rng: the seed makes the weights, without disturbing the caller's random state.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                model = model_cls(model_config)
+            self.weights_source = RANDOM_INIT
+            self.weights_sha256 = RANDOM_INIT
+            if normalize is None:
+                normalize = True
+        else:
+            spec = config.weights or self.family.default_weights
+            folder, source = resolve_speech_weights(spec, self.name)
+            model = self._load(model_cls, folder)
+            model_config = model.config
+            self.weights_source = source
+            self.weights_sha256 = weights_sha256(folder)
+            if (folder / _PREPROCESSOR).is_file():
+                pre = _read_json(folder / _PREPROCESSOR)
+                rate = pre.get("sampling_rate", SAMPLE_RATE)
+                if rate != SAMPLE_RATE:
+                    raise CheckpointError(f"{folder / _PREPROCESSOR}: sampling_rate {rate}; these encoders "
+                                          f"take {SAMPLE_RATE} Hz audio")
+                if normalize is None:
+                    normalize = bool(pre.get("do_normalize", True))
+            elif normalize is None:
+                normalize = True  # the transformers feature extractor's default
+        self.normalize = bool(normalize)
+        self.n_layers = int(model_config.num_hidden_layers)
+        self.layers = parse_layers(config.layer, config.layers, self.n_layers)
+        self._model_config = _config_summary(model_config)
+        self.model = _truncate(model, max(self.layers)).eval()
+        self.feature_dim = int(model_config.hidden_size)
+        self.logit_names = None
+        self.transform = None  # type: ignore[assignment]  # audio: no image transform
+        self.chunk = int(round(config.chunk_s * SAMPLE_RATE / HOP))
+        self.context = int(round(config.context_s * SAMPLE_RATE / HOP))
+
+    def _load(self, model_cls: Any, folder: Path) -> Any:
+        model_type = _read_json(folder / _CONFIG).get("model_type")
+        if model_type != self.family.model_type:
+            raise CheckpointError(f"{folder}: holds a {model_type!r} model, not {self.family.model_type!r} "
+                                  f"(use the matching --backbone)")
+        try:
+            with _quiet_transformers():
+                model, info = model_cls.from_pretrained(
+                    str(folder), local_files_only=True, dtype=torch.float32, output_loading_info=True)
+        except Exception as exc:  # noqa: BLE001 - transformers raises OSError/ValueError/... for bad files
+            text = str(exc).strip().splitlines()
+            raise CheckpointError(f"{folder}: not a loadable {self.name} checkpoint ({type(exc).__name__}: "
+                                  f"{text[0][:200] if text else ''})") from None
+        missing = [k for k in info.get("missing_keys", ()) if not any(o in k for o in _OPTIONAL_WEIGHTS)]
+        if missing:
+            raise CheckpointError(f"{folder}: not a complete {self.name} checkpoint ({len(missing)} weights "
+                                  f"missing, e.g. {sorted(missing)[0]})")
+        return model
+
+    # -- the contract
+    @property
+    def input_size(self) -> int:
+        return 0  # not an image encoder
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return ()  # type: ignore[return-value]  # no image normalisation
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return ()  # type: ignore[return-value]
+
+    def forward(self, waveform: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """Hidden state(s) of ``self.layers`` (averaged) for normalised 16 kHz waveforms [B, N]."""
+        if len(self.layers) == 1:
+            # The model was cut after this layer, so its last hidden state is the one asked for.
+            return self.model(waveform).last_hidden_state, None
+        states = self.model(waveform, output_hidden_states=True).hidden_states
+        return torch.stack([states[i].float() for i in self.layers]).mean(0), None
+
+    def prepare(self, samples: np.ndarray) -> np.ndarray:
+        """The checkpoint's input normalisation of one segment (that of transformers' feature extractor)."""
+        x = np.asarray(samples, dtype=np.float32)
+        if self.normalize:
+            x = (x - x.mean()) / np.sqrt(x.var() + 1e-7)
+        return x
+
+    def encode(self, samples: np.ndarray) -> np.ndarray:
+        """float32 [T, D] for one segment of 16 kHz mono samples (call under no_grad and any autocast)."""
+        device = next(self.model.parameters()).device
+        x = torch.from_numpy(self.prepare(samples)).to(device)[None]
+        return self(x)[0][0].float().cpu().numpy()
+
+    def provenance(self) -> dict[str, Any]:
+        import av
+
+        return {
+            "provenance_version": PROVENANCE_VERSION,
+            "name": self.name,
+            "config": self.provenance_config(),
+            "weights_source": self.weights_source,
+            "weights_sha256": self.weights_sha256,
+            "calibration": None,
+            "preprocessing": {
+                "modality": "audio",
+                "sample_rate": SAMPLE_RATE,
+                "channels": "mono",
+                "decoder": "PyAV: FFmpeg libswresample, default downmix matrix and resampler",
+                "normalize": self.normalize,
+                "hop_samples": HOP,
+                "receptive_field_samples": RECEPTIVE_FIELD,
+                "outputs_per_second": SAMPLE_RATE / HOP,
+                "chunk_s": self.config.chunk_s,
+                "context_s": self.config.context_s,
+            },
+            "feature_dim": self.feature_dim,
+            "logit_names": None,
+            "layers": list(self.layers),
+            "model_config": self._model_config,
+            "transformers_version": _transformers().__version__,
+            "av_version": av.__version__,
+        }
+
+    def provenance_config(self) -> dict[str, Any]:
+        config = super().provenance_config()
+        # A folder's path says where the weights were that day; weights_sha256 says what they are.
+        if self.weights_source.startswith("dir:"):
+            config["weights"] = self.weights_source
+        return config
+
+    # -- registry hooks
+    @classmethod
+    def describe(cls) -> EncoderInfo:
+        return EncoderInfo(
+            name=cls.name,
+            feature_dim=768,
+            input_size=SAMPLE_RATE,
+            mean=(),
+            std=(),
+            interpolation="-",
+            weights=f"{cls.family.default_weights} (Hugging Face name or folder)",
+            logit_names=None,
+            summary=cls.summary,
+            modality="audio",
+        )
+
+    @classmethod
+    def smoke_options(cls) -> dict[str, Any]:
+        return {"random_init": True, "size": "tiny"}
+
+
+def _config_summary(model_config: Any) -> dict[str, Any]:
+    """The architecture as the provenance records it (the transformers config without bookkeeping)."""
+    data = model_config.to_dict()
+    for key in ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype",
+                "output_hidden_states", "return_dict", "_attn_implementation_autoset"):
+        data.pop(key, None)
+    return json.loads(json.dumps(data, default=str))
+
+
+def _truncate(model: Any, last: int) -> Any:
+    """Keep the transformer layers up to hidden state ``last``, so that the model's last hidden state is
+    hidden state ``last`` exactly as ``output_hidden_states`` gives it. The "stable layer norm" models (the
+    large ones) apply a final LayerNorm to their last hidden state only, which no hidden state includes; it
+    goes."""
+    encoder = model.encoder
+    if last < len(encoder.layers):
+        encoder.layers = encoder.layers[:last]
+    if getattr(model.config, "do_stable_layer_norm", False):
+        encoder.layer_norm = nn.Identity()
+    return model
+
+
+_FAMILIES: dict[str, _Family] = {
+    "wav2vec2": _Family("wav2vec2", "Wav2Vec2Config", "Wav2Vec2Model", "facebook/wav2vec2-base",
+                        ("facebook/wav2vec2-base", "facebook/wav2vec2-large-lv60",
+                         "facebook/wav2vec2-large-robust")),
+    "hubert": _Family("hubert", "HubertConfig", "HubertModel", "facebook/hubert-base-ls960",
+                      ("facebook/hubert-base-ls960", "facebook/hubert-large-ll60k")),
+    "wavlm": _Family("wavlm", "WavLMConfig", "WavLMModel", "microsoft/wavlm-base-plus",
+                     ("microsoft/wavlm-base-plus", "microsoft/wavlm-large")),
+}
+
+
+@ENCODERS.register("wav2vec2")
+class Wav2Vec2Encoder(SpeechEncoder):
+    family = _FAMILIES["wav2vec2"]
+    summary = "wav2vec 2.0 (transformers): 50 Hz hidden states of 16 kHz mono audio"
+
+
+@ENCODERS.register("hubert")
+class HubertEncoder(SpeechEncoder):
+    family = _FAMILIES["hubert"]
+    summary = "HuBERT (transformers): 50 Hz hidden states of 16 kHz mono audio"
+
+
+@ENCODERS.register("wavlm")
+class WavLMEncoder(SpeechEncoder):
+    family = _FAMILIES["wavlm"]
+    summary = "WavLM (transformers): 50 Hz hidden states of 16 kHz mono audio"
+
+
+__all__ = [
+    "SIZES", "HubertEncoder", "SpeechConfig", "SpeechEncoder", "Wav2Vec2Encoder", "WavLMEncoder",
+    "hub_folder", "parse_layers", "resolve_speech_weights", "weights_sha256",
+]
