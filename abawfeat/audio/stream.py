@@ -13,7 +13,7 @@ segment, on a grid fixed in the track's own sample numbers: segment k *keeps* ou
 at the track's ends), whose outputs are dropped. ``C`` and ``O`` are the encoder's ``chunk_s`` and
 ``context_s`` (20 s and 2 s by default). A frame's features therefore depend only on the track and these two
 numbers: not on how the track was decoded into blocks, not on where a run stopped or resumed, not on the
-video's length; a track of at most ``C + O`` seconds goes through in one piece, exactly as a one-shot pass.
+video's length. A track of at most ``C`` outputs is one segment: exactly a one-shot pass.
 Memory is bounded by one segment (C + 2 O seconds) plus one decoded block.
 
 **Pooling.** A crop frame shown at time t gets the mean of the outputs centred inside

@@ -111,11 +111,12 @@ def audio_span(plan: dict[str, Any], times: np.ndarray, seed: int, index: int) -
     rng = _rng(seed, 7, index)
     end_video = float(times[-1]) + 1.0 / plan["fps"]
     start, end = 0.0, end_video
+    # Late start or early end by 15-35 % of the video, so part of it is always covered and part not.
     if plan["audio"] == "late":
-        start = round(float(rng.uniform(0.6, 1.5)), 3)
+        start = round(end_video * float(rng.uniform(0.15, 0.35)), 3)
     elif plan["audio"] == "short":
-        end = end_video - round(float(rng.uniform(0.6, 1.5)), 3)
-    return start, max(end, start + 0.1)
+        end = round(end_video * float(rng.uniform(0.65, 0.85)), 3)
+    return start, end
 
 
 # ----------------------------------------------------------------------------------------------- the voice

@@ -17,6 +17,14 @@ Preprocessing travels with the weights: the checkpoint's ``preprocessor_config.j
 segment is normalised to zero mean and unit variance (random-init models: yes), and it is recorded in the
 provenance with the sample rate, the output geometry and the segmenting.
 
+Whole-track statistics: the base models' first convolution is followed by a GroupNorm that normalises each
+channel over the whole input, and the input itself is normalised over the whole input. Long audio is encoded
+segment by segment (abawfeat/audio/stream.py), so ``track_statistics`` first computes both over the whole
+track in one streaming pass, and ``use_track`` makes every segment use them: the front end then gives exactly
+the outputs a one-shot pass over the whole track gives, and loudness differences along a video survive (with
+per-segment statistics a quiet stretch would be scaled up to the level of a loud one). Only the transformer's
+attention still sees one segment at a time.
+
 Layers: ``layer`` N picks hidden state N as transformers' ``output_hidden_states`` gives it: 0 = the input of
 the first transformer layer, N = the output of layer N (for the large "stable layer norm" models, before the
 final LayerNorm that only ``last_hidden_state`` gets). ``layers`` "a:b" averages hidden states a to b, both
@@ -32,7 +40,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -253,6 +261,37 @@ def _read_json(path: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ encoder
 
 
+@dataclass(frozen=True)
+class TrackStatistics:
+    """Whole-track statistics that make segment-wise encoding match a one-shot pass (module docstring)."""
+
+    n_samples: int
+    mean: float  # of the waveform
+    var: float
+    conv_mean: np.ndarray | None  # float64 [C]: the first convolution's output per channel (GroupNorm models)
+    conv_var: np.ndarray | None
+
+
+class _TrackGroupNorm(nn.Module):
+    """The first convolution's GroupNorm (one group per channel), with the statistics of the whole track when
+    they are set, and its own (over the input it is given) otherwise."""
+
+    def __init__(self, norm: nn.GroupNorm) -> None:
+        super().__init__()
+        if norm.num_groups != norm.num_channels:
+            raise ValueError("expected a GroupNorm with one group per channel")
+        self.norm = norm
+        self.mean: torch.Tensor | None = None
+        self.var: torch.Tensor | None = None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.mean is None or self.var is None:
+            return self.norm(h)
+        h = h.float()
+        scale = self.norm.weight.float() / torch.sqrt(self.var + self.norm.eps)
+        return (h - self.mean[:, None]) * scale[:, None] + self.norm.bias.float()[:, None]
+
+
 class SpeechEncoder(Encoder):
     """A frozen transformers speech model; ``forward`` maps 16 kHz waveforms to 50 Hz hidden states.
 
@@ -261,6 +300,7 @@ class SpeechEncoder(Encoder):
         forward(waveform [B, N] float32, already normalised) -> (hidden [B, T, D], None),
             T = (N - 400) // 320 + 1
         encode(samples float32 [N]) -> float32 [T, D]: normalisation (if the checkpoint asks) + forward
+        track_statistics(blocks) -> TrackStatistics; use_track(stats): segments then use the whole track's
     """
 
     modality: ClassVar[str] = "audio"
@@ -318,6 +358,12 @@ class SpeechEncoder(Encoder):
         self.layers = parse_layers(config.layer, config.layers, self.n_layers)
         self._model_config = _config_summary(model_config)
         self.model = _truncate(model, max(self.layers)).eval()
+        first = self.model.feature_extractor.conv_layers[0]
+        self._conv0: nn.Conv1d = first.conv
+        self._group_norm: _TrackGroupNorm | None = None
+        if isinstance(getattr(first, "layer_norm", None), nn.GroupNorm):
+            self._group_norm = first.layer_norm = _TrackGroupNorm(first.layer_norm)
+        self._track: TrackStatistics | None = None
         self.feature_dim = int(model_config.hidden_size)
         self.logit_names = None
         self.transform = None  # type: ignore[assignment]  # audio: no image transform
@@ -365,11 +411,84 @@ class SpeechEncoder(Encoder):
         return torch.stack([states[i].float() for i in self.layers]).mean(0), None
 
     def prepare(self, samples: np.ndarray) -> np.ndarray:
-        """The checkpoint's input normalisation of one segment (that of transformers' feature extractor)."""
+        """The checkpoint's input normalisation (that of transformers' feature extractor: zero mean, unit
+        variance, epsilon 1e-7), with the whole track's statistics when ``use_track`` set them, else with
+        those of ``samples``."""
         x = np.asarray(samples, dtype=np.float32)
         if self.normalize:
-            x = (x - x.mean()) / np.sqrt(x.var() + 1e-7)
+            if self._track is not None:
+                mean, var = self._track.mean, self._track.var
+            else:
+                mean, var = float(x.astype(np.float64).mean()), float(x.astype(np.float64).var())
+            x = ((x - np.float32(mean)) / np.float32(np.sqrt(var + 1e-7))).astype(np.float32)
         return x
+
+    @torch.no_grad()
+    def track_statistics(self, blocks: Iterable[np.ndarray]) -> TrackStatistics:
+        """One streaming pass over a track's samples (any block sizes; memory: one block): the waveform's
+        mean and variance and, for GroupNorm models, the first convolution's mean and variance per channel on
+        the normalised input, as a one-shot pass over the whole track computes them.
+
+        The convolution runs on the raw samples; since it is linear, its statistics on the normalised input
+        (x - m) / s follow exactly: mean' = (mean - m * sum(w)) / s + bias, var' = var / s^2 (float64
+        sums)."""
+        norm = self._group_norm
+        conv = self._conv0
+        kernel, stride = int(conv.kernel_size[0]), int(conv.stride[0])
+        weight = conv.weight.detach().float()
+        channels = int(conv.out_channels)
+        total, w1, w2 = 0, 0.0, 0.0
+        c1, c2 = np.zeros(channels, np.float64), np.zeros(channels, np.float64)
+        count = 0
+        carry = np.zeros(0, np.float32)
+        for block in blocks:
+            b = np.asarray(block, dtype=np.float32)
+            b64 = b.astype(np.float64)
+            total += len(b)
+            w1 += float(b64.sum())
+            w2 += float(np.dot(b64, b64))
+            if norm is None:
+                continue
+            buf = np.concatenate([carry, b]) if len(carry) else b
+            if len(buf) < kernel:
+                carry = buf
+                continue
+            m = (len(buf) - kernel) // stride + 1
+            x = torch.from_numpy(np.ascontiguousarray(buf[: stride * (m - 1) + kernel])).to(weight.device)
+            with torch.autocast(weight.device.type, enabled=False):
+                h = torch.nn.functional.conv1d(x[None, None], weight, stride=stride)[0].double()
+            c1 += h.sum(dim=1).cpu().numpy()
+            c2 += (h * h).sum(dim=1).cpu().numpy()
+            count += m
+            carry = buf[stride * m :]
+        mean = w1 / total if total else 0.0
+        var = max(w2 / total - mean * mean, 0.0) if total else 0.0
+        if norm is None or count == 0:
+            return TrackStatistics(total, mean, var, None, None)
+        shift, scale = (mean, float(np.sqrt(var + 1e-7))) if self.normalize else (0.0, 1.0)
+        raw_mean = c1 / count
+        raw_var = np.maximum(c2 / count - raw_mean * raw_mean, 0.0)
+        w_sum = weight.double().sum(dim=(1, 2)).cpu().numpy()
+        bias = conv.bias.detach().double().cpu().numpy() if conv.bias is not None else 0.0
+        conv_mean = (raw_mean - shift * w_sum) / scale + bias
+        return TrackStatistics(total, mean, var, conv_mean, raw_var / scale**2)
+
+    @contextlib.contextmanager
+    def use_track(self, stats: TrackStatistics) -> Iterator[None]:
+        """Within the block, every ``encode`` call normalises with the whole track's statistics."""
+        previous = self._track
+        self._track = stats
+        norm = self._group_norm
+        if norm is not None and stats.conv_mean is not None and stats.conv_var is not None:
+            device = self._conv0.weight.device
+            norm.mean = torch.as_tensor(stats.conv_mean, dtype=torch.float32, device=device)
+            norm.var = torch.as_tensor(stats.conv_var, dtype=torch.float32, device=device)
+        try:
+            yield
+        finally:
+            self._track = previous
+            if norm is not None:
+                norm.mean = norm.var = None
 
     def encode(self, samples: np.ndarray) -> np.ndarray:
         """float32 [T, D] for one segment of 16 kHz mono samples (call under no_grad and any autocast)."""
@@ -398,6 +517,7 @@ class SpeechEncoder(Encoder):
                 "outputs_per_second": SAMPLE_RATE / HOP,
                 "chunk_s": self.config.chunk_s,
                 "context_s": self.config.context_s,
+                "statistics": "whole track: input normalisation and the first GroupNorm (if any)",
             },
             "feature_dim": self.feature_dim,
             "logit_names": None,
