@@ -9,9 +9,11 @@ ends before the video all fall out of that one clock; nothing assumes 30 fps or 
   the codecs the release uses, and demuxing costs a small fraction of decoding). Empty packets (a demuxer's
   flush marker, AVI's "dropped frame" placeholders) are not frames. Timestamps are sorted, so B-frames'
   decode order does not matter.
-- Audio is decoded from the best audio stream and converted by PyAV's ``AudioResampler`` (FFmpeg's
-  libswresample: its default downmix matrix and its default polyphase low-pass resampler) to mono float32 at
-  16 kHz, streamed in blocks so memory does not grow with the length of the video. The time of the first
+- Audio is decoded from the best audio stream, resampled to 16 kHz float32 by PyAV's ``AudioResampler``
+  (FFmpeg's libswresample, its default windowed-sinc filter) channel by channel, and mixed to mono as the
+  mean of the channels, as librosa and torchaudio users do (libswresample's own downmix would give a voice
+  recorded on both channels +3 dB, and its level would then depend on the channel layout). Streamed in
+  blocks, so memory does not grow with the length of the video. The time of the first
   sample is the first converted frame's timestamp. A hole in the track's timestamps is filled with silence
   and an overlap dropped, so sample i stays at ``start_time + i / 16000``.
 """
@@ -173,14 +175,14 @@ class AudioStream:
     def _converted(self, stream: Any) -> Iterator[tuple[float, np.ndarray]]:
         """(time of the frame's first sample or nan, mono float32 samples) per converted frame."""
         av = _av()
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        resampler = av.AudioResampler(format="fltp", rate=SAMPLE_RATE)  # planar, the stream's channels
         try:
             for packet in self._container.demux(stream):
                 for frame in packet.decode():
                     for out in resampler.resample(frame):
-                        yield _frame_time(out), out.to_ndarray().reshape(-1)
+                        yield _frame_time(out), _mono(out)
             for out in resampler.resample(None):
-                yield _frame_time(out), out.to_ndarray().reshape(-1)
+                yield _frame_time(out), _mono(out)
         except _av_errors() as exc:
             raise DataError(self.path, f"audio stream cannot be decoded ({_reason(exc)})") from None
 
@@ -229,6 +231,12 @@ class AudioStream:
             yield block
         else:
             self.decode_seconds += time.perf_counter() - t0
+
+
+def _mono(frame: Any) -> np.ndarray:
+    """The mean of a planar float frame's channels, float32."""
+    planes = frame.to_ndarray()  # [channels, n]
+    return planes[0].astype(np.float32) if planes.shape[0] == 1 else planes.mean(axis=0, dtype=np.float32)
 
 
 def _frame_time(frame: Any) -> float:

@@ -510,7 +510,7 @@ class SpeechEncoder(Encoder):
                 "modality": "audio",
                 "sample_rate": SAMPLE_RATE,
                 "channels": "mono",
-                "decoder": "PyAV: FFmpeg libswresample, default downmix matrix and resampler",
+                "decoder": "PyAV: libswresample's default resampler per channel, then the channels' mean",
                 "normalize": self.normalize,
                 "hop_samples": HOP,
                 "receptive_field_samples": RECEPTIVE_FIELD,
