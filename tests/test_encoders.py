@@ -27,8 +27,10 @@ from abawfeat.encoders import (
 )
 from abawfeat.errors import CheckpointError, ConfigError
 
-# Every registered encoder is covered; test modules may register "fake-*" encoders of their own.
-NAMES = [name for name in ENCODERS.names() if not name.startswith("fake-")]
+# Every registered face encoder is covered (the audio ones in tests/test_audio_encoders.py); test modules may
+# register "fake-*" encoders of their own.
+NAMES = [name for name in ENCODERS.names()
+         if not name.startswith("fake-") and ENCODERS.get(name).modality == "face"]
 PROVENANCE_KEYS = {"name", "config", "weights_source", "weights_sha256", "calibration", "preprocessing",
                    "feature_dim", "logit_names"}
 _BUILT: dict[str, Encoder] = {}
