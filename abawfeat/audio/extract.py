@@ -232,13 +232,9 @@ def _extract(
     sizes = [sum(len(dataset.crop_frames(v)) for v in groups[k]) for k in keys]
     mine = balance_videos(keys, sizes, info.rank, info.world_size)
 
+    # No requires_grad trick for autocast's weight-cast cache here (abawfeat/extract.py _prepare_model): a
+    # segment is 24 s of audio, so re-casting the weights costs ~1 % of its forward pass.
     encoder.to(device)
-    if config.precision != "fp32":
-        # Autocast caches its bf16 copies of the weights within one autocast context only for parameters
-        # that require grad (see abawfeat/extract.py _prepare_model); no gradient is ever computed.
-        for p in encoder.parameters():
-            if p.is_floating_point():
-                p.requires_grad_(True)
     run = _Run(config, dataset, encoder, writer, np.dtype(config.dtype))
     start = time.perf_counter()
     durations = {}
@@ -376,8 +372,13 @@ class _Run:
                     yield block
                     advance(len(block) / SAMPLE_RATE)
 
-            for j0, outputs in encode_stream(blocks(), encoder.encode, self.geometry, encoder.chunk,
-                                             encoder.context):
+            def forward(samples: np.ndarray) -> np.ndarray:
+                outputs = encoder.encode(samples)
+                release_freed_memory()
+                return outputs
+
+            segments = encode_stream(blocks(), forward, self.geometry, encoder.chunk, encoder.context)
+            for j0, outputs in segments:
                 for pooler in poolers.values():
                     pooler.add(j0, outputs)
             if audio.samples != stats.n_samples:
@@ -389,6 +390,28 @@ class _Run:
                 self.write(v, *pooler.result())
             self.audio_seconds += audio.samples / SAMPLE_RATE
             self.decode_seconds += audio.decode_seconds
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the last segment back to the system (glibc's ``malloc_trim``; elsewhere a no-op).
+
+    Segments of a new length (each video's last one) make oneDNN and the allocator place their large
+    activations elsewhere, and glibc keeps the freed space: without this, resident memory grew by 40-80 MB
+    per new segment length, so with the number of videos; with it, it stays flat (measured: 16 segments of
+    mixed lengths, wav2vec2-base bf16)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
 
 
 def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:

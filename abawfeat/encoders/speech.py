@@ -292,6 +292,28 @@ class _TrackGroupNorm(nn.Module):
         return (h - self.mean[:, None]) * scale[:, None] + self.norm.bias.float()[:, None]
 
 
+class _MatmulConv1d(nn.Module):
+    """A front-end convolution (512 -> 512 channels, kernel 2-3, stride 2) as one matrix product over the
+    unfolded input: the same arithmetic in another summation order (fp32: 7e-7 relative difference), and in
+    bf16 ~1.3x oneDNN's conv1d on this CPU, where these layers are most of the encoder's time. It shares the
+    convolution's parameters."""
+
+    def __init__(self, conv: nn.Conv1d) -> None:
+        super().__init__()
+        if conv.padding != (0,) or conv.dilation != (1,) or conv.groups != 1:
+            raise ValueError("only unpadded, undilated, ungrouped convolutions")
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        kernel, stride = int(conv.kernel_size[0]), int(conv.stride[0])
+        patches = x.unfold(2, kernel, stride)  # [B, C, T', k]
+        b, c, t, _ = patches.shape
+        patches = patches.permute(0, 2, 1, 3).reshape(b, t, c * kernel)  # channel-major, as the weight
+        out = torch.nn.functional.linear(patches, conv.weight.reshape(conv.out_channels, -1), conv.bias)
+        return out.transpose(1, 2)
+
+
 class SpeechEncoder(Encoder):
     """A frozen transformers speech model; ``forward`` maps 16 kHz waveforms to 50 Hz hidden states.
 
@@ -358,6 +380,8 @@ class SpeechEncoder(Encoder):
         self.layers = parse_layers(config.layer, config.layers, self.n_layers)
         self._model_config = _config_summary(model_config)
         self.model = _truncate(model, max(self.layers)).eval()
+        for layer in self.model.feature_extractor.conv_layers[1:]:
+            layer.conv = _MatmulConv1d(layer.conv)
         first = self.model.feature_extractor.conv_layers[0]
         self._conv0: nn.Conv1d = first.conv
         self._group_norm: _TrackGroupNorm | None = None
