@@ -232,8 +232,8 @@ def _extract(
     sizes = [sum(len(dataset.crop_frames(v)) for v in groups[k]) for k in keys]
     mine = balance_videos(keys, sizes, info.rank, info.world_size)
 
-    # No requires_grad trick for autocast's weight-cast cache here (abawfeat/extract.py _prepare_model): a
-    # segment is 24 s of audio, so re-casting the weights costs ~1 % of its forward pass.
+    # No requires_grad trick for autocast's weight-cast cache here (abawfeat/extract.py _prepare_model): one
+    # forward pass covers a whole 24 s segment, next to which re-casting the weights once is small.
     encoder.to(device)
     run = _Run(config, dataset, encoder, writer, np.dtype(config.dtype))
     start = time.perf_counter()
