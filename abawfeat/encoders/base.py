@@ -6,7 +6,7 @@ together: every encoder owns its ``transform`` and reports it in ``provenance()`
 features with the wrong normalisation. Like timm, encoders are registered by name with a decorator and one
 parametrised test covers every registered encoder (see tests/test_encoders.py).
 
-Contract (docs/architecture.md), with two compatible extensions marked *:
+Contract (docs/architecture.md), with compatible extensions marked *:
     name, feature_dim, input_size, mean, std, logit_names
     forward(x [B, 3, S, S] normalised) -> (features [B, D], logits [B, C] | None)
     embed(x) -> features [B, D]
