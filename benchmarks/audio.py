@@ -2,7 +2,7 @@
 decoding share, and peak memory for a short and a long video.
 
     .venv/bin/python benchmarks/audio.py             # measure, print, rewrite docs/performance.md (audio)
-    .venv/bin/python benchmarks/audio.py --quick     # a 20 s and a 60 s video, one run each; never writes
+    .venv/bin/python benchmarks/audio.py --quick     # a 1 and a 3 min video, one run each; never writes
 
 Data: one source video per measurement, written here with PyAV: 30 fps frames (32 x 32, the size does not
 matter: the audio path only reads the video's packet timestamps) and a 48 kHz stereo AAC track of a
@@ -204,8 +204,8 @@ def main() -> None:
     parser.add_argument("--long", type=float, default=15.0, help="minutes of the long video (default 15)")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each configuration on the long video")
     parser.add_argument("--quick", action="store_true",
-                        help="a 20 s and a 60 s video, one run each, default layer only; never writes the "
-                             "docs")
+                        help="a 1 and a 3 min video (both longer than one segment, so their peak memory "
+                             "compares), one run each, default layer only; never writes the docs")
     parser.add_argument("--no-write", dest="write", action="store_false", help="do not touch the docs")
     parser.add_argument("--results", help="also save the raw measurements to this JSON file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -214,7 +214,7 @@ def main() -> None:
         print(json.dumps(measure(json.loads(args.child))))
         return
     if args.quick:
-        args.short, args.long, args.rounds, args.write = 1 / 3, 1.0, 1, False
+        args.short, args.long, args.rounds, args.write = 1.0, 3.0, 1, False
 
     command = "python " + " ".join([str(Path(sys.argv[0]).resolve().relative_to(ROOT)), *sys.argv[1:]])
     load_before = os.getloadavg()[0]

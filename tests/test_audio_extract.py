@@ -196,7 +196,7 @@ def test_summary_and_warnings(tree: Path, manifest: dict, tmp_path: Path,
     lines = format_summary(result)
     assert "2 videos extracted" in lines[0] and "window 500 ms" in lines[0] and "x real time" in lines[0]
     text = "\n".join(lines)
-    assert f"no audio stream (1 videos, no rows): {silent}" in text
+    assert f"no audio stream (1 video, no rows): {silent}" in text
     assert f"{late}: " in text and "frames without audio" in text
 
 

@@ -81,14 +81,18 @@ class AudioExtractResult(ExtractResult):
             if len(self.uncovered) > max_items:
                 lines.append(f"    ... and {len(self.uncovered) - max_items} more videos")
         if self.no_audio:
-            lines.append(f"  no audio stream ({len(self.no_audio)} videos, no rows): "
+            lines.append(f"  no audio stream ({_count(len(self.no_audio), 'video')}, no rows): "
                          f"{', '.join(self.no_audio)}")
         if self.no_source:
-            lines.append(f"  no source video found ({len(self.no_source)} videos, not written; re-run once "
-                         f"the files are there): {', '.join(self.no_source)}")
+            lines.append(f"  no source video found ({_count(len(self.no_source), 'video')}, not written; "
+                         f"re-run once the files are there): {', '.join(self.no_source)}")
         for video, reason in list(self.failed.items())[:max_items]:
             lines.append(f"  {video}: not written: {reason}")
         return lines
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def alignment_record(window_ms: float) -> dict[str, Any]:
@@ -327,7 +331,8 @@ class _Run:
             media = probe(path)
             if not media.has_audio:
                 self.decode_seconds += time.perf_counter() - t0
-                warn(f"{path}: no audio stream; {', '.join(videos)} get no audio rows")
+                verb = "gets" if len(videos) == 1 else "get"
+                warn(f"{path}: no audio stream; {' and '.join(videos)} {verb} no audio rows")
                 for v in videos:
                     f = frames_of[v]
                     empty = np.zeros((0, self.encoder.feature_dim), self.dtype)
