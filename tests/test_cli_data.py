@@ -115,8 +115,15 @@ def test_missing_root(tmp_path: Path) -> None:
 
 def test_no_or_several_annotation_folders(root: Path) -> None:
     (root / "6th ABAW Annotations").rename(root / "labels")
-    _assert_one_line_error(run("data", "summary", "--data", str(root)),
-                           "no annotations folder", "--annotations")
+    # Crops alone are a tree extract can use: the summary says what it found instead of failing.
+    for args in ((), ("--json",)):
+        result = run("data", "summary", "--data", str(root), *args)
+        assert result.exit_code == 0, result.output
+        said = result.stderr if args else result.stdout
+        assert "no annotations folder" in said and "--annotations" in said
+        assert "3 videos with crops (7 crops)" in said, said
+    assert json.loads(run("data", "summary", "--data", str(root), "--json").stdout) == [
+        {**row, "videos": 0, "frames": 0, "valid_frames": 0, "usable_frames": 0} for row in EXPECTED]
     (root / "labels").rename(root / "6th ABAW Annotations")
     (root / "8th_ABAW_Annotations").mkdir()
     _assert_one_line_error(run("data", "summary", "--data", str(root)),

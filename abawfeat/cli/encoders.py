@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import typer
+from rich.text import Text
 
 from abawfeat.cli import app
 from abawfeat.cli._common import console, guarded
@@ -51,7 +52,8 @@ def encoders_command(
         )
     console.print(table)
     # Plain lines rather than a table: paths and addresses are long and must stay copyable.
-    console.print("[bold]Named weights[/bold] (--weights NAME; downloaded on first use when online)")
+    console.print(Text.assemble(("Named weights", "bold"),
+                                " (--weights NAME; downloaded on first use when online)"))
     for w in named:
         state = "cached" if w["cached"] else "not cached"
         console.print(f"  {w['name']:<11} {w['encoder']}, {w['num_class']} classes, {state}: {w['path']}",

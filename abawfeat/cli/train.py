@@ -13,7 +13,7 @@ from typing import Any
 import typer
 
 from abawfeat.cli import app
-from abawfeat.cli._common import console, err_console, guarded
+from abawfeat.cli._common import console, err_console, error_line, guarded
 
 _MAIN_KEYS = ("ccc_valence", "ccc_arousal", "ccc_va", "f1_expr", "f1_au", "f1_au_opt", "score")
 
@@ -235,8 +235,7 @@ def ablate_command(
         console.print(str(path), highlight=False)
     if result.failed:
         for cell in result.failed:
-            err_console.print(f"[bold red]failed:[/bold red] {cell.row.label} {cell.task}: {cell.error}",
-                              highlight=False, soft_wrap=True)
+            error_line(f"{cell.row.label} {cell.task}: {cell.error}", label="failed:")
         raise typer.Exit(code=1)
 
 
