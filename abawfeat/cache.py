@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -36,8 +37,8 @@ import numpy as np
 
 from abawfeat import __version__
 from abawfeat.data.names import video_name_problem
-from abawfeat.errors import CacheError
-from abawfeat.utils.io import atomic_write, atomic_write_bytes
+from abawfeat.errors import CacheError, DiskFullError
+from abawfeat.utils.io import atomic_write, atomic_write_bytes, is_disk_full
 
 FORMAT_NAME = "abawfeat-features"
 FORMAT_VERSION = 2
@@ -386,6 +387,11 @@ class CacheWriter:
         if not videos and not text_part.exists() and self.path.exists():
             self._remove_parts()
             return self.path  # nothing new: leave the file (and its bytes) untouched
+
+        # The new file is the old one plus the parts: refuse at once if the device cannot hold it.
+        old = self.path.stat().st_size if self.path.exists() else 0
+        _check_room(self.path, old + sum(p.stat().st_size for p in self.parts.glob("*.h5")))
+        _quiet_h5_teardown_on_full_disk()  # should the device fill up all the same while HDF5 writes
 
         def fill(tmp: Path) -> None:
             if self.path.exists():
@@ -904,13 +910,47 @@ def _write_text_group(
 
 
 def _write_h5_atomic(target: Path, fill: Any) -> None:
+    """A small HDF5 file (one video, or the text embeddings), built in memory and written as bytes: HDF5
+    never writes to the device itself, so a full disk is a plain ENOSPC from one write (a DiskFullError
+    naming the part), never a half-closed HDF5 file whose objects fail again when they are freed."""
+    import io
+
     import h5py
 
-    def write(tmp: Path) -> None:
-        with h5py.File(tmp, "w") as fh:
-            fill(fh)
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as fh:
+        fill(fh)
+    atomic_write_bytes(target, buffer.getvalue(), durable=True)
 
-    atomic_write(target, write, durable=True)
+
+def _check_room(path: Path, needed: int) -> None:
+    """Refuse, before writing anything, a consolidation the device has clearly no room for."""
+    free = shutil.disk_usage(path.parent).free
+    if free < needed:
+        kept = "its previous content is kept" if path.exists() else "nothing was written there"
+        raise DiskFullError(
+            f"{path}: no space left on the device to consolidate it (needs about {needed / 1e6:,.1f} MB, "
+            f"{free / 1e6:,.1f} MB free); {kept}, and the finished videos wait in {parts_dir(path)}"
+        )
+
+
+def _quiet_h5_teardown_on_full_disk() -> None:
+    """HDF5 objects of a file whose last write hit a full device fail again when Python frees them, and
+    Python prints each failure as an "Exception ignored" traceback. The full disk has already been reported
+    in one line (DiskFullError), so those echoes are dropped; every other unraisable error still shows."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_abawfeat_h5_quiet", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        from_h5py = "h5py" in f"{unraisable.err_msg} {unraisable.object!r}"
+        error = unraisable.exc_value
+        if from_h5py and error is not None and (is_disk_full(error) or "errno = 28" in str(error)):
+            return  # HDF5 says "errno = 28" (ENOSPC) in its own words
+        previous(unraisable)
+
+    hook._abawfeat_h5_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def _part_videos(parts: Path) -> list[str]:
