@@ -78,13 +78,17 @@ def killed_run(world: Path) -> Path:
     return run
 
 
-@pytest.fixture
-def workspace(world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def copy_world(world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private copy of the world, made the current directory for the case."""
     root = tmp_path / "ws"
     shutil.copytree(world, root, symlinks=True)
     monkeypatch.chdir(root)
     return root
+
+
+@pytest.fixture
+def workspace(world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    return copy_world(world, tmp_path, monkeypatch)
 
 
 @pytest.fixture

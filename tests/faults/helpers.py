@@ -4,8 +4,9 @@ case makes, a case table, full-disk simulation and the damage a case does to its
 Every case asserts (docs/failures.md):
 
 1. the exit code;
-2. one message line (the ``error:`` line, or for ``cache verify`` the one problem line) that names the
-   file or option at fault, and no Python traceback or exception line anywhere in the output;
+2. one message line (the ``error:`` line, last on stderr after any progress lines; or for ``cache verify``
+   the one problem line) that names the file or option at fault, and no Python traceback or exception line
+   anywhere in the output;
 3. every file that existed before the command is byte-identical after it (except the ones a successful
    command is meant to change, which the case names).
 """
@@ -40,8 +41,6 @@ TEST_VIDEO = "video28"  # crops and test lists only, no annotations
 VAL_VIDEO = "64-25-640x480"
 N_CROPS = 57
 
-# Lines a command may print on stderr besides its one message: warnings, and the --random-init box.
-_BENIGN = re.compile(r"^(warning: |─+( WARNING ─+)?$|--random-init: |\s*$)")
 _PYTHON_ERROR = re.compile(r"^(Traceback|\w+(Error|Exception|Interrupt)\b.*:)", re.MULTILINE)
 
 
@@ -139,9 +138,9 @@ def assert_fault(
         lines = message_lines(outcome, channel)
         assert len(lines) == 1, f"expected one message line, found {len(lines)}:\n{outcome.output}"
         if channel == "error":
-            stray = [line for line in outcome.stderr.splitlines()
-                     if line not in lines and not _BENIGN.match(line)]
-            assert not stray, f"stderr lines besides the message and warnings: {stray}"
+            # Progress lines (epochs, warnings) may come before it; nothing comes after the message.
+            last = [line for line in outcome.stderr.splitlines() if line.strip()][-1:]
+            assert last == lines, f"the message is not the last line on stderr:\n{outcome.stderr}"
         message = lines[0]
     for name in names:
         assert name in message, f"{name!r} not in the message: {message!r}"
@@ -183,11 +182,18 @@ class Case:
 FIELDS = {"data": DATA, "cache": CACHE, "run_va": RUNS["va"], "run_au": RUNS["au"], "killed": KILLED}
 
 
+def expected_to_fail(reason: str | None) -> list[Any]:
+    """The strict xfail mark of a case someone is fixing; none with ABAWFEAT_FAULTS_ALL=1 (to see the real
+    state of every case, e.g. while fixing them)."""
+    if not reason or os.environ.get("ABAWFEAT_FAULTS_ALL") == "1":
+        return []
+    return [pytest.mark.xfail(strict=True, reason=reason)]
+
+
 def params(cases: Sequence[Case]) -> list[Any]:
     ids = [c.id for c in cases]
     assert len(ids) == len(set(ids)), "case ids must be unique"
-    return [pytest.param(c, id=c.id, marks=[pytest.mark.xfail(strict=True, reason=c.fix)] if c.fix else [])
-            for c in cases]
+    return [pytest.param(c, id=c.id, marks=expected_to_fail(c.fix)) for c in cases]
 
 
 def run_case(case: Case, root: Path, full_disk: Callable[[int], Any] | None = None) -> None:
