@@ -10,6 +10,7 @@ nothing a case does can reach another case or the world.
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import subprocess
@@ -125,5 +126,7 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
         return where
 
     yield mount
+    gc.collect()  # a failed writer's file object may still hold a file there open
     for where in mounted:
-        subprocess.run(["umount", str(where)], capture_output=True)
+        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(where)], capture_output=True)  # detach now, free when unused
