@@ -571,8 +571,8 @@ def _list_crops(folder: Path) -> np.ndarray:
     one frame such as ``1.jpg`` beside ``00001.jpg``, naming both)."""
     frames: list[int] = []
     problems: list[tuple[str, str]] = []
-    names: set[str] = set()
-    for entry in _scandir(folder):
+    entries = _scandir(folder)
+    for entry in entries:
         try:
             frame = crop_frame(entry.name)
         except ValueError as exc:
@@ -581,8 +581,8 @@ def _list_crops(folder: Path) -> np.ndarray:
             continue
         if frame is not None and entry.is_file():
             frames.append(frame)
-            names.add(entry.name)
     if problems:
+        names = {e.name for e in entries}
         name, problem = min(problems)
         # A second name for a frame that already has its crop is the likeliest mistake: say which.
         for candidate, _ in sorted(problems):
