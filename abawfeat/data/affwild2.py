@@ -582,7 +582,7 @@ def _list_crops(folder: Path) -> np.ndarray:
         if frame is not None and entry.is_file():
             frames.append(frame)
     if problems:
-        names = {e.name for e in entries}
+        crops = {e.name for e in entries if is_jpeg_name(e.name)} - {n for n, _ in problems}
         name, problem = min(problems)
         # A second name for a frame that already has its crop is the likeliest mistake: say which.
         for candidate, _ in sorted(problems):
@@ -590,7 +590,7 @@ def _list_crops(folder: Path) -> np.ndarray:
                 twin = crop_file_name(int(candidate.rpartition(".")[0]))
             except ValueError:
                 continue
-            if twin in names:
+            if twin in crops:
                 name, problem = candidate, f"a second file for frame {int(twin[:-4])}, beside {twin}"
                 break
         more = f" ({len(problems) - 1} more such file(s) in this folder)" if len(problems) > 1 else ""
