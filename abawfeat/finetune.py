@@ -2,7 +2,7 @@
 
 Stage two trains a head on cached features; this trains the backbone with it, from the crops. Everything
 that is not about pixels is stage two's, reused unchanged from ``abawfeat.train``: the ``TrainConfig``
-(task, head, objective, class / positive weights, seed, fill), the head built by ``head_spec``, the
+(task, head, objective, class / positive weights, seed, fill), the head built by ``build_head_for``, the
 objectives of ``build_objective``, the ``SequenceSet`` split and its windows (here with crops as rows, see
 ``abawfeat.data.frames``), and the whole evaluation: ``evaluate_set`` -> ``infer_rows`` ->
 ``fill_timeline`` -> ``score_timeline``, run on the fine-tuned backbone's embeddings of every validation
@@ -38,32 +38,30 @@ import torch
 from torch import Tensor, nn
 
 from abawfeat import __version__
+from abawfeat.data.batches import Batch, WindowSource
 from abawfeat.data.frames import AugmentConfig, FrameSource, FrameWindows, load_frames_split
-from abawfeat.data.sequences import SequenceSet, make_windows
+from abawfeat.data.sequences import make_windows
 from abawfeat.errors import AbawfeatError, CheckpointError, ConfigError
-from abawfeat.train import (
-    DEFAULT_OBJECTIVE,
-    SELECT_METRIC,
-    Batch,
-    Evaluation,
-    Objective,
+from abawfeat.tasks import single, task, task_names
+from abawfeat.train.config import (
     Resolved,
     TrainConfig,
-    WindowSource,
-    build_objective,
+    build_head_for,
     dataset_name,
-    evaluate_set,
-    head_spec,
+    objective_name,
+    resolve,
+    validate_config,
+)
+from abawfeat.train.inference import Evaluation, evaluate_set
+from abawfeat.train.loop import run_epochs
+from abawfeat.train.objectives import Objective, build_objective, loss_weights
+from abawfeat.train.rundir import (
+    RunRecord,
+    architecture_label,
     load_versioned,
     metrics_record,
-    resolve,
-    resolved_objective,
-    run_epochs,
-    run_tasks,
     save_checkpoint,
-    validate_config,
     write_history,
-    write_plots,
     write_val_outputs,
 )
 from abawfeat.utils import dist
@@ -136,9 +134,9 @@ class FinetuneConfig:
 def validate_finetune(cfg: FinetuneConfig) -> None:
     """Refuse impossible combinations with one line naming the option."""
     validate_config(cfg.train)
-    if cfg.train.backbone != "ddamfn":
+    if (cfg.train.backbone or "ddamfn") != "ddamfn":
         raise ConfigError(f"--unfreeze trains DDAMFN end to end, not --backbone {cfg.train.backbone}")
-    if resolved_objective(cfg.train) == "contrastive":
+    if objective_name(cfg.train) == "contrastive":
         raise ConfigError("--unfreeze does not support --objective contrastive (it needs CLIP prompts)")
     if cfg.weights is not None and cfg.random_init:
         raise ConfigError("--weights and --random-init exclude each other")
@@ -367,8 +365,8 @@ class StepLoss:
     def __call__(self, out: Mapping[str, Tensor], batch: Batch, mine: Tensor, total: Tensor) -> Tensor:
         share = torch.where(total > 0, mine / total.clamp(min=1), torch.zeros_like(mine)) * self.world_size
         loss: Tensor | None = None
-        for i, task in enumerate(self.tasks):
-            term, _ = self.objectives[task](out, batch)
+        for i, name in enumerate(self.tasks):
+            term, _ = self.objectives[name](out, batch)
             term = term * float(share[i])
             loss = term if loss is None else loss + term
         if self.diversity_weight:
@@ -483,7 +481,7 @@ def load_state(run_dir: Path) -> dict[str, Any]:
     path = run_dir / STATE_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: missing, nothing to resume (no epoch of this run finished)")
-    return load_versioned(path, STATE_FORMAT, STATE_VERSION, "training state", "fine-tuning state")
+    return load_versioned(path, STATE_FORMAT, (STATE_VERSION,), "training state", "fine-tuning state")
 
 
 # ------------------------------------------------------------------------------------------ run directory
@@ -507,7 +505,8 @@ def load_finetune_config(run_dir: str | Path) -> FinetuneConfig:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; {run_dir} is not a run directory")
-    info = read_json(path)
+    record = RunRecord.read(run_dir)
+    info = {"kind": record.kind, "finetune": record.extra.get("finetune")}
     if info.get("kind") != "finetune" or not isinstance(info.get("finetune"), dict):
         raise CheckpointError(f"{path}: not an end-to-end (--unfreeze) run; --resume continues those only")
     cfg = from_dict(FinetuneConfig, info["finetune"])
@@ -529,28 +528,11 @@ def _resolved(cfg: FinetuneConfig, head: nn.Module, device: torch.device) -> Res
 
 
 def _task_objectives(cfg: FinetuneConfig, head: nn.Module, tasks: Sequence[str],
-                     class_weight: Tensor | None, pos_weight: Tensor | None) -> dict[str, Objective]:
+                     weights: Any) -> dict[str, Objective]:
     if cfg.train.task == "mtl":
         # mtl_loss is the sum of the three single-task losses; kept apart so each is weighted by its counts.
-        return {t: build_objective(DEFAULT_OBJECTIVE[t], head, (t,), class_weight, pos_weight) for t in tasks}
-    return {cfg.train.task: build_objective(resolved_objective(cfg.train), head, tasks, class_weight,
-                                            pos_weight)}
-
-
-def _loss_weights(cfg: TrainConfig, seqs: SequenceSet, device: torch.device) -> tuple[Tensor | None, ...]:
-    """Class and AU positive weights from the training crops' labels, exactly as ``fit`` computes them."""
-    from abawfeat import losses
-    from abawfeat.constants import EXPR_CLASSES
-
-    class_weight = pos_weight = None
-    if cfg.class_weights != "none":
-        lab, ok = seqs.row_labels("expr")
-        class_weight = losses.class_weights_from_counts(
-            np.bincount(lab[ok], minlength=len(EXPR_CLASSES)), scheme=cfg.class_weights).to(device)
-    if cfg.pos_weight:
-        lab, ok = seqs.row_labels("au")
-        pos_weight = losses.pos_weight_from_labels(lab, ok).to(device)
-    return class_weight, pos_weight
+        return {t: build_objective(single(t).default_objective, head, (t,), weights) for t in tasks}
+    return {cfg.train.task: build_objective(objective_name(cfg.train), head, tasks, weights)}
 
 
 def run_finetune(cfg: FinetuneConfig, *, resume: bool = False, stop_after_epochs: int | None = None,
@@ -580,7 +562,7 @@ def _run(cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool, resume: bo
          stop_after_epochs: int | None, log: Callable[[str], None] | None) -> Path:
     from abawfeat.encoders import build_encoder
     from abawfeat.extract import calibrate_encoder, open_dataset
-    from abawfeat.heads import build_head, head_to_dict
+    from abawfeat.heads import head_to_dict
     from abawfeat.utils.progress import loud_warning
 
     def say(message: str) -> None:
@@ -589,7 +571,8 @@ def _run(cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool, resume: bo
 
     tcfg = cfg.train
     out = Path(tcfg.out)
-    tasks = run_tasks(tcfg.task)
+    tasks = task_names(tcfg.task)
+    select = task(tcfg.task).select_metric
     device = resolve_device(tcfg.device)
     state = load_state(out) if resume else None
     if not resume and (out / STATE_FILE).exists():
@@ -613,8 +596,7 @@ def _run(cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool, resume: bo
     if cfg.random_init and state is None:
         calibration = calibrate_encoder(encoder, data, data.videos_with_crops(), cfg.calibration_frames)
     start_provenance = dict(encoder.provenance())
-    name, fields = head_spec(tcfg, int(encoder.feature_dim))
-    head = build_head(name, **fields)
+    head = build_head_for(tcfg, int(encoder.feature_dim))
     model = FinetuneModel(encoder, head, unfreeze_from=cfg.unfreeze_from, freeze_bn=cfg.freeze_bn,
                           return_maps=cfg.attention_diversity, channels_last=cfg.channels_last).to(device)
     res = _resolved(cfg, head, device)
@@ -641,9 +623,10 @@ def _run(cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool, resume: bo
     val_rows = FrameWindows(val_set, val_dirs, np.arange(val_set.n_rows)[:, None], (), transform)
 
     # -- objectives (stage two's), optimiser with two learning rates, schedule, fp16 scaler.
-    class_weight, pos_weight = _loss_weights(tcfg, train_set, device)
-    objective = build_objective(resolved_objective(tcfg), head, tasks, class_weight, pos_weight)
-    step_loss = StepLoss(_task_objectives(cfg, head, tasks, class_weight, pos_weight), tasks,
+    weights = loss_weights(objective_name(tcfg), tcfg.class_weights, tcfg.pos_weight, train_set,
+                           tasks).to(device)
+    objective = build_objective(objective_name(tcfg), head, tasks, weights)
+    step_loss = StepLoss(_task_objectives(cfg, head, tasks, weights), tasks,
                          cfg.diversity_weight if cfg.attention_diversity else 0.0, info.world_size)
     backbone_params = model.backbone_parameters()
     optimizer = torch.optim.AdamW(
@@ -699,26 +682,27 @@ def _run(cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool, resume: bo
         if calibration is not None:
             start_provenance["calibration"] = {"encoder": start_provenance.get("calibration"),
                                                "frames": calibration}
-        config_info = {
-            "kind": "finetune", "unfreeze": True, "unfreeze_from": cfg.unfreeze_from,
-            "task": tcfg.task, "head": tcfg.head, "backbone": tcfg.backbone,
-            "objective": resolved_objective(tcfg), "train": to_dict(tcfg), "finetune": to_dict(cfg),
-            "resolved": to_dict(res), "head_config": head_to_dict(head),
+        record = RunRecord(
+            kind="finetune", task=tcfg.task, trunk=tcfg.head, objective=objective_name(tcfg),
+            label=architecture_label([tcfg.backbone or "ddamfn"], tcfg.head, tcfg.task, "finetune"),
             # No cache: the head reads the fine-tuned backbone. `extract --weights <run>/ddamfn_finetuned.pth`
             # makes one whose fingerprint checkpoint.pt records.
-            "cache_path": None, "cache_fingerprint": best_record.get("fingerprint"), "cache_dtype": None,
-            "dataset": {"root": str(tcfg.data), "name": dataset_name(tcfg.data)},
-            "class_weight": None if class_weight is None else class_weight.cpu().tolist(),
-            "pos_weight": None if pos_weight is None else pos_weight.cpu().tolist(),
-            "backbone_start": start_provenance,
-            "blocks": {"trainable": list(unwrap(ddp_model).trainable_blocks),
-                       "frozen": list(unwrap(ddp_model).frozen_blocks)},
-            "world_size": info.world_size,
-            "global_batch": res.batch_size * cfg.grad_accum * info.world_size,
-            "published_checkpoint": PUBLISHED_FILE if cfg.save_published else None,
-            "package_version": __version__,
-        }
-        write_json(out / "config.json", config_info)
+            caches=[{"path": None, "encoder": tcfg.backbone or "ddamfn",
+                     "fingerprint": best_record.get("fingerprint"), "dtype": None}],
+            dataset={"root": str(tcfg.data), "name": dataset_name(tcfg.data)},
+            train=to_dict(tcfg), resolved=to_dict(res), head=head_to_dict(head),
+            loss_weights=weights.as_json(),
+            extra={
+                "finetune": to_dict(cfg), "unfreeze_from": cfg.unfreeze_from,
+                "backbone_start": start_provenance,
+                "blocks": {"trainable": list(unwrap(ddp_model).trainable_blocks),
+                           "frozen": list(unwrap(ddp_model).frozen_blocks)},
+                "world_size": info.world_size,
+                "global_batch": res.batch_size * cfg.grad_accum * info.world_size,
+                "published_checkpoint": PUBLISHED_FILE if cfg.save_published else None,
+            },
+        )
+        record.write(out)
 
     stepper = Stepper(optimizer, scheduler, scaler, step_loss, device, precision, tcfg.grad_clip,
                       distributed, steps_done=int(scheduler.last_epoch))
@@ -741,7 +725,7 @@ def _run(cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool, resume: bo
                             fill=tcfg.fill)
 
     def on_best(epoch: int, ev: Evaluation) -> None:
-        best_record.update(value=float(ev.metrics.get(SELECT_METRIC[tcfg.task], math.nan)), epoch=epoch,
+        best_record.update(value=float(ev.metrics.get(select, math.nan)), epoch=epoch,
                            metrics=_jsonable(ev.metrics))
         if not info.is_main:
             return
@@ -754,7 +738,7 @@ def _run(cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool, resume: bo
                                                   iteration=stepper.steps_done)
             fingerprint = expected_fingerprint(published, precision)
         best_record["fingerprint"] = fingerprint
-        save_checkpoint(out / "checkpoint.pt", inner.head, fingerprint, ev.au_thresholds, epoch,
+        save_checkpoint(out / "checkpoint.pt", inner.head, [fingerprint], ev.au_thresholds, epoch,
                         {"metrics": _jsonable(ev.metrics), "kind": "finetune",
                          "backbone_weights": PUBLISHED_FILE if cfg.save_published else None})
         write_val_outputs(out / "val_outputs.npz", val_set, ev.timeline)
@@ -786,7 +770,7 @@ def _run(cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool, resume: bo
     try:
         # Stage two's loop; only the step differs (micro-batches, DDP, scaler, schedule).
         history = run_epochs(
-            ddp_model, source, validate, step=stepper, epochs=tcfg.epochs, select=SELECT_METRIC[tcfg.task],
+            ddp_model, source, validate, step=stepper, epochs=tcfg.epochs, select=select,
             start_epoch=start_epoch, stop_epoch=stop, history=history, best=best_value, on_best=on_best,
             on_epoch=on_epoch, reduce_mean=reduce_mean, log=say,
         )
@@ -803,15 +787,13 @@ def _run(cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool, resume: bo
     finished = bool(history) and int(history[-1]["epoch"]) >= tcfg.epochs
     if info.is_main and finished:
         if not best_record.get("metrics"):
-            raise ConfigError(f"{out}: no epoch produced a finite {SELECT_METRIC[tcfg.task]} (diverged?); "
+            raise ConfigError(f"{out}: no epoch produced a finite {select} (diverged?); "
                               "try a lower --lr / --backbone-lr")
-        config_info = read_json(out / "config.json")
-        config_info["cache_fingerprint"] = best_record.get("fingerprint")
-        write_json(out / "config.json", config_info)
-        record = metrics_record(tcfg.task, "val", int(best_record["epoch"]), best_record["metrics"])
-        if tcfg.plots:
-            write_plots(out, metrics=record, log=log)
-        write_json(out / "metrics.json", record)  # last: its presence marks a complete run
+        record = RunRecord.read(out)
+        record.caches[0]["fingerprint"] = best_record.get("fingerprint")
+        record.write(out)
+        result = metrics_record(tcfg.task, "val", int(best_record["epoch"]), best_record["metrics"])
+        write_json(out / "metrics.json", result)  # last: its presence marks a complete run
     if distributed:
         import torch.distributed as tdist
 

@@ -42,7 +42,6 @@ from abawfeat.finetune import (
     validate_finetune,
 )
 from abawfeat.heads import build_head
-from abawfeat.report.html import architecture_label
 from abawfeat.train import Batch, TrainConfig, build_objective, load_run
 
 FIXTURE = Path(__file__).parent / "fixtures" / "ddamfn" / "ddamfn_official_format_random.pth"
@@ -136,7 +135,8 @@ def test_augmentation_changes_training_windows_only(root: Path) -> None:
     assert torch.equal(torch.stack([rows[(r, -1)]["images"][0] for r in range(4)]), plain)
     assert not torch.allclose(rows[(0, 12345)]["images"][0], plain[0], atol=0.1)
 
-    model = FinetuneModel(encoder, build_head("fc", in_dim=512, tasks=("expr",)), channels_last=False)
+    head = build_head("tasks", in_dim=512, tasks=("expr",), trunk="fc")
+    model = FinetuneModel(encoder, head, channels_last=False)
     got = embed_rows(model, rows, batch_size=3, device=torch.device("cpu"), precision="fp32")
     with torch.no_grad():
         reference = model.eval().embed(plain)[0].numpy()
@@ -150,7 +150,7 @@ def test_a_few_steps_on_one_batch_lower_its_loss(root: Path) -> None:
     seqs, dirs = load_frames_split(data, ("expr",), "train")
     encoder = build_encoder("ddamfn", weights=str(FIXTURE))
     torch.manual_seed(0)
-    head = build_head("fc", in_dim=512, tasks=("expr",), normalize=False)
+    head = build_head("tasks", in_dim=512, tasks=("expr",), trunk="fc", normalize=False)
     model = FinetuneModel(encoder, head, unfreeze_from="conv_6_sep", return_maps=True).train()
     windows = FrameWindows(seqs, dirs, np.arange(4)[:, None], ("expr",), encoder.transform)
     micro = next(FrameSource(windows, batch_size=4).batches(1))
@@ -188,8 +188,8 @@ def test_run_trains_unfrozen_blocks_only_and_writes_a_stage_two_run_dir(root: Pa
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"task", "split", "best_epoch", "ccc_valence", "ccc_arousal", "ccc_va"} <= set(metrics)
     run = load_run(out)
-    assert run.config.task == "va" and run.head.tasks == ("va",)
-    assert architecture_label(run.info) == "DDAMFN+Fc (end-to-end)"  # reports give it a row of its own
+    assert run.task == "va" and run.head.tasks == ("va",)
+    assert run.record.label == "DDAMFN+Fc (end-to-end)"  # reports give it a row of its own
     header = (out / "history.csv").read_text().splitlines()[0].split(",")
     assert header[:5] == ["epoch", "train_loss", "val_loss", "val_metric", "seconds"]
     # Official protocol: every labelled val frame, the crop-less one filled between its neighbours.
@@ -201,11 +201,12 @@ def test_run_trains_unfrozen_blocks_only_and_writes_a_stage_two_run_dir(root: Pa
 
     # Round trip: the published checkpoint gives the in-memory model's embeddings, and a cache extracted
     # with it is the one checkpoint.pt asks for, on which stage two's evaluate reproduces metrics.json.
-    model = FinetuneModel(build_encoder("ddamfn", weights=str(FIXTURE)), build_head("fc", in_dim=512,
-                          tasks=("va",)), unfreeze_from="conv_6_sep")
+    model = FinetuneModel(build_encoder("ddamfn", weights=str(FIXTURE)),
+                          build_head("tasks", trunk="fc", in_dim=512, tasks=("va",)),
+                          unfreeze_from="conv_6_sep")
     model.load_state_dict(_state(out / STATE_FILE)["model"])
     reloaded = FinetuneModel(build_encoder("ddamfn", weights=str(out / PUBLISHED_FILE)),
-                             build_head("fc", in_dim=512, tasks=("va",)))
+                             build_head("tasks", trunk="fc", in_dim=512, tasks=("va",)))
     reference = np.load(FIXTURE.with_name("ddamfn_reference_outputs.npz"))
     images = torch.from_numpy(reference["input_normalized_nchw"])
     with torch.no_grad():
@@ -266,7 +267,7 @@ def test_two_processes_agree_with_one(root: Path, tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     config_two = json.loads((two / "config.json").read_text())
-    assert config_two["world_size"] == 2 and config_two["global_batch"] == 4
+    assert config_two["extra"]["world_size"] == 2 and config_two["extra"]["global_batch"] == 4
 
     h1, h2 = (_state(d / STATE_FILE)["history"][0] for d in (single, two))
     for key in ("train_loss", "val_loss", "f1_expr"):

@@ -13,9 +13,7 @@ from typing import Any
 import typer
 
 from abawfeat.cli import app
-from abawfeat.cli._common import console, err_console, guarded
-
-_MAIN_KEYS = ("ccc_valence", "ccc_arousal", "ccc_va", "f1_expr", "f1_au", "f1_au_opt", "score")
+from abawfeat.cli._common import console, err_console, guarded, parse_key_values
 
 
 def _log(message: str) -> None:
@@ -24,20 +22,25 @@ def _log(message: str) -> None:
 
 def _print_metrics(metrics: dict[str, Any], title: str) -> None:
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title, title_justify="left")
+    from abawfeat.tasks import run_task_names, single_tasks, task
+
+    main = dict.fromkeys(k for n in run_task_names() for k in task(n).metric_keys)
+    groups = [k for t in single_tasks() for k in t.per_item_keys.values()]
+    table = Table(title=Text(title), title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in ("task", "split", "best_epoch"):
         if key in metrics:
-            table.add_row(key, str(metrics[key]))
-    for key in _MAIN_KEYS:
+            table.add_row(key, Text(str(metrics[key])))
+    for key in main:
         if key in metrics:
             table.add_row(key, f"{metrics[key]:.4f}")
-    for group in ("f1_expr_per_class", "f1_au_per_au", "f1_au_opt_per_au", "au_thresholds"):
+    for group in groups:
         if group in metrics:
             values = ", ".join(f"{k} {v:.3f}" for k, v in metrics[group].items())
-            table.add_row(group, values)
+            table.add_row(group, Text(values))
     console.print(table)
 
 
@@ -45,13 +48,15 @@ def _print_metrics(metrics: dict[str, Any], title: str) -> None:
 @guarded
 def train_head(
     task: str | None = typer.Option(None, "--task", help="va, expr, au or mtl (one head for all three)."),
-    head: str = typer.Option("fc", "--head", help="fc (frame-wise) or lstm (temporal, trained on windows)."),
-    backbone: str = typer.Option("ddamfn", "--backbone", help="Encoder of the cache: ddamfn or clip."),
+    head: str = typer.Option(
+        "fc", "--head", help="Trunk: fc (frame-wise) or a temporal one (`abawfeat heads` lists them)."),
+    backbone: str = typer.Option(
+        "", "--backbone", help="Encoder of the cache; default: the cache's own (it must match when given)."),
     data: Path | None = typer.Option(
         None, "--data", help="Aff-Wild2 root (annotations, test lists, sample files)."
     ),
     cache: Path | None = typer.Option(
-        None, "--cache", help="Feature cache. Default: cache/<data folder name>/<backbone>.h5 (extract's)."
+        None, "--cache", help="Feature cache. Default: cache/<data folder name>/<backbone or ddamfn>.h5."
     ),
     out: Path | None = typer.Option(
         None, "--out", help="Run directory to write (config, checkpoint, metrics...)."
@@ -69,21 +74,26 @@ def train_head(
     lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate."),
     weight_decay: float = typer.Option(1e-4, "--weight-decay", help="AdamW weight decay."),
     batch_size: int = typer.Option(0, "--batch-size", help="Windows (frames for fc) per batch; 0 = auto."),
-    window: int = typer.Option(64, "--window", help="LSTM training window length in frames."),
+    window: int = typer.Option(64, "--window", help="Training window of temporal trunks, in frames."),
     stride: int = typer.Option(0, "--stride", help="Step between training windows; 0 = --window."),
     infer_stride: int = typer.Option(0, "--infer-stride", help="Step between inference windows; 0 = half."),
-    hidden: int = typer.Option(-1, "--hidden", help="Hidden size; -1 = head default (fc: no hidden layer)."),
-    layers: int = typer.Option(1, "--layers", help="LSTM layers."),
-    bidirectional: bool = typer.Option(False, "--bidirectional", help="Bidirectional LSTM."),
-    dropout: float = typer.Option(0.0, "--dropout", help="Dropout on head inputs and hidden states."),
+    hidden: int = typer.Option(-1, "--hidden", help="Trunk width; -1 = the trunk's default (fc: linear)."),
+    layers: int = typer.Option(1, "--layers", help="Trunk depth (trunks with layers)."),
+    bidirectional: bool = typer.Option(
+        False, "--bidirectional", help="Temporal trunks also use future frames (not causal)."),
+    dropout: float = typer.Option(0.0, "--dropout", help="Dropout on trunk inputs and hidden states."),
+    trunk_opt: list[str] | None = typer.Option(
+        None, "--trunk-opt", help="Any other trunk option, key=value (repeatable; `abawfeat heads`)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
     threads: int = typer.Option(
         0, "--threads", help="CPU threads; 0 = auto (1 for FC, else all cores). 1 on a busy machine."
     ),
     precision: str = typer.Option(
-        "auto", "--precision", help="auto (bf16 for LSTM and contrastive heads), fp32, bf16, fp16."
+        "auto", "--precision", help="auto (bf16 for temporal trunks and contrastive heads), fp32, bf16, fp16."
     ),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write plots/*.png at the end."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace the run in --out, once the new one is complete."),
     # End-to-end fine-tuning (abawfeat.finetune, docs/finetune.md): these options need --unfreeze.
     unfreeze: bool = typer.Option(
         False, "--unfreeze", help="Train DDAMFN end to end with the head, from the crops, not the cache."
@@ -113,18 +123,23 @@ def train_head(
     workers: int = typer.Option(2, "--workers", help="--unfreeze: DataLoader processes decoding crops."),
     eval_batch_size: int = typer.Option(64, "--eval-batch-size", help="--unfreeze: images per eval pass."),
     resume: Path | None = typer.Option(
-        None, "--resume", help="Continue this interrupted --unfreeze run (options from its config.json)."
+        None, "--resume", help="Continue this interrupted run exactly (options from its config.json)."
     ),
 ) -> None:
     """Train a head on cached features (or, with --unfreeze, DDAMFN and the head from the crops); writes the
     run directory and prints validation metrics."""
     from abawfeat.errors import ConfigError
-    from abawfeat.train import TrainConfig, fit
+    from abawfeat.train import TrainConfig, fit, resume_config
+    from abawfeat.train.rundir import RunRecord
 
     if resume is not None:
-        from abawfeat.finetune import resume_finetune
+        if RunRecord.read(resume).kind == "finetune":
+            from abawfeat.finetune import resume_finetune
 
-        _print_finetune(resume_finetune(resume, log=_log))
+            _print_finetune(resume_finetune(resume, log=_log))
+            return
+        result = fit(resume_config(resume), log=_log, resume=True)
+        _finish(result.run_dir, result.metrics, plots)
         return
     missing = [flag for flag, value in (("--task", task), ("--data", data), ("--out", out)) if value is None]
     if missing:
@@ -134,7 +149,8 @@ def train_head(
         out=str(out), objective=objective, class_weights=class_weights, pos_weight=pos_weight, epochs=epochs,
         seed=seed, lr=lr, weight_decay=weight_decay, batch_size=batch_size, window=window, stride=stride,
         infer_stride=infer_stride, hidden=hidden, layers=layers, bidirectional=bidirectional,
-        dropout=dropout, device=device, threads=threads, precision=precision, plots=plots,
+        dropout=dropout, trunk_opts=parse_key_values(trunk_opt or [], "--trunk-opt"), device=device,
+        threads=threads, precision=precision, plots=plots,
     )
     if unfreeze:
         from abawfeat.data.frames import AugmentConfig
@@ -152,8 +168,17 @@ def train_head(
     if weights is not None or random_init:
         raise ConfigError("--weights and --random-init choose the backbone of --unfreeze runs; a head on a "
                           "cache uses the cache's encoder")
-    result = fit(config, log=_log)
-    _print_metrics(result.metrics, f"{out}: validation, best epoch {result.metrics['best_epoch']}")
+    result = fit(config, log=_log, overwrite=overwrite)
+    _finish(result.run_dir, result.metrics, plots)
+
+
+def _finish(run_dir: Path, metrics: dict[str, Any], plots: bool) -> None:
+    """Plots of a finished run (a plotting problem costs only the pictures), then its metrics."""
+    if plots:
+        from abawfeat.report.plots import try_write_run_plots
+
+        try_write_run_plots(run_dir, log=_log)
+    _print_metrics(metrics, f"{run_dir}: validation, best epoch {metrics['best_epoch']}")
 
 
 def _print_finetune(run_dir: Path) -> None:
@@ -189,16 +214,17 @@ def evaluate_command(
 @guarded
 def predict_command(
     run_dir: Path = typer.Argument(..., help="Run directory written by train-head."),
-    split: str = typer.Option(..., "--split", help="val or test."),
+    split: str = typer.Option(..., "--split", help="val, test or train."),
     out: Path = typer.Option(..., "--out", help="Submission file (mtl runs: one file per task beside it)."),
     smooth: int = typer.Option(0, "--smooth", help="Centred moving average over W frames (odd); 0 = off."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier prediction file at --out."),
     data: Path | None = typer.Option(None, "--data", help="Override the run's data root."),
     cache: Path | None = typer.Option(None, "--cache", help="Override the run's cache (same encoder only)."),
 ) -> None:
     """Write predictions in the organisers' format: every frame 1..N of every video, crop or not."""
     from abawfeat.predict import predict
 
-    result = predict(run_dir, split, out, smooth, data, cache)
+    result = predict(run_dir, split, out, smooth, data, cache, overwrite=overwrite)
     for task, path in result.files.items():
         console.print(f"{path}: {task}, {result.videos[task]} videos, {result.frames[task]:,} frames "
                       f"({result.frames_without_crop[task]:,} without a crop, filled)", highlight=False)
@@ -243,35 +269,43 @@ def ablate_command(
 @app.command("heads")
 @guarded
 def heads_command(
-    as_json: bool = typer.Option(False, "--json", help="Print heads and objectives as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print trunks, head kinds and objectives as JSON."),
 ) -> None:
-    """List the registered heads (with their config defaults) and the training objectives."""
-    from abawfeat.heads import describe_heads
-    from abawfeat.train import DEFAULT_OBJECTIVE, OBJECTIVES
-
-    heads = describe_heads()
-    objectives = [
-        {"name": name, "tasks": list(tasks), "description": text,
-         "default_for": [t for t, o in DEFAULT_OBJECTIVE.items() if o == name]}
-        for name, (tasks, text) in OBJECTIVES.items()
-    ]
-    if as_json:
-        typer.echo(json.dumps({"heads": heads, "objectives": objectives}, indent=2, default=list))
-        return
+    """List the registered trunks (what --head chooses, with their context and options), the head kinds
+    (what the objective puts on the trunk) and the training objectives."""
     from rich.table import Table
 
-    table = Table(title="Heads (--head fc|lstm; the objective/task picks contrastive or mtl)",
-                  title_justify="left")
-    for column in ("name", "temporal", "description", "config defaults"):
+    from abawfeat.heads import describe_heads
+    from abawfeat.train.objectives import describe_objectives
+    from abawfeat.trunks import describe_trunks
+
+    trunks, heads, objectives = describe_trunks(), describe_heads(), describe_objectives()
+    if as_json:
+        typer.echo(json.dumps({"trunks": trunks, "heads": heads, "objectives": objectives}, indent=2,
+                              default=list))
+        return
+
+    def fmt(options: dict[str, Any]) -> str:
+        return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in options.items()
+                         if k != "class_names")
+
+    table = Table(title="Trunks (--head NAME; options: --hidden, --layers, --bidirectional, --dropout, "
+                        "--trunk-opt key=value)", title_justify="left")
+    for column in ("name", "label", "context (defaults)", "description", "options"):
+        table.add_column(column, overflow="fold")
+    for t in trunks:
+        table.add_row(t["name"], t["label"], t["context"], t["description"], fmt(t["options"]))
+    console.print(table)
+    table = Table(title="Head kinds (chosen by the objective)", title_justify="left")
+    for column in ("name", "description", "options"):
         table.add_column(column, overflow="fold")
     for h in heads:
-        defaults = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                             for k, v in h["config"].items() if k not in ("class_names",))
-        table.add_row(h["name"], h["temporal"], h["description"], defaults)
+        table.add_row(h["name"], h["description"], fmt(h["config"]) or "-")
     console.print(table)
     table = Table(title="Objectives (--objective)", title_justify="left")
-    for column in ("name", "tasks", "default for", "description"):
+    for column in ("name", "tasks", "default for", "head kind", "description"):
         table.add_column(column, overflow="fold")
     for o in objectives:
-        table.add_row(o["name"], ", ".join(o["tasks"]), ", ".join(o["default_for"]) or "-", o["description"])
+        table.add_row(o["name"], ", ".join(o["tasks"]), ", ".join(o["default_for"]) or "-", o["head"],
+                      o["description"])
     console.print(table)
