@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from abawfeat.constants import AFFECTNET7_CLASSES, AFFECTNET8_CLASSES
 from abawfeat.encoders import build_encoder
+from abawfeat.encoders import ddamfn as D
 from abawfeat.encoders import weights as W
 from abawfeat.encoders.base import tensor_sha256
 from abawfeat.encoders.ddamfn import (
@@ -216,7 +217,7 @@ def test_save_published_checkpoint_round_trip(tmp_path: Path, ckpt: Path, encode
 def test_named_weights_offline_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ABAWFEAT_HOME", str(tmp_path))
     monkeypatch.setenv("ABAWFEAT_OFFLINE", "1")
-    named = W.NAMED_WEIGHTS["affectnet8"]
+    named = D.NAMED_WEIGHTS["affectnet8"]
     with pytest.raises(CheckpointError) as info:
         build_encoder("ddamfn")  # the default weights are the published AffectNet-8 ones
     message = str(info.value)
@@ -230,8 +231,8 @@ def test_named_weights_without_network(tmp_path: Path, monkeypatch: pytest.Monke
     # No ABAWFEAT_OFFLINE: the download is attempted and fails (no network here, or a dead address).
     monkeypatch.setenv("ABAWFEAT_HOME", str(tmp_path))
     monkeypatch.delenv("ABAWFEAT_OFFLINE", raising=False)
-    named = W.NAMED_WEIGHTS["rafdb"]
-    monkeypatch.setitem(W.NAMED_WEIGHTS, "rafdb", dataclasses.replace(named, url="http://127.0.0.1:9/rafdb.pth"))
+    named = D.NAMED_WEIGHTS["rafdb"]
+    monkeypatch.setitem(D.NAMED_WEIGHTS, "rafdb", dataclasses.replace(named, url="http://127.0.0.1:9/rafdb.pth"))
     with pytest.raises(CheckpointError, match="cannot be downloaded here.*put the file at"):
         build_encoder("ddamfn", weights="rafdb")
     assert not list((tmp_path / "weights" / "ddamfn").glob("*"))  # nothing half-written left behind
@@ -247,8 +248,8 @@ def test_unknown_name_and_missing_path() -> None:
 def _fake_published(monkeypatch: pytest.MonkeyPatch, ckpt: Path, **changes: object) -> W.NamedWeights:
     """Pretend the fixture is the published affectnet8 file (same checksum, served from a file:// URL)."""
     fields: dict[str, object] = {"url": ckpt.resolve().as_uri(), "git_blob_sha1": W.git_blob_sha1(ckpt)}
-    named = dataclasses.replace(W.NAMED_WEIGHTS["affectnet8"], **{**fields, **changes})
-    monkeypatch.setitem(W.NAMED_WEIGHTS, "affectnet8", named)
+    named = dataclasses.replace(D.NAMED_WEIGHTS["affectnet8"], **{**fields, **changes})
+    monkeypatch.setitem(D.NAMED_WEIGHTS, "affectnet8", named)
     return named
 
 
@@ -281,7 +282,7 @@ def test_named_weights_checksum_mismatch(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_named_weights_recorded_checksum_urls() -> None:
-    for named in W.NAMED_WEIGHTS.values():
+    for named in D.NAMED_WEIGHTS.values():
         assert named.url.endswith(named.filename) and named.git_blob_sha1 is not None
         assert named.logit_names == (AFFECTNET8_CLASSES if named.num_class == 8 else AFFECTNET7_CLASSES)
 

@@ -208,7 +208,8 @@ def test_clip_tag_offline_says_where_to_put_the_file(tmp_path: Path, monkeypatch
 def test_clip_bad_options(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown clip_model"):
         build_encoder("clip", clip_model="ViT-Q-99", random_init=True)
-    with pytest.raises(CheckpointError, match="neither a file nor an open_clip tag"):
+    unknown = "unknown clip ViT-S-32-alt weights .laion9000.: neither a file nor a known name"
+    with pytest.raises(CheckpointError, match=unknown):
         build_encoder("clip", clip_model="ViT-S-32-alt", clip_pretrained="laion9000")
     broken = tmp_path / "broken.pt"
     torch.save({"visual.conv1.weight": torch.zeros(1)}, broken)
