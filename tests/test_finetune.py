@@ -1,4 +1,4 @@
-"""End-to-end fine-tuning (``train-head --unfreeze``) on a tiny synthetic Aff-Wild2 tree.
+"""End-to-end fine-tuning (``abawfeat finetune``) on a tiny synthetic Aff-Wild2 tree.
 
 The tree comes from ``abawfeat.data.synth`` (4 videos of ~10 frames at 112 x 112: 2 train, 1 val, 1 test),
 with one validation crop deleted so the official protocol has a frame to fill. Runs are one or two epochs
@@ -26,10 +26,10 @@ from abawfeat.data.affwild2 import AffWild2
 from abawfeat.data.frames import AugmentConfig, FrameSource, FrameWindows, epoch_steps, load_frames_split
 from abawfeat.data.synth import SynthConfig, generate
 from abawfeat.encoders import build_encoder, load_ddamfn_net
+from abawfeat.encoders.ddamfn import BLOCKS, DDAMFNEncoder
 from abawfeat.errors import CheckpointError, ConfigError, DataError
 from abawfeat.finetune import (
-    BLOCKS,
-    PUBLISHED_FILE,
+    ATTENTION_KEY,
     STATE_FILE,
     FinetuneConfig,
     FinetuneModel,
@@ -46,6 +46,7 @@ from abawfeat.report.html import architecture_label
 from abawfeat.train import Batch, TrainConfig, build_objective, load_run
 
 FIXTURE = Path(__file__).parent / "fixtures" / "ddamfn" / "ddamfn_official_format_random.pth"
+PUBLISHED_FILE = DDAMFNEncoder.weights_filename()  # the backbone in the published DDAMFN format
 # Blocks before conv_6_sep: frozen in most runs here.
 FROZEN_PREFIXES = tuple(f"features.{i}." for i in range(8))
 
@@ -81,14 +82,23 @@ def _state(path: Path) -> dict:
 
 
 def test_blocks_and_impossible_options_are_refused(root: Path, tmp_path: Path) -> None:
-    assert block_index("conv1") == 0 and block_index("gdconv") == len(BLOCKS) - 1
-    assert block_index("features.7") == block_index("conv_5") == 7
+    assert PUBLISHED_FILE == "ddamfn_finetuned.pth"
+    assert block_index(BLOCKS, "conv1") == 0 and block_index(BLOCKS, "gdconv") == len(BLOCKS) - 1
+    assert block_index(BLOCKS, "7") == block_index(BLOCKS, "conv_5") == 7
+    assert block_index(BLOCKS, None) == 0  # default: the whole encoder trains
     with pytest.raises(ConfigError, match="conv_6_sep"):
-        block_index("layer4")
+        block_index(BLOCKS, "layer4", "ddamfn")
+    with pytest.raises(ConfigError, match="declares no trainable blocks"):
+        block_index([], None, "fake-frozen")
     for bad in ({"weights": str(FIXTURE)}, {"grad_accum": 0}, {"backbone_lr": 0.0}, {"schedule": "step"},
-                {"backbone": "clip"}, {"objective": "contrastive"}, {"augment": AugmentConfig(hflip=2.0)}):
+                {"backbone": "resnet"}, {"objective": "contrastive"}, {"augment": AugmentConfig(hflip=2.0)},
+                {"encoder_options": {"num_haed": "3"}}):
         with pytest.raises(ConfigError):
             validate_finetune(config(root, tmp_path / "x", **bad))
+    # The attention-diversity loss needs attention heads, which CLIP does not declare: one line says so.
+    no_heads = "--attention-diversity needs an encoder with attention heads; clip"
+    with pytest.raises(ConfigError, match=no_heads):
+        validate_finetune(config(root, tmp_path / "x", backbone="clip", attention_diversity=True))
 
 
 def test_global_batches_do_not_depend_on_processes_or_accumulation() -> None:
@@ -151,7 +161,7 @@ def test_a_few_steps_on_one_batch_lower_its_loss(root: Path) -> None:
     encoder = build_encoder("ddamfn", weights=str(FIXTURE))
     torch.manual_seed(0)
     head = build_head("fc", in_dim=512, tasks=("expr",), normalize=False)
-    model = FinetuneModel(encoder, head, unfreeze_from="conv_6_sep", return_maps=True).train()
+    model = FinetuneModel(encoder, head, unfreeze_from="conv_6_sep", aux_outputs=(ATTENTION_KEY,)).train()
     windows = FrameWindows(seqs, dirs, np.arange(4)[:, None], ("expr",), encoder.transform)
     micro = next(FrameSource(windows, batch_size=4).batches(1))
     optimizer = torch.optim.AdamW([{"params": model.backbone_parameters(), "lr": 1e-3},
@@ -257,10 +267,10 @@ def test_two_processes_agree_with_one(root: Path, tmp_path: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", ABAWFEAT_NO_PROGRESS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "abawfeat", "train-head", "--task", "expr", "--head", "fc", "--data", str(root),
+         "-m", "abawfeat", "finetune", "--task", "expr", "--head", "fc", "--data", str(root),
          "--out", str(two),
          "--epochs", "1", "--batch-size", "2", "--lr", "0.01", "--device", "cpu", "--precision", "fp32",
-         "--no-plots", "--unfreeze", "--random-init", "--unfreeze-from", "conv_6_sep", "--freeze-bn",
+         "--no-plots", "--random-init", "--unfreeze-from", "conv_6_sep", "--freeze-bn",
          "--workers", "0", "--eval-batch-size", "16"],
         capture_output=True, text=True, env=env, timeout=600,
     )
