@@ -353,3 +353,117 @@ def test_resume_needs_a_finished_epoch(tmp_path: Path) -> None:
 def test_cli_refuses_options_that_make_no_sense(args: list[str], message: str) -> None:
     result = CliRunner().invoke(app, ["train-head", *args])
     assert result.exit_code == 2 and message in result.output.replace("\n", " ")
+
+
+# ------------------------------------------------------------------------------------ CLIP's image tower
+
+CLIP_OPTIONS = {"clip_model": "ViT-S-32-alt"}  # the smallest built-in ViT (CLIPEncoder.smoke_options)
+
+
+def clip_config(root: Path, out: Path, **kw: object) -> FinetuneConfig:
+    return config(root, out, backbone="clip", encoder_options=dict(CLIP_OPTIONS), unfreeze_from="block11",
+                  **kw)
+
+
+def test_clip_image_tower_fine_tunes_end_to_end(root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "clip-run"
+    assert run_finetune(clip_config(root, out, task="va")) == out
+    info = json.loads((out / "config.json").read_text())
+    assert info["blocks"]["trainable"] == ["block11", "head"]
+    assert info["blocks"]["frozen"] == ["embed", *(f"block{i}" for i in range(11))]
+    assert info["published_checkpoint"] == "clip_finetuned.pth" and (out / "clip_finetuned.pth").is_file()
+
+    # Frozen blocks and the text tower are the starting weights; the trainable blocks moved.
+    start = build_encoder("clip", random_init=True, seed=0, **CLIP_OPTIONS).model.state_dict()
+    tuned = build_encoder("clip", clip_pretrained=str(out / "clip_finetuned.pth"), **CLIP_OPTIONS)
+    final = tuned.model.state_dict()
+    assert final.keys() == start.keys()
+    same = {k for k in start if torch.equal(start[k], final[k])}
+    trainable = ("visual.transformer.resblocks.11.", "visual.ln_post.", "visual.proj")
+    assert {k for k in start if not k.startswith(trainable)} <= same  # text tower, embed, blocks 0-10
+    for prefix in trainable:
+        assert any(k.startswith(prefix) and k not in same for k in start), prefix
+
+    # The saved file rebuilds the in-memory model exactly (weights, QuickGELU, preprocessing)...
+    model = FinetuneModel(build_encoder("clip", random_init=True, **CLIP_OPTIONS),
+                          build_head("fc", in_dim=tuned.feature_dim, tasks=("va",)), unfreeze_from="block11")
+    model.load_state_dict(_state(out / STATE_FILE)["model"])
+    images = torch.stack([tuned.transform(Image.new("RGB", (112, 112), (40 * i, 90, 200 - 30 * i)))
+                          for i in range(3)])
+    with torch.no_grad():
+        assert torch.equal(model.eval().embed(images)[0], tuned(images)[0])
+    assert tuned.transform == model.encoder.transform
+
+    # ... and a cache extracted from it through the CLI is the one checkpoint.pt asks for: stage two's
+    # evaluate reproduces metrics.json on it.
+    from abawfeat.train import evaluate
+
+    cache = tmp_path / "clip-tuned.h5"
+    result = CliRunner().invoke(app, [
+        "extract", "--backbone", "clip", "--weights", str((out / "clip_finetuned.pth").resolve()),
+        "--encoder-opt", "clip_model=ViT-S-32-alt", "--data", str(root), "--out", str(cache),
+        "--workers", "0", "--device", "cpu", "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    again = evaluate(out, cache_path=cache)
+    for key in ("ccc_valence", "ccc_arousal", "ccc_va"):
+        assert again[key] == pytest.approx(metrics[key], abs=1e-4), key
+
+
+def test_clip_resume_reaches_the_same_weights(root: Path, tmp_path: Path) -> None:
+    kw = {"epochs": 2, "dropout": 0.3, "hidden": 16}
+    straight = run_finetune(clip_config(root, tmp_path / "straight", **kw))
+    resumed = run_finetune(clip_config(root, tmp_path / "resumed", **kw), stop_after_epochs=1)
+    assert not (resumed / "metrics.json").exists()
+    result = CliRunner().invoke(app, ["finetune", "--resume", str(resumed)])
+    assert result.exit_code == 0, result.output
+    a, b = _state(straight / STATE_FILE), _state(resumed / STATE_FILE)
+    assert a["epoch"] == b["epoch"] == 2
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert (straight / "metrics.json").read_text() == (resumed / "metrics.json").read_text()
+    # The saved image towers are the same too (torch.save's archive names differ, so compare the tensors).
+    sa, sb = (_state(d / "clip_finetuned.pth") for d in (straight, resumed))
+    assert sa["abawfeat_clip"] == sb["abawfeat_clip"]
+    assert all(torch.equal(sa["state_dict"][k], sb["state_dict"][k]) for k in sa["state_dict"])
+
+
+# -------------------------------------------------------------------------------------------- the command
+
+
+def test_train_head_unfreeze_still_runs_the_finetune_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import abawfeat.finetune as finetune_module
+
+    seen: list[FinetuneConfig] = []
+
+    def fake_run(cfg: FinetuneConfig, **_: object) -> Path:
+        seen.append(cfg)
+        return tmp_path  # no metrics.json there: nothing is printed
+
+    monkeypatch.setattr(finetune_module, "run_finetune", fake_run)
+    common = ["--task", "expr", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--random-init",
+              "--unfreeze-from", "conv_5", "--backbone-lr", "0.01", "--no-augment", "--workers", "0",
+              "--epochs", "3"]
+    old = CliRunner().invoke(app, ["train-head", *common, "--unfreeze", "--trust-pickle"])
+    new = CliRunner().invoke(app, ["finetune", *common, "--encoder-opt", "trust_pickle=true"])
+    assert old.exit_code == 0 and new.exit_code == 0, old.output + new.output
+    assert len(seen) == 2 and seen[0] == seen[1]  # the same run, whichever spelling
+    assert seen[0].unfreeze_from == "conv_5" and seen[0].encoder_options == {"trust_pickle": "true"}
+    assert seen[0].train.epochs == 3 and not seen[0].augment.enabled
+    notes = [line for line in old.output.splitlines() if line.startswith("note:")]
+    assert notes == ["note: fine-tuning moved to `abawfeat finetune`; `train-head --unfreeze` runs it with the "
+                     "same options", "note: --trust-pickle is deprecated; it now means --encoder-opt "
+                     "trust_pickle=true"]
+    assert "note:" not in new.output
+
+
+def test_help_splits_stage_two_from_fine_tuning() -> None:
+    train_help = CliRunner().invoke(app, ["train-head", "--help"], env={"COLUMNS": "200"}).output
+    finetune_help = CliRunner().invoke(app, ["finetune", "--help"], env={"COLUMNS": "200"}).output
+    for flag in ("--unfreeze", "--backbone-lr", "--weights", "--random-init", "--grad-accum", "--resume"):
+        assert flag not in train_help, flag
+    for flag in ("--unfreeze-from", "--backbone-lr", "--weights", "--random-init", "--encoder-opt",
+                 "--attention-diversity", "--resume", "--task", "--head"):
+        assert flag in finetune_help, flag
+    assert "--cache" in train_help and "--cache" not in finetune_help
