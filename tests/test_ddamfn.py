@@ -146,6 +146,27 @@ def test_seven_classes_inferred_from_fc(tmp_path: Path, published_state: dict[st
         assert enc(torch.zeros(2, 3, 112, 112))[1].shape == (2, 7)
 
 
+def test_unexpected_class_count_is_said_and_recorded(tmp_path: Path, published_state: dict[str, torch.Tensor],
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    state = dict(published_state)
+    for key in ("fc.weight", "fc.bias", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"):
+        state[key] = state[key][:5].clone()
+    path = tmp_path / "five.pth"
+    torch.save({"iter": 1, "model_state_dict": state}, path)
+    enc = build_encoder("ddamfn", weights=str(path))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "5 classes" in line]
+    assert len(warnings) == 1 and str(path) in warnings[0] and "7" in warnings[0] and "8" in warnings[0]
+    assert enc.logit_names is None and enc.provenance()["config"]["num_class"] == 5
+    notes = enc.provenance()["notes"]
+    assert len(notes) == 1 and "DDAMFN checkpoint with 5 classes" in notes[0]
+    from abawfeat.cache import make_provenance  # what extraction writes into the cache
+
+    cache_prov = make_provenance(enc.provenance(), feature_dim=512, dtype="float16", precision="fp32")
+    assert cache_prov["encoder_provenance"]["notes"] == notes and cache_prov["logit_names"] is None
+    # The published class counts say nothing and keep the provenance as it always was.
+    assert "notes" not in build_encoder("ddamfn", random_init=True).provenance()
+
+
 @pytest.mark.parametrize("damage", ["missing", "unexpected", "shape"])
 def test_wrong_architecture_names_file_and_keys(tmp_path: Path, published_state: dict[str, torch.Tensor],
                                                 damage: str) -> None:

@@ -452,9 +452,11 @@ def test_train_head_unfreeze_still_runs_the_finetune_command(
     assert seen[0].unfreeze_from == "conv_5" and seen[0].encoder_options == {"trust_pickle": "true"}
     assert seen[0].train.epochs == 3 and not seen[0].augment.enabled
     notes = [line for line in old.output.splitlines() if line.startswith("note:")]
-    assert notes == ["note: fine-tuning moved to `abawfeat finetune`; `train-head --unfreeze` runs it with the "
-                     "same options", "note: --trust-pickle is deprecated; it now means --encoder-opt "
-                     "trust_pickle=true"]
+    assert notes == [
+        "note: fine-tuning moved to `abawfeat finetune`; `train-head --unfreeze` runs it with the same "
+        "options",
+        "note: --trust-pickle is deprecated; it now means --encoder-opt trust_pickle=true",
+    ]
     assert "note:" not in new.output
 
 
