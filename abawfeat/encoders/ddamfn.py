@@ -364,7 +364,7 @@ def read_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str
             raise CheckpointError(
                 f"{path}: a pickled Python object (e.g. torch.save(model)), not a state dict; loading it "
                 "would run code from the file. Re-save it as a state dict, or pass trust_pickle=True "
-                "(--trust-pickle) if you trust where it comes from"
+                "(--encoder-opt trust_pickle=true) if you trust where it comes from"
             ) from None
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
