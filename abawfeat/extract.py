@@ -191,7 +191,7 @@ def run_extraction(config: ExtractConfig, encoder: Encoder | None = None) -> Ext
         except CacheError as exc:  # another extraction holds it
             refused = exc
         except OSError as exc:  # a full disk (the pid hint), a folder that cannot be written...
-            refused = _disk_full(exc, out, 0) if _is_disk_full(exc) else CacheError(
+            refused = _disk_full(exc, out, None) if _is_disk_full(exc) else CacheError(
                 f"{out}: cannot lock the cache ({exc.strerror or exc})")
     if not _agree(distributed, refused is None):  # every rank stops at once when rank 0 was refused
         raise refused or CacheError(f"{out}: rank 0 could not lock the cache; see its message")
@@ -284,13 +284,15 @@ def _is_disk_full(exc: BaseException) -> bool:
     return is_disk_full(exc)
 
 
-def _disk_full(exc: BaseException, out: Path, kept: int) -> DiskFullError:
-    """One line for a full disk during extraction: the file being written, and what is kept."""
+def _disk_full(exc: BaseException, out: Path, kept: int | None) -> DiskFullError:
+    """One line for a full disk during extraction: the file being written, and what is kept (``kept``
+    complete videos; None before this run could look at the cache, which it then left as it was)."""
     where = getattr(exc, "path", None) or getattr(exc, "filename", None) or out
-    return DiskFullError(
-        f"{where}: no space left on the device while writing it; kept: the {kept} complete videos already "
-        f"in the cache ({out} and {parts_dir(out)}); free some space and re-run the same command to resume"
-    )
+    where_kept = f"({out} and {parts_dir(out)})"
+    what = f"the cache as it was {where_kept}" if kept is None else (
+        f"the {kept} complete videos already in the cache {where_kept}")
+    return DiskFullError(f"{where}: no space left on the device while writing it; kept: {what}; free some "
+                         "space and re-run the same command to resume", where)
 
 
 def _extract_videos(

@@ -3,12 +3,13 @@
 Stage two trains a head on cached features; this trains the backbone with it, from the crops. Any encoder
 that declares trainable blocks (``Encoder.blocks``: DDAMFN, CLIP's image tower, ...) can be fine-tuned;
 this module knows encoders only through that contract (blocks, ``forward_train`` and its auxiliary outputs,
-``save_weights``, ``needs_calibration``), never by name. Everything
-that is not about pixels is stage two's, reused unchanged from ``abawfeat.train``: the ``TrainConfig``
-(task, head, objective, class / positive weights, seed, fill), the head built by ``head_spec``, the
-objectives of ``build_objective``, the ``SequenceSet`` split and its windows (here with crops as rows, see
-``abawfeat.data.frames``), and the whole evaluation: ``evaluate_set`` -> ``infer_rows`` ->
-``fill_timeline`` -> ``score_timeline``, run on the fine-tuned backbone's embeddings of every validation
+``save_weights``, ``needs_calibration``), never by name.
+
+Everything that is not about pixels is stage two's, reused unchanged from ``abawfeat.train``: the
+``TrainConfig`` (task, head, objective, class / positive weights, seed, fill), the head built by
+``head_spec``, the objectives of ``build_objective``, the ``SequenceSet`` split and its windows (here with
+crops as rows, see ``abawfeat.data.frames``), and the whole evaluation: ``evaluate_set`` -> ``infer_rows``
+-> ``fill_timeline`` -> ``score_timeline``, run on the fine-tuned backbone's embeddings of every validation
 crop. So metrics, val_outputs.npz, history.csv and checkpoint.pt mean exactly what they mean for a head.
 
 A run reads top to bottom (``run_finetune``): the encoder (published weights or random init, blocks before
