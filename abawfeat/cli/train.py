@@ -94,50 +94,52 @@ def train_head(
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write plots/*.png at the end."),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace the run in --out, once the new one is complete."),
-    # End-to-end fine-tuning (abawfeat.finetune, docs/finetune.md): these options need --unfreeze.
-    unfreeze: bool = typer.Option(
-        False, "--unfreeze", help="Train DDAMFN end to end with the head, from the crops, not the cache."
-    ),
-    unfreeze_from: str = typer.Option(
-        "conv1", "--unfreeze-from", help="--unfreeze: first trainable block, conv1 ... attention, gdconv."
-    ),
-    weights: str | None = typer.Option(
-        None, "--weights", help="--unfreeze: starting DDAMFN (published-format file or name; affectnet8)."
-    ),
-    random_init: bool = typer.Option(
-        False, "--random-init", help="--unfreeze: seeded random DDAMFN, BN-calibrated (demo, tests)."
-    ),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="--unfreeze: accept model pickles."),
-    backbone_lr: float = typer.Option(1e-4, "--backbone-lr", help="--unfreeze: AdamW lr of the backbone."),
-    schedule: str = typer.Option("cosine", "--schedule", help="--unfreeze: cosine or constant, per step."),
-    warmup: float = typer.Option(0.05, "--warmup", help="--unfreeze: fraction of steps warming up."),
-    grad_accum: int = typer.Option(1, "--grad-accum", help="--unfreeze: micro-batches per optimiser step."),
-    freeze_bn: bool = typer.Option(False, "--freeze-bn", help="--unfreeze: keep batch-norm statistics."),
-    attention_diversity: bool = typer.Option(
-        False, "--attention-diversity", help="--unfreeze: add DDAMFN's attention-diversity loss."
-    ),
-    diversity_weight: float = typer.Option(0.1, "--diversity-weight", help="--unfreeze: its weight."),
-    augment: bool = typer.Option(
-        True, "--augment/--no-augment", help="--unfreeze: flip, colour jitter, small affine (training only)."
-    ),
-    workers: int = typer.Option(2, "--workers", help="--unfreeze: DataLoader processes decoding crops."),
-    eval_batch_size: int = typer.Option(64, "--eval-batch-size", help="--unfreeze: images per eval pass."),
+    # The old spelling of fine-tuning, `train-head --unfreeze ...` / `train-head --resume RUN`: hidden; it
+    # says that fine-tuning moved to `abawfeat finetune` (cli/finetune.py) and runs it with the same options.
+    unfreeze: bool = typer.Option(False, "--unfreeze", hidden=True),
+    unfreeze_from: str | None = typer.Option(None, "--unfreeze-from", hidden=True),
+    weights: str | None = typer.Option(None, "--weights", hidden=True),
+    random_init: bool = typer.Option(False, "--random-init", hidden=True),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", hidden=True),
+    backbone_lr: float = typer.Option(1e-4, "--backbone-lr", hidden=True),
+    schedule: str = typer.Option("cosine", "--schedule", hidden=True),
+    warmup: float = typer.Option(0.05, "--warmup", hidden=True),
+    grad_accum: int = typer.Option(1, "--grad-accum", hidden=True),
+    freeze_bn: bool = typer.Option(False, "--freeze-bn", hidden=True),
+    attention_diversity: bool = typer.Option(False, "--attention-diversity", hidden=True),
+    diversity_weight: float = typer.Option(0.1, "--diversity-weight", hidden=True),
+    augment: bool = typer.Option(True, "--augment/--no-augment", hidden=True),
+    workers: int = typer.Option(2, "--workers", hidden=True),
+    eval_batch_size: int = typer.Option(64, "--eval-batch-size", hidden=True),
     resume: Path | None = typer.Option(
         None, "--resume", help="Continue this interrupted run exactly (options from its config.json)."
     ),
 ) -> None:
-    """Train a head on cached features (or, with --unfreeze, DDAMFN and the head from the crops); writes the
-    run directory and prints validation metrics."""
+    """Train a head on cached features; writes the run directory and prints validation metrics.
+    (Fine-tuning an encoder with the head: `abawfeat finetune`.)"""
     from abawfeat.errors import ConfigError
     from abawfeat.train import TrainConfig, fit, resume_config
     from abawfeat.train.rundir import RunRecord
 
-    if resume is not None:
-        if RunRecord.read(resume).kind == "finetune":
-            from abawfeat.finetune import resume_finetune
+    finetune_options = {
+        "unfreeze_from": unfreeze_from, "weights": weights, "random_init": random_init,
+        "backbone_lr": backbone_lr, "schedule": schedule, "warmup": warmup, "grad_accum": grad_accum,
+        "freeze_bn": freeze_bn, "attention_diversity": attention_diversity,
+        "diversity_weight": diversity_weight, "workers": workers, "eval_batch_size": eval_batch_size,
+    }
+    resume_finetune = resume is not None and RunRecord.read(resume).kind == "finetune"
+    if resume_finetune or unfreeze:
+        from abawfeat.cli.finetune import run_finetune_command
+        from abawfeat.utils.dist import dist_info
 
-            _print_finetune(resume_finetune(resume, log=_log))
-            return
+        spelling = "--resume" if resume_finetune else "--unfreeze"
+        if dist_info().is_main:
+            _log(f"note: fine-tuning moved to `abawfeat finetune`; `train-head {spelling}` runs it with the "
+                 "same options")
+    if resume_finetune:
+        run_finetune_command(None, resume=resume, augment=augment, **finetune_options)
+        return
+    if resume is not None:
         result = fit(resume_config(resume), log=_log, resume=True)
         _finish(result.run_dir, result.metrics, plots)
         return
@@ -153,21 +155,25 @@ def train_head(
         threads=threads, precision=precision, plots=plots,
     )
     if unfreeze:
-        from abawfeat.data.frames import AugmentConfig
-        from abawfeat.finetune import FinetuneConfig, run_finetune
+        import dataclasses
 
-        finetune = FinetuneConfig(
-            train=config, weights=weights, random_init=random_init, trust_pickle=trust_pickle,
-            unfreeze_from=unfreeze_from, freeze_bn=freeze_bn, backbone_lr=backbone_lr, schedule=schedule,
-            warmup=warmup, grad_accum=grad_accum, attention_diversity=attention_diversity,
-            diversity_weight=diversity_weight, augment=AugmentConfig(enabled=augment), workers=workers,
-            eval_batch_size=eval_batch_size,
-        )
-        _print_finetune(run_finetune(finetune, log=_log))
+        from abawfeat.cli._encoder_opts import encoder_opts
+        from abawfeat.finetune import DEFAULT_BACKBONE
+
+        config = dataclasses.replace(config, backbone=config.backbone or DEFAULT_BACKBONE)
+
+        options = encoder_opts(None, {"--trust-pickle": ("trust_pickle", "true" if trust_pickle else None)})
+        run_finetune_command(config, resume=None, augment=augment, encoder_options=options,
+                             **finetune_options)
         return
-    if weights is not None or random_init:
-        raise ConfigError("--weights and --random-init choose the backbone of --unfreeze runs; a head on a "
-                          "cache uses the cache's encoder")
+    defaults = {"unfreeze_from": None, "weights": None, "random_init": False, "backbone_lr": 1e-4,
+                "schedule": "cosine", "warmup": 0.05, "grad_accum": 1, "freeze_bn": False,
+                "attention_diversity": False, "diversity_weight": 0.1, "workers": 2, "eval_batch_size": 64}
+    given = [f"--{k.replace('_', '-')}" for k, v in finetune_options.items() if v != defaults[k]]
+    given += ["--trust-pickle"] * trust_pickle + ["--no-augment"] * (not augment)
+    if given:
+        raise ConfigError(f"{', '.join(given)}: fine-tuning options (`abawfeat finetune`, formerly "
+                          "`train-head --unfreeze`); a head on a cache uses the cache's encoder")
     result = fit(config, log=_log, overwrite=overwrite)
     _finish(result.run_dir, result.metrics, plots)
 
@@ -179,16 +185,6 @@ def _finish(run_dir: Path, metrics: dict[str, Any], plots: bool) -> None:
 
         try_write_run_plots(run_dir, log=_log)
     _print_metrics(metrics, f"{run_dir}: validation, best epoch {metrics['best_epoch']}")
-
-
-def _print_finetune(run_dir: Path) -> None:
-    """Metrics of a finished end-to-end run, printed once (rank 0 under torchrun)."""
-    from abawfeat.utils.dist import dist_info
-
-    path = Path(run_dir) / "metrics.json"
-    if dist_info().is_main and path.is_file():
-        metrics = json.loads(path.read_text())
-        _print_metrics(metrics, f"{run_dir}: validation, best epoch {metrics['best_epoch']}")
 
 
 @app.command("evaluate")

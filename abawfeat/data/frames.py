@@ -1,4 +1,4 @@
-"""Face crops as training data for end-to-end fine-tuning (``train-head --unfreeze``).
+"""Face crops as training data for end-to-end fine-tuning (``abawfeat finetune``).
 
 Stage two trains on a ``SequenceSet`` whose rows are cached features. Fine-tuning builds the very same
 ``SequenceSet`` (same videos, rows = crops, same timeline, same labels, same multi-task split rules) from
