@@ -11,7 +11,9 @@ Its shape (see ``pipelines/paper-table3.toml``)::
                                result id) and any train-head option for this row's runs
 
 Each (row, task) is one run in ``<out>/<row slug>/<task>``. A run whose directory is complete and holds the
-same configuration (``train.run_is_complete``) is skipped, so an interrupted grid resumes where it stopped.
+same configuration (``train.rundir.run_matches``) is skipped; an interrupted one with the same configuration
+is resumed (``--resume``); one with another configuration is trained again and replaces the old run once
+complete (``--overwrite``). So an interrupted grid resumes where it stopped.
 ``results.md`` / ``results.csv`` get one row per recipe row and the columns CCC_VA, F1_Expr, F1_AU, F1_AUopt
 (validation, best epoch); ``report.html`` comes from ``abawfeat.report.build_report``.
 """
@@ -31,15 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from abawfeat.errors import AbawfeatError, ConfigError
-from abawfeat.train import (
-    TASK_CHOICES,
-    TrainConfig,
-    default_cache,
-    fit,
-    run_is_complete,
-    validate_config,
-)
-from abawfeat.utils.configs import read_json
+from abawfeat.tasks import run_task_names, single_tasks
+from abawfeat.train.config import TrainConfig, default_cache, trunk_context, validate_config
+from abawfeat.train.fit import RUN_ONLY_SETTINGS, fit, run_is_complete
+from abawfeat.train.objectives import OBJECTIVES
+from abawfeat.train.rundir import run_state
+from abawfeat.utils.configs import read_json, to_dict
 from abawfeat.utils.io import atomic_write, atomic_write_text
 
 if sys.version_info >= (3, 11):
@@ -47,18 +46,16 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-# Table 3 columns: header -> (task whose run fills it, metrics.json key).
+# Table 3 columns: header -> (task whose run fills it, metrics.json key), as the tasks declare them.
 COLUMNS: dict[str, tuple[str, str]] = {
-    "CCC_VA": ("va", "ccc_va"),
-    "F1_Expr": ("expr", "f1_expr"),
-    "F1_AU": ("au", "f1_au"),
-    "F1_AUopt": ("au", "f1_au_opt"),
+    header: (t.name, key) for t in single_tasks() for header, key in t.table_columns.items()
 }
 GRID_KEYS = {"name": str, "title": str, "data": str, "out": str}
 ROW_KEYS = {"label": str, "backbone": str, "head": str, "tasks": list, "reference": str}
 # Options a recipe may not set per run: the grid decides them (task, data, out) or they are row keys.
 _MANAGED = {"task", "head", "backbone", "data", "out", "cache"}
-TRAIN_KEYS = {f.name: type(f.default) for f in dataclasses.fields(TrainConfig) if f.name not in _MANAGED}
+TRAIN_KEYS = {f.name: type(f.default if f.default is not dataclasses.MISSING else f.default_factory())
+              for f in dataclasses.fields(TrainConfig) if f.name not in _MANAGED}
 
 
 @dataclass
@@ -90,6 +87,7 @@ class Cell:
     task: str
     config: TrainConfig
     status: str = "pending"  # pending | skipped (already complete) | trained | failed
+    mode: str = "new"  # how it trains: new | resume (interrupted, same settings) | overwrite (other settings)
     error: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
@@ -176,11 +174,13 @@ def load_recipe(path: str | Path) -> Recipe:
     defaults_raw = raw.get("defaults", {})
     if not isinstance(defaults_raw, dict):
         raise ConfigError(f"{path}: [defaults] must be a table")
-    task_tables = {k: v for k, v in defaults_raw.items() if isinstance(v, dict)}
+    # Sub-tables of [defaults] are per-task defaults; a table-valued option (trunk_opts) is not one.
+    task_tables = {k: v for k, v in defaults_raw.items()
+                   if isinstance(v, dict) and TRAIN_KEYS.get(k) is not dict}
     for task in task_tables:
-        if task not in TASK_CHOICES:
+        if task not in run_task_names():
             raise ConfigError(f"{path}: [defaults.{task}]: not a task; per-task defaults are "
-                              f"[defaults.{'], [defaults.'.join(TASK_CHOICES)}]")
+                              f"[defaults.{'], [defaults.'.join(run_task_names())}]")
     plain = {k: v for k, v in defaults_raw.items() if k not in task_tables}
     defaults = _options(f"{path}: [defaults]", plain)
     task_defaults = {t: _options(f"{path}: [defaults.{t}]", v) for t, v in task_tables.items()}
@@ -200,10 +200,10 @@ def load_recipe(path: str | Path) -> Recipe:
             if key in entry:
                 _check_value(where, key, entry[key], want)
         tasks = tuple(entry["tasks"])
-        bad = [t for t in tasks if t not in TASK_CHOICES]
+        bad = [t for t in tasks if t not in run_task_names()]
         if bad or not tasks or len(set(tasks)) != len(tasks):
             raise ConfigError(f"{where}: key 'tasks' must list distinct tasks among "
-                              f"{', '.join(TASK_CHOICES)}, got {list(tasks)}")
+                              f"{', '.join(run_task_names())}, got {list(tasks)}")
         label = str(entry["label"])
         if any(r.label == label for r in rows):
             raise ConfigError(f"{where}: label {label!r} is used twice")
@@ -277,8 +277,11 @@ def run_ablation(
             cell.status = "skipped"
             cell.metrics = read_json(cell.run_dir / "metrics.json")
             say(f"{name}: already complete in {cell.run_dir}, skipped")
-        elif dry_run:
-            say(f"{name}: would train into {cell.run_dir}")
+            continue
+        cell.mode = _mode(cell)
+        verb = {"new": "train into", "resume": "resume", "overwrite": "retrain (settings changed)"}[cell.mode]
+        if dry_run:
+            say(f"{name}: would {verb} {cell.run_dir}")
         else:
             todo.append((name, cell))
     if jobs == 0:
@@ -288,7 +291,7 @@ def run_ablation(
     if jobs == 1 or len(todo) <= 1:
         for name, cell in todo:
             say(f"{name}: training into {cell.run_dir}")
-            status, metrics, error, cell.seconds = _train_cell(cell.config, name, say)
+            status, metrics, error, cell.seconds = _train_cell(cell.config, name, cell.mode, say)
             cell.status, cell.metrics, cell.error = status, metrics, error
     else:
         _train_parallel(todo, jobs, say)
@@ -327,15 +330,39 @@ def available_memory() -> int:
     return 0
 
 
+def _mode(cell: Cell) -> str:
+    """new, resume (an interrupted run of the same settings) or overwrite (a run of other settings)."""
+    from abawfeat.train.rundir import RunRecord
+
+    state = run_state(cell.run_dir)
+    if state in ("missing", "empty"):
+        return "new"
+    if state == "incomplete" and (cell.run_dir / "train_state.pt").is_file():
+        try:
+            stored = dict(RunRecord.read(cell.run_dir).train)
+        except AbawfeatError:
+            return "overwrite"
+        wanted = to_dict(cell.config)
+        keys = (set(stored) | set(wanted)) - set(RUN_ONLY_SETTINGS)
+        if all(stored.get(k) == wanted.get(k) for k in keys):
+            return "resume"
+    return "overwrite"
+
+
 def _train_cell(
-    config: TrainConfig, name: str, say: Callable[[str], None] | None = None
+    config: TrainConfig, name: str, mode: str = "new", say: Callable[[str], None] | None = None
 ) -> tuple[str, dict[str, Any], str, float]:
     """Train one cell: (status, metrics, error, seconds). Module-level so a worker process can run it."""
+    from abawfeat.report.plots import try_write_run_plots
+
     say = say or (lambda msg: print(msg, flush=True))
     t0 = time.perf_counter()
     try:
-        metrics = fit(config, log=lambda m: say(f"{name}: {m}")).metrics
-        return "trained", metrics, "", time.perf_counter() - t0
+        result = fit(config, log=lambda m: say(f"{name}: {m}"), overwrite=mode == "overwrite",
+                     resume=mode == "resume")
+        if config.plots:
+            try_write_run_plots(result.run_dir, log=lambda m: say(f"{name}: {m}"))
+        return "trained", result.metrics, "", time.perf_counter() - t0
     except AbawfeatError as exc:
         # One bad cell (say, a diverged run) should not cost the rest of the grid.
         say(f"{name}: FAILED: {exc}")
@@ -347,7 +374,7 @@ def _train_parallel(todo: list[tuple[str, Cell]], jobs: int, say: Callable[[str]
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    order = sorted(todo, key=lambda t: queue_order(t[1].config.head, t[1].task, t[1].config.objective))
+    order = sorted(todo, key=lambda t: queue_order(t[1].config))
     # spawn, not fork: the parent may already run torch threads, which a forked child would inherit broken.
     # One cell per process (Python >= 3.11): a process that trained a VA cell keeps its freed memory, and the
     # next cell's would pile on top (5.6 GB for one worker in a full-scale grid, against 3.0-3.7 GB for any
@@ -359,18 +386,26 @@ def _train_parallel(todo: list[tuple[str, Cell]], jobs: int, say: Callable[[str]
         for name, cell in order:
             config = cell.config if cell.config.threads else dataclasses.replace(cell.config, threads=threads)
             say(f"{name}: queued for {cell.run_dir} ({config.threads} thread(s) per job, {jobs} jobs)")
-            futures[pool.submit(_train_cell, config, name)] = cell
+            futures[pool.submit(_train_cell, config, name, cell.mode)] = cell
         for future in as_completed(futures):
             cell = futures[future]
             cell.status, cell.metrics, cell.error, cell.seconds = future.result()
 
 
-def queue_order(head: str, task: str, objective: str = "") -> tuple[int, bool]:
+def queue_order(config: TrainConfig) -> tuple[int, bool]:
     """Sort key of the parallel queue, longest cells first so that the last cell to start is a short one:
-    LSTM cells, then contrastive FC cells (FC 512 + linear 512 in bf16, ~10x a plain FC epoch), then plain
-    FC cells; VA (the largest task) first within each. benchmarks/heads.py schedules its estimate with it."""
-    rank = 0 if head == "lstm" else 1 if objective == "contrastive" else 2
-    return rank, task != "va"
+    cells of temporal trunks (their declared context), then frame-wise cells of heavier head kinds (the
+    contrastive projection), then plain frame-wise cells; the task with the most frames (VA) first within
+    each. benchmarks/heads.py schedules its estimate with it."""
+    head_kind = OBJECTIVES.get(config.objective or _default_objective(config.task)).head
+    rank = 0 if trunk_context(config).temporal else 1 if head_kind != "tasks" else 2
+    return rank, config.task != "va"
+
+
+def _default_objective(task_name: str) -> str:
+    from abawfeat.tasks import task
+
+    return task(task_name).default_objective
 
 
 def _quiet_worker() -> None:

@@ -83,6 +83,39 @@ def lock_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".lock")
 
 
+def acquire_lock(path: str | Path) -> int:
+    """Take the exclusive lock of the cache at ``path`` (a ``flock`` on ``<path>.lock``) without waiting;
+    returns its descriptor for ``release_lock``. A held lock is a one-line CacheError. Extraction takes it
+    before anything expensive, so a second run into the same cache is refused at once."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+            raise CacheError(
+                f"{path}: another extraction is writing this cache (lock {lock_path(path)} is "
+                "held); wait for it to finish or choose another --out"
+            ) from None
+        raise
+    try:
+        # The pid is only a hint for humans; the flock, released by the kernel on any exit, is the lock.
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except BaseException:
+        release_lock(fd)
+        raise
+    return fd
+
+
+def release_lock(fd: int) -> None:
+    # The lock file stays: unlinking it would let two later runs lock two different inodes.
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
 def make_provenance(
     encoder_provenance: dict[str, Any],
     *,
@@ -155,6 +188,8 @@ class CacheWriter:
     Use as a context manager. On a clean exit (or Ctrl-C) the parts are consolidated into the single ``.h5``;
     on any other exception they are left for the next run. ``lock=False`` is for torchrun ranks other than 0,
     which write parts under rank 0's lock and leave consolidation to it (``consolidate_on_exit=False``).
+    ``held_lock`` is a descriptor from ``acquire_lock`` that the caller already holds: the writer uses it
+    instead of locking, and leaves releasing it to the caller.
     """
 
     def __init__(
@@ -164,6 +199,7 @@ class CacheWriter:
         *,
         lock: bool = True,
         consolidate_on_exit: bool = True,
+        held_lock: int | None = None,
     ) -> None:
         self.path = Path(path)
         self.parts = parts_dir(self.path)
@@ -176,6 +212,7 @@ class CacheWriter:
         self._lock_wanted = lock
         self._consolidate_on_exit = consolidate_on_exit
         self._lock_fd: int | None = None
+        self._held_lock = held_lock
         self._consolidated: set[str] = set()
         self._has_text = False
         self._open = False
@@ -205,28 +242,12 @@ class CacheWriter:
             self._release_lock()
 
     def _acquire_lock(self) -> None:
-        fd = os.open(lock_path(self.path), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
-                raise CacheError(
-                    f"{self.path}: another extraction is writing this cache (lock {lock_path(self.path)} is "
-                    "held); wait for it to finish or choose another --out"
-                ) from None
-            raise
-        # The pid is only a hint for humans; the flock, released by the kernel on any exit, is the lock.
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._lock_fd = fd
+        self._lock_fd = self._held_lock if self._held_lock is not None else acquire_lock(self.path)
 
     def _release_lock(self) -> None:
-        if self._lock_fd is not None:
-            # The lock file stays: unlinking it would let two later runs lock two different inodes.
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._lock_fd is not None and self._lock_fd != self._held_lock:
+            release_lock(self._lock_fd)
+        self._lock_fd = None
 
     def _check_existing(self) -> None:
         """Refuse to add to a cache (file or parts) made with a different encoder configuration."""

@@ -57,20 +57,22 @@ def _zero_like_graph(t: Tensor) -> Tensor:
 
 
 def ccc_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None, eps: float = 1e-8) -> Tensor:
-    """``1 - (CCC_valence + CCC_arousal) / 2`` over the labelled frames of the batch.
+    """``1 -`` the mean over the last dimension of the CCC, over the labelled frames of the batch: for VA,
+    ``1 - (CCC_valence + CCC_arousal) / 2``.
 
-    ``pred`` and ``target`` are ``[*, 2]``. CCC uses population moments over all selected frames pooled
-    together (the metric pools the whole split, so the batch estimate should pool too, not average per
-    sequence). ``eps`` keeps the ratio finite when the selected frames are constant and equal.
+    ``pred`` and ``target`` are ``[*, K]`` (VA: K = 2). CCC uses population moments over all selected frames
+    pooled together (the metric pools the whole split, so the batch estimate should pool too, not average
+    per sequence). ``eps`` keeps the ratio finite when the selected frames are constant and equal.
     """
-    if pred.shape != target.shape or pred.shape[-1] != 2:
+    if pred.shape != target.shape or pred.ndim < 2:
         raise ValueError(
-            f"ccc_loss: expected pred and target [*, 2], got {tuple(pred.shape)}, {tuple(target.shape)}"
+            f"ccc_loss: expected pred and target [*, K] of one shape, got {tuple(pred.shape)}, "
+            f"{tuple(target.shape)}"
         )
     m = _frame_mask(mask, pred.shape[:-1], pred.device)
     if not bool(m.any()):
         return _zero_like_graph(pred)
-    x = pred[m].float()  # [M, 2]
+    x = pred[m].float()  # [M, K]
     y = target[m].to(x.dtype)
     mx, my = x.mean(dim=0), y.mean(dim=0)
     dx, dy = x - mx, y - my

@@ -13,17 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from abawfeat.cache import CacheWriter, make_provenance
-from abawfeat.constants import (
-    AU_NAMES,
-    EXPR_CLASSES,
-    HEADERS,
-    SAMPLE_FILE_TAGS,
-    SPLIT_DIRS,
-    SUBMISSION_HEADERS,
-    TASK_DIRS,
-    TASKS,
-    TEST_LIST_FILES,
-)
+from abawfeat.constants import AU_NAMES, EXPR_CLASSES, SPLIT_DIRS
+from abawfeat.tasks import single, single_task_names
 from abawfeat.train import TrainConfig
 
 N_SIGNAL = 2 + len(EXPR_CLASSES) + len(AU_NAMES)  # what the features encode: va, expr one-hot, au bits
@@ -60,7 +51,7 @@ def _labels(rng: np.random.Generator, n: int, temporal: bool) -> tuple[np.ndarra
 
 def _write_annotation(path: Path, task: str, rows: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(",".join(HEADERS[task]) + "\n" + "\n".join(rows) + "\n")
+    path.write_text(",".join(single(task).header) + "\n" + "\n".join(rows) + "\n")
 
 
 def build_world(
@@ -80,7 +71,7 @@ def build_world(
     prompt_emb = rng.normal(size=(8, dim)).astype(np.float32)
     cache = tmp / f"{name}-fake.h5"
     splits = {"train": n_train, "val": n_val, "test": n_test}
-    sample_rows: dict[str, list[str]] = {t: [] for t in TASKS}
+    sample_rows: dict[str, list[str]] = {t: [] for t in single_task_names()}
     with CacheWriter(cache, provenance) as writer:
         for split, count in splits.items():
             for i in range(count):
@@ -88,7 +79,7 @@ def build_world(
                 n = n_frames + int(rng.integers(-20, 21))
                 va, expr, au, signal = _labels(rng, n, temporal)
                 if split == "test":
-                    for t in TASKS:
+                    for t in single_task_names():
                         sample_rows[t] += [f"{video}/{f:05d}.jpg" for f in range(1, n + 1)]
                 else:
                     # Invalid labels in a few runs of frames (the release marks them -5 / -1).
@@ -100,9 +91,9 @@ def build_world(
                     au_rows = [(",".join(["-1"] * 12) if b else ",".join(map(str, r)))
                                for r, b in zip(au, bad, strict=True)]
                     d = SPLIT_DIRS[split]
-                    _write_annotation(ann / TASK_DIRS["va"][0] / d / f"{video}.txt", "va", va_rows)
-                    _write_annotation(ann / TASK_DIRS["expr"][0] / d / f"{video}.txt", "expr", ex_rows)
-                    _write_annotation(ann / TASK_DIRS["au"][0] / d / f"{video}.txt", "au", au_rows)
+                    _write_annotation(ann / single("va").folders[0] / d / f"{video}.txt", "va", va_rows)
+                    _write_annotation(ann / single("expr").folders[0] / d / f"{video}.txt", "expr", ex_rows)
+                    _write_annotation(ann / single("au").folders[0] / d / f"{video}.txt", "au", au_rows)
                 # Crops: frames 1..n minus a gap of undetected faces (not in temporal worlds, where a gap
                 # would break "the label is the signal 3 frames ago"), plus two crops past the last frame.
                 frames = np.arange(1, n + 3)
@@ -123,10 +114,10 @@ def build_world(
     tests.mkdir(parents=True)
     samples = root / "prediction_files_format"
     samples.mkdir()
-    for t in TASKS:
-        (tests / TEST_LIST_FILES[t]).write_text("\n".join(f"test{i:02d}" for i in range(n_test)) + "\n")
-        (samples / f"CVPR_8th_ABAW_{SAMPLE_FILE_TAGS[t]}_test_set_sample.txt").write_text(
-            SUBMISSION_HEADERS[t] + "\n" + "\n".join(sample_rows[t]) + "\n"
+    for t in single_task_names():
+        (tests / single(t).test_list_file).write_text("\n".join(f"test{i:02d}" for i in range(n_test)) + "\n")
+        (samples / f"CVPR_8th_ABAW_{single(t).sample_tag}_test_set_sample.txt").write_text(
+            single(t).submission_header + "\n" + "\n".join(sample_rows[t]) + "\n"
         )
     return World(root=root, cache=cache, dim=dim)
 

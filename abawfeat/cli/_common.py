@@ -61,3 +61,25 @@ def guarded(fn: F) -> F:
             raise typer.Exit(code=130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def parse_key_values(items: list[str], flag: str) -> dict[str, Any]:
+    """``key=value`` options (repeatable) as a dict; values read as JSON where they parse (numbers, true,
+    false, lists), else kept as text. The library checks names and types against the component's config."""
+    import json
+
+    from abawfeat.errors import ConfigError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        for part in item.split(","):
+            key, sep, text = part.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise ConfigError(f"{flag} {part!r}: expected key=value")
+            try:
+                value: Any = json.loads(text)
+            except ValueError:
+                value = text
+            out[key] = value
+    return out

@@ -10,6 +10,7 @@ import typer
 
 from abawfeat.cli import app
 from abawfeat.cli._common import console, guarded, warn_line
+from abawfeat.tasks import single, single_tasks
 
 data_app = typer.Typer(
     help="Inspect an Aff-Wild2 tree: annotations, crops, test lists.",
@@ -17,7 +18,6 @@ data_app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 
-_TASK_LABELS = {"va": "VA", "expr": "EXPR", "au": "AU"}
 
 
 def _plural(n: int, word: str) -> str:
@@ -85,7 +85,7 @@ def _print_table(dataset: Any, rows: list[dict[str, Any]], test_rows: list[dict[
         table.add_column(split, justify="right")
     by_key = {(r["task"], r["split"]): r for r in rows}
     tests = {r["task"]: r for r in test_rows}
-    for task, label in _TASK_LABELS.items():
+    for task, label in ((t.name, t.title) for t in single_tasks()):
         cells = []
         for split in ("train", "val"):
             r = by_key[(task, split)]
@@ -108,7 +108,7 @@ def _print_table(dataset: Any, rows: list[dict[str, Any]], test_rows: list[dict[
     _note(f"Crop folders: {_plural(crops['videos'], 'video')}, {crops['crops']:,} crops{unannotated}")
 
     def per_split(key: str) -> str:
-        return ", ".join(f"{_TASK_LABELS[r['task']]} {r['split']} {r[key]:,}" for r in rows if r[key])
+        return ", ".join(f"{single(r['task']).title} {r['split']} {r[key]:,}" for r in rows if r[key])
 
     no_crop = sum(r["valid_without_crop"] for r in rows)
     detail = f" ({per_split('valid_without_crop')})" if no_crop else ""
@@ -130,6 +130,5 @@ def _print_table(dataset: Any, rows: list[dict[str, Any]], test_rows: list[dict[
     for split in ("train", "val"):
         if dataset.mtl_file(split) is not None:
             mtl = dataset.mtl_annotations(split)
-            _note(f"Multi-task {split} ({mtl.path.name}): {len(mtl):,} images; valid VA "
-                  f"{int(mtl.va_valid.sum()):,}, EXPR {int(mtl.expr_valid.sum()):,}, "
-                  f"AU {int(mtl.au_valid.sum()):,}")
+            counts = ", ".join(f"{single(t).title} {int(v.sum()):,}" for t, v in mtl.valid.items())
+            _note(f"Multi-task {split} ({mtl.path.name}): {len(mtl):,} images; valid {counts}")

@@ -8,27 +8,30 @@ import typer
 
 from abawfeat.cli import app
 from abawfeat.cli._common import console, guarded
+from abawfeat.cli._encoder_opts import encoder_opt_option, encoder_opts
 
 
 @app.command("extract")
 @guarded
 def extract(
-    backbone: str = typer.Option(..., "--backbone", help="Encoder: ddamfn or clip (`abawfeat encoders`)."),
+    backbone: str = typer.Option(
+        ..., "--backbone", help="Encoder, e.g. ddamfn or clip (`abawfeat encoders`)."
+    ),
     data: Path = typer.Option(..., "--data", help="Aff-Wild2 root (annotations folder and crop folders)."),
     out: Path | None = typer.Option(
         None, "--out", help="Cache file. Default: cache/<data folder name>/<backbone>.h5."
     ),
-    weights: str | None = typer.Option(None, "--weights", help="Weights file or published name."),
+    weights: str | None = typer.Option(
+        None, "--weights", help="Weights file or published name (`abawfeat encoders` lists the names)."
+    ),
     random_init: bool = typer.Option(
         False, "--random-init", help="Random weights, calibrated on dataset frames: demos and tests only."
     ),
-    trust_pickle: bool = typer.Option(
-        False, "--trust-pickle", help="Allow whole-model pickled checkpoints (runs code from the file)."
-    ),
-    clip_model: str | None = typer.Option(None, "--clip-model", help="open_clip model, e.g. ViT-B-32."),
-    clip_pretrained: str | None = typer.Option(
-        None, "--clip-pretrained", help="open_clip pretrained tag, or a local weights file."
-    ),
+    encoder_opt: list[str] | None = encoder_opt_option(),
+    # Old spellings of encoder options, kept working (hidden): each prints what it now means.
+    clip_model: str | None = typer.Option(None, "--clip-model", hidden=True),
+    clip_pretrained: str | None = typer.Option(None, "--clip-pretrained", hidden=True),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", hidden=True),
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 (fast) or fp16 (GPU)."),
     batch_size: int | None = typer.Option(
         None, "--batch-size", help="Frames per forward pass. Default: 32 on CPU, 128 on a GPU."
@@ -54,11 +57,15 @@ def extract(
     from abawfeat.utils.dist import dist_info
 
     names = tuple(n.strip() for v in (videos or []) for n in v.split(",") if n.strip())
+    options = encoder_opts(encoder_opt, {
+        "--clip-model": ("clip_model", clip_model),
+        "--clip-pretrained": ("clip_pretrained", clip_pretrained),
+        "--trust-pickle": ("trust_pickle", "true" if trust_pickle else None),
+    })
     config = ExtractConfig(
-        backbone=backbone, data=data, out=out, weights=weights, random_init=random_init,
-        trust_pickle=trust_pickle, clip_model=clip_model, clip_pretrained=clip_pretrained,
-        precision=precision, batch_size=batch_size, workers=workers, device=device, videos=names,
-        dtype=dtype, compile=compile, seed=seed,
+        backbone=backbone, data=data, out=out, weights=weights,
+        random_init=random_init, encoder_options=options, precision=precision, batch_size=batch_size,
+        workers=workers, device=device, videos=names, dtype=dtype, compile=compile, seed=seed,
     )
     result = run_extraction(config)
     if dist_info().is_main:

@@ -13,9 +13,7 @@ from typing import Any
 import typer
 
 from abawfeat.cli import app
-from abawfeat.cli._common import console, err_console, error_line, guarded
-
-_MAIN_KEYS = ("ccc_valence", "ccc_arousal", "ccc_va", "f1_expr", "f1_au", "f1_au_opt", "score")
+from abawfeat.cli._common import console, err_console, error_line, guarded, parse_key_values
 
 
 def _log(message: str) -> None:
@@ -24,20 +22,25 @@ def _log(message: str) -> None:
 
 def _print_metrics(metrics: dict[str, Any], title: str) -> None:
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title, title_justify="left")
+    from abawfeat.tasks import run_task_names, single_tasks, task
+
+    main = dict.fromkeys(k for n in run_task_names() for k in task(n).metric_keys)
+    groups = [k for t in single_tasks() for k in t.per_item_keys.values()]
+    table = Table(title=Text(title), title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in ("task", "split", "best_epoch"):
         if key in metrics:
-            table.add_row(key, str(metrics[key]))
-    for key in _MAIN_KEYS:
+            table.add_row(key, Text(str(metrics[key])))
+    for key in main:
         if key in metrics:
             table.add_row(key, f"{metrics[key]:.4f}")
-    for group in ("f1_expr_per_class", "f1_au_per_au", "f1_au_opt_per_au", "au_thresholds"):
+    for group in groups:
         if group in metrics:
             values = ", ".join(f"{k} {v:.3f}" for k, v in metrics[group].items())
-            table.add_row(group, values)
+            table.add_row(group, Text(values))
     console.print(table)
 
 
@@ -45,13 +48,15 @@ def _print_metrics(metrics: dict[str, Any], title: str) -> None:
 @guarded
 def train_head(
     task: str | None = typer.Option(None, "--task", help="va, expr, au or mtl (one head for all three)."),
-    head: str = typer.Option("fc", "--head", help="fc (frame-wise) or lstm (temporal, trained on windows)."),
-    backbone: str = typer.Option("ddamfn", "--backbone", help="Encoder of the cache: ddamfn or clip."),
+    head: str = typer.Option(
+        "fc", "--head", help="Trunk: fc (frame-wise) or a temporal one (`abawfeat heads` lists them)."),
+    backbone: str = typer.Option(
+        "", "--backbone", help="Encoder of the cache; default: the cache's own (it must match when given)."),
     data: Path | None = typer.Option(
         None, "--data", help="Aff-Wild2 root (annotations, test lists, sample files)."
     ),
     cache: Path | None = typer.Option(
-        None, "--cache", help="Feature cache. Default: cache/<data folder name>/<backbone>.h5 (extract's)."
+        None, "--cache", help="Feature cache. Default: cache/<data folder name>/<backbone or ddamfn>.h5."
     ),
     out: Path | None = typer.Option(
         None, "--out", help="Run directory to write (config, checkpoint, metrics...)."
@@ -69,62 +74,74 @@ def train_head(
     lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate."),
     weight_decay: float = typer.Option(1e-4, "--weight-decay", help="AdamW weight decay."),
     batch_size: int = typer.Option(0, "--batch-size", help="Windows (frames for fc) per batch; 0 = auto."),
-    window: int = typer.Option(64, "--window", help="LSTM training window length in frames."),
+    window: int = typer.Option(64, "--window", help="Training window of temporal trunks, in frames."),
     stride: int = typer.Option(0, "--stride", help="Step between training windows; 0 = --window."),
     infer_stride: int = typer.Option(0, "--infer-stride", help="Step between inference windows; 0 = half."),
-    hidden: int = typer.Option(-1, "--hidden", help="Hidden size; -1 = head default (fc: no hidden layer)."),
-    layers: int = typer.Option(1, "--layers", help="LSTM layers."),
-    bidirectional: bool = typer.Option(False, "--bidirectional", help="Bidirectional LSTM."),
-    dropout: float = typer.Option(0.0, "--dropout", help="Dropout on head inputs and hidden states."),
+    hidden: int = typer.Option(-1, "--hidden", help="Trunk width; -1 = the trunk's default (fc: linear)."),
+    layers: int = typer.Option(1, "--layers", help="Trunk depth (trunks with layers)."),
+    bidirectional: bool = typer.Option(
+        False, "--bidirectional", help="Temporal trunks also use future frames (not causal)."),
+    dropout: float = typer.Option(0.0, "--dropout", help="Dropout on trunk inputs and hidden states."),
+    trunk_opt: list[str] | None = typer.Option(
+        None, "--trunk-opt", help="Any other trunk option, key=value (repeatable; `abawfeat heads`)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
     threads: int = typer.Option(
         0, "--threads", help="CPU threads; 0 = auto (1 for FC, else all cores). 1 on a busy machine."
     ),
     precision: str = typer.Option(
-        "auto", "--precision", help="auto (bf16 for LSTM and contrastive heads), fp32, bf16, fp16."
+        "auto", "--precision", help="auto (bf16 for temporal trunks and contrastive heads), fp32, bf16, fp16."
     ),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write plots/*.png at the end."),
-    # End-to-end fine-tuning (abawfeat.finetune, docs/finetune.md): these options need --unfreeze.
-    unfreeze: bool = typer.Option(
-        False, "--unfreeze", help="Train DDAMFN end to end with the head, from the crops, not the cache."
-    ),
-    unfreeze_from: str = typer.Option(
-        "conv1", "--unfreeze-from", help="--unfreeze: first trainable block, conv1 ... attention, gdconv."
-    ),
-    weights: str | None = typer.Option(
-        None, "--weights", help="--unfreeze: starting DDAMFN (published-format file or name; affectnet8)."
-    ),
-    random_init: bool = typer.Option(
-        False, "--random-init", help="--unfreeze: seeded random DDAMFN, BN-calibrated (demo, tests)."
-    ),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="--unfreeze: accept model pickles."),
-    backbone_lr: float = typer.Option(1e-4, "--backbone-lr", help="--unfreeze: AdamW lr of the backbone."),
-    schedule: str = typer.Option("cosine", "--schedule", help="--unfreeze: cosine or constant, per step."),
-    warmup: float = typer.Option(0.05, "--warmup", help="--unfreeze: fraction of steps warming up."),
-    grad_accum: int = typer.Option(1, "--grad-accum", help="--unfreeze: micro-batches per optimiser step."),
-    freeze_bn: bool = typer.Option(False, "--freeze-bn", help="--unfreeze: keep batch-norm statistics."),
-    attention_diversity: bool = typer.Option(
-        False, "--attention-diversity", help="--unfreeze: add DDAMFN's attention-diversity loss."
-    ),
-    diversity_weight: float = typer.Option(0.1, "--diversity-weight", help="--unfreeze: its weight."),
-    augment: bool = typer.Option(
-        True, "--augment/--no-augment", help="--unfreeze: flip, colour jitter, small affine (training only)."
-    ),
-    workers: int = typer.Option(2, "--workers", help="--unfreeze: DataLoader processes decoding crops."),
-    eval_batch_size: int = typer.Option(64, "--eval-batch-size", help="--unfreeze: images per eval pass."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace the run in --out, once the new one is complete."),
+    # The old spelling of fine-tuning, `train-head --unfreeze ...` / `train-head --resume RUN`: hidden; it
+    # says that fine-tuning moved to `abawfeat finetune` (cli/finetune.py) and runs it with the same options.
+    unfreeze: bool = typer.Option(False, "--unfreeze", hidden=True),
+    unfreeze_from: str | None = typer.Option(None, "--unfreeze-from", hidden=True),
+    weights: str | None = typer.Option(None, "--weights", hidden=True),
+    random_init: bool = typer.Option(False, "--random-init", hidden=True),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", hidden=True),
+    backbone_lr: float = typer.Option(1e-4, "--backbone-lr", hidden=True),
+    schedule: str = typer.Option("cosine", "--schedule", hidden=True),
+    warmup: float = typer.Option(0.05, "--warmup", hidden=True),
+    grad_accum: int = typer.Option(1, "--grad-accum", hidden=True),
+    freeze_bn: bool = typer.Option(False, "--freeze-bn", hidden=True),
+    attention_diversity: bool = typer.Option(False, "--attention-diversity", hidden=True),
+    diversity_weight: float = typer.Option(0.1, "--diversity-weight", hidden=True),
+    augment: bool = typer.Option(True, "--augment/--no-augment", hidden=True),
+    workers: int = typer.Option(2, "--workers", hidden=True),
+    eval_batch_size: int = typer.Option(64, "--eval-batch-size", hidden=True),
     resume: Path | None = typer.Option(
-        None, "--resume", help="Continue this interrupted --unfreeze run (options from its config.json)."
+        None, "--resume", help="Continue this interrupted run exactly (options from its config.json)."
     ),
 ) -> None:
-    """Train a head on cached features (or, with --unfreeze, DDAMFN and the head from the crops); writes the
-    run directory and prints validation metrics."""
+    """Train a head on cached features; writes the run directory and prints validation metrics.
+    (Fine-tuning an encoder with the head: `abawfeat finetune`.)"""
     from abawfeat.errors import ConfigError
-    from abawfeat.train import TrainConfig, fit
+    from abawfeat.train import TrainConfig, fit, resume_config
+    from abawfeat.train.rundir import RunRecord
 
+    finetune_options = {
+        "unfreeze_from": unfreeze_from, "weights": weights, "random_init": random_init,
+        "backbone_lr": backbone_lr, "schedule": schedule, "warmup": warmup, "grad_accum": grad_accum,
+        "freeze_bn": freeze_bn, "attention_diversity": attention_diversity,
+        "diversity_weight": diversity_weight, "workers": workers, "eval_batch_size": eval_batch_size,
+    }
+    resume_finetune = resume is not None and RunRecord.read(resume).kind == "finetune"
+    if resume_finetune or unfreeze:
+        from abawfeat.cli.finetune import run_finetune_command
+        from abawfeat.utils.dist import dist_info
+
+        spelling = "--resume" if resume_finetune else "--unfreeze"
+        if dist_info().is_main:
+            _log(f"note: fine-tuning moved to `abawfeat finetune`; `train-head {spelling}` runs it with the "
+                 "same options")
+    if resume_finetune:
+        run_finetune_command(None, resume=resume, augment=augment, **finetune_options)
+        return
     if resume is not None:
-        from abawfeat.finetune import resume_finetune
-
-        _print_finetune(resume_finetune(resume, log=_log))
+        result = fit(resume_config(resume), log=_log, resume=True)
+        _finish(result.run_dir, result.metrics, plots)
         return
     missing = [flag for flag, value in (("--task", task), ("--data", data), ("--out", out)) if value is None]
     if missing:
@@ -134,36 +151,40 @@ def train_head(
         out=str(out), objective=objective, class_weights=class_weights, pos_weight=pos_weight, epochs=epochs,
         seed=seed, lr=lr, weight_decay=weight_decay, batch_size=batch_size, window=window, stride=stride,
         infer_stride=infer_stride, hidden=hidden, layers=layers, bidirectional=bidirectional,
-        dropout=dropout, device=device, threads=threads, precision=precision, plots=plots,
+        dropout=dropout, trunk_opts=parse_key_values(trunk_opt or [], "--trunk-opt"), device=device,
+        threads=threads, precision=precision, plots=plots,
     )
     if unfreeze:
-        from abawfeat.data.frames import AugmentConfig
-        from abawfeat.finetune import FinetuneConfig, run_finetune
+        import dataclasses
 
-        finetune = FinetuneConfig(
-            train=config, weights=weights, random_init=random_init, trust_pickle=trust_pickle,
-            unfreeze_from=unfreeze_from, freeze_bn=freeze_bn, backbone_lr=backbone_lr, schedule=schedule,
-            warmup=warmup, grad_accum=grad_accum, attention_diversity=attention_diversity,
-            diversity_weight=diversity_weight, augment=AugmentConfig(enabled=augment), workers=workers,
-            eval_batch_size=eval_batch_size,
-        )
-        _print_finetune(run_finetune(finetune, log=_log))
+        from abawfeat.cli._encoder_opts import encoder_opts
+        from abawfeat.finetune import DEFAULT_BACKBONE
+
+        config = dataclasses.replace(config, backbone=config.backbone or DEFAULT_BACKBONE)
+
+        options = encoder_opts(None, {"--trust-pickle": ("trust_pickle", "true" if trust_pickle else None)})
+        run_finetune_command(config, resume=None, augment=augment, encoder_options=options,
+                             **finetune_options)
         return
-    if weights is not None or random_init:
-        raise ConfigError("--weights and --random-init choose the backbone of --unfreeze runs; a head on a "
-                          "cache uses the cache's encoder")
-    result = fit(config, log=_log)
-    _print_metrics(result.metrics, f"{out}: validation, best epoch {result.metrics['best_epoch']}")
+    defaults = {"unfreeze_from": None, "weights": None, "random_init": False, "backbone_lr": 1e-4,
+                "schedule": "cosine", "warmup": 0.05, "grad_accum": 1, "freeze_bn": False,
+                "attention_diversity": False, "diversity_weight": 0.1, "workers": 2, "eval_batch_size": 64}
+    given = [f"--{k.replace('_', '-')}" for k, v in finetune_options.items() if v != defaults[k]]
+    given += ["--trust-pickle"] * trust_pickle + ["--no-augment"] * (not augment)
+    if given:
+        raise ConfigError(f"{', '.join(given)}: fine-tuning options (`abawfeat finetune`, formerly "
+                          "`train-head --unfreeze`); a head on a cache uses the cache's encoder")
+    result = fit(config, log=_log, overwrite=overwrite)
+    _finish(result.run_dir, result.metrics, plots)
 
 
-def _print_finetune(run_dir: Path) -> None:
-    """Metrics of a finished end-to-end run, printed once (rank 0 under torchrun)."""
-    from abawfeat.utils.dist import dist_info
+def _finish(run_dir: Path, metrics: dict[str, Any], plots: bool) -> None:
+    """Plots of a finished run (a plotting problem costs only the pictures), then its metrics."""
+    if plots:
+        from abawfeat.report.plots import try_write_run_plots
 
-    path = Path(run_dir) / "metrics.json"
-    if dist_info().is_main and path.is_file():
-        metrics = json.loads(path.read_text())
-        _print_metrics(metrics, f"{run_dir}: validation, best epoch {metrics['best_epoch']}")
+        try_write_run_plots(run_dir, log=_log)
+    _print_metrics(metrics, f"{run_dir}: validation, best epoch {metrics['best_epoch']}")
 
 
 @app.command("evaluate")
@@ -189,16 +210,17 @@ def evaluate_command(
 @guarded
 def predict_command(
     run_dir: Path = typer.Argument(..., help="Run directory written by train-head."),
-    split: str = typer.Option(..., "--split", help="val or test."),
+    split: str = typer.Option(..., "--split", help="val, test or train."),
     out: Path = typer.Option(..., "--out", help="Submission file (mtl runs: one file per task beside it)."),
     smooth: int = typer.Option(0, "--smooth", help="Centred moving average over W frames (odd); 0 = off."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier prediction file at --out."),
     data: Path | None = typer.Option(None, "--data", help="Override the run's data root."),
     cache: Path | None = typer.Option(None, "--cache", help="Override the run's cache (same encoder only)."),
 ) -> None:
     """Write predictions in the organisers' format: every frame 1..N of every video, crop or not."""
     from abawfeat.predict import predict
 
-    result = predict(run_dir, split, out, smooth, data, cache)
+    result = predict(run_dir, split, out, smooth, data, cache, overwrite=overwrite)
     for task, path in result.files.items():
         console.print(f"{path}: {task}, {result.videos[task]} videos, {result.frames[task]:,} frames "
                       f"({result.frames_without_crop[task]:,} without a crop, filled)", highlight=False)
@@ -242,35 +264,43 @@ def ablate_command(
 @app.command("heads")
 @guarded
 def heads_command(
-    as_json: bool = typer.Option(False, "--json", help="Print heads and objectives as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print trunks, head kinds and objectives as JSON."),
 ) -> None:
-    """List the registered heads (with their config defaults) and the training objectives."""
-    from abawfeat.heads import describe_heads
-    from abawfeat.train import DEFAULT_OBJECTIVE, OBJECTIVES
-
-    heads = describe_heads()
-    objectives = [
-        {"name": name, "tasks": list(tasks), "description": text,
-         "default_for": [t for t, o in DEFAULT_OBJECTIVE.items() if o == name]}
-        for name, (tasks, text) in OBJECTIVES.items()
-    ]
-    if as_json:
-        typer.echo(json.dumps({"heads": heads, "objectives": objectives}, indent=2, default=list))
-        return
+    """List the registered trunks (what --head chooses, with their context and options), the head kinds
+    (what the objective puts on the trunk) and the training objectives."""
     from rich.table import Table
 
-    table = Table(title="Heads (--head fc|lstm; the objective/task picks contrastive or mtl)",
-                  title_justify="left")
-    for column in ("name", "temporal", "description", "config defaults"):
+    from abawfeat.heads import describe_heads
+    from abawfeat.train.objectives import describe_objectives
+    from abawfeat.trunks import describe_trunks
+
+    trunks, heads, objectives = describe_trunks(), describe_heads(), describe_objectives()
+    if as_json:
+        typer.echo(json.dumps({"trunks": trunks, "heads": heads, "objectives": objectives}, indent=2,
+                              default=list))
+        return
+
+    def fmt(options: dict[str, Any]) -> str:
+        return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in options.items()
+                         if k != "class_names")
+
+    table = Table(title="Trunks (--head NAME; options: --hidden, --layers, --bidirectional, --dropout, "
+                        "--trunk-opt key=value)", title_justify="left")
+    for column in ("name", "label", "context (defaults)", "description", "options"):
+        table.add_column(column, overflow="fold")
+    for t in trunks:
+        table.add_row(t["name"], t["label"], t["context"], t["description"], fmt(t["options"]))
+    console.print(table)
+    table = Table(title="Head kinds (chosen by the objective)", title_justify="left")
+    for column in ("name", "description", "options"):
         table.add_column(column, overflow="fold")
     for h in heads:
-        defaults = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                             for k, v in h["config"].items() if k not in ("class_names",))
-        table.add_row(h["name"], h["temporal"], h["description"], defaults)
+        table.add_row(h["name"], h["description"], fmt(h["config"]) or "-")
     console.print(table)
     table = Table(title="Objectives (--objective)", title_justify="left")
-    for column in ("name", "tasks", "default for", "description"):
+    for column in ("name", "tasks", "default for", "head kind", "description"):
         table.add_column(column, overflow="fold")
     for o in objectives:
-        table.add_row(o["name"], ", ".join(o["tasks"]), ", ".join(o["default_for"]) or "-", o["description"])
+        table.add_row(o["name"], ", ".join(o["tasks"]), ", ".join(o["default_for"]) or "-", o["head"],
+                      o["description"])
     console.print(table)

@@ -20,23 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from abawfeat.constants import (
-    AU_INVALID,
-    AU_NAMES,
-    EXPR_CLASSES,
-    EXPR_INVALID,
-    HEADERS,
-    SAMPLE_FILE_TAGS,
-    SPLIT_DIRS,
-    SPLITS,
-    TASK_DIRS,
-    TASKS,
-    TEST_LIST_FILES,
-    VA_INVALID,
-    VA_NAMES,
-)
+from abawfeat.constants import SPLIT_DIRS, SPLITS
 from abawfeat.data.names import crop_file_name, crop_frame, is_jpeg_name, video_name_problem
 from abawfeat.errors import DataError
+from abawfeat.tasks import Task, single, single_tasks, task
 
 __all__ = [
     "AffWild2",
@@ -57,15 +44,33 @@ _CROP_ROOT_RE = re.compile(r".*cropped.*|batch[ _-]?\d*", re.IGNORECASE)
 _MAX_CROP_DEPTH = 3
 _TEST_LIST_DIR = "names_of_videos_in_each_test_set"
 _SAMPLE_DIR = "prediction_files_format"
-# Keyword of each task in test-list file names, used when the exact release name is not there.
-_TEST_LIST_KEYWORDS = {"va": "valence_arousal", "expr": "expression", "au": "action_unit"}
 _MTL_DIR_RE = re.compile(r".*mtl.*", re.IGNORECASE)
 _MTL_SPLIT_PREFIX = {"train": ("train",), "val": ("val",)}  # "validation_set.txt" starts with "val" too
-_MTL_HEADERS = (
-    ("image", "valence", "arousal", "expression", "aus"),
-    ("image", "valence", "arousal", "expression", *AU_NAMES),
-)
-_MTL_VALUE_NAMES = ("valence", "arousal", "expression", *AU_NAMES)
+# The 7th-ABAW multi-task file: an image column, then the values of the multi-task set's members in order.
+# Its header names the expression column "expression", and the AU columns either one by one or as one word.
+_MTL_SET = "mtl"
+_MTL_COLUMN_WORD = {"expr": "expression"}
+_MTL_GROUP_WORD = {"au": "aus"}
+
+
+def _mtl_columns(member: Task, grouped: bool) -> tuple[str, ...]:
+    if member.name in _MTL_COLUMN_WORD:
+        return (_MTL_COLUMN_WORD[member.name],)
+    if grouped and member.name in _MTL_GROUP_WORD:
+        return (_MTL_GROUP_WORD[member.name],)
+    return member.value_names
+
+
+def _mtl_headers() -> tuple[tuple[str, ...], ...]:
+    members = task(_MTL_SET).components
+    return tuple(("image", *[c for m in members for c in _mtl_columns(m, grouped)])
+                 for grouped in (True, False))
+
+
+def _mtl_value_names() -> tuple[str, ...]:
+    return _mtl_headers()[1][1:]
+
+
 # `<video>/<NNNNN>.jpg`, possibly behind more folders; the video is the folder holding the jpg.
 _IMAGE_RE = re.compile(r"(?:.*/)?([^/,]+)/(\d+)\.jpg", re.IGNORECASE)
 _MTL_ROW_RE = re.compile(r"^[ \t]*((?:[^,/\n]+/)*?([^,/\n]+)/(\d+)\.jpg)[ \t]*,([^\n]*)$",
@@ -83,11 +88,6 @@ _NO_ANNOTATIONS = ("no annotations folder here (a folder named like '8th_ABAW_An
 # Bad names listed in one error line, at most (the rest are counted).
 _MAX_LISTED = 5
 
-# What "valid" means per task, for messages; the checks themselves are in _labels_and_validity.
-_RULES = {"va": "[-1, 1]", "expr": "0..7", "au": "{0, 1}"}
-_MARKERS = {"va": VA_INVALID, "expr": EXPR_INVALID, "au": AU_INVALID}
-# Data columns per task. EXPR's header names all eight classes, but each row holds ONE class index.
-_COLUMNS: dict[str, tuple[str, ...]] = {"va": VA_NAMES, "expr": ("class index",), "au": AU_NAMES}
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class Annotation:
     task: str
     split: str  # "train", "val", or "" when the file is not inside a Train_Set/Validation_Set folder
     path: Path
-    labels: np.ndarray  # va float32 [N, 2]; expr int64 [N]; au int8 [N, 12]
+    labels: np.ndarray  # the task's label layout: va float32 [N, 2]; expr int64 [N]; au int8 [N, 12]
     valid: np.ndarray  # bool [N]
     n_frames: int  # N = number of data rows = last annotated frame
     # Extension of the contract: rows whose value is neither valid nor the marker (warned about once).
@@ -123,19 +123,16 @@ class Annotation:
 class MtlAnnotations:
     """A 7th-ABAW multi-task file (s-Aff-Wild2): static frames, each with all three annotations.
 
-    Invalid entries hold the task's marker (VA -5, EXPR -1, AU -1), as in ``Annotation``.
+    ``labels`` and ``valid`` hold one array per member task, in that task's label layout; invalid entries
+    hold the task's marker (VA -5, EXPR -1, AU -1), as in ``Annotation``.
     """
 
     path: Path
     images: np.ndarray  # str [N], as written, e.g. "video10_left/00012.jpg"
     video: np.ndarray  # str [N]
     frame: np.ndarray  # int32 [N]
-    va: np.ndarray  # float32 [N, 2]
-    expr: np.ndarray  # int64 [N]
-    au: np.ndarray  # int8 [N, 12]
-    va_valid: np.ndarray  # bool [N]
-    expr_valid: np.ndarray  # bool [N]
-    au_valid: np.ndarray  # bool [N]
+    labels: dict[str, np.ndarray]  # per task, [N, ...]
+    valid: dict[str, np.ndarray]  # per task, bool [N]
     n_out_of_range: int = 0  # rows with any value that is neither valid nor its marker
 
     def __len__(self) -> int:
@@ -310,9 +307,9 @@ def _check_header(path: Path, header: str, expected: Iterable[tuple[str, ...]], 
     if any(got == tuple(n.lower() for n in names) for names in options):
         return
     hint = ""
-    for task, names in HEADERS.items():
-        if got == tuple(n.lower() for n in names):
-            hint = f" (this is the {task.upper()} header: wrong folder?)"
+    for spec in single_tasks():
+        if got == tuple(n.lower() for n in spec.header):
+            hint = f" (this is the {spec.title} header: wrong folder?)"
     if not hint and all(_is_number(c) for c in header.split(",")):
         hint = " (the first line looks like data: is the header missing?)"
     want = " or ".join(repr(",".join(names)) for names in options)
@@ -327,33 +324,6 @@ def _is_number(token: str) -> bool:
     return True
 
 
-def _labels_and_validity(task: str, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(labels, valid, out_of_range) for one task's columns of float64 values.
-
-    out_of_range marks rows holding a value that is neither valid nor the invalid marker (NaN included):
-    such rows are invalid like marked ones, but they suggest a damaged file, so they are counted.
-    """
-    if task == "va":
-        ok = (values >= -1.0) & (values <= 1.0)
-        valid = ok.all(axis=1)
-        out_of_range = ~(ok | (values == VA_INVALID)).all(axis=1)
-        labels = np.where(valid[:, None], values, VA_INVALID).astype(np.float32)
-    elif task == "expr":
-        v = values[:, 0]
-        with _quiet_numpy():  # NaN / inf compare False, which is what we want
-            valid = (v == np.floor(v)) & (v >= 0) & (v <= len(EXPR_CLASSES) - 1)
-        out_of_range = ~valid & (v != EXPR_INVALID)
-        labels = np.where(valid, v, EXPR_INVALID).astype(np.int64)
-    elif task == "au":
-        ok = (values == 0) | (values == 1)
-        valid = ok.all(axis=1)
-        out_of_range = ~(ok | (values == AU_INVALID)).all(axis=1)
-        labels = np.where(valid[:, None], values, AU_INVALID).astype(np.int8)
-    else:  # pragma: no cover - guarded by _check_task
-        raise ValueError(task)
-    return labels, valid, out_of_range
-
-
 def _warn(message: str) -> None:
     # Imported here so that importing abawfeat.data does not pull in rich.progress.
     from abawfeat.utils.progress import warn
@@ -366,9 +336,10 @@ def _freeze(*arrays: np.ndarray) -> None:
         a.setflags(write=False)
 
 
-def _check_task(task: str) -> None:
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, not {task!r}")
+def _check_task(name: str) -> Task:
+    if name not in [t.name for t in single_tasks()]:
+        raise ValueError(f"task must be one of {[t.name for t in single_tasks()]}, not {name!r}")
+    return single(name)
 
 
 def _check_split(split: str) -> None:
@@ -387,20 +358,21 @@ def read_annotation(path: str | Path, task: str, split: str | None = None) -> An
     wrong header, a wrong number of columns, a non-numeric value or a blank line between data rows. Values
     that are neither valid nor the invalid marker make their row invalid and trigger one warning per file.
     """
-    _check_task(task)
+    spec = _check_task(task)
     path = Path(path)
     if split is None:
         split = {d.lower(): s for s, d in SPLIT_DIRS.items()}.get(path.parent.name.lower(), "")
     lines = _read_lines(path)
-    _check_header(path, lines[0], [HEADERS[task]], task.upper())
+    _check_header(path, lines[0], [spec.header], spec.title)
     if len(lines) == 1:
         raise DataError(path, "header but no data rows", 2)
-    values = _parse_numbers(path, lines[1:], 2, _COLUMNS[task], integer=task != "va")
-    labels, valid, out_of_range = _labels_and_validity(task, values)
+    integer = np.issubdtype(spec.label_dtype, np.integer)
+    values = _parse_numbers(path, lines[1:], 2, spec.value_names, integer=integer)
+    labels, valid, out_of_range = spec.labels_and_validity(values)
     n_bad = int(out_of_range.sum())
     if n_bad:
-        _warn(f"{path}: {_plural(n_bad, 'row')} with values outside {_RULES[task]} that are not the invalid "
-              f"marker {_MARKERS[task]:g}; counted as invalid")
+        _warn(f"{path}: {_plural(n_bad, 'row')} with values outside {spec.valid_rule} that are not the "
+              f"invalid marker {spec.invalid:g}; counted as invalid")
     _freeze(labels, valid)
     return Annotation(video=path.stem, task=task, split=split, path=path, labels=labels, valid=valid,
                       n_frames=len(valid), n_out_of_range=n_bad)
@@ -411,7 +383,7 @@ def read_mtl_file(path: str | Path) -> MtlAnnotations:
     AU names spelled out), then ``<video>/<NNNNN>.jpg,V,A,EXPR,AU1,...,AU26`` per line."""
     path = Path(path)
     lines = _read_lines(path)
-    _check_header(path, lines[0], _MTL_HEADERS, "multi-task")
+    _check_header(path, lines[0], _mtl_headers(), "multi-task")
     body = lines[1:]
     if not body:
         raise DataError(path, "header but no data rows", 2)
@@ -424,32 +396,43 @@ def read_mtl_file(path: str | Path) -> MtlAnnotations:
     check_video_names(sorted(set(videos)), path, "video in this file")
     frames = [int(r[2]) for r in rows]
     rests = [r[3] for r in rows]
-    values = _fast_numbers("\n".join(rests), len(rests), len(_MTL_VALUE_NAMES))
+    value_names = _mtl_value_names()
+    values = _fast_numbers("\n".join(rests), len(rests), len(value_names))
     if values is None:
         _check_mtl_columns(path, body)  # so that a column-count error counts the image column too
-        values = _parse_numbers(path, rests, 2, _MTL_VALUE_NAMES, integer=False)
-    va, va_valid, va_bad = _labels_and_validity("va", values[:, 0:2])
-    expr, expr_valid, expr_bad = _labels_and_validity("expr", values[:, 2:3])
-    au, au_valid, au_bad = _labels_and_validity("au", values[:, 3:])
-    n_bad = int((va_bad | expr_bad | au_bad).sum())
+        values = _parse_numbers(path, rests, 2, value_names, integer=False)
+    labels: dict[str, np.ndarray] = {}
+    valid: dict[str, np.ndarray] = {}
+    bad = np.zeros(len(values), dtype=bool)
+    start = 0
+    for member in task(_MTL_SET).components:
+        width = len(member.value_names)
+        columns = values[:, start : start + width]
+        labels[member.name], valid[member.name], out = member.labels_and_validity(columns)
+        bad |= out
+        start += width
+    n_bad = int(bad.sum())
     if n_bad:
-        _warn(f"{path}: {_plural(n_bad, 'row')} with values outside VA [-1, 1], EXPR 0..7 or AU {{0, 1}} "
-              "that are not the invalid markers (-5 / -1); those labels are counted as invalid")
+        rules = ", ".join(f"{m.title} {m.valid_rule}" for m in task(_MTL_SET).components)
+        markers = " / ".join(f"{m.invalid:g}" for m in task(_MTL_SET).components)
+        _warn(f"{path}: {_plural(n_bad, 'row')} with values outside {rules} that are not the invalid markers "
+              f"({markers}); those labels are counted as invalid")
     result = MtlAnnotations(
         path=path, images=np.array(images, dtype=str), video=np.array(videos, dtype=str),
-        frame=np.array(frames, dtype=np.int32), va=va, expr=expr, au=au, va_valid=va_valid,
-        expr_valid=expr_valid, au_valid=au_valid, n_out_of_range=n_bad,
+        frame=np.array(frames, dtype=np.int32), labels=labels, valid=valid, n_out_of_range=n_bad,
     )
-    _freeze(result.images, result.video, result.frame, va, expr, au, va_valid, expr_valid, au_valid)
+    _freeze(result.images, result.video, result.frame, *labels.values(), *valid.values())
     return result
 
 
 def _check_mtl_columns(path: Path, body: list[str]) -> None:
-    n = len(_MTL_VALUE_NAMES) + 1
+    n = len(_mtl_value_names()) + 1
+    what = ", ".join(", ".join(c) if len(c) <= 2 else f"{len(c)} {m.title}s"
+                     for m in task(_MTL_SET).components for c in [_mtl_columns(m, grouped=False)])
     for i, line in enumerate(body):
         if line.count(",") != n - 1:
-            raise DataError(path, f"expected {n} comma-separated values (image, valence, arousal, "
-                                  f"expression, {len(AU_NAMES)} AUs), found {line.count(',') + 1}", i + 2)
+            raise DataError(path, f"expected {n} comma-separated values (image, {what}), "
+                                  f"found {line.count(',') + 1}", i + 2)
 
 
 def _explain_bad_mtl_row(path: Path, body: list[str]) -> None:
@@ -645,10 +628,10 @@ class AffWild2:
         # abspath, not resolve: a symlinked data folder keeps the name the user gave it.
         self.name: str = Path(os.path.abspath(self.root)).name
         self.annotations_dir: Path | None = self._locate_annotations(annotations)
-        self._task_dirs: dict[str, Path | None] = {t: self._locate_task_dir(t) for t in TASKS}
+        self._task_dirs: dict[str, Path | None] = {t.name: self._locate_task_dir(t) for t in single_tasks()}
         self._mtl_dir = self._locate_mtl_dir()
         if self.annotations_dir is not None and not any(self._task_dirs.values()) and self._mtl_dir is None:
-            expected = ", ".join(d for t in TASKS for d in TASK_DIRS[t])
+            expected = ", ".join(d for t in single_tasks() for d in t.folders)
             raise DataError(self.annotations_dir, f"no task folder in this annotations folder (expected "
                                                   f"{expected})")
         self._video_files: dict[tuple[str, str], dict[str, Path]] = {}
@@ -685,11 +668,11 @@ class AffWild2:
             raise DataError(path, "annotations folder not found")
         return path
 
-    def _locate_task_dir(self, task: str) -> Path | None:
+    def _locate_task_dir(self, spec: Task) -> Path | None:
         if self.annotations_dir is None:
             return None
         children = _child_dirs(self.annotations_dir)
-        present = [children[d.lower()] for d in TASK_DIRS[task] if d.lower() in children]
+        present = [children[d.lower()] for d in spec.folders if d.lower() in children]
         if len(present) > 1:
             # Both EXPR names side by side: the newer release name wins, but say so.
             _warn(f"{self.annotations_dir}: both {present[0].name} and {present[1].name} exist; "
@@ -853,19 +836,19 @@ class AffWild2:
         return None
 
     def test_list_file(self, task: str) -> Path | None:
-        _check_task(task)
+        spec = _check_task(task)
         folder = self._release_dir(_TEST_LIST_DIR)
         if folder is None:
             return None
         files = {e.name.lower(): Path(e.path) for e in _scandir(folder) if e.is_file()}
-        exact = files.get(TEST_LIST_FILES[task].lower())
+        exact = files.get(spec.test_list_file.lower())
         if exact is not None:
             return exact
-        keyword = _TEST_LIST_KEYWORDS[task]
+        keyword = spec.test_list_keyword
         matches = sorted(p for n, p in files.items() if keyword in n and n.endswith(".txt"))
         if len(matches) > 1:
             listed = ", ".join(p.name for p in matches)
-            raise DataError(folder, f"several {task.upper()} test lists: {listed}")
+            raise DataError(folder, f"several {spec.title} test lists: {listed}")
         return matches[0] if matches else None
 
     def test_videos(self, task: str) -> list[str]:
@@ -880,11 +863,11 @@ class AffWild2:
     def sample_file(self, task: str) -> Path | None:
         """The organisers' sample prediction file ``*_{VA,Expr,AU}_test_set_sample.txt``. If several
         editions are present (6th and 8th), the highest edition number wins."""
-        _check_task(task)
+        spec = _check_task(task)
         folder = self._release_dir(_SAMPLE_DIR)
         if folder is None:
             return None
-        suffix = f"_{SAMPLE_FILE_TAGS[task]}_test_set_sample.txt".lower()
+        suffix = f"_{spec.sample_tag}_test_set_sample.txt".lower()
         matches = sorted(Path(e.path) for e in _scandir(folder) if e.name.lower().endswith(suffix))
         if len(matches) <= 1:
             return matches[0] if matches else None
@@ -897,7 +880,7 @@ class AffWild2:
         newest = [p for p in matches if edition(p) == best]
         if len(newest) > 1:
             listed = ", ".join(p.name for p in newest)
-            raise DataError(folder, f"several {task.upper()} sample files of the same edition: {listed}")
+            raise DataError(folder, f"several {spec.title} sample files of the same edition: {listed}")
         return newest[0]
 
     def sample_frame_counts(self, task: str) -> dict[str, int]:
@@ -906,8 +889,9 @@ class AffWild2:
         if task not in self._sample_counts:
             path = self.sample_file(task)
             if path is None:
-                pattern = f"*_{SAMPLE_FILE_TAGS[task]}_test_set_sample.txt"
-                raise DataError(self.root, f"no {task.upper()} sample file ({pattern}) in {_SAMPLE_DIR}/")
+                spec = _check_task(task)
+                pattern = f"*_{spec.sample_tag}_test_set_sample.txt"
+                raise DataError(self.root, f"no {spec.title} sample file ({pattern}) in {_SAMPLE_DIR}/")
             self._sample_counts[task] = read_sample_frame_counts(path)
         return self._sample_counts[task]
 
@@ -950,10 +934,11 @@ class AffWild2:
         annotated frame), ``videos_without_crops`` and ``out_of_range``. ``progress`` shows a bar on stderr.
         A tree without annotations has no annotated videos: every count is 0 (``crop_summary`` says more).
         """
-        listed = {(t, s): self.videos(t, s) if self.has_annotations else [] for t in TASKS for s in SPLITS}
+        names = [t.name for t in single_tasks()]
+        listed = {(t, s): self.videos(t, s) if self.has_annotations else [] for t in names for s in SPLITS}
         jobs = [(t, s, v) for (t, s), videos in listed.items() for v in videos]
         stats = {(t, s): dict.fromkeys(("frames", "valid", "usable", "past", "no_crops", "bad"), 0)
-                 for t in TASKS for s in SPLITS}
+                 for t in names for s in SPLITS}
         with _maybe_progress(progress, len(jobs), "annotations") as advance:
             for task, split, video in jobs:
                 ann = self.annotation(task, split, video)
@@ -968,7 +953,7 @@ class AffWild2:
                 st["bad"] += ann.n_out_of_range
                 advance()
         rows: list[dict[str, Any]] = []
-        for task in TASKS:
+        for task in names:
             for split in SPLITS:
                 st = stats[(task, split)]
                 row: dict[str, Any] = {
@@ -988,9 +973,9 @@ class AffWild2:
         videos = self.videos_with_crops()
         annotated: set[str] = set()
         if self.has_annotations:
-            for task in TASKS:
+            for spec in single_tasks():
                 for split in SPLITS:
-                    annotated.update(self.videos(task, split))
+                    annotated.update(self.videos(spec.name, split))
         n_crops = 0
         with _maybe_progress(progress, len(videos), "folders") as advance:
             for video in videos:
@@ -1003,14 +988,14 @@ class AffWild2:
         """One row per task for the test set (extension): ``videos`` (from the test list, else the sample
         file), ``frames`` (sum of N from the sample file, None without one) and ``videos_without_crops``."""
         rows = []
-        for task in TASKS:
-            videos = self.test_videos(task)
-            counts = self.sample_frame_counts(task) if self.sample_file(task) is not None else None
+        for name in (t.name for t in single_tasks()):
+            videos = self.test_videos(name)
+            counts = self.sample_frame_counts(name) if self.sample_file(name) is not None else None
             if not videos and counts:
                 videos = sorted(counts)
             frames = None if counts is None else sum(counts.get(v, 0) for v in videos)
             crops = self._crops()
-            rows.append({"task": task, "split": "test", "videos": len(videos), "frames": frames,
+            rows.append({"task": name, "split": "test", "videos": len(videos), "frames": frames,
                          "videos_without_crops": sum(v not in crops for v in videos)})
         return rows
 

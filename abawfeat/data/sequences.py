@@ -23,16 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from abawfeat.constants import AU_NAMES, TASKS
 from abawfeat.errors import CacheError, ConfigError
+from abawfeat.tasks import single, single_tasks, task_names
 from abawfeat.utils.progress import warn
 
-# Label array layout per task on the timeline: (trailing shape, dtype, fill value for frames without one).
-LABEL_SPECS: dict[str, tuple[tuple[int, ...], Any, float]] = {
-    "va": ((2,), np.float32, -5.0),
-    "expr": ((), np.int64, -1),
-    "au": ((len(AU_NAMES),), np.int8, -1),
-}
+# The task set a 7th-ABAW multi-task file holds.
+_MTL_SET = "mtl"
 
 
 @dataclass
@@ -69,14 +65,13 @@ class SequenceSet:
     def row_labels(self, task: str) -> tuple[np.ndarray, np.ndarray]:
         """(labels, valid) per row for ``task``: the annotation of each crop's frame (memoised)."""
         if task not in self._row_cache:
-            spec_shape, dtype, fill = LABEL_SPECS[task]
             has = self.row_to_tl >= 0
             idx = np.where(has, self.row_to_tl, 0)
             if task in self.labels:
                 lab = self.labels[task][idx]
                 ok = self.valid[task][idx] & has
             else:
-                lab = np.full((self.n_rows, *spec_shape), fill, dtype=dtype)
+                lab = single(task).empty_labels(self.n_rows)
                 ok = np.zeros(self.n_rows, dtype=bool)
             self._row_cache[task] = (lab, ok)
         return self._row_cache[task]
@@ -125,9 +120,9 @@ class SequenceSet:
 def uses_mtl_file(data: Any, tasks: Sequence[str], split: str) -> bool:
     """Multi-task data from a 7th-ABAW multi-task file (s-Aff-Wild2): only when the tree has no per-task
     annotation folders but has the multi-task file of ``split``; per-task files win when both exist."""
-    if tuple(tasks) != TASKS or split not in ("train", "val") or not hasattr(data, "mtl_file"):
+    if tuple(tasks) != task_names(_MTL_SET) or split not in ("train", "val") or not hasattr(data, "mtl_file"):
         return False
-    if any(data.task_dir(t) is not None for t in TASKS):
+    if any(data.task_dir(t) is not None for t in tasks):
         return False
     return data.mtl_file(split) is not None
 
@@ -153,8 +148,8 @@ def split_videos(data: Any, tasks: Sequence[str], split: str) -> list[str]:
         names |= set(data.videos(task, split))
     if split == "train" and len(tasks) > 1:
         held_out: set[str] = set()
-        for task in TASKS:
-            held_out |= set(data.videos(task, "val"))
+        for spec in single_tasks():
+            held_out |= set(data.videos(spec.name, "val"))
         names -= held_out
     return sorted(names)
 
@@ -167,7 +162,6 @@ def _annotation_plan(data: Any, tasks: tuple[str, ...], split: str, videos: list
     plan: _Plan = {t: {} for t in tasks}
     if uses_mtl_file(data, tasks, split):
         m = data.mtl_annotations(split)
-        columns = {"va": (m.va, m.va_valid), "expr": (m.expr, m.expr_valid), "au": (m.au, m.au_valid)}
         for video in videos:
             sel = np.flatnonzero(m.video == video)
             if sel.size == 0:
@@ -175,13 +169,13 @@ def _annotation_plan(data: Any, tasks: tuple[str, ...], split: str, videos: list
             frames = m.frame[sel].astype(np.int64)
             n = int(frames.max())
             for t in tasks:
-                spec_shape, dtype, fill = LABEL_SPECS[t]
-                lab = np.full((n, *spec_shape), fill, dtype=dtype)
+                spec = single(t)
+                lab = spec.empty_labels(n)
                 ok = np.zeros(n, dtype=bool)
-                values, valid = columns[t]
                 # Static frames: only the listed ones carry labels; the rest of the timeline is unlabelled.
-                lab[frames - 1] = values[sel].astype(dtype, copy=False).reshape(-1, *spec_shape)
-                ok[frames - 1] = valid[sel]
+                values = m.labels[t][sel].astype(spec.label_dtype, copy=False)
+                lab[frames - 1] = values.reshape(-1, *spec.label_shape)
+                ok[frames - 1] = m.valid[t][sel]
                 plan[t][video] = (n, lab, ok)
         return plan
     for t in tasks:
@@ -270,14 +264,15 @@ def load_split(
     valid: dict[str, np.ndarray] = {}
     if split != "test":
         for t in tasks:
-            spec_shape, dtype, fill = LABEL_SPECS[t]
-            lab = np.full((int(tl_offsets[-1]), *spec_shape), fill, dtype=dtype)
+            spec = single(t)
+            lab = spec.empty_labels(int(tl_offsets[-1]))
             ok = np.zeros(int(tl_offsets[-1]), dtype=bool)
             for v, video in enumerate(kept):
                 if video in plan[t]:
                     n, values, good = plan[t][video]
                     lo = int(tl_offsets[v])
-                    lab[lo : lo + n] = np.asarray(values).astype(dtype, copy=False).reshape(n, *spec_shape)
+                    lab[lo : lo + n] = np.asarray(values).astype(spec.label_dtype, copy=False).reshape(
+                        n, *spec.label_shape)
                     ok[lo : lo + n] = good
             labels[t], valid[t] = lab, ok
 

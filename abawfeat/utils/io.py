@@ -107,7 +107,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], *, durable: bo
             tmp.unlink(missing_ok=True)
         if full:
             kept = "its previous content is kept" if path.exists() else "nothing was written there"
-            raise DiskFullError(f"{path}: no space left on the device while writing it; {kept}") from None
+            message = f"{path}: no space left on the device while writing it; {kept}"
+            raise DiskFullError(message, path) from None
         raise
     return path
 

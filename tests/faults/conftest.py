@@ -95,15 +95,15 @@ def workspace(world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> P
 @pytest.fixture
 def full_disk(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], FullDisk]:
     """``full_disk(n)``: the device fills after ``n`` successful atomic writes (portable: no mount)."""
-    # Import every module that writes first, so that its own reference to atomic_write gets patched.
-    import abawfeat.ablate  # noqa: F401
-    import abawfeat.cache  # noqa: F401
-    import abawfeat.extract  # noqa: F401
-    import abawfeat.predict  # noqa: F401
-    import abawfeat.report  # noqa: F401
-    import abawfeat.submission  # noqa: F401
-    import abawfeat.train  # noqa: F401
+    # Import every module of the package first, so that each one's own reference to atomic_write (taken by
+    # `from abawfeat.utils.io import atomic_write`) exists now and gets patched.
+    import importlib
+    import pkgutil
 
+    import abawfeat
+
+    for info in pkgutil.walk_packages(abawfeat.__path__, "abawfeat."):
+        importlib.import_module(info.name)
     return lambda allow: FullDisk(monkeypatch, allow)
 
 
