@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import DATA, KILLED, RUNS, TRAIN, FullDisk, run_cli, subprocess_env
+from .helpers import DATA, KILLED, KILLED_EPOCHS, RUNS, TRAIN, FullDisk, run_cli, subprocess_env
 
 
 @pytest.fixture(scope="session")
@@ -55,21 +55,25 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def killed_run(world: Path) -> Path:
     """A train-head run killed with SIGKILL in the middle of training (a real process, a real kill): it has
-    its first files (config.json, the history of its first epochs) but not metrics.json."""
+    its first files (config.json, the history of its first epochs) but not metrics.json. One-frame batches
+    make an epoch last tens of milliseconds, so that the kill lands after two epochs and long before the
+    last (a resumed run then finishes the rest in seconds)."""
     run = world / KILLED
     proc = subprocess.Popen(
         [sys.executable, "-m", "abawfeat", "train-head", "--task", "va", "--data", DATA, "--out", KILLED,
-         "--epochs", "100000", "--no-plots", "--threads", "1", "--device", "cpu"],
+         "--epochs", str(KILLED_EPOCHS), "--batch-size", "1", "--no-plots", "--threads", "1", "--device",
+         "cpu"],
         cwd=world, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
+    history = run / "history.csv"
     try:
         deadline = time.monotonic() + 180
-        while not (run / "history.csv").is_file():
+        # Two finished epochs (a header and two rows): the run has something to resume from.
+        while not (history.is_file() and len(history.read_text().splitlines()) >= 3):
             if proc.poll() is not None or time.monotonic() > deadline:
                 err = proc.stderr.read().decode() if proc.stderr and proc.poll() is not None else ""
-                raise AssertionError(f"train-head ended or stalled before its first epoch: {err}")
-            time.sleep(0.05)
-        time.sleep(0.3)  # a few more epochs: the kill lands in the middle of the run, not at its start
+                raise AssertionError(f"train-head ended or stalled before its second epoch: {err}")
+            time.sleep(0.02)
     finally:
         proc.kill()
         proc.wait()

@@ -32,6 +32,7 @@ DATA = "aff"  # the synthetic tree's folder: also the dataset name in the defaul
 CACHE = f"cache/{DATA}/ddamfn.h5"
 RUNS = {"va": "runs/va", "au": "runs/au"}
 KILLED = "runs/killed"
+KILLED_EPOCHS = 150  # of the killed run: it dies after its second epoch
 TRAIN = ("--epochs", "2", "--no-plots", "--threads", "1", "--device", "cpu")
 ANN = f"{DATA}/8th_ABAW_Annotations"
 CROPS = f"{DATA}/cropped_aligned"

@@ -27,7 +27,6 @@ from .helpers import (
     assert_fault,
     both,
     copy_file,
-    expected_to_fail,
     fill,
     flip,
     flip_text,
@@ -267,9 +266,6 @@ def test_extract_refuses_a_held_lock_before_loading_a_model(workspace: Path,
     assert_fault(outcome, exit_code=2, names=(CACHE, "another extraction"), before=before, root=workspace)
 
 
-for mark in expected_to_fail("stage one: encoders helper (extract takes the lock after loading the model)"):
-    test_extract_refuses_a_held_lock_before_loading_a_model = mark(
-        test_extract_refuses_a_held_lock_before_loading_a_model)
 
 
 def test_extract_into_a_real_full_tmpfs(workspace: Path, small_tmpfs: Callable[[int], Path]) -> None:

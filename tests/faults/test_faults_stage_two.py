@@ -1,9 +1,9 @@
 """Fault cases of stage two: run directories that must never be lost, incomplete runs, outputs that must
 never land on the project's own artefacts, mismatched checkpoints, encoders and configs, full disks.
 
-The lead is restructuring stage two while these are written: each case that fails today is a strict xfail
-("stage two: lead"), so the suite passes now and turns red the moment one is fixed (then drop its ``fix``).
-Each case makes the three assertions of helpers.assert_fault on its own copy of the world."""
+Written as strict xfails ("stage two: lead") while the lead restructured stage two; all pass since that work
+was merged. A case whose fix is in progress gets ``fix="who"`` (a strict xfail) until it passes. Each case
+makes the three assertions of helpers.assert_fault on its own copy of the world."""
 
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ from .helpers import (
     Outcome,
     assert_fault,
     copy_file,
-    expected_to_fail,
     fill,
     params,
     run_case,
@@ -34,7 +33,6 @@ from .helpers import (
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-LEAD = "stage two: lead"
 VA, AU = RUNS["va"], RUNS["au"]
 
 
@@ -50,49 +48,47 @@ def _resumed(root: Path, outcome: Outcome) -> None:
     assert (root / KILLED / "metrics.json").is_file(), "the resumed run did not complete"
 
 
+def _previous_prediction(root: Path) -> None:
+    """A submission file written by an earlier, successful predict (which --overwrite may replace)."""
+    assert run_cli(predict(VA, "p.txt")).exit_code == 0
+
+
 def _garbage_config(run: str) -> Callable[[Path], None]:
     return write_text(f"{run}/config.json", '{"task": "va", "train": {"lr": 0.001,')
 
 
 CASES = [
     # -- a complete run is never destroyed by a new command
-    Case("train-head-over-complete-run-of-another-task", train("va", AU), 2, (AU, "--overwrite"), fix=LEAD),
-    Case("train-head-over-complete-run-new-settings", train("va", VA, "--lr", "0.01"), 2, (VA, "--overwrite"),
-         fix=LEAD),
+    Case("train-head-over-complete-run-of-another-task", train("va", AU), 2, (AU, "--overwrite")),
+    Case("train-head-over-complete-run-new-settings", train("va", VA, "--lr", "0.01"), 2,
+         (VA, "--overwrite")),
     Case("train-head-overwrite-full-disk-keeps-old-run", train("va", AU, "--overwrite"), 2,
-         ("no space left on the device",), disk_full_after=0, fix=LEAD),
+         ("no space left on the device",), disk_full_after=0),
     # -- an interrupted run is resumed exactly, or reported as incomplete
     Case("train-head-into-killed-run-without-resume", train("va", KILLED), 2, (KILLED, "--resume"),
-         killed=True, fix=LEAD),
+         killed=True),
     Case("train-head-resume-killed-run", ("train-head", "--resume", KILLED), 0, (KILLED,), killed=True,
-         channel="ok", may_change=(KILLED,), check=_resumed, fix=LEAD),
-    Case("evaluate-incomplete-run", ("evaluate", KILLED), 2, (KILLED,), killed=True, fix=LEAD),
-    Case("predict-incomplete-run", predict(KILLED, "p.txt"), 2, (KILLED,), killed=True, fix=LEAD),
+         channel="ok", may_change=(KILLED,), check=_resumed),
+    Case("evaluate-incomplete-run", ("evaluate", KILLED), 2, (KILLED,), killed=True),
+    Case("predict-incomplete-run", predict(KILLED, "p.txt"), 2, (KILLED,), killed=True),
     Case("report-incomplete-run", ("report", KILLED, "--out", "r.html"), 2, (KILLED,), killed=True),
     # -- no command writes its output over a cache, a checkpoint, a config or a directory
-    Case("predict-out-onto-run-metrics", predict(VA, f"{VA}/metrics.json"), 2, (f"{VA}/metrics.json",),
-         fix=LEAD),
-    Case("predict-out-onto-other-run-config", predict(VA, f"{AU}/config.json"), 2, (f"{AU}/config.json",),
-         fix=LEAD),
-    Case("predict-out-onto-checkpoint", predict(VA, f"{AU}/checkpoint.pt"), 2, (f"{AU}/checkpoint.pt",),
-         fix=LEAD),
-    Case("predict-out-onto-cache", predict(VA, CACHE), 2, (CACHE,), fix=LEAD),
-    Case("predict-out-names-a-directory", predict(VA, "runs"), 2, ("runs", "--out"), fix=LEAD),
-    Case("train-head-out-onto-cache", train("va", CACHE), 2, (CACHE, "--out"), fix=LEAD),
-    Case("train-head-out-onto-checkpoint", train("va", f"{AU}/checkpoint.pt"), 2, (f"{AU}/checkpoint.pt",),
-         fix=LEAD),
+    Case("predict-out-onto-run-metrics", predict(VA, f"{VA}/metrics.json"), 2, (f"{VA}/metrics.json",)),
+    Case("predict-out-onto-other-run-config", predict(VA, f"{AU}/config.json"), 2, (f"{AU}/config.json",)),
+    Case("predict-out-onto-checkpoint", predict(VA, f"{AU}/checkpoint.pt"), 2, (f"{AU}/checkpoint.pt",)),
+    Case("predict-out-onto-cache", predict(VA, CACHE), 2, (CACHE,)),
+    Case("predict-out-names-a-directory", predict(VA, "runs"), 2, ("runs", "--out")),
+    Case("train-head-out-onto-cache", train("va", CACHE), 2, (CACHE, "--out")),
+    Case("train-head-out-onto-checkpoint", train("va", f"{AU}/checkpoint.pt"), 2, (f"{AU}/checkpoint.pt",)),
     # -- checkpoints, encoders and configs that do not belong together
     Case("evaluate-checkpoint-of-another-task", ("evaluate", VA), 2, (f"{VA}/checkpoint.pt",),
-         copy_file(f"{AU}/checkpoint.pt", f"{VA}/checkpoint.pt"), fix=LEAD),
+         copy_file(f"{AU}/checkpoint.pt", f"{VA}/checkpoint.pt")),
     Case("predict-checkpoint-of-another-task", predict(VA, "p.txt"), 2, (f"{VA}/checkpoint.pt",),
-         copy_file(f"{AU}/checkpoint.pt", f"{VA}/checkpoint.pt"), fix=LEAD),
+         copy_file(f"{AU}/checkpoint.pt", f"{VA}/checkpoint.pt")),
     Case("train-head-backbone-clip-with-ddamfn-cache",
-         (*train("va", "runs/clip"), "--backbone", "clip", "--cache", CACHE), 2, ("--backbone", "ddamfn"),
-         fix=LEAD),
-    Case("evaluate-garbage-config", ("evaluate", VA), 2, (f"{VA}/config.json",), _garbage_config(VA),
-         fix=LEAD),
-    Case("predict-garbage-config", predict(VA, "p.txt"), 2, (f"{VA}/config.json",), _garbage_config(VA),
-         fix=LEAD),
+         (*train("va", "runs/clip"), "--backbone", "clip", "--cache", CACHE), 2, ("--backbone", "ddamfn")),
+    Case("evaluate-garbage-config", ("evaluate", VA), 2, (f"{VA}/config.json",), _garbage_config(VA)),
+    Case("predict-garbage-config", predict(VA, "p.txt"), 2, (f"{VA}/config.json",), _garbage_config(VA)),
     Case("evaluate-not-a-run", ("evaluate", DATA), 2, (DATA,)),
     # -- a full disk is one line, and what was there stays (simulated: every atomic write fails with ENOSPC)
     Case("train-head-disk-full-first-write", train("va", "runs/new"), 2, ("runs/new", "no space left"),
@@ -100,8 +96,10 @@ CASES = [
     Case("train-head-disk-full-checkpoint", train("va", "runs/new"), 2, ("runs/new", "no space left"),
          disk_full_after=1),
     Case("predict-disk-full", predict(VA, "p.txt"), 2, ("p.txt", "no space left"), disk_full_after=0),
-    Case("predict-disk-full-keeps-previous-file", predict(VA, "p.txt"), 2, ("p.txt", "its previous content"),
-         write_text("p.txt", "a previous submission\n"), disk_full_after=0),
+    Case("predict-over-earlier-prediction-needs-overwrite", predict(VA, "p.txt"), 2, ("p.txt", "--overwrite"),
+         _previous_prediction),
+    Case("predict-disk-full-keeps-previous-file", (*predict(VA, "p.txt"), "--overwrite"), 2,
+         ("p.txt", "its previous content"), _previous_prediction, disk_full_after=0),
 ]
 
 
@@ -124,9 +122,6 @@ def test_predict_split_train_is_supported_and_documented_or_refused(workspace: P
         assert_fault(outcome, exit_code=2, names=("--split",), before=before, root=workspace)
 
 
-for mark in expected_to_fail(LEAD):
-    test_predict_split_train_is_supported_and_documented_or_refused = mark(
-        test_predict_split_train_is_supported_and_documented_or_refused)
 
 
 def test_train_head_into_a_real_full_tmpfs(workspace: Path, small_tmpfs: Callable[[int], Path]) -> None:
