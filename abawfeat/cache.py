@@ -938,10 +938,13 @@ def _write_h5_atomic(target: Path, fill: Any) -> None:
 
     import h5py
 
-    buffer = io.BytesIO()
-    with h5py.File(buffer, "w") as fh:
-        fill(fh)
-    atomic_write_bytes(target, buffer.getvalue(), durable=True)
+    def write(tmp: Path) -> None:
+        buffer = io.BytesIO()
+        with h5py.File(buffer, "w") as fh:
+            fill(fh)
+        tmp.write_bytes(buffer.getvalue())
+
+    atomic_write(target, write, durable=True)
 
 
 def _check_room(path: Path, needed: int) -> None:
