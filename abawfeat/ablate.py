@@ -612,15 +612,12 @@ def write_results(
     files = {"md": out / "results.md", "csv": out / "results.csv"}
     atomic_write_text(files["md"], markdown(recipe, cells, table))
 
-    def write_csv(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["architecture", *COLUMNS])
-            for r in table:
-                values = ("" if r[c] is None else f"{r[c]:.6f}" for c in COLUMNS)
-                writer.writerow([r["architecture"], *values])
+    import polars as pl
 
-    atomic_write(files["csv"], write_csv)
+    # A typed frame: a column stays Float64 with empty cells where no run fills it, and labels with commas
+    # or quotes are quoted as CSV readers expect.
+    frame = pl.DataFrame(table, schema={"architecture": pl.String, **dict.fromkeys(COLUMNS, pl.Float64)})
+    atomic_write(files["csv"], lambda tmp: frame.write_csv(tmp, float_precision=6))
     done = [c.run_dir for c in cells if c.metrics]
     if done:
         try:

@@ -555,7 +555,7 @@ def _resolved(cfg: FinetuneConfig, head: nn.Module, device: torch.device) -> Res
 def _task_objectives(cfg: FinetuneConfig, head: nn.Module, tasks: Sequence[str],
                      weights: Any) -> dict[str, Objective]:
     if cfg.train.task == "mtl":
-        # mtl_loss is the sum of the three single-task losses; kept apart so each is weighted by its counts.
+        # mtl: the sum of its member tasks' default objectives, kept apart so each is weighted by its counts.
         return {t: build_objective(single(t).default_objective, head, (t,), weights) for t in tasks}
     return {cfg.train.task: build_objective(objective_name(cfg.train), head, tasks, weights)}
 
