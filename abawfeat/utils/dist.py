@@ -1,4 +1,4 @@
-"""torchrun support: rank and world size from the environment, process-group setup and teardown."""
+"""torchrun support: rank and world size from the environment, and the process group."""
 
 from __future__ import annotations
 
