@@ -72,7 +72,7 @@ from abawfeat.train.rundir import (
     write_val_outputs,
 )
 from abawfeat.utils import dist
-from abawfeat.utils.configs import from_dict, read_json, to_dict
+from abawfeat.utils.configs import from_dict, jsonable, read_json, to_dict
 from abawfeat.utils.device import autocast, resolve_device, seed_everything
 from abawfeat.utils.io import torch_save, write_json
 
@@ -555,7 +555,7 @@ def _resolved(cfg: FinetuneConfig, head: nn.Module, device: torch.device) -> Res
 def _task_objectives(cfg: FinetuneConfig, head: nn.Module, tasks: Sequence[str],
                      weights: Any) -> dict[str, Objective]:
     if cfg.train.task == "mtl":
-        # mtl_loss is the sum of the three single-task losses; kept apart so each is weighted by its counts.
+        # mtl: the sum of its member tasks' default objectives, kept apart so each is weighted by its counts.
         return {t: build_objective(single(t).default_objective, head, (t,), weights) for t in tasks}
     return {cfg.train.task: build_objective(objective_name(cfg.train), head, tasks, weights)}
 
@@ -760,7 +760,7 @@ def _run(cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool, resume: bo
 
     def on_best(epoch: int, ev: Evaluation) -> None:
         best_record.update(value=float(ev.metrics.get(select, math.nan)), epoch=epoch,
-                           metrics=_jsonable(ev.metrics))
+                           metrics=jsonable(ev.metrics))
         if not info.is_main:
             return
         inner = unwrap(ddp_model)
@@ -770,7 +770,7 @@ def _run(cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool, resume: bo
             fingerprint = expected_fingerprint(cfg, saved, precision)
         best_record["fingerprint"] = fingerprint
         save_checkpoint(out / "checkpoint.pt", inner.head, [fingerprint], ev.au_thresholds, epoch,
-                        {"metrics": _jsonable(ev.metrics), "kind": "finetune",
+                        {"metrics": jsonable(ev.metrics), "kind": "finetune",
                          "backbone_weights": weights_file if cfg.save_published else None})
         write_val_outputs(out / "val_outputs.npz", val_set, ev.timeline)
 
@@ -785,7 +785,7 @@ def _run(cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool, resume: bo
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None, "rng": rngs,
             "history": rows, "best": dict(best_record, value=best), "world_size": info.world_size,
-            "start_provenance": _jsonable(start_provenance), "package_version": __version__,
+            "start_provenance": jsonable(start_provenance), "package_version": __version__,
         })
 
     def reduce_mean(value: float) -> float:
@@ -847,18 +847,6 @@ def _gather_objects(obj: Any, info: dist.DistInfo) -> list[Any]:
     gathered: list[Any] = [None] * info.world_size
     tdist.all_gather_object(gathered, obj)
     return gathered
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    return value
 
 
 # ------------------------------------------------------------------------------------ torchrun entry point

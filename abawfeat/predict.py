@@ -5,9 +5,10 @@ the validation split re-scores (``submission.score_submission``) to what ``abawf
 
 1. the head runs over every crop of the split (temporal trunks: overlapping windows, weighted by their
    declared context) and its scores are spread onto every frame 1..N (``train.evaluate.infer_run``);
-2. the optional ``--smooth`` moving average runs per video;
+2. the run's own smoothing (tuned with ``train-head --smooth auto``) runs per video, unless ``--smooth none``
+   (raw scores) or ``--smooth W`` (a centred moving average of W frames instead);
 3. each task's decision rule turns scores into the file's values (VA clipped to [-1, 1], EXPR the argmax
-   class, AU 0/1 with the run's thresholds tuned on validation);
+   class, AU 0/1 with the run's thresholds for those scores);
 4. ``submission.write_submission`` writes the exact header and a row for every frame 1..N of every video.
 
 N per video: the annotation file (train/val) or, for test videos, the organisers' sample file; a test video
@@ -27,6 +28,7 @@ import numpy as np
 
 from abawfeat.errors import ConfigError
 from abawfeat.tasks import single, task_names
+from abawfeat.train.evaluate import CacheOverride
 
 SPLITS = ("val", "test", "train")
 
@@ -74,32 +76,36 @@ def _is_prediction_file(path: Path, task_name: str) -> bool:
 
 
 def predict(
-    run_dir: str | Path, split: str, out: str | Path, smooth: int = 0, data_root: str | Path | None = None,
-    cache_path: str | Path | None = None, overwrite: bool = False,
+    run_dir: str | Path, split: str, out: str | Path, smooth: str = "run",
+    data_root: str | Path | None = None, cache_path: CacheOverride = None, overwrite: bool = False,
 ) -> PredictResult:
     """Write the organisers'-format prediction file(s) of a trained run for ``split`` (val, test or train)."""
-    from abawfeat.submission import smooth_timeline, write_submission
+    from abawfeat.smoothing import Filter, per_video
+    from abawfeat.submission import write_submission
     from abawfeat.train.evaluate import infer_run
     from abawfeat.train.rundir import require_complete
 
     if split not in SPLITS:
         raise ConfigError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
-    if smooth < 0 or (smooth > 1 and smooth % 2 == 0):
-        raise ConfigError(f"--smooth {smooth}: the smoothing window must be an odd number of frames (or 0)")
+    smooth = str(smooth)
+    window = int(smooth) if smooth.isdigit() else 0
+    if smooth not in ("run", "none") and (window < 1 or window % 2 == 0):
+        raise ConfigError(f"--smooth {smooth}: choose run (the run's own), none, or an odd number of frames")
     record = require_complete(run_dir)
     paths = output_paths(out, record.task)
     for t, path in paths.items():
         check_output(path, t, overwrite)
     inf = infer_run(run_dir, split, data_root, cache_path)
-    seqs, timeline = inf.data, inf.timeline
-    if smooth > 1:
-        timeline = {t: smooth_timeline(seqs.tl_offsets, v, smooth) for t, v in timeline.items()}
+    seqs = inf.data
+    timeline, au_thresholds = inf.decided_timeline(smooth == "run")
+    if window > 1:
+        timeline = {t: per_video(seqs.tl_offsets, v, Filter("mean", window)) for t, v in timeline.items()}
     _, _, has_crop = seqs.timeline_frames()
 
     result = PredictResult(files={}, videos={}, frames={}, frames_without_crop={})
     for t, path in paths.items():
         spec = single(t)
-        thresholds = inf.au_thresholds if spec.tunes_thresholds else None
+        thresholds = au_thresholds if spec.tunes_thresholds else None
         rows: dict[str, np.ndarray] = {}
         n_rows = n_filled = 0
         for v, video in enumerate(seqs.videos):

@@ -8,8 +8,8 @@ the task's ``submission_header``; then one row per frame ``<video>/<NNNNN>.jpg,<
   Each task declares its header, value format and checks (``abawfeat.tasks``); this module is generic.
 
 Frames without a crop still need a prediction because the official metric counts every annotated frame;
-``fill_missing`` provides one from the neighbouring crops. ``smooth`` is the optional temporal smoothing of
-``abawfeat predict --smooth W``. ``read_submission`` validates a file strictly so a user can check it before
+``fill_missing`` provides one from the neighbouring crops (temporal smoothing is ``abawfeat.smoothing``).
+``read_submission`` validates a file strictly so a user can check it before
 uploading, and ``score_submission`` recomputes the official metric from a file, independently of training.
 """
 
@@ -45,7 +45,7 @@ def _check_task(task: str) -> Task:
 
 
 # --------------------------------------------------------------------------------------------------------
-# filling and smoothing
+# filling
 
 
 def fill_missing(
@@ -113,39 +113,6 @@ def fill_missing(
             idx = np.where(d_prev <= d_next, prev_c, nxt)
         out = vals[idx]
     return out[:, 0] if squeeze else out
-
-
-def smooth(values: np.ndarray, window: int) -> np.ndarray:
-    """Centred moving average along axis 0 of one video's outputs [N, K] (or [N]); returns float64.
-
-    ``window`` is odd; 1 returns a copy. Near the ends the window is cut at the video's first / last frame
-    and the average runs over the frames that exist, so edges are not pulled toward zero as zero padding
-    would do. Apply per video, never across a video boundary.
-    """
-    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1 or window % 2 == 0:
-        raise ConfigError(f"smoothing window must be a positive odd integer, got {window!r}")
-    x = np.asarray(values, dtype=np.float64)
-    if x.ndim not in (1, 2):
-        raise ValueError(f"smooth: expected [N] or [N, K] values, got shape {x.shape}")
-    n = x.shape[0]
-    if window == 1 or n == 0:
-        return x.copy()
-    half = window // 2
-    csum = np.concatenate([np.zeros((1,) + x.shape[1:]), np.cumsum(x, axis=0)], axis=0)
-    i = np.arange(n)
-    lo = np.maximum(i - half, 0)
-    hi = np.minimum(i + half + 1, n)
-    count = (hi - lo).reshape((n,) + (1,) * (x.ndim - 1))
-    return (csum[hi] - csum[lo]) / count
-
-
-def smooth_timeline(offsets: np.ndarray, values: np.ndarray, window: int) -> np.ndarray:
-    """``smooth`` applied to each video's segment ``values[offsets[v]:offsets[v + 1]]``, never across a video
-    boundary."""
-    out = np.empty_like(values, dtype=np.float64)
-    for lo, hi in zip(offsets[:-1], offsets[1:], strict=True):
-        out[lo:hi] = smooth(values[lo:hi], window)
-    return out
 
 
 # --------------------------------------------------------------------------------------------------------

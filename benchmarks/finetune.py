@@ -63,7 +63,7 @@ def _setup(spec: dict[str, Any]) -> tuple[Any, ...]:
     data = AffWild2(spec["data"])
     seqs, dirs = load_frames_split(data, ("va",), "train")
     encoder = build_encoder("ddamfn", weights=str(WEIGHTS))
-    head = build_head("fc", in_dim=512, tasks=("va",), normalize=False)
+    head = build_head("tasks", trunk="fc", in_dim=512, tasks=("va",), normalize=False)
     model = FinetuneModel(encoder, head, unfreeze_from=spec["unfreeze_from"],
                           channels_last=spec["channels_last"]).train()
     windows = FrameWindows(seqs, dirs, np.arange(seqs.n_rows)[:, None], ("va",), encoder.transform,

@@ -13,6 +13,7 @@ from typing import Any
 
 import typer
 
+from abawfeat.cli import _stage_two as st
 from abawfeat.cli import app
 from abawfeat.cli._common import err_console, guarded
 from abawfeat.cli._encoder_opts import encoder_opt_option, encoder_opts
@@ -25,14 +26,14 @@ def _log(message: str) -> None:
 @app.command("finetune")
 @guarded
 def finetune_command(
-    task: str | None = typer.Option(None, "--task", help="va, expr, au or mtl (one head for all three)."),
-    head: str = typer.Option("fc", "--head", help="fc (frame-wise) or lstm (temporal, windows of crops)."),
+    task: st.Task = None,
+    head: st.Head = "fc",
     backbone: str = typer.Option(
         "ddamfn", "--backbone", help="Encoder to fine-tune: any that declares trainable blocks, e.g. ddamfn, "
         "clip (its image tower)."
     ),
-    data: Path | None = typer.Option(None, "--data", help="Aff-Wild2 root (annotations and crop folders)."),
-    out: Path | None = typer.Option(None, "--out", help="Run directory to write."),
+    data: st.Data = None,
+    out: st.Out = None,
     weights: str | None = typer.Option(
         None, "--weights", help="Starting weights: a file or a published name (default: the encoder's)."
     ),
@@ -45,7 +46,7 @@ def finetune_command(
         "conv_5, CLIP block11); earlier blocks stay frozen. Default: the first (the whole encoder)."
     ),
     backbone_lr: float = typer.Option(1e-4, "--backbone-lr", help="AdamW learning rate of the encoder."),
-    lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate of the head."),
+    lr: st.Lr = 1e-3,
     schedule: str = typer.Option("cosine", "--schedule", help="cosine or constant, per optimiser step."),
     warmup: float = typer.Option(0.05, "--warmup", help="Fraction of the steps with a linear warm-up."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimiser step."),
@@ -58,35 +59,31 @@ def finetune_command(
     augment: bool = typer.Option(
         True, "--augment/--no-augment", help="Flip, colour jitter, small affine (training only)."
     ),
-    objective: str = typer.Option("", "--objective", help="ccc (va), ce (expr), bce (au), mtl. Default: the "
-                                  "task's own."),
-    class_weights: str = typer.Option(
-        "none", "--class-weights", help="EXPR cross-entropy weights: none, inverse, sqrt_inverse, effective."
-    ),
-    pos_weight: bool = typer.Option(False, "--pos-weight", help="AU BCE: weight positives by neg/pos ratio."),
-    epochs: int = typer.Option(10, "--epochs", help="Epochs; the best validation epoch is kept."),
-    seed: int = typer.Option(0, "--seed", help="Seed (head and --random-init weights, dropout, order)."),
-    weight_decay: float = typer.Option(1e-4, "--weight-decay", help="AdamW weight decay."),
+    objective: st.Objective = "",
+    class_weights: st.ClassWeights = "none",
+    pos_weight: st.PosWeight = False,
+    epochs: st.Epochs = 10,
+    seed: st.Seed = 0,
+    weight_decay: st.WeightDecay = 1e-4,
     batch_size: int = typer.Option(
         0, "--batch-size", help="Micro-batch: frames (fc) or windows (lstm); 0 = 32 frames, or 64 frames' "
         "worth of windows."
     ),
-    window: int = typer.Option(64, "--window", help="LSTM training window length in frames."),
-    stride: int = typer.Option(0, "--stride", help="Step between training windows; 0 = --window."),
-    infer_stride: int = typer.Option(0, "--infer-stride", help="Step between inference windows; 0 = half."),
-    hidden: int = typer.Option(-1, "--hidden", help="Hidden size; -1 = head default (fc: no hidden layer)."),
-    layers: int = typer.Option(1, "--layers", help="LSTM layers."),
-    bidirectional: bool = typer.Option(False, "--bidirectional", help="Bidirectional LSTM."),
-    dropout: float = typer.Option(0.0, "--dropout", help="Dropout on head inputs and hidden states."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
-    precision: str = typer.Option(
-        "auto", "--precision", help="auto (bf16 for LSTM heads), fp32, bf16, fp16 (CUDA)."
-    ),
+    window: st.Window = 64,
+    stride: st.Stride = 0,
+    infer_stride: st.InferStride = 0,
+    hidden: st.Hidden = -1,
+    layers: st.Layers = 1,
+    bidirectional: st.Bidirectional = False,
+    dropout: st.Dropout = 0.0,
+    trunk_opt: st.TrunkOpt = None,
+    device: st.Device = "auto",
+    precision: st.Precision = "auto",
     workers: int = typer.Option(2, "--workers", help="DataLoader processes decoding crops."),
     eval_batch_size: int = typer.Option(
         64, "--eval-batch-size", help="Images per forward pass at evaluation."
     ),
-    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write plots/*.png at the end."),
+    plots: st.Plots = True,
     resume: Path | None = typer.Option(
         None, "--resume", help="Continue this interrupted run (all options come from its config.json)."
     ),
@@ -94,22 +91,15 @@ def finetune_command(
     """Fine-tune an encoder together with a head, end to end from the crops (not a cache); writes a stage-two
     run directory plus the encoder's weights file, and prints validation metrics. Runs under
     `torchrun --nproc-per-node N -m abawfeat finetune ...`."""
-    from abawfeat.train import TrainConfig
-
     train = None
     if resume is None:
-        from abawfeat.errors import ConfigError
-
-        required = (("--task", task), ("--data", data), ("--out", out))
-        missing = [flag for flag, value in required if value is None]
-        if missing:
-            raise ConfigError(f"{', '.join(missing)} required (unless --resume RUN_DIR)")
-        train = TrainConfig(
-            task=task, head=head, backbone=backbone, data=str(data), out=str(out), objective=objective,
+        st.require("--resume RUN_DIR", task=task, data=data, out=out)
+        train = st.train_config(
+            task=task, head=head, backbone=backbone, data=data, out=out, objective=objective,
             class_weights=class_weights, pos_weight=pos_weight, epochs=epochs, seed=seed, lr=lr,
             weight_decay=weight_decay, batch_size=batch_size, window=window, stride=stride,
             infer_stride=infer_stride, hidden=hidden, layers=layers, bidirectional=bidirectional,
-            dropout=dropout, device=device, precision=precision, plots=plots,
+            dropout=dropout, trunk_opt=trunk_opt, device=device, precision=precision, plots=plots,
         )
     run_finetune_command(
         train, resume=resume, weights=weights, random_init=random_init,

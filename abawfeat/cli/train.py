@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.text import Text
 
+from abawfeat.cli import _stage_two as st
 from abawfeat.cli import app
-from abawfeat.cli._common import console, err_console, error_line, guarded, parse_key_values
+from abawfeat.cli._common import console, err_console, error_line, guarded
 
 
 def _log(message: str) -> None:
@@ -22,7 +24,6 @@ def _log(message: str) -> None:
 
 def _print_metrics(metrics: dict[str, Any], title: str) -> None:
     from rich.table import Table
-    from rich.text import Text
 
     from abawfeat.tasks import run_task_names, single_tasks, task
 
@@ -41,59 +42,54 @@ def _print_metrics(metrics: dict[str, Any], title: str) -> None:
         if group in metrics:
             values = ", ".join(f"{k} {v:.3f}" for k, v in metrics[group].items())
             table.add_row(group, Text(values))
+    raw = metrics.get("unsmoothed") or {}
+    for key in main:
+        if key in raw:
+            table.add_row(f"{key} (unsmoothed)", f"{raw[key]:.4f}")
+    if "smoothing" in metrics:
+        table.add_row("smoothing", Text(json.dumps({k: v for k, v in metrics["smoothing"].items()
+                                                    if k != "tuned_on"})))
     console.print(table)
+    if metrics.get("tuned_on") == "val":
+        from abawfeat.train.finish import OPTIMISTIC
+
+        err_console.print(f"note: {OPTIMISTIC}", highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command("train-head")
 @guarded
 def train_head(
-    task: str | None = typer.Option(None, "--task", help="va, expr, au or mtl (one head for all three)."),
-    head: str = typer.Option(
-        "fc", "--head", help="Trunk: fc (frame-wise) or a temporal one (`abawfeat heads` lists them)."),
-    backbone: str = typer.Option(
-        "", "--backbone", help="Encoder of the cache; default: the cache's own (it must match when given)."),
-    data: Path | None = typer.Option(
-        None, "--data", help="Aff-Wild2 root (annotations, test lists, sample files)."
-    ),
-    cache: Path | None = typer.Option(
-        None, "--cache", help="Feature cache. Default: cache/<data folder name>/<backbone or ddamfn>.h5."
-    ),
-    out: Path | None = typer.Option(
-        None, "--out", help="Run directory to write (config, checkpoint, metrics...)."
-    ),
-    objective: str = typer.Option(
-        "", "--objective", help="ccc (va), ce (expr), bce (au), contrastive (expr, CLIP caches), mtl. "
-        "Default: the task's own."
-    ),
-    class_weights: str = typer.Option(
-        "none", "--class-weights", help="EXPR cross-entropy weights: none, inverse, sqrt_inverse, effective."
-    ),
-    pos_weight: bool = typer.Option(False, "--pos-weight", help="AU BCE: weight positives by neg/pos ratio."),
-    epochs: int = typer.Option(10, "--epochs", help="Epochs; the best validation epoch is kept."),
-    seed: int = typer.Option(0, "--seed", help="Seed (weights, dropout, window order)."),
-    lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate."),
-    weight_decay: float = typer.Option(1e-4, "--weight-decay", help="AdamW weight decay."),
-    batch_size: int = typer.Option(0, "--batch-size", help="Windows (frames for fc) per batch; 0 = auto."),
-    window: int = typer.Option(64, "--window", help="Training window of temporal trunks, in frames."),
-    stride: int = typer.Option(0, "--stride", help="Step between training windows; 0 = --window."),
-    infer_stride: int = typer.Option(0, "--infer-stride", help="Step between inference windows; 0 = half."),
-    hidden: int = typer.Option(-1, "--hidden", help="Trunk width; -1 = the trunk's default (fc: linear)."),
-    layers: int = typer.Option(1, "--layers", help="Trunk depth (trunks with layers)."),
-    bidirectional: bool = typer.Option(
-        False, "--bidirectional", help="Temporal trunks also use future frames (not causal)."),
-    dropout: float = typer.Option(0.0, "--dropout", help="Dropout on trunk inputs and hidden states."),
-    trunk_opt: list[str] | None = typer.Option(
-        None, "--trunk-opt", help="Any other trunk option, key=value (repeatable; `abawfeat heads`)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
-    threads: int = typer.Option(
-        0, "--threads", help="CPU threads; 0 = auto (1 for FC, else all cores). 1 on a busy machine."
-    ),
-    precision: str = typer.Option(
-        "auto", "--precision", help="auto (bf16 for temporal trunks and contrastive heads), fp32, bf16, fp16."
-    ),
-    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write plots/*.png at the end."),
-    overwrite: bool = typer.Option(
-        False, "--overwrite", help="Replace the run in --out, once the new one is complete."),
+    task: st.Task = None,
+    head: st.Head = "fc",
+    backbone: st.Backbone = "",
+    data: st.Data = None,
+    cache: st.Caches = None,
+    fusion: st.Fusion = "early",
+    out: st.Out = None,
+    objective: st.Objective = "",
+    class_weights: st.ClassWeights = "none",
+    pos_weight: st.PosWeight = False,
+    epochs: st.Epochs = 10,
+    seed: st.Seed = 0,
+    lr: st.Lr = 1e-3,
+    weight_decay: st.WeightDecay = 1e-4,
+    batch_size: st.BatchSize = 0,
+    window: st.Window = 64,
+    stride: st.Stride = 0,
+    infer_stride: st.InferStride = 0,
+    hidden: st.Hidden = -1,
+    layers: st.Layers = 1,
+    bidirectional: st.Bidirectional = False,
+    dropout: st.Dropout = 0.0,
+    trunk_opt: st.TrunkOpt = None,
+    device: st.Device = "auto",
+    threads: st.Threads = 0,
+    precision: st.Precision = "auto",
+    smooth: st.Smooth = "none",
+    tune_on: st.TuneOn = "val",
+    holdout: st.Holdout = 0.15,
+    plots: st.Plots = True,
+    overwrite: st.Overwrite = False,
     # The old spelling of fine-tuning, `train-head --unfreeze ...` / `train-head --resume RUN`: hidden; it
     # says that fine-tuning moved to `abawfeat finetune` (cli/finetune.py) and runs it with the same options.
     unfreeze: bool = typer.Option(False, "--unfreeze", hidden=True),
@@ -118,7 +114,7 @@ def train_head(
     """Train a head on cached features; writes the run directory and prints validation metrics.
     (Fine-tuning an encoder with the head: `abawfeat finetune`.)"""
     from abawfeat.errors import ConfigError
-    from abawfeat.train import TrainConfig, fit, resume_config
+    from abawfeat.train import fit, resume_config
     from abawfeat.train.rundir import RunRecord
 
     finetune_options = {
@@ -143,16 +139,15 @@ def train_head(
         result = fit(resume_config(resume), log=_log, resume=True)
         _finish(result.run_dir, result.metrics, plots)
         return
-    missing = [flag for flag, value in (("--task", task), ("--data", data), ("--out", out)) if value is None]
-    if missing:
-        raise ConfigError(f"{', '.join(missing)} required (unless --resume RUN_DIR)")
-    config = TrainConfig(
-        task=task, head=head, backbone=backbone, data=str(data), cache=str(cache) if cache else "",
-        out=str(out), objective=objective, class_weights=class_weights, pos_weight=pos_weight, epochs=epochs,
-        seed=seed, lr=lr, weight_decay=weight_decay, batch_size=batch_size, window=window, stride=stride,
-        infer_stride=infer_stride, hidden=hidden, layers=layers, bidirectional=bidirectional,
-        dropout=dropout, trunk_opts=parse_key_values(trunk_opt or [], "--trunk-opt"), device=device,
-        threads=threads, precision=precision, plots=plots,
+    st.require("--resume RUN_DIR", task=task, data=data, out=out)
+    config = st.train_config(
+        task=task, head=head, backbone=backbone, data=data, cache=cache, fusion=fusion, out=out,
+        objective=objective, class_weights=class_weights, pos_weight=pos_weight, epochs=epochs, seed=seed,
+        lr=lr,
+        weight_decay=weight_decay, batch_size=batch_size, window=window, stride=stride,
+        infer_stride=infer_stride, hidden=hidden, layers=layers, bidirectional=bidirectional, dropout=dropout,
+        trunk_opt=trunk_opt, device=device, threads=threads, precision=precision, smooth=smooth,
+        tune_on=tune_on, holdout=holdout, plots=plots,
     )
     if unfreeze:
         import dataclasses
@@ -187,6 +182,94 @@ def _finish(run_dir: Path, metrics: dict[str, Any], plots: bool) -> None:
     _print_metrics(metrics, f"{run_dir}: validation, best epoch {metrics['best_epoch']}")
 
 
+@app.command("cv")
+@guarded
+def cv_command(
+    folds: int = typer.Option(
+        5, "--folds", help="K: video-level folds over train+val (scikit-learn GroupKFold)."),
+    task: st.Task = None,
+    head: st.Head = "fc",
+    backbone: st.Backbone = "",
+    data: st.Data = None,
+    cache: st.Caches = None,
+    fusion: st.Fusion = "early",
+    out: st.Out = None,
+    objective: st.Objective = "",
+    class_weights: st.ClassWeights = "none",
+    pos_weight: st.PosWeight = False,
+    epochs: st.Epochs = 10,
+    seed: st.Seed = 0,
+    lr: st.Lr = 1e-3,
+    weight_decay: st.WeightDecay = 1e-4,
+    batch_size: st.BatchSize = 0,
+    window: st.Window = 64,
+    stride: st.Stride = 0,
+    infer_stride: st.InferStride = 0,
+    hidden: st.Hidden = -1,
+    layers: st.Layers = 1,
+    bidirectional: st.Bidirectional = False,
+    dropout: st.Dropout = 0.0,
+    trunk_opt: st.TrunkOpt = None,
+    device: st.Device = "auto",
+    threads: st.Threads = 0,
+    precision: st.Precision = "auto",
+    smooth: st.Smooth = "none",
+    tune_on: st.TuneOn = "val",
+    holdout: st.Holdout = 0.15,
+    plots: st.Plots = True,
+) -> None:
+    """Cross-validate a head over train+val: one run per fold in OUT/fold-I (the train-head options apply to
+    each), OUT/summary.json with each metric's mean and spread; OUT predicts the test split as an ensemble of
+    its folds. Re-running continues an interrupted cross-validation."""
+    from abawfeat.cv import run_cv
+
+    st.require(task=task, data=data, out=out)
+    config = st.train_config(
+        task=task, head=head, backbone=backbone, data=data, cache=cache, fusion=fusion, out=out,
+        objective=objective, class_weights=class_weights, pos_weight=pos_weight, epochs=epochs, seed=seed,
+        lr=lr, weight_decay=weight_decay, batch_size=batch_size, window=window, stride=stride,
+        infer_stride=infer_stride, hidden=hidden, layers=layers, bidirectional=bidirectional, dropout=dropout,
+        trunk_opt=trunk_opt, device=device, threads=threads, precision=precision, smooth=smooth,
+        tune_on=tune_on, holdout=holdout, plots=plots,
+    )
+    result = run_cv(config, folds, log=_log)
+    if plots:
+        from abawfeat.report.plots import try_write_run_plots
+
+        for fold in result.folds:
+            if not (fold / "plots").is_dir():
+                try_write_run_plots(fold, log=_log)
+    _print_metrics(result.metrics, f"{result.run_dir}: {folds}-fold cross-validation (mean over folds)")
+    spread = result.metrics.get("spread") or {}
+    if spread:
+        console.print(Text("spread (std over folds): " + ", ".join(f"{k} {v:.4f}" for k, v in spread.items()
+                                                                    if k in result.metrics)))
+
+
+@app.command("ensemble")
+@guarded
+def ensemble_command(
+    runs: list[Path] = typer.Argument(..., help="Run directories of one task on one dataset."),
+    out: Path = typer.Option(..., "--out", help="The ensemble's run directory."),
+    weights: str = typer.Option(
+        "equal", "--weights", help="equal, or tuned: ensemble selection on validation, per task."),
+    smooth: str = typer.Option(
+        "none", "--smooth", help="auto: tune smoothing on the averaged validation scores; none: off."),
+    data: Path | None = typer.Option(None, "--data", help="Override the runs' data root."),
+    overwrite: st.Overwrite = False,
+) -> None:
+    """Average runs' scores (probabilities or values) into an ensemble, re-tuning the AU thresholds and the
+    smoothing; OUT is a run that evaluate, predict, report and ablate treat like any other."""
+    from abawfeat.ensemble import EnsembleConfig, build_ensemble
+
+    cfg = EnsembleConfig(runs=tuple(str(r) for r in runs), out=str(out), weights=weights, smooth=smooth,
+                         data=str(data) if data else "")
+    result = build_ensemble(cfg, log=_log, overwrite=overwrite)
+    for t, w in result.weights.items():
+        console.print(Text(f"{t} weights: " + ", ".join(f"{x:.2f}" for x in w)))
+    _print_metrics(result.metrics, f"{result.run_dir}: validation")
+
+
 @app.command("evaluate")
 @guarded
 def evaluate_command(
@@ -194,7 +277,8 @@ def evaluate_command(
     split: str = typer.Option("val", "--split", help="val or train."),
     as_json: bool = typer.Option(False, "--json", help="Print metrics as JSON on stdout."),
     data: Path | None = typer.Option(None, "--data", help="Override the run's data root."),
-    cache: Path | None = typer.Option(None, "--cache", help="Override the run's cache (same encoder only)."),
+    cache: list[Path] | None = typer.Option(
+        None, "--cache", help="Override the run's caches (same encoders and order; repeat for fused runs)."),
 ) -> None:
     """Score a trained run by the official protocol (every labelled frame, crop or not)."""
     from abawfeat.train import evaluate
@@ -212,10 +296,13 @@ def predict_command(
     run_dir: Path = typer.Argument(..., help="Run directory written by train-head."),
     split: str = typer.Option(..., "--split", help="val, test or train."),
     out: Path = typer.Option(..., "--out", help="Submission file (mtl runs: one file per task beside it)."),
-    smooth: int = typer.Option(0, "--smooth", help="Centred moving average over W frames (odd); 0 = off."),
+    smooth: str = typer.Option(
+        "run", "--smooth", help="run (the run's own tuned smoothing, if any), none, or W: a centred moving "
+        "average of W frames (odd) instead."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier prediction file at --out."),
     data: Path | None = typer.Option(None, "--data", help="Override the run's data root."),
-    cache: Path | None = typer.Option(None, "--cache", help="Override the run's cache (same encoder only)."),
+    cache: list[Path] | None = typer.Option(
+        None, "--cache", help="Override the run's caches (same encoders and order; repeat for fused runs)."),
 ) -> None:
     """Write predictions in the organisers' format: every frame 1..N of every video, crop or not."""
     from abawfeat.predict import predict

@@ -42,6 +42,10 @@ class HeadConfig:
     trunk_config: dict[str, Any] = field(default_factory=dict)  # the trunk's config fields (its defaults
     # where absent), so a checkpoint rebuilds exactly the trunk it was trained with
     normalize: bool = True  # standardise features with training-set mean/std (buffers, saved in checkpoints)
+    # Fused caches (abawfeat.data.sequences): each cache's feature size; their columns come first, then one
+    # availability column per cache. () = one cache.
+    groups: tuple[int, ...] = ()
+    fusion: str = "early"  # early: one trunk on all columns; late: one trunk per cache, outputs gated
 
 
 class Head(nn.Module):
@@ -54,7 +58,15 @@ class Head(nn.Module):
         super().__init__()
         for t in config.tasks:
             single(t)  # a ConfigError naming the tasks for an unknown one
-        self.trunk: Trunk = build_trunk(config.trunk, config.in_dim, config.trunk_config)
+        if config.fusion not in FUSIONS:
+            raise ConfigError(f"--fusion {config.fusion!r}: choose one of {', '.join(FUSIONS)}")
+        if config.groups and sum(config.groups) + len(config.groups) != config.in_dim:
+            raise ConfigError(f"head: caches of {list(config.groups)} features and their availability "
+                              f"columns do not make {config.in_dim} inputs")
+        if config.fusion == "late" and len(config.groups) > 1:
+            self.trunk: Trunk | LateFusion = LateFusion(config.groups, config.trunk, config.trunk_config)
+        else:
+            self.trunk = build_trunk(config.trunk, config.in_dim, config.trunk_config)
         # The trunk's whole config (its defaults filled in), so a checkpoint never depends on defaults that
         # a later version might change.
         from abawfeat.utils.configs import to_dict
@@ -95,6 +107,13 @@ class Head(nn.Module):
         if self.config.normalize:
             scale = 1.0 / self.in_std
             x.mul_(scale).add_(-self.in_mean * scale)
+        groups = self.config.groups
+        if groups:
+            # A cache that lacks a frame contributes its training mean (0 after standardising), and its
+            # availability column says so: the trunk sees the mask, never a silent zero feature.
+            n = sum(groups)
+            present = x[..., n:]
+            x[..., :n].mul_(torch.repeat_interleave(present, torch.tensor(groups, device=x.device), dim=-1))
         return x
 
     def represent(self, features: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -111,6 +130,48 @@ class Head(nn.Module):
 
     def forward(self, features: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
         raise NotImplementedError
+
+
+FUSIONS = ("early", "late")
+
+
+class LateFusion(nn.Module):
+    """One trunk per fused cache, their outputs combined per frame by learned gates.
+
+    Branches of different widths are projected to the widest one. The gates are a softmax over the caches
+    for every output dimension, from all branches' outputs (as in gated multimodal units), so a dimension
+    can come from the cache that carries it; a cache that lacks the frame gets no weight there (its logits
+    are masked), so the combination uses only the caches that saw the frame. Declares the branches'
+    (shared) temporal context.
+    """
+
+    def __init__(self, groups: tuple[int, ...], trunk: str, options: dict[str, Any]) -> None:
+        super().__init__()
+        self.groups = tuple(groups)
+        self.branches = nn.ModuleList(build_trunk(trunk, g, options) for g in groups)
+        self.config = self.branches[0].config
+        widths = [b.out_dim for b in self.branches]
+        self.out_dim = max(widths)
+        self.project = nn.ModuleList(nn.Identity() if w == self.out_dim else nn.Linear(w, self.out_dim)
+                                     for w in widths)
+        self.gate = nn.Linear(sum(widths), len(groups) * self.out_dim)
+
+    def context(self) -> Context:
+        return self.branches[0].context()
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        n = sum(self.groups)
+        present = x[..., n:]
+        bounds = torch.tensor([0, *self.groups]).cumsum(0).tolist()
+        hs = [branch(x[..., bounds[c] : bounds[c + 1]], mask) for c, branch in enumerate(self.branches)]
+        logits = self.gate(torch.cat(hs, dim=-1)).float().unflatten(-1, (len(self.groups), self.out_dim))
+        absent = (present <= 0.5).unsqueeze(-1)  # [..., C, 1]
+        logits = logits.masked_fill(absent, float("-inf"))
+        # A frame no cache has cannot be a row; guard anyway so padding never produces NaN.
+        logits = torch.where(absent.all(dim=-2, keepdim=True), torch.zeros_like(logits), logits)
+        weights = torch.softmax(logits, dim=-2)
+        values = torch.stack([proj(h).float() for h, proj in zip(hs, self.project, strict=True)], dim=-2)
+        return (weights * values).sum(dim=-2).to(hs[0].dtype)
 
 
 def _check_head(name: str, cls: Any) -> None:

@@ -110,6 +110,12 @@ class Task:
         them. The default scores the decisions at the task's fixed rule."""
         return self.decision_metrics(self.decide(scores), labels, valid), None
 
+    def smoothing_objective(self, scores: np.ndarray, labels: np.ndarray, valid: np.ndarray,
+                            columns: list[int]) -> float:
+        """What smoothing maximises for the outputs ``columns`` (``scores`` holds just those columns): the
+        task's metric restricted to them (abawfeat.smoothing)."""
+        raise NotImplementedError
+
     # ----------------------------------------------------------------------------- submission files
     def format_rows(self, decisions: np.ndarray) -> list[str]:
         """One video's decisions [N, ...] -> the value part of its N submission rows."""

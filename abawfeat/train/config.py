@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from abawfeat.errors import ConfigError
-from abawfeat.heads import Head, build_head
+from abawfeat.heads import FUSIONS, Head, build_head
 from abawfeat.tasks import run_task_names, task, task_names
 from abawfeat.trunks import TRUNKS, Context, build_trunk, make_trunk_config, trunk_fields
 
@@ -36,7 +36,11 @@ class TrainConfig:
     # the head kind around it (per-task outputs, or the contrastive projection)
     backbone: str = ""  # encoder whose cache is read: "" = the cache's own; given, it must match the cache
     data: str = ""  # Aff-Wild2 root (annotations, test lists, sample files); its folder name names the cache
-    cache: str = ""  # feature cache; "" = abawfeat.cache.default_cache_path(dataset name, backbone)
+    # Feature caches; several are fused (aligned by frame number). () = abawfeat.cache.default_cache_path(
+    # dataset name, backbone), where extract writes.
+    cache: tuple[str, ...] = ()
+    fusion: str = "early"  # several caches: early (standardised features concatenated, with availability
+    # columns) or late (one trunk per cache, outputs combined by learned gates)
     out: str = ""  # run directory
     objective: str = ""  # "" = the task's default (ccc, ce, bce, mtl); "contrastive" for expr on CLIP caches
     class_weights: str = "none"  # CE weighting (EXPR is skewed): none | inverse | sqrt_inverse | effective
@@ -63,7 +67,22 @@ class TrainConfig:
     # bf16 | fp16 (CUDA)
     grad_clip: float = 1.0  # max gradient norm (recurrent trunks on long windows can spike); 0 = off
     fill: str = "interpolate"  # how frames without a crop get outputs: interpolate | nearest | previous
+    smooth: str = "none"  # none | auto: a temporal filter per output, tuned after training (smoothing.py)
+    # Where AU thresholds and smoothing are tuned: val (the scored split: optimistic, the paper's F1_AUopt)
+    # or holdout (a share of the training videos, taken out of training: an honest validation score).
+    tune_on: str = "val"
+    holdout: float = 0.15  # --tune-on holdout: the share of training videos (whole videos) held out
+    # Cross-validation (abawfeat cv): this run is fold `fold` of `folds` over train+val (splits.cv_folds):
+    # it trains on the other folds' videos and validates on its own. 0 = the release's train / val.
+    folds: int = 0
+    fold: int = 0
     plots: bool = True  # write plots/*.png at the end (matplotlib, seconds); a run is complete without them
+
+    def __post_init__(self) -> None:
+        # Run records written when a run had one cache hold it as a string.
+        if isinstance(self.cache, str):
+            self.cache = (self.cache,) if self.cache else ()
+        self.cache = tuple(str(c) for c in self.cache)
 
 
 def objective_name(cfg: TrainConfig) -> str:
@@ -112,6 +131,21 @@ def validate_config(cfg: TrainConfig) -> None:
     if clash:
         raise ConfigError(f"--trunk-opt {clash[0]}: use --{clash[0]} instead")
     make_trunk_config(cfg.head, trunk_options(cfg), where="--trunk-opt")
+    if cfg.smooth not in ("none", "auto"):
+        raise ConfigError(f"--smooth {cfg.smooth!r}: choose none or auto")
+    if cfg.tune_on not in ("val", "holdout"):
+        raise ConfigError(f"--tune-on {cfg.tune_on!r}: choose val or holdout")
+    if not 0.0 < cfg.holdout < 1.0:
+        raise ConfigError(f"--holdout must be a fraction in (0, 1), got {cfg.holdout}")
+    if cfg.folds and not (cfg.folds >= 2 and 0 <= cfg.fold < cfg.folds):
+        raise ConfigError(f"fold {cfg.fold} of --folds {cfg.folds}: need folds >= 2 and 0 <= fold < folds")
+    if cfg.fusion not in FUSIONS:
+        raise ConfigError(f"--fusion {cfg.fusion!r}: choose one of {', '.join(FUSIONS)}")
+    if len(cfg.cache) > 1 and cfg.backbone:
+        raise ConfigError("--backbone names one cache; with several --cache the encoders come from the "
+                          "caches")
+    if len(set(cfg.cache)) != len(cfg.cache):
+        raise ConfigError("--cache: the same cache is given twice")
     if not cfg.data:
         raise ConfigError("--data is required: the Aff-Wild2 root with the annotations")
     if not cfg.out:
@@ -142,17 +176,20 @@ def trunk_context(cfg: TrainConfig) -> Context:
     return build_trunk(cfg.head, 8, trunk_options(cfg)).context()
 
 
-def build_head_for(cfg: TrainConfig, in_dim: int, text_dim: int | None = None) -> Head:
+def build_head_for(cfg: TrainConfig, in_dim: int, text_dim: int | None = None,
+                   groups: tuple[int, ...] = ()) -> Head:
     """The head a TrainConfig asks for: the objective's head kind on the ``--head`` trunk.
 
-    ``text_dim``: the prompt embeddings' size, which the contrastive projection must produce."""
+    ``text_dim``: the prompt embeddings' size, which the contrastive projection must produce. ``groups``:
+    the fused caches' feature sizes (``SequenceSet.groups``)."""
     from abawfeat.train.objectives import OBJECTIVES
 
     objective = OBJECTIVES.get(objective_name(cfg))
     tasks = task_names(cfg.task)
     defaults = objective.trunk_defaults.get(cfg.head, {})
     fields: dict[str, Any] = {"in_dim": in_dim, "trunk": cfg.head,
-                              "trunk_config": trunk_options(cfg, defaults)}
+                              "trunk_config": trunk_options(cfg, defaults), "groups": tuple(groups),
+                              "fusion": cfg.fusion}
     if objective.head == "tasks":
         fields["tasks"] = tasks
     if text_dim is not None:
@@ -210,6 +247,16 @@ def default_cache(data_root: str | Path, backbone: str) -> Path:
     from abawfeat.cache import default_cache_path
 
     return default_cache_path(dataset_name(data_root), backbone)
+
+
+DEFAULT_BACKBONE = "ddamfn"  # whose cache a run reads when it names neither a cache nor a backbone
+
+
+def cache_paths(cfg: TrainConfig) -> list[Path]:
+    """The caches a config reads: its own, or extract's default for its backbone."""
+    if cfg.cache:
+        return [Path(c) for c in cfg.cache]
+    return [default_cache(cfg.data, cfg.backbone or DEFAULT_BACKBONE)]
 
 
 __all__ = ["CLASS_WEIGHT_CHOICES", "DEFAULT_BATCH", "Resolved", "TrainConfig", "build_head_for",

@@ -13,22 +13,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from abawfeat.data.batches import WindowSource
-from abawfeat.data.sequences import load_split, make_windows
+from abawfeat.data.sequences import load_split, make_windows, split_videos
 from abawfeat.errors import ConfigError, RunError
 from abawfeat.tasks import task, task_names
 from abawfeat.train.config import (
     TrainConfig,
     build_head_for,
+    cache_paths,
     dataset_name,
-    default_cache,
     objective_name,
     resolve,
     trunk_context,
     validate_config,
+)
+from abawfeat.train.finish import (
+    final_metrics,
+    read_timeline,
+    tune_decisions,
+    write_smoothing,
 )
 from abawfeat.train.inference import Evaluation, evaluate_set
 from abawfeat.train.loop import run_epochs
@@ -47,9 +54,11 @@ from abawfeat.train.rundir import (
     RunDir,
     RunRecord,
     architecture_label,
+    load_checkpoint,
     load_state,
     metrics_record,
     on_disk_full,
+    open_caches,
     open_run_dir,
     run_matches,
     run_state,
@@ -58,7 +67,8 @@ from abawfeat.train.rundir import (
     write_history,
     write_val_outputs,
 )
-from abawfeat.utils.configs import from_dict, to_dict
+from abawfeat.train.splits import holdout_videos, run_split
+from abawfeat.utils.configs import from_dict, jsonable, to_dict
 from abawfeat.utils.device import resolve_device, seed_everything
 from abawfeat.utils.io import write_json
 
@@ -134,32 +144,39 @@ def _fit(cfg: TrainConfig, run: RunDir, log: Callable[[str], None] | None) -> Fi
     spec = task(cfg.task)
     objective_id = objective_name(cfg)
 
-    # -- data: the two splits, packed once; the cache is read only here.
-    from abawfeat.cache import FeatureCache
+    # -- data: the two splits, packed once; the caches are read only here.
     from abawfeat.data.affwild2 import AffWild2
 
     data = AffWild2(cfg.data)
-    cache_path = Path(cfg.cache) if cfg.cache else default_cache(cfg.data, cfg.backbone or "ddamfn")
-    with FeatureCache(cache_path) as cache:
-        encoder = str(cache.encoder)
-        if cfg.backbone and cfg.backbone != encoder:
-            raise ConfigError(f"--backbone {cfg.backbone}: {cache_path} holds {encoder} features; pass "
-                              f"--backbone {encoder} or leave --backbone out to take it from the cache")
-        fingerprint = cache.fingerprint()
-        text = text_embeddings_in_class_order(cache) if OBJECTIVES.get(objective_id).head == "contrastive" \
-            else None
-        train_set = load_split(data, cache, tasks, "train")
-        val_set = load_split(data, cache, tasks, "val")
-        cache_ref = {"path": str(cache_path), "encoder": encoder, "fingerprint": fingerprint,
-                     "dtype": str(cache.dtype)}
-        in_dim = int(cache.feature_dim)
+    with open_caches(cache_paths(cfg)) as caches:
+        encoders = [str(c.encoder) for c in caches]
+        if cfg.backbone and cfg.backbone != encoders[0]:
+            raise ConfigError(f"--backbone {cfg.backbone}: {caches[0].path} holds {encoders[0]} features; "
+                              f"pass --backbone {encoders[0]} or leave --backbone out to take it from the "
+                              "cache")
+        fingerprints = [c.fingerprint() for c in caches]
+        text = None
+        if OBJECTIVES.get(objective_id).head == "contrastive":
+            text = text_embeddings_in_class_order(next((c for c in caches if c.text_embeddings() is not None),
+                                                       caches[0]))
+        train_split, train_videos = run_split(data, tasks, "train", cfg.folds, cfg.fold, cfg.seed)
+        val_split, val_videos = run_split(data, tasks, "val", cfg.folds, cfg.fold, cfg.seed)
+        train_videos = train_videos or split_videos(data, tasks, train_split)
+        held = holdout_videos(train_videos, cfg.holdout, cfg.seed) if cfg.tune_on == "holdout" else []
+        train_set = load_split(data, caches, tasks, train_split, [v for v in train_videos if v not in held])
+        tune_set = load_split(data, caches, tasks, train_split, held) if held else None
+        val_set = load_split(data, caches, tasks, val_split, val_videos)
+        cache_refs = [{"path": str(c.path), "encoder": e, "fingerprint": f, "dtype": str(c.dtype)}
+                      for c, e, f in zip(caches, encoders, fingerprints, strict=True)]
+        in_dim = int(train_set.feature_dim)
     say(f"train: {len(train_set.videos)} videos, {train_set.n_rows:,} crops; "
-        f"val: {len(val_set.videos)} videos, {val_set.n_timeline:,} frames")
+        f"val: {len(val_set.videos)} videos, {val_set.n_timeline:,} frames"
+        + (f"; tuning on {len(held)} held-out training videos" if held else ""))
 
     # -- model: seeded, standardised on the training crops, prompts loaded for the contrastive head.
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    head = build_head_for(cfg, in_dim, None if text is None else int(text.shape[1]))
+    head = build_head_for(cfg, in_dim, None if text is None else int(text.shape[1]), train_set.groups)
     if head.config.normalize:
         mean, std = train_set.feature_stats()
         head.set_feature_stats(torch.from_numpy(mean), torch.from_numpy(std))
@@ -171,7 +188,8 @@ def _fit(cfg: TrainConfig, run: RunDir, log: Callable[[str], None] | None) -> Fi
     # -- windows and batch sources (index arrays computed once).
     train_windows = make_windows(train_set.row_offsets, res.window, res.stride, keep=train_set.row_weight())
     if len(train_windows) == 0:
-        raise ConfigError(f"{cfg.data}: no training crop carries a {'/'.join(tasks)} label in {cache_path}")
+        raise ConfigError(f"{cfg.data}: no training crop carries a {'/'.join(tasks)} label in "
+                          f"{', '.join(c['path'] for c in cache_refs)}")
     train_source = WindowSource(train_set, train_windows, tasks, res.batch_size, shuffle=True, seed=cfg.seed)
     val_source = WindowSource(val_set, make_windows(val_set.row_offsets, res.infer_window, res.infer_stride),
                               tasks, res.infer_batch_size, shuffle=False)
@@ -182,13 +200,12 @@ def _fit(cfg: TrainConfig, run: RunDir, log: Callable[[str], None] | None) -> Fi
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     # -- the run record first (a fresh run); metrics.json, the completion mark, comes last.
-    dtype = cache_ref["dtype"]
     record = RunRecord(
         kind="head", task=cfg.task, trunk=cfg.head, objective=objective_id,
-        label=architecture_label([encoder], cfg.head, cfg.task), caches=[cache_ref],
+        label=architecture_label(encoders, cfg.head, cfg.task, fusion=cfg.fusion), caches=cache_refs,
         dataset={"root": str(cfg.data), "name": dataset_name(cfg.data)},
         train=to_dict(cfg), resolved=to_dict(res), head=_head_dict(head),
-        loss_weights=weights.as_json(), extra={"cache_dtype": dtype},
+        loss_weights=weights.as_json(),
     )
 
     # -- an interrupted run continues where its last finished epoch left it.
@@ -209,9 +226,9 @@ def _fit(cfg: TrainConfig, run: RunDir, log: Callable[[str], None] | None) -> Fi
                             fill=cfg.fill)
 
     def on_best(epoch: int, ev: Evaluation) -> None:
-        best.update(epoch=epoch, metrics=_plain(ev.metrics))
-        save_checkpoint(out / CHECKPOINT_FILE, head, [fingerprint], ev.au_thresholds, epoch,
-                        {"metrics": _plain(ev.metrics)})
+        best.update(epoch=epoch, metrics=jsonable(ev.metrics))
+        save_checkpoint(out / CHECKPOINT_FILE, head, fingerprints, ev.au_thresholds, epoch,
+                        {"metrics": jsonable(ev.metrics)})
         write_val_outputs(out / OUTPUTS_FILE, val_set, ev.timeline)
 
     def on_epoch(epoch: int, rows: list[dict[str, Any]], value: float) -> None:
@@ -230,7 +247,28 @@ def _fit(cfg: TrainConfig, run: RunDir, log: Callable[[str], None] | None) -> Fi
     if not best:
         raise ConfigError(f"{run.target}: no epoch produced a finite {spec.select_metric} (diverged?); "
                           "try a lower --lr")
-    result = metrics_record(cfg.task, "val", int(best["epoch"]), best["metrics"])
+
+    # -- decisions tuned on the tuning frames (validation, or the held-out training videos), then the
+    # final metrics on validation; metrics.json, the completion mark, is written last.
+    timeline = read_timeline(out / OUTPUTS_FILE, val_set, tasks)
+    best_head, payload = load_checkpoint(out / CHECKPOINT_FILE, tasks)
+    thresholds = payload.get("au_thresholds")
+    thresholds = None if thresholds is None else np.asarray(thresholds)
+    smoothing = None
+    if tune_set is not None:
+        windows = make_windows(tune_set.row_offsets, res.infer_window, res.infer_stride)
+        source = WindowSource(tune_set, windows, tasks, res.infer_batch_size, shuffle=False)
+        held_ev = evaluate_set(best_head.to(device), tune_set, cfg.task, source, device, res.precision,
+                               fill=cfg.fill)
+        thresholds, smoothing = tune_decisions(tune_set, held_ev.timeline, cfg.task, cfg.smooth == "auto",
+                                               "holdout", held)
+        save_checkpoint(out / CHECKPOINT_FILE, best_head, fingerprints, thresholds, int(best["epoch"]),
+                        {"metrics": best["metrics"]})
+    elif cfg.smooth == "auto":
+        _, smoothing = tune_decisions(val_set, timeline, cfg.task, True, "val")
+    write_smoothing(out, smoothing)
+    final = final_metrics(val_set, timeline, cfg.task, thresholds, smoothing, cfg.tune_on)
+    result = metrics_record(cfg.task, "val", int(best["epoch"]), jsonable(final))
     write_json(out / METRICS_FILE, result)  # last: its presence marks a complete run
     return FitResult(run_dir=run.commit(), metrics=result, history=history)
 
@@ -239,21 +277,6 @@ def _head_dict(head: nn.Module) -> dict[str, Any]:
     from abawfeat.heads import head_to_dict
 
     return head_to_dict(head)  # type: ignore[arg-type]
-
-
-def _plain(value: Any) -> Any:
-    """Metrics as plain JSON values (numpy scalars and arrays become floats and lists)."""
-    import numpy as np
-
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    return value
 
 
 __all__ = ["RUN_ONLY_SETTINGS", "FitResult", "fit", "resume_config", "run_is_complete"]

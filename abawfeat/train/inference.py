@@ -81,10 +81,13 @@ def fill_timeline(
 ) -> dict[str, np.ndarray]:
     """Scores on every timeline frame: each video's crop scores spread over frames 1..N with
     ``submission.fill_missing`` (``method``). This is THE rule for frames without a crop; ``evaluate`` and
-    ``predict`` both go through it. A video without any crop gets the task's no-crop scores."""
+    ``predict`` both go through it. A video without any crop gets the task's no-crop scores.
+
+    Scores are float32, as the model makes them and as val_outputs.npz stores them, so a run's metrics
+    computed from that file or from a fresh inference are the same numbers."""
     from abawfeat.submission import fill_missing
 
-    out = {t: np.empty((data.n_timeline, single(t).width), dtype=np.float64) for t in row_scores}
+    out = {t: np.empty((data.n_timeline, single(t).width), dtype=np.float32) for t in row_scores}
     for v in range(len(data.videos)):
         lo, hi = int(data.row_offsets[v]), int(data.row_offsets[v + 1])
         tlo, thi = int(data.tl_offsets[v]), int(data.tl_offsets[v + 1])

@@ -19,11 +19,12 @@ Nothing here destroys a complete run: a new run refuses a directory that holds o
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ RUN_KINDS: dict[str, tuple[str, ...]] = {
     "head": (CONFIG_FILE, CHECKPOINT_FILE, HISTORY_FILE, OUTPUTS_FILE, METRICS_FILE),
     "finetune": (CONFIG_FILE, CHECKPOINT_FILE, HISTORY_FILE, OUTPUTS_FILE, METRICS_FILE),
     "ensemble": (CONFIG_FILE, OUTPUTS_FILE, METRICS_FILE),
+    "cv": (CONFIG_FILE, METRICS_FILE),
 }
 
 
@@ -149,15 +151,18 @@ class RunRecord:
                    package_version=str(data.get("package_version") or "?"))
 
 
-def architecture_label(encoders: Sequence[str], trunk: str, run_task: str, kind: str = "head") -> str:
+def architecture_label(encoders: Sequence[str], trunk: str, run_task: str, kind: str = "head",
+                       fusion: str = "early") -> str:
     """The seed paper's name for a set-up, e.g. ``DDAMFN+LSTM``, ``DDAMFN&CLIP+GRU (multi-task)``: encoder
-    and trunk labels from their registries; multi-task and end-to-end runs say so, since they are other
-    set-ups than per-task heads on frozen features."""
+    and trunk labels from their registries; late fusion, multi-task and end-to-end runs say so, since they
+    are other set-ups than per-task heads on one cache of frozen features."""
     from abawfeat.trunks import TRUNKS
 
     enc = "&".join(_encoder_label(e) for e in encoders) or "?"
     head = TRUNKS.get(trunk).label if trunk in TRUNKS else trunk
     label = f"{enc}+{head}"
+    if len(encoders) > 1 and fusion == "late":
+        label += " (late fusion)"
     if len(task_names(run_task)) > 1:
         label += " (multi-task)"
     if kind == "finetune":
@@ -189,6 +194,14 @@ def run_state(run_dir: str | Path) -> str:
     if CONFIG_FILE not in names:
         return "foreign"
     return "complete" if METRICS_FILE in names else "incomplete"
+
+
+def read_record_or_none(run_dir: str | Path) -> RunRecord | None:
+    """The run record of ``run_dir``, or None when it has none or an unreadable one."""
+    try:
+        return RunRecord.read(run_dir)
+    except RunError:
+        return None
 
 
 def require_complete(run_dir: str | Path) -> RunRecord:
@@ -287,9 +300,24 @@ def open_run_dir(out: str | Path, *, overwrite: bool = False, resume: bool = Fal
                            "new run is complete, or choose another --out")
         raise RunError(f"{target}: holds an interrupted run (no {METRICS_FILE}{_last_epoch_note(target)}); "
                        f"continue it with --resume, or start over with --overwrite")
+    for stale in target.parent.glob(f".{target.name}.new-*"):
+        # A replacement whose process is gone (killed): nothing will ever swap it in.
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not (pid.isdigit() and _alive(int(pid))):
+            shutil.rmtree(stale, ignore_errors=True)
     staging = target.with_name(f".{target.name}.new-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     return RunDir(target=target, path=staging)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _describe(path: Path) -> str:
@@ -475,6 +503,15 @@ def _short(fp: Mapping[str, Any]) -> str:
     return f"encoder {fp.get('encoder')}, dim {fp.get('feature_dim')}"
 
 
+@contextlib.contextmanager
+def open_caches(paths: Sequence[str | Path]) -> Iterator[list[Any]]:
+    """Open feature caches (read-only) for the duration of a ``with`` block."""
+    from abawfeat.cache import FeatureCache
+
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(FeatureCache(p)) for p in paths]
+
+
 def run_matches(run_dir: str | Path, train: Mapping[str, Any], ignore: Sequence[str] = ()) -> bool:
     """The run in ``run_dir`` is complete, was trained with the settings ``train`` (``ignore`` aside: those
     that do not change what is learned), and its caches still have the fingerprints it was trained on."""
@@ -511,6 +548,8 @@ def on_disk_full(target: RunDir, write: Callable[[], Any]) -> Any:
         target.abandon()
         if target.staged:
             kept = f"the previous run in {target.target} is untouched"
+        elif not (target.path / CONFIG_FILE).is_file():
+            kept = f"nothing of the run was kept in {target.target}"
         elif (target.path / STATE_FILE).is_file():
             kept = f"the run in {target.target} is incomplete; free space, then continue it with --resume"
         else:
@@ -521,5 +560,5 @@ def on_disk_full(target: RunDir, write: Callable[[], Any]) -> Any:
 __all__ = ["CHECKPOINT_FILE", "CONFIG_FILE", "HISTORY_FILE", "METRICS_FILE", "OUTPUTS_FILE", "RUN_KINDS",
            "STATE_FILE", "LoadedRun", "RunDir", "RunRecord", "architecture_label", "check_fingerprints",
            "load_checkpoint", "load_run", "load_state", "load_versioned", "metrics_record", "on_disk_full",
-           "open_run_dir", "require_complete", "run_matches", "run_state", "save_checkpoint", "save_state",
-           "write_history", "write_val_outputs"]
+           "open_caches", "open_run_dir", "read_record_or_none", "require_complete", "run_matches",
+           "run_state", "save_checkpoint", "save_state", "write_history", "write_val_outputs"]
