@@ -164,9 +164,20 @@ def load_recipe(path: str | Path) -> Recipe:
     """Parse and validate a recipe; every problem is a ConfigError naming the file and the key."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: recipe not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a recipe file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the recipe: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (TOML recipes are UTF-8)") from None
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     unknown = sorted(set(raw) - {"grid", "caches", "defaults", "rows", "ensembles"})

@@ -140,8 +140,13 @@ def test_missing_root_or_annotations(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="data root not found"):
         AffWild2(tmp_path / "nope")
     (tmp_path / "cropped_aligned").mkdir()
-    with pytest.raises(DataError, match="no annotations folder"):
-        AffWild2(tmp_path)
+    # Crops alone are a valid tree (stage one needs nothing else); asking for annotations names the problem.
+    crops_only = AffWild2(tmp_path)
+    assert not crops_only.has_annotations and crops_only.videos_with_crops() == []
+    for ask in (lambda: crops_only.videos("va", "train"), lambda: crops_only.annotation("au", "val", "v"),
+                lambda: crops_only.task_dir("expr"), lambda: crops_only.mtl_annotations("train")):
+        with pytest.raises(DataError, match="no annotations folder"):
+            ask()
     with pytest.raises(DataError, match="annotations folder not found"):
         AffWild2(tmp_path, annotations=tmp_path / "labels")
     (tmp_path / "labels").mkdir()

@@ -15,7 +15,7 @@ from rich.text import Text
 
 from abawfeat.cli import _stage_two as st
 from abawfeat.cli import app
-from abawfeat.cli._common import console, err_console, guarded
+from abawfeat.cli._common import console, err_console, error_line, guarded
 
 
 def _log(message: str) -> None:
@@ -344,8 +344,7 @@ def ablate_command(
         console.print(str(path), highlight=False)
     if result.failed:
         for cell in result.failed:
-            err_console.print(f"[bold red]failed:[/bold red] {cell.row.label} {cell.task}: {cell.error}",
-                              highlight=False, soft_wrap=True)
+            error_line(f"{cell.row.label} {cell.task}: {cell.error}", label="failed:")
         raise typer.Exit(code=1)
 
 

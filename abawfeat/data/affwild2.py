@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from abawfeat.constants import SPLIT_DIRS, SPLITS
+from abawfeat.data.names import crop_file_name, crop_frame, is_jpeg_name, video_name_problem
 from abawfeat.errors import DataError
 from abawfeat.tasks import Task, single, single_tasks, task
 
@@ -82,6 +83,10 @@ _BLANK_LINE_RE = re.compile(r"^[ \t]*$", re.MULTILINE)
 _NAME_LIST_HEADER_RE = re.compile(r"(video|name|file)s?([ _-]?(name|names|id|ids))?:?", re.IGNORECASE)
 _VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv")
 _EDITION_RE = re.compile(r"(\d+)(?:st|nd|rd|th)", re.IGNORECASE)
+_NO_ANNOTATIONS = ("no annotations folder here (a folder named like '8th_ABAW_Annotations' or "
+                   "'6th ABAW Annotations'); give its path with --annotations")
+# Bad names listed in one error line, at most (the rest are counted).
+_MAX_LISTED = 5
 
 
 
@@ -388,6 +393,7 @@ def read_mtl_file(path: str | Path) -> MtlAnnotations:
         _explain_bad_mtl_row(path, body)
     images = [r[0] for r in rows]
     videos = [r[1] for r in rows]
+    check_video_names(sorted(set(videos)), path, "video in this file")
     frames = [int(r[2]) for r in rows]
     rests = [r[3] for r in rows]
     value_names = _mtl_value_names()
@@ -464,6 +470,20 @@ def read_name_list(path: str | Path) -> list[str]:
     return names
 
 
+def check_video_names(names: Iterable[str], where: Path, what: str) -> None:
+    """Refuse, in one line naming ``where`` and every bad name, video names that could not appear in a
+    submission row or a cache (``abawfeat.data.names.video_name_problem``). ``what`` says what to rename."""
+    bad = [(n, p) for n in names if (p := video_name_problem(n)) is not None]
+    if not bad:
+        return
+    name, problem = bad[0]
+    others = ", ".join(repr(n) for n, _ in bad[1:1 + _MAX_LISTED])
+    more = f"; also {others}" if others else ""
+    if len(bad) > 1 + _MAX_LISTED:
+        more += f" and {len(bad) - 1 - _MAX_LISTED} more"
+    raise DataError(where, f"video name {name!r} cannot be used: {problem}; rename the {what}{more}")
+
+
 def read_sample_frame_counts(path: str | Path) -> dict[str, int]:
     """N (the highest frame number) per video of an organisers' sample prediction file, whose rows are
     ``<video>/<NNNNN>.jpg,...`` after an ``image_location,...`` header. Blank lines are skipped."""
@@ -490,6 +510,7 @@ def read_sample_frame_counts(path: str | Path) -> dict[str, int]:
             counts[video] = n
     if not counts:
         raise DataError(path, "no frame rows")
+    check_video_names(counts, path, "video in this file")
     return counts
 
 
@@ -497,17 +518,18 @@ def find_annotations_dir(root: str | Path) -> Path:
     """The one folder directly under ``root`` whose name matches ``*ABAW*Annotations*`` (any case,
     spaces or underscores). DataError if there is none, or several (listing them)."""
     root = Path(root)
-    found = sorted(
-        (e.name for e in _scandir(root) if e.is_dir() and _ANNOTATIONS_DIR_RE.search(e.name)),
-        key=str.lower,
-    )
+    found = _annotation_dir_names(root)
     if not found:
-        raise DataError(root, "no annotations folder here (a folder named like '8th_ABAW_Annotations' or "
-                              "'6th ABAW Annotations'); give its path with --annotations")
+        raise DataError(root, _NO_ANNOTATIONS)
     if len(found) > 1:
         listed = ", ".join(repr(n) for n in found)
         raise DataError(root, f"several annotations folders: {listed}; choose one with --annotations")
     return root / found[0]
+
+
+def _annotation_dir_names(root: Path) -> list[str]:
+    return sorted((e.name for e in _scandir(root) if e.is_dir() and _ANNOTATIONS_DIR_RE.search(e.name)),
+                  key=str.lower)
 
 
 def _scandir(folder: Path) -> list[os.DirEntry[str]]:
@@ -526,19 +548,46 @@ def _child_dirs(folder: Path) -> dict[str, Path]:
     return {e.name.lower(): Path(e.path) for e in _scandir(folder) if e.is_dir()}
 
 
-def _crop_frame(name: str) -> int | None:
-    """Frame number of a crop file name ``NNNNN.jpg``; None for anything else (Thumbs.db, .png, ...)."""
-    if len(name) > 4 and name[-4:].lower() == ".jpg":
-        stem = name[:-4]
-        if stem.isascii() and stem.isdigit():
-            return int(stem)
-    return None
+def _list_crops(folder: Path) -> np.ndarray:
+    """int32, ascending: the frame numbers of the crops in a crop folder (``names.crop_frame`` decides what
+    a crop is). A JPEG whose name is not a crop name is a ``DataError`` naming it (and, for a second name of
+    one frame such as ``1.jpg`` beside ``00001.jpg``, naming both)."""
+    frames: list[int] = []
+    problems: list[tuple[str, str]] = []
+    entries = _scandir(folder)
+    for entry in entries:
+        try:
+            frame = crop_frame(entry.name)
+        except ValueError as exc:
+            if not entry.is_dir():
+                problems.append((entry.name, str(exc)))
+            continue
+        if frame is not None and entry.is_file():
+            frames.append(frame)
+    if problems:
+        crops = {e.name for e in entries if is_jpeg_name(e.name)} - {n for n, _ in problems}
+        name, problem = min(problems)
+        # A second name for a frame that already has its crop is the likeliest mistake: say which.
+        for candidate, _ in sorted(problems):
+            try:
+                twin = crop_file_name(int(candidate.rpartition(".")[0]))
+            except ValueError:
+                continue
+            if twin in crops:
+                name, problem = candidate, f"a second file for frame {int(twin[:-4])}, beside {twin}"
+                break
+        more = f" ({len(problems) - 1} more such file(s) in this folder)" if len(problems) > 1 else ""
+        raise DataError(folder / name, f"{problem}; rename or remove it{more}")
+    out = np.array(frames, dtype=np.int32)
+    out.sort()
+    return out
 
 
 def _classify(folder: str) -> str | None:
-    """Kind of folder: "crops" if it holds NNNNN.jpg files, "tree" if sub-folders only (a batch), else None.
+    """Kind of folder: "crops" if it holds JPEG files, "tree" if sub-folders only (a batch), else None.
 
-    Stops at the first jpg: crop folders hold thousands of files and are listed in full only on demand.
+    Stops at the first JPEG: crop folders hold thousands of files and are listed in full only on demand
+    (that listing then checks every name).
     """
     has_dirs = False
     try:
@@ -546,7 +595,7 @@ def _classify(folder: str) -> str | None:
             for entry in it:
                 if entry.name.startswith("."):
                     continue
-                if _crop_frame(entry.name) is not None and entry.is_file():
+                if is_jpeg_name(entry.name) and not entry.is_dir():
                     return "crops"
                 if not has_dirs and entry.is_dir():
                     has_dirs = True
@@ -564,6 +613,10 @@ class AffWild2:
     ``root`` is the data root (holding the annotations folder, ``cropped_aligned``, ...); ``annotations``
     overrides the search for the annotations folder (relative paths are tried from the current directory,
     then from ``root``). Building one only locates folders; everything else is read on demand and memoised.
+
+    A tree of crops without any annotations folder (a user's own videos, or crops alone) is accepted:
+    ``has_annotations`` is False, the crop and test-set methods work, and asking for annotations raises the
+    ``DataError`` that says none was found. Stage one only needs the crops.
     """
 
     def __init__(self, root: str | Path, annotations: str | Path | None = None) -> None:
@@ -574,10 +627,10 @@ class AffWild2:
             raise DataError(self.root, "data root is not a folder")
         # abspath, not resolve: a symlinked data folder keeps the name the user gave it.
         self.name: str = Path(os.path.abspath(self.root)).name
-        self.annotations_dir: Path = self._locate_annotations(annotations)
+        self.annotations_dir: Path | None = self._locate_annotations(annotations)
         self._task_dirs: dict[str, Path | None] = {t.name: self._locate_task_dir(t) for t in single_tasks()}
         self._mtl_dir = self._locate_mtl_dir()
-        if not any(self._task_dirs.values()) and self._mtl_dir is None:
+        if self.annotations_dir is not None and not any(self._task_dirs.values()) and self._mtl_dir is None:
             expected = ", ".join(d for t in single_tasks() for d in t.folders)
             raise DataError(self.annotations_dir, f"no task folder in this annotations folder (expected "
                                                   f"{expected})")
@@ -591,10 +644,22 @@ class AffWild2:
     def __repr__(self) -> str:
         return f"AffWild2(root={str(self.root)!r}, annotations_dir={str(self.annotations_dir)!r})"
 
+    @property
+    def has_annotations(self) -> bool:
+        """False for a tree of crops alone (no annotations folder under the root and none given)."""
+        return self.annotations_dir is not None
+
+    def _require_annotations(self) -> Path:
+        if self.annotations_dir is None:
+            raise DataError(self.root, _NO_ANNOTATIONS)
+        return self.annotations_dir
+
     # -- locating folders
 
-    def _locate_annotations(self, annotations: str | Path | None) -> Path:
+    def _locate_annotations(self, annotations: str | Path | None) -> Path | None:
         if annotations is None:
+            if not _annotation_dir_names(self.root):
+                return None  # crops alone: fine for extraction; annotations are asked for when needed
             return find_annotations_dir(self.root)
         path = Path(annotations)
         if not path.exists() and not path.is_absolute() and (self.root / path).exists():
@@ -604,6 +669,8 @@ class AffWild2:
         return path
 
     def _locate_task_dir(self, spec: Task) -> Path | None:
+        if self.annotations_dir is None:
+            return None
         children = _child_dirs(self.annotations_dir)
         present = [children[d.lower()] for d in spec.folders if d.lower() in children]
         if len(present) > 1:
@@ -613,6 +680,8 @@ class AffWild2:
         return present[0] if present else None
 
     def _locate_mtl_dir(self) -> Path | None:
+        if self.annotations_dir is None:
+            return None
         children = _child_dirs(self.annotations_dir)
         dirs = sorted(p for name, p in children.items() if _MTL_DIR_RE.fullmatch(name))
         return dirs[0] if dirs else None
@@ -620,6 +689,7 @@ class AffWild2:
     def task_dir(self, task: str) -> Path | None:
         """The task's folder inside the annotations folder (None if the release has none)."""
         _check_task(task)
+        self._require_annotations()
         return self._task_dirs[task]
 
     def split_dir(self, task: str, split: str) -> Path | None:
@@ -639,6 +709,9 @@ class AffWild2:
                 for e in _scandir(folder):
                     if e.name.lower().endswith(".txt") and e.is_file():
                         files[e.name[:-4]] = Path(e.path)
+                bad = sorted(v for v in files if video_name_problem(v) is not None)
+                if bad:
+                    check_video_names(bad, files[bad[0]], "annotation file")
             self._video_files[key] = dict(sorted(files.items()))
         return self._video_files[key]
 
@@ -654,7 +727,7 @@ class AffWild2:
         files = self._files(task, split)
         if video not in files:
             where = self.split_dir(task, split) or self.annotations_dir
-            raise DataError(where, f"no {task.upper()} {split} annotation for video {video!r}")
+            raise DataError(where or self.root, f"no {task.upper()} {split} annotation for video {video!r}")
         return files[video]
 
     def annotation(self, task: str, split: str, video: str) -> Annotation:
@@ -676,10 +749,29 @@ class AffWild2:
     def _crops(self) -> dict[str, Path]:
         if self._crop_index is None:
             index: dict[str, Path] = {}
-            for crop_root in self._crop_roots():
+            roots = self._crop_roots()
+            for crop_root in roots:
                 self._index_crop_tree(crop_root, index, 0)
+            if not roots:
+                self._index_bare_crops(index)
+            bad = sorted(v for v in index if video_name_problem(v) is not None)
+            if bad:
+                check_video_names(bad, index[bad[0]], "crop folder")
             self._crop_index = dict(sorted(index.items()))
         return self._crop_index
+
+    def _index_bare_crops(self, index: dict[str, Path]) -> None:
+        """No crop root (cropped_aligned, batchN): crops alone, as a user's own videos often come. The root
+        itself is one video's crop folder if it holds JPEGs; otherwise each folder directly under it that
+        holds JPEGs is a video (one level only: a run directory's plots deeper down are not crops)."""
+        if _classify(str(self.root)) == "crops":
+            index[self.name] = self.root
+            return
+        for entry in sorted(_scandir(self.root), key=lambda e: e.name):
+            if not entry.is_dir() or Path(entry.path) == self.annotations_dir:
+                continue
+            if _classify(entry.path) == "crops":
+                index[entry.name] = Path(entry.path)
 
     def _index_crop_tree(self, folder: Path, index: dict[str, Path], depth: int) -> None:
         for entry in sorted(_scandir(folder), key=lambda e: e.name):
@@ -704,15 +796,14 @@ class AffWild2:
 
     def crop_frames(self, video: str) -> np.ndarray:
         """int32, ascending: the frame numbers that have a ``NNNNN.jpg`` (empty without a crop folder).
-        Gaps are frames where no face was detected; numbers past the annotation's N have no label."""
+        Gaps are frames where no face was detected; numbers past the annotation's N have no label.
+
+        The one rule for crop names is ``abawfeat.data.names.crop_frame``: a JPEG in the folder that is not
+        a crop name (``1.jpg``, ``00000.jpg``, ``frame7.jpg``, ``00001.JPG``) is a ``DataError`` naming it;
+        other files (``Thumbs.db``, a ``.png``) and hidden files are ignored."""
         if video not in self._crop_frames:
             folder = self.crop_dir(video)
-            if folder is None:
-                frames = np.zeros(0, dtype=np.int32)
-            else:
-                numbers = [_crop_frame(e.name) for e in _scandir(folder)]
-                frames = np.array([n for n in numbers if n is not None], dtype=np.int32)
-                frames.sort()
+            frames = np.zeros(0, dtype=np.int32) if folder is None else _list_crops(folder)
             _freeze(frames)
             self._crop_frames[video] = frames
         return self._crop_frames[video]
@@ -722,7 +813,7 @@ class AffWild2:
         folder = self.crop_dir(video)
         if folder is None:
             raise DataError(self.root, f"no crop folder for video {video!r}")
-        return folder / f"{int(frame):05d}.jpg"
+        return folder / crop_file_name(frame)
 
     def crop_mask(self, video: str, n_frames: int) -> np.ndarray:
         """bool [n_frames]: whether frame i + 1 has a crop (extension of the contract)."""
@@ -737,6 +828,8 @@ class AffWild2:
     def _release_dir(self, name: str) -> Path | None:
         """A release folder (test lists, sample files) under the root or, failing that, the annotations."""
         for parent in (self.root, self.annotations_dir):
+            if parent is None:
+                continue
             found = _child_dirs(parent).get(name.lower())
             if found is not None:
                 return found
@@ -761,7 +854,11 @@ class AffWild2:
     def test_videos(self, task: str) -> list[str]:
         """Sorted names of the task's test videos ([] when the release has no test list)."""
         path = self.test_list_file(task)
-        return sorted(read_name_list(path)) if path is not None else []
+        if path is None:
+            return []
+        names = read_name_list(path)
+        check_video_names(names, path, "video in this list")
+        return sorted(names)
 
     def sample_file(self, task: str) -> Path | None:
         """The organisers' sample prediction file ``*_{VA,Expr,AU}_test_set_sample.txt``. If several
@@ -822,7 +919,7 @@ class AffWild2:
             path = self.mtl_file(split)
             if path is None:
                 example = "train_set.txt" if split == "train" else "validation_set.txt"
-                raise DataError(self.annotations_dir,
+                raise DataError(self._require_annotations(),
                                 f"no multi-task {split} file (e.g. MTL_Challenge/{example})")
             self._mtl[split] = read_mtl_file(path)
         return self._mtl[split]
@@ -835,9 +932,11 @@ class AffWild2:
 
         ``details=True`` (extension) adds ``valid_without_crop``, ``crops_past_end`` (crops after the last
         annotated frame), ``videos_without_crops`` and ``out_of_range``. ``progress`` shows a bar on stderr.
+        A tree without annotations has no annotated videos: every count is 0 (``crop_summary`` says more).
         """
         names = [t.name for t in single_tasks()]
-        jobs = [(t, s, v) for t in names for s in SPLITS for v in self.videos(t, s)]
+        listed = {(t, s): self.videos(t, s) if self.has_annotations else [] for t in names for s in SPLITS}
+        jobs = [(t, s, v) for (t, s), videos in listed.items() for v in videos]
         stats = {(t, s): dict.fromkeys(("frames", "valid", "usable", "past", "no_crops", "bad"), 0)
                  for t in names for s in SPLITS}
         with _maybe_progress(progress, len(jobs), "annotations") as advance:
@@ -858,7 +957,7 @@ class AffWild2:
             for split in SPLITS:
                 st = stats[(task, split)]
                 row: dict[str, Any] = {
-                    "task": task, "split": split, "videos": len(self.videos(task, split)),
+                    "task": task, "split": split, "videos": len(listed[(task, split)]),
                     "frames": st["frames"], "valid_frames": st["valid"], "usable_frames": st["usable"],
                 }
                 if details:
@@ -866,6 +965,24 @@ class AffWild2:
                                videos_without_crops=st["no_crops"], out_of_range=st["bad"])
                 rows.append(row)
         return rows
+
+    def crop_summary(self, progress: bool = False) -> dict[str, Any]:
+        """Every crop folder (extension), read with the same rule as ``abawfeat extract``: ``videos`` with a
+        crop folder, ``crops`` in them, and ``unannotated`` (videos annotated for no task and split: test
+        videos, or all of them in a tree of crops alone). A bad crop or folder name raises here as there."""
+        videos = self.videos_with_crops()
+        annotated: set[str] = set()
+        if self.has_annotations:
+            for spec in single_tasks():
+                for split in SPLITS:
+                    annotated.update(self.videos(spec.name, split))
+        n_crops = 0
+        with _maybe_progress(progress, len(videos), "folders") as advance:
+            for video in videos:
+                n_crops += len(self.crop_frames(video))
+                advance()
+        return {"videos": len(videos), "crops": n_crops,
+                "unannotated": sum(v not in annotated for v in videos)}
 
     def test_summary(self) -> list[dict[str, Any]]:
         """One row per task for the test set (extension): ``videos`` (from the test list, else the sample
