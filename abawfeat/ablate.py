@@ -7,11 +7,18 @@ Its shape (see ``pipelines/paper-table3.toml``)::
     [caches]                   optional: backbone = "path/to/cache.h5" (default: where extract writes it)
     [defaults]                 any train-head option (TrainConfig field) for every run ...
     [defaults.au]              ... or only for runs of one task (va, expr, au, mtl)
-    [[rows]]                   one Table 3 row: label, backbone, head, tasks, optional reference (a published
-                               result id) and any train-head option for this row's runs
+    [[rows]]                   one Table 3 row: label, backbone (or a list of them: their caches fused), head,
+                               tasks, optional folds (cross-validate it over train+val), optional reference
+                               (a published result id) and any train-head option for this row's runs
+    [[ensembles]]              a row made of other rows' runs: label, tasks, members (row labels) or best = N
+                               (the N best rows of each task by its selection metric), weights (equal |
+                               tuned), smooth (none | auto)
 
-Each (row, task) is one run in ``<out>/<row slug>/<task>``. A run whose directory is complete and holds the
-same configuration (``train.run_is_complete``) is skipped, so an interrupted grid resumes where it stopped.
+Each (row, task) is one run in ``<out>/<row slug>/<task>`` (a cross-validated row: a cross-validation run
+there, its folds inside); ensembles are built once the rows are trained. A run whose directory is complete
+and holds the same configuration (``train.fit.run_is_complete``) is skipped; an interrupted one with the same
+configuration is resumed (``--resume``); one with another configuration is trained again and replaces the
+old run once complete (``--overwrite``). So an interrupted grid resumes where it stopped.
 ``results.md`` / ``results.csv`` get one row per recipe row and the columns CCC_VA, F1_Expr, F1_AU, F1_AUopt
 (validation, best epoch); ``report.html`` comes from ``abawfeat.report.build_report``.
 """
@@ -31,15 +38,12 @@ from pathlib import Path
 from typing import Any
 
 from abawfeat.errors import AbawfeatError, ConfigError
-from abawfeat.train import (
-    TASK_CHOICES,
-    TrainConfig,
-    default_cache,
-    fit,
-    run_is_complete,
-    validate_config,
-)
-from abawfeat.utils.configs import read_json
+from abawfeat.tasks import run_task_names, single_tasks
+from abawfeat.train.config import TrainConfig, default_cache, trunk_context, validate_config
+from abawfeat.train.fit import RUN_ONLY_SETTINGS, fit, run_is_complete
+from abawfeat.train.objectives import OBJECTIVES
+from abawfeat.train.rundir import run_state
+from abawfeat.utils.configs import read_json, to_dict
 from abawfeat.utils.io import atomic_write, atomic_write_text
 
 if sys.version_info >= (3, 11):
@@ -47,28 +51,41 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-# Table 3 columns: header -> (task whose run fills it, metrics.json key).
+# Table 3 columns: header -> (task whose run fills it, metrics.json key), as the tasks declare them.
 COLUMNS: dict[str, tuple[str, str]] = {
-    "CCC_VA": ("va", "ccc_va"),
-    "F1_Expr": ("expr", "f1_expr"),
-    "F1_AU": ("au", "f1_au"),
-    "F1_AUopt": ("au", "f1_au_opt"),
+    header: (t.name, key) for t in single_tasks() for header, key in t.table_columns.items()
 }
 GRID_KEYS = {"name": str, "title": str, "data": str, "out": str}
-ROW_KEYS = {"label": str, "backbone": str, "head": str, "tasks": list, "reference": str}
+ROW_KEYS = {"label": str, "backbone": (str, list), "head": str, "tasks": list, "reference": str}
 # Options a recipe may not set per run: the grid decides them (task, data, out) or they are row keys.
-_MANAGED = {"task", "head", "backbone", "data", "out", "cache"}
-TRAIN_KEYS = {f.name: type(f.default) for f in dataclasses.fields(TrainConfig) if f.name not in _MANAGED}
+_MANAGED = {"task", "head", "backbone", "data", "out", "cache", "fold"}
+TRAIN_KEYS = {f.name: type(f.default if f.default is not dataclasses.MISSING else f.default_factory())
+              for f in dataclasses.fields(TrainConfig) if f.name not in _MANAGED}
 
 
 @dataclass
 class Row:
     label: str
-    backbone: str
+    backbones: tuple[str, ...]  # one, or several whose caches are fused
     head: str
     tasks: tuple[str, ...]
     reference: str | None
     options: dict[str, Any]
+
+
+@dataclass
+class EnsembleRow:
+    label: str
+    tasks: tuple[str, ...]
+    members: tuple[str, ...]  # row labels; () with best = N
+    best: int  # 0 with members
+    weights: str
+    smooth: str
+    reference: str | None = None
+
+
+ENSEMBLE_KEYS = {"label": str, "tasks": list, "members": list, "best": int, "weights": str, "smooth": str,
+                 "reference": str}
 
 
 @dataclass
@@ -82,21 +99,25 @@ class Recipe:
     defaults: dict[str, Any]
     task_defaults: dict[str, dict[str, Any]]
     rows: list[Row]
+    ensembles: list[EnsembleRow] = field(default_factory=list)
 
 
 @dataclass
 class Cell:
-    row: Row
+    row: Row | EnsembleRow
     task: str
-    config: TrainConfig
+    config: TrainConfig | None  # None for an ensemble cell (``ensemble`` says what it averages)
     status: str = "pending"  # pending | skipped (already complete) | trained | failed
+    mode: str = "new"  # how it trains: new | resume (interrupted, same settings) | overwrite (other settings)
     error: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    out: str = ""  # the run directory
+    ensemble: Any = None  # EnsembleConfig of an ensemble cell
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.config.out)
+        return Path(self.out or (self.config.out if self.config else ""))
 
 
 @dataclass
@@ -114,13 +135,14 @@ class AblationResult:
 # ------------------------------------------------------------------------------------------------ parsing
 
 
-def _check_value(where: str, key: str, value: Any, want: type) -> Any:
+def _check_value(where: str, key: str, value: Any, want: type | tuple[type, ...]) -> Any:
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if want is bool and not isinstance(value, bool):
         raise ConfigError(f"{where}: key {key!r} must be true or false, got {value!r}")
     if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}: key {key!r} must be a {want.__name__}, got {value!r}")
+        name = " or ".join(t.__name__ for t in want) if isinstance(want, tuple) else want.__name__
+        raise ConfigError(f"{where}: key {key!r} must be a {name}, got {value!r}")
     return value
 
 
@@ -142,15 +164,26 @@ def load_recipe(path: str | Path) -> Recipe:
     """Parse and validate a recipe; every problem is a ConfigError naming the file and the key."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: recipe not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a recipe file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the recipe: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (TOML recipes are UTF-8)") from None
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    unknown = sorted(set(raw) - {"grid", "caches", "defaults", "rows"})
+    unknown = sorted(set(raw) - {"grid", "caches", "defaults", "rows", "ensembles"})
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(unknown)}; expected grid, caches, "
-                          "defaults, rows")
+                          "defaults, rows, ensembles")
     grid = raw.get("grid", {})
     if not isinstance(grid, dict):
         raise ConfigError(f"{path}: [grid] must be a table")
@@ -165,11 +198,13 @@ def load_recipe(path: str | Path) -> Recipe:
     defaults_raw = raw.get("defaults", {})
     if not isinstance(defaults_raw, dict):
         raise ConfigError(f"{path}: [defaults] must be a table")
-    task_tables = {k: v for k, v in defaults_raw.items() if isinstance(v, dict)}
+    # Sub-tables of [defaults] are per-task defaults; a table-valued option (trunk_opts) is not one.
+    task_tables = {k: v for k, v in defaults_raw.items()
+                   if isinstance(v, dict) and TRAIN_KEYS.get(k) is not dict}
     for task in task_tables:
-        if task not in TASK_CHOICES:
+        if task not in run_task_names():
             raise ConfigError(f"{path}: [defaults.{task}]: not a task; per-task defaults are "
-                              f"[defaults.{'], [defaults.'.join(TASK_CHOICES)}]")
+                              f"[defaults.{'], [defaults.'.join(run_task_names())}]")
     plain = {k: v for k, v in defaults_raw.items() if k not in task_tables}
     defaults = _options(f"{path}: [defaults]", plain)
     task_defaults = {t: _options(f"{path}: [defaults.{t}]", v) for t, v in task_tables.items()}
@@ -189,21 +224,65 @@ def load_recipe(path: str | Path) -> Recipe:
             if key in entry:
                 _check_value(where, key, entry[key], want)
         tasks = tuple(entry["tasks"])
-        bad = [t for t in tasks if t not in TASK_CHOICES]
+        bad = [t for t in tasks if t not in run_task_names()]
         if bad or not tasks or len(set(tasks)) != len(tasks):
             raise ConfigError(f"{where}: key 'tasks' must list distinct tasks among "
-                              f"{', '.join(TASK_CHOICES)}, got {list(tasks)}")
+                              f"{', '.join(run_task_names())}, got {list(tasks)}")
         label = str(entry["label"])
         if any(r.label == label for r in rows):
             raise ConfigError(f"{where}: label {label!r} is used twice")
-        rows.append(Row(label=label, backbone=str(entry["backbone"]), head=str(entry["head"]), tasks=tasks,
+        backbones = entry["backbone"] if isinstance(entry["backbone"], list) else [entry["backbone"]]
+        if not backbones or not all(isinstance(b, str) and b for b in backbones):
+            raise ConfigError(f"{where}: key 'backbone' must be a backbone name or a list of them")
+        rows.append(Row(label=label, backbones=tuple(backbones), head=str(entry["head"]), tasks=tasks,
                         reference=entry.get("reference"),
                         options=_options(f"{where} ({label!r})", entry, ROW_KEYS)))
     return Recipe(
         path=path, name=str(grid.get("name", path.stem)), title=str(grid.get("title", path.stem)),
         data=str(grid.get("data", "")), out=str(grid.get("out", "")), caches=dict(caches),
         defaults=defaults, task_defaults=task_defaults, rows=rows,
+        ensembles=_ensembles(path, raw.get("ensembles", []), rows),
     )
+
+
+def _ensembles(path: Path, raw: Any, rows: list[Row]) -> list[EnsembleRow]:
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path}: [[ensembles]] must be a list of tables")
+    out: list[EnsembleRow] = []
+    labels = {r.label for r in rows}
+    for i, entry in enumerate(raw, start=1):
+        where = f"{path}: [[ensembles]] #{i}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: must be a table")
+        unknown = sorted(set(entry) - set(ENSEMBLE_KEYS))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r}; expected {', '.join(ENSEMBLE_KEYS)}")
+        for key in ("label", "tasks"):
+            if key not in entry:
+                raise ConfigError(f"{where}: missing key {key!r}")
+        for key, want in ENSEMBLE_KEYS.items():
+            if key in entry:
+                _check_value(where, key, entry[key], want)
+        members, best = tuple(entry.get("members", ())), int(entry.get("best", 0))
+        if bool(members) == bool(best):
+            raise ConfigError(f"{where}: give either members (row labels) or best = N")
+        bad = [m for m in members if m not in labels]
+        if bad:
+            raise ConfigError(f"{where}: unknown row {bad[0]!r} in members")
+        if best < 0:
+            raise ConfigError(f"{where}: best must be >= 1")
+        label = str(entry["label"])
+        if label in labels or any(e.label == label for e in out):
+            raise ConfigError(f"{where}: label {label!r} is used twice")
+        tasks = tuple(entry["tasks"])
+        if not tasks or any(t not in run_task_names() for t in tasks):
+            raise ConfigError(f"{where}: key 'tasks' must list tasks among {', '.join(run_task_names())}")
+        weights, smooth = str(entry.get("weights", "equal")), str(entry.get("smooth", "none"))
+        if weights not in ("equal", "tuned") or smooth not in ("none", "auto"):
+            raise ConfigError(f"{where}: weights is equal or tuned, smooth none or auto")
+        out.append(EnsembleRow(label=label, tasks=tasks, members=members, best=best, weights=weights,
+                               smooth=smooth, reference=entry.get("reference")))
+    return out
 
 
 def slug(label: str) -> str:
@@ -221,17 +300,18 @@ def plan_cells(recipe: Recipe, data: str | None = None, out: str | None = None) 
         raise ConfigError(f"{recipe.path}: no output folder: set [grid] out or pass --out")
     cells = []
     for row in recipe.rows:
-        cache = recipe.caches.get(row.backbone) or str(default_cache(data, row.backbone))
+        caches = tuple(recipe.caches.get(b) or str(default_cache(data, b)) for b in row.backbones)
+        backbone = row.backbones[0] if len(row.backbones) == 1 else ""
         for task in row.tasks:
             options = {**recipe.defaults, **recipe.task_defaults.get(task, {}), **row.options}
-            cfg = TrainConfig(task=task, head=row.head, backbone=row.backbone, data=str(data), cache=cache,
+            cfg = TrainConfig(task=task, head=row.head, backbone=backbone, data=str(data), cache=caches,
                               out=str(Path(out) / slug(row.label) / task), **options)
             try:
                 validate_config(cfg)
             except ConfigError as exc:
                 raise ConfigError(f"{recipe.path}: row {row.label!r}, task {task}: {exc}") from None
             cells.append(Cell(row=row, task=task, config=cfg))
-    missing = sorted({c.config.cache for c in cells if not Path(c.config.cache).is_file()})
+    missing = sorted({p for c in cells for p in c.config.cache if not Path(p).is_file()})
     if missing:
         raise ConfigError(f"{recipe.path}: cache file(s) not found: {', '.join(missing)}; run `abawfeat "
                           "extract` for those backbones or set [caches]")
@@ -266,8 +346,11 @@ def run_ablation(
             cell.status = "skipped"
             cell.metrics = read_json(cell.run_dir / "metrics.json")
             say(f"{name}: already complete in {cell.run_dir}, skipped")
-        elif dry_run:
-            say(f"{name}: would train into {cell.run_dir}")
+            continue
+        cell.mode = _mode(cell)
+        verb = {"new": "train into", "resume": "resume", "overwrite": "retrain (settings changed)"}[cell.mode]
+        if dry_run:
+            say(f"{name}: would {verb} {cell.run_dir}")
         else:
             todo.append((name, cell))
     if jobs == 0:
@@ -277,28 +360,82 @@ def run_ablation(
     if jobs == 1 or len(todo) <= 1:
         for name, cell in todo:
             say(f"{name}: training into {cell.run_dir}")
-            status, metrics, error, cell.seconds = _train_cell(cell.config, name, say)
+            status, metrics, error, cell.seconds = _train_cell(cell.config, name, cell.mode, say)
             cell.status, cell.metrics, cell.error = status, metrics, error
     else:
         _train_parallel(todo, jobs, say)
+    cells += _ensemble_cells(recipe, cells, out_dir, say, dry_run)
     table = results_table(recipe, cells)
     files = {} if dry_run else write_results(recipe, cells, table, out_dir, say)
     return AblationResult(recipe=recipe, cells=cells, table=table, files=files)
+
+
+def _ensemble_cells(recipe: Recipe, cells: list[Cell], out: Path, say: Callable[[str], None],
+                    dry_run: bool) -> list[Cell]:
+    """Build (or keep) each [[ensembles]] entry's runs from the rows' runs, once those are trained."""
+    from abawfeat.ensemble import EnsembleConfig, build_ensemble
+    from abawfeat.tasks import task
+    from abawfeat.train.rundir import read_record_or_none
+
+    made: list[Cell] = []
+    for ens in recipe.ensembles:
+        for t in ens.tasks:
+            cell = Cell(row=ens, task=t, config=None, out=str(out / slug(ens.label) / t))
+            made.append(cell)
+            name = f"{ens.label} {t}"
+            candidates = [c for c in cells if c.task == t and c.metrics and isinstance(c.row, Row)
+                          and not c.row.options.get("folds")]
+            if ens.members:
+                chosen = [c for label in ens.members for c in candidates if c.row.label == label]
+            else:
+                key = task(t).select_metric
+                chosen = sorted(candidates, key=lambda c, key=key: -float(c.metrics.get(key, -math.inf)))
+                chosen = chosen[: ens.best]
+            if not chosen:
+                cell.status, cell.error = "failed", "no trained member run"
+                say(f"{name}: FAILED: {cell.error}")
+                continue
+            cfg = EnsembleConfig(runs=tuple(str(c.run_dir) for c in chosen), out=cell.out,
+                                 weights=ens.weights, smooth=ens.smooth)
+            cell.ensemble = cfg
+            record = read_record_or_none(cell.run_dir)
+            stored = (record.extra.get("ensemble") or {}) if record is not None else {}
+            current = (stored.get("runs") == list(cfg.runs) and stored.get("weights") == cfg.weights
+                       and stored.get("smooth") == cfg.smooth and run_state(cell.run_dir) == "complete"
+                       and all((c.run_dir / "metrics.json").stat().st_mtime
+                               <= (cell.run_dir / "metrics.json").stat().st_mtime for c in chosen))
+            if current:
+                cell.status, cell.metrics = "skipped", read_json(cell.run_dir / "metrics.json")
+                say(f"{name}: already complete in {cell.run_dir}, skipped")
+                continue
+            if dry_run:
+                say(f"{name}: would build an ensemble of {len(chosen)} run(s) into {cell.run_dir}")
+                continue
+            t0 = time.perf_counter()
+            try:
+                result = build_ensemble(cfg, log=lambda m, name=name: say(f"{name}: {m}"),
+                                        overwrite=run_state(cell.run_dir) != "missing")
+                cell.status, cell.metrics = "trained", result.metrics
+            except AbawfeatError as exc:
+                cell.status, cell.error = "failed", str(exc)
+                say(f"{name}: FAILED: {exc}")
+            cell.seconds = time.perf_counter() - t0
+    return made
 
 
 def auto_jobs(cells: list[Cell]) -> int:
     """``--jobs 0``: on CPU, one job per core, as many as the cells and the available memory allow; 1 when
     any cell trains on a GPU (one device; its heads are far too small to need sharing it).
 
-    Each job holds its own copy of the cache's features, and training peaks at ~1.3x the feature bytes
-    (docs/performance.md), so a job is budgeted 1.5x its cache file's size."""
+    Each job holds its own copy of the caches' features, and training peaks at ~1.3x the feature bytes
+    (docs/performance.md), so a job is budgeted 1.5x its cache files' size."""
     from abawfeat.utils.device import resolve_device
 
     if not cells:
         return 1
     if any(resolve_device(c.config.device).type != "cpu" for c in cells):
         return 1
-    budget = max(1.5 * Path(c.config.cache).stat().st_size for c in cells)
+    budget = max(1.5 * sum(Path(p).stat().st_size for p in c.config.cache) for c in cells)
     available = available_memory()
     by_memory = int(available // budget) if available and budget else len(cells)
     return max(1, min(len(cells), os.cpu_count() or 1, by_memory))
@@ -316,15 +453,44 @@ def available_memory() -> int:
     return 0
 
 
+def _mode(cell: Cell) -> str:
+    """new, resume (an interrupted run of the same settings) or overwrite (a run of other settings)."""
+    from abawfeat.train.rundir import RunRecord
+
+    state = run_state(cell.run_dir)
+    if state in ("missing", "empty"):
+        return "new"
+    if state == "incomplete" and (cell.run_dir / "train_state.pt").is_file():
+        try:
+            stored = dict(RunRecord.read(cell.run_dir).train)
+        except AbawfeatError:
+            return "overwrite"
+        wanted = to_dict(cell.config)
+        keys = (set(stored) | set(wanted)) - set(RUN_ONLY_SETTINGS)
+        if all(stored.get(k) == wanted.get(k) for k in keys):
+            return "resume"
+    return "overwrite"
+
+
 def _train_cell(
-    config: TrainConfig, name: str, say: Callable[[str], None] | None = None
+    config: TrainConfig, name: str, mode: str = "new", say: Callable[[str], None] | None = None
 ) -> tuple[str, dict[str, Any], str, float]:
     """Train one cell: (status, metrics, error, seconds). Module-level so a worker process can run it."""
+    from abawfeat.report.plots import try_write_run_plots
+
     say = say or (lambda msg: print(msg, flush=True))
     t0 = time.perf_counter()
     try:
-        metrics = fit(config, log=lambda m: say(f"{name}: {m}")).metrics
-        return "trained", metrics, "", time.perf_counter() - t0
+        if config.folds:
+            from abawfeat.cv import run_cv
+
+            cv = run_cv(dataclasses.replace(config, folds=0), config.folds, log=lambda m: say(f"{name}: {m}"))
+            return "trained", cv.metrics, "", time.perf_counter() - t0
+        result = fit(config, log=lambda m: say(f"{name}: {m}"), overwrite=mode == "overwrite",
+                     resume=mode == "resume")
+        if config.plots:
+            try_write_run_plots(result.run_dir, log=lambda m: say(f"{name}: {m}"))
+        return "trained", result.metrics, "", time.perf_counter() - t0
     except AbawfeatError as exc:
         # One bad cell (say, a diverged run) should not cost the rest of the grid.
         say(f"{name}: FAILED: {exc}")
@@ -336,7 +502,7 @@ def _train_parallel(todo: list[tuple[str, Cell]], jobs: int, say: Callable[[str]
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    order = sorted(todo, key=lambda t: queue_order(t[1].config.head, t[1].task, t[1].config.objective))
+    order = sorted(todo, key=lambda t: queue_order(t[1].config))
     # spawn, not fork: the parent may already run torch threads, which a forked child would inherit broken.
     # One cell per process (Python >= 3.11): a process that trained a VA cell keeps its freed memory, and the
     # next cell's would pile on top (5.6 GB for one worker in a full-scale grid, against 3.0-3.7 GB for any
@@ -348,18 +514,27 @@ def _train_parallel(todo: list[tuple[str, Cell]], jobs: int, say: Callable[[str]
         for name, cell in order:
             config = cell.config if cell.config.threads else dataclasses.replace(cell.config, threads=threads)
             say(f"{name}: queued for {cell.run_dir} ({config.threads} thread(s) per job, {jobs} jobs)")
-            futures[pool.submit(_train_cell, config, name)] = cell
+            futures[pool.submit(_train_cell, config, name, cell.mode)] = cell
         for future in as_completed(futures):
             cell = futures[future]
             cell.status, cell.metrics, cell.error, cell.seconds = future.result()
 
 
-def queue_order(head: str, task: str, objective: str = "") -> tuple[int, bool]:
+def queue_order(config: TrainConfig) -> tuple[int, bool]:
     """Sort key of the parallel queue, longest cells first so that the last cell to start is a short one:
-    LSTM cells, then contrastive FC cells (FC 512 + linear 512 in bf16, ~10x a plain FC epoch), then plain
-    FC cells; VA (the largest task) first within each. benchmarks/heads.py schedules its estimate with it."""
-    rank = 0 if head == "lstm" else 1 if objective == "contrastive" else 2
-    return rank, task != "va"
+    cells of temporal trunks (their declared context), then frame-wise cells of heavier head kinds (the
+    contrastive projection), then plain frame-wise cells; the task with the most frames (VA) first within
+    each. benchmarks/heads.py schedules its estimate with it."""
+    head_kind = OBJECTIVES.get(config.objective or _default_objective(config.task)).head
+    rank = 0 if trunk_context(config).temporal else 1 if head_kind != "tasks" else 2
+    # A cross-validated cell trains one run per fold: it goes before any single run of its kind.
+    return (rank - 3 if config.folds else rank), config.task != "va"
+
+
+def _default_objective(task_name: str) -> str:
+    from abawfeat.tasks import task
+
+    return task(task_name).default_objective
 
 
 def _quiet_worker() -> None:
@@ -370,7 +545,7 @@ def _quiet_worker() -> None:
 def results_table(recipe: Recipe, cells: list[Cell]) -> list[dict[str, Any]]:
     """One dict per recipe row: architecture and the four Table 3 columns (None where no run fills it)."""
     table = []
-    for row in recipe.rows:
+    for row in [*recipe.rows, *recipe.ensembles]:
         values: dict[str, Any] = {"architecture": row.label}
         for column, (task, key) in COLUMNS.items():
             values[column] = None
@@ -411,15 +586,18 @@ def markdown(recipe: Recipe, cells: list[Cell], table: list[dict[str, Any]]) -> 
     rule = "|---|" + "---:|" * len(COLUMNS)
     lines = [f"# {recipe.title}", "",
              "Validation split, official protocol (every labelled frame, crop or not), best epoch per run.",
-             "F1_AU thresholds every AU at 0.5; F1_AUopt uses one threshold per AU tuned on validation.", "",
-             header, rule]
+             "F1_AU thresholds every AU at 0.5; F1_AUopt uses one threshold per AU tuned on validation.",
+             "Rows with smoothing report the smoothed scores (tuned on validation unless the row tunes on a "
+             "held-out part of train: such tuning flatters the score, as AU thresholds do). Cross-validated "
+             "rows report the mean over folds of each fold's held-out videos of train+val, a different "
+             "protocol from the validation split.", "", header, rule]
     lines += [f"| {r['architecture']} | " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in table]
     refs = _references(recipe)
     if refs:
         lines += ["", "Published numbers for comparison (abawfeat/reference/published.json):", "", header,
                   rule]
         lines += [f"| {label} | " + " | ".join(_fmt(v[c]) for c in COLUMNS) + " |" for label, v in refs]
-    lines += ["", "## Runs", "", "| row | task | run directory | status | best epoch | train seconds |",
+    lines += ["", "## Runs", "", "| row | task | run directory | status | best epoch | seconds |",
               "|---|---|---|---|---:|---:|"]
     for c in cells:
         best = c.metrics.get("best_epoch", "-") if c.metrics else "-"
@@ -445,15 +623,12 @@ def write_results(
     files = {"md": out / "results.md", "csv": out / "results.csv"}
     atomic_write_text(files["md"], markdown(recipe, cells, table))
 
-    def write_csv(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["architecture", *COLUMNS])
-            for r in table:
-                values = ("" if r[c] is None else f"{r[c]:.6f}" for c in COLUMNS)
-                writer.writerow([r["architecture"], *values])
+    import polars as pl
 
-    atomic_write(files["csv"], write_csv)
+    # A typed frame: a column stays Float64 with empty cells where no run fills it, and labels with commas
+    # or quotes are quoted as CSV readers expect.
+    frame = pl.DataFrame(table, schema={"architecture": pl.String, **dict.fromkeys(COLUMNS, pl.Float64)})
+    atomic_write(files["csv"], lambda tmp: frame.write_csv(tmp, float_precision=6))
     done = [c.run_dir for c in cells if c.metrics]
     if done:
         try:

@@ -9,6 +9,13 @@ therefore loses at most the videos in flight, and a re-run (or torchrun with one
 from whatever parts and file exist. An exclusive ``flock`` on ``<out>.lock`` keeps a second run off the same
 output.
 
+Integrity (format version 2): every numeric dataset is stored with HDF5's fletcher32 checksum, one chunk per
+dataset, so HDF5 itself refuses damaged bytes on every read, by any program; what fletcher32 cannot cover
+(attributes, and the variable-length strings of /text, which HDF5 does not filter) is covered by one SHA-256
+over them all in the root attribute ``metadata_sha256``. ``FeatureCache`` checks that digest when it opens a
+file and turns a failed fletcher32 read into one line naming the video; ``verify_cache`` reads everything.
+Version-1 caches (no checksums) are still read; ``cache verify`` says they have nothing to check.
+
 ``FeatureCache`` is the read-only side used by stage two; it never needs torch or the encoder.
 """
 
@@ -16,9 +23,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -27,11 +36,19 @@ from typing import Any
 import numpy as np
 
 from abawfeat import __version__
-from abawfeat.errors import CacheError
-from abawfeat.utils.io import atomic_write, atomic_write_bytes
+from abawfeat.data.names import video_name_problem
+from abawfeat.errors import CacheError, DiskFullError
+from abawfeat.utils.io import atomic_write, atomic_write_bytes, is_disk_full
 
 FORMAT_NAME = "abawfeat-features"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Versions this abawfeat reads. Version 1 (before checksums) is read as it is; it is never written to again.
+READABLE_VERSIONS = (1, 2)
+# The root attribute holding the SHA-256 of every attribute and /text string (version 2).
+CHECKSUM_ATTR = "metadata_sha256"
+# One chunk per dataset up to this size (a 50,000-frame video of 512 float32 features is 100 MB): stage two
+# reads whole videos, and one chunk is one read and one checksum. Larger datasets are split in row blocks.
+_CHUNK_BYTES = 2**28
 FEATURE_DTYPES = ("float16", "float32")
 
 # Provenance keys that may differ between the runs that fill one cache (when it was written, the options of
@@ -64,6 +81,39 @@ def parts_dir(path: str | Path) -> Path:
 def lock_path(path: str | Path) -> Path:
     path = Path(path)
     return path.with_name(path.name + ".lock")
+
+
+def acquire_lock(path: str | Path) -> int:
+    """Take the exclusive lock of the cache at ``path`` (a ``flock`` on ``<path>.lock``) without waiting;
+    returns its descriptor for ``release_lock``. A held lock is a one-line CacheError. Extraction takes it
+    before anything expensive, so a second run into the same cache is refused at once."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+            raise CacheError(
+                f"{path}: another extraction is writing this cache (lock {lock_path(path)} is "
+                "held); wait for it to finish or choose another --out"
+            ) from None
+        raise
+    try:
+        # The pid is only a hint for humans; the flock, released by the kernel on any exit, is the lock.
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except BaseException:
+        release_lock(fd)
+        raise
+    return fd
+
+
+def release_lock(fd: int) -> None:
+    # The lock file stays: unlinking it would let two later runs lock two different inodes.
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
 
 
 def make_provenance(
@@ -138,6 +188,8 @@ class CacheWriter:
     Use as a context manager. On a clean exit (or Ctrl-C) the parts are consolidated into the single ``.h5``;
     on any other exception they are left for the next run. ``lock=False`` is for torchrun ranks other than 0,
     which write parts under rank 0's lock and leave consolidation to it (``consolidate_on_exit=False``).
+    ``held_lock`` is a descriptor from ``acquire_lock`` that the caller already holds: the writer uses it
+    instead of locking, and leaves releasing it to the caller.
     """
 
     def __init__(
@@ -147,6 +199,7 @@ class CacheWriter:
         *,
         lock: bool = True,
         consolidate_on_exit: bool = True,
+        held_lock: int | None = None,
     ) -> None:
         self.path = Path(path)
         self.parts = parts_dir(self.path)
@@ -159,6 +212,7 @@ class CacheWriter:
         self._lock_wanted = lock
         self._consolidate_on_exit = consolidate_on_exit
         self._lock_fd: int | None = None
+        self._held_lock = held_lock
         self._consolidated: set[str] = set()
         self._has_text = False
         self._open = False
@@ -188,36 +242,23 @@ class CacheWriter:
             self._release_lock()
 
     def _acquire_lock(self) -> None:
-        fd = os.open(lock_path(self.path), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
-                raise CacheError(
-                    f"{self.path}: another extraction is writing this cache (lock {lock_path(self.path)} is "
-                    "held); wait for it to finish or choose another --out"
-                ) from None
-            raise
-        # The pid is only a hint for humans; the flock, released by the kernel on any exit, is the lock.
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._lock_fd = fd
+        self._lock_fd = self._held_lock if self._held_lock is not None else acquire_lock(self.path)
 
     def _release_lock(self) -> None:
-        if self._lock_fd is not None:
-            # The lock file stays: unlinking it would let two later runs lock two different inodes.
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._lock_fd is not None and self._lock_fd != self._held_lock:
+            release_lock(self._lock_fd)
+        self._lock_fd = None
 
     def _check_existing(self) -> None:
         """Refuse to add to a cache (file or parts) made with a different encoder configuration."""
         if self.path.exists():
             with _open_h5(self.path) as fh:
                 stored = read_provenance(fh, self.path)
+                if stored["format_version"] >= 2:
+                    check_metadata(fh, self.path)  # never add to a file whose attributes are damaged
                 self._consolidated = set(fh["videos"].keys()) if "videos" in fh else set()
                 self._has_text = "text" in fh
+            self._refuse_old_format(stored, self.path)
             self._refuse_if_different(stored, self.path)
             # Keep the first creation time: the cache was created then, this run only adds to it.
             self.provenance["created"] = stored.get("created", self.provenance["created"])
@@ -229,6 +270,9 @@ class CacheWriter:
                 raise CacheError(
                     f"{prov_file}: unreadable ({exc}); delete {self.parts} to start over"
                 ) from None
+            if not isinstance(stored, dict):
+                raise CacheError(f"{prov_file}: not a provenance object; delete {self.parts} to start over")
+            self._refuse_old_format(stored, self.parts)
             self._refuse_if_different(stored, self.parts)
             if not self.path.exists():
                 self.provenance["created"] = stored.get("created", self.provenance["created"])
@@ -236,6 +280,15 @@ class CacheWriter:
             self.parts.mkdir(parents=True, exist_ok=True)
             text = json.dumps(self.provenance, indent=2, sort_keys=True)
             atomic_write_bytes(prov_file, text.encode(), durable=True)
+
+    def _refuse_old_format(self, stored: dict[str, Any], where: Path) -> None:
+        # Adding checksummed videos to a version-1 file would make a file that claims checksums it lacks.
+        version = stored.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CacheError(
+                f"{where}: cache format version {version} (this abawfeat writes version {FORMAT_VERSION}, "
+                "with checksums) cannot be added to; extract into another --out, or delete it to start over"
+            )
 
     def _refuse_if_different(self, stored: dict[str, Any], where: Path) -> None:
         diff = provenance_differences(stored, self.provenance)
@@ -356,6 +409,11 @@ class CacheWriter:
             self._remove_parts()
             return self.path  # nothing new: leave the file (and its bytes) untouched
 
+        # The new file is the old one plus the parts: refuse at once if the device cannot hold it.
+        old = self.path.stat().st_size if self.path.exists() else 0
+        _check_room(self.path, old + sum(p.stat().st_size for p in self.parts.glob("*.h5")))
+        _quiet_h5_teardown_on_full_disk()  # should the device fill up all the same while HDF5 writes
+
         def fill(tmp: Path) -> None:
             if self.path.exists():
                 shutil.copyfile(self.path, tmp)  # sequential copy: far cheaper than re-writing per dataset
@@ -372,6 +430,8 @@ class CacheWriter:
                         del out["text"]
                     with _open_h5(text_part) as part:
                         part.copy(part["text"], out, name="text")
+                # Last: the digest covers every attribute and text string now in the file.
+                out.attrs[CHECKSUM_ATTR] = metadata_digest(out)
 
         atomic_write(self.path, fill, durable=True)
         self._consolidated |= set(videos)
@@ -397,11 +457,17 @@ class FeatureCache:
                 hint = f" ({parts_dir(self.path)} holds unconsolidated videos: re-run `abawfeat extract`)"
             raise CacheError(f"{self.path}: no such cache file{hint}")
         self._fh = _open_h5(self.path)
-        self.provenance: dict[str, Any] = read_provenance(self._fh, self.path)
-        self.encoder: str = str(self.provenance["encoder"])
-        self.feature_dim: int = int(self.provenance["feature_dim"])
-        self.dtype: np.dtype = np.dtype(self.provenance["dtype"])
-        self._videos = sorted(self._fh["videos"].keys()) if "videos" in self._fh else []
+        try:
+            self.provenance: dict[str, Any] = read_provenance(self._fh, self.path)
+            if self.provenance["format_version"] >= 2:
+                check_metadata(self._fh, self.path)
+            self.encoder: str = str(self.provenance["encoder"])
+            self.feature_dim: int = _positive_int(self.provenance["feature_dim"], self.path, "feature_dim")
+            self.dtype: np.dtype = _feature_dtype(self.provenance["dtype"], self.path)
+            self._videos = sorted(self._fh["videos"].keys()) if "videos" in self._fh else []
+        except BaseException:
+            self.close()
+            raise
 
     def __enter__(self) -> FeatureCache:
         return self
@@ -410,9 +476,32 @@ class FeatureCache:
         self.close()
 
     def close(self) -> None:
-        if self._fh is not None:
+        if getattr(self, "_fh", None) is not None:
             self._fh.close()
             self._fh = None
+
+    @property
+    def format_version(self) -> int:
+        return int(self.provenance["format_version"])
+
+    @property
+    def has_checksums(self) -> bool:
+        """Whether the file carries checksums (format version 2 on); version-1 files have none."""
+        return self.format_version >= 2
+
+    def _read(self, video: str, name: str, dataset: Any) -> np.ndarray:
+        """The whole dataset, or one line naming it if HDF5 cannot read it (a failed fletcher32 check)."""
+        return _read_dataset(self.path, f"/videos/{video}/{name}", dataset)
+
+    def _checked(self, video: str) -> Any:
+        """The video's group, after checking its shapes against the provenance (a feature size in the
+        attributes that disagrees with the data would otherwise surface as a broadcast error in stage two)."""
+        group = self._group(video)
+        problem = _shape_problem(group, self.feature_dim)
+        if problem:
+            raise CacheError(f"{self.path}: /videos/{video}: {problem}; "
+                             f"run `abawfeat cache verify {self.path}`")
+        return group
 
     def __contains__(self, video: object) -> bool:
         return video in self._videos
@@ -429,22 +518,23 @@ class FeatureCache:
         return self._fh["videos"][video]
 
     def frames(self, video: str) -> np.ndarray:
-        return self._group(video)["frames"][()].astype(np.int32, copy=False)
+        group = self._checked(video)
+        return self._read(video, "frames", group["frames"]).astype(np.int32, copy=False)
 
     def features(self, video: str, dtype: Any = np.float32) -> np.ndarray:
         """[T, D] features; float32 by default (contract), ``dtype=None`` keeps the stored dtype."""
-        arr = self._group(video)["features"][()]
+        arr = self._read(video, "features", self._checked(video)["features"])
         return arr if dtype is None else arr.astype(dtype, copy=False)
 
     def logits(self, video: str) -> np.ndarray | None:
-        group = self._group(video)
-        return group["logits"][()] if "logits" in group else None
+        group = self._checked(video)
+        return self._read(video, "logits", group["logits"]) if "logits" in group else None
 
     def bad_frames(self, video: str) -> np.ndarray:
         group = self._group(video)
-        return group["bad_frames"][()].astype(np.int32, copy=False) if "bad_frames" in group else np.zeros(
-            0, np.int32
-        )
+        if "bad_frames" not in group:
+            return np.zeros(0, np.int32)
+        return self._read(video, "bad_frames", group["bad_frames"]).astype(np.int32, copy=False)
 
     def n_frames(self, video: str) -> int:
         return int(self._group(video)["frames"].shape[0])
@@ -460,23 +550,27 @@ class FeatureCache:
         for video in names:
             if video not in root:
                 raise CacheError(f"{self.path}: video {video!r} is not in the cache")
-            group = root[video]
+            group = self._checked(video)
             fds = group["features"]
-            # read_direct into a preallocated array skips one copy inside h5py for contiguous datasets.
+            # read_direct into a preallocated array skips one copy inside h5py.
             feats = np.empty(fds.shape, dtype=fds.dtype)
             if feats.size:
-                fds.read_direct(feats)
+                try:
+                    fds.read_direct(feats)
+                except OSError as exc:
+                    raise _damaged(self.path, f"/videos/{video}/features", exc) from None
             if dtype is not None:
                 feats = feats.astype(dtype, copy=False)
-            out[video] = (group["frames"][()].astype(np.int32, copy=False), feats)
+            out[video] = (self._read(video, "frames", group["frames"]).astype(np.int32, copy=False), feats)
         return out
 
     def text_embeddings(self) -> tuple[list[str], np.ndarray] | None:
         if "text" not in self._fh:
             return None
         text = self._fh["text"]
-        names = [n.decode() if isinstance(n, bytes) else str(n) for n in text["names"][()]]
-        return names, text["embeddings"][()]
+        raw = _read_dataset(self.path, "/text/names", text["names"])
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in raw]
+        return names, _read_dataset(self.path, "/text/embeddings", text["embeddings"])
 
     def text_prompts(self) -> list[str] | None:
         """The texts that were encoded, one per class (None without text embeddings)."""
@@ -530,6 +624,8 @@ def cache_info(path: str | Path) -> dict[str, Any]:
             "frames": n_frames,
             "bad_frames": n_bad,
             "text_classes": None if text is None else text[0],
+            "format_version": cache.format_version,
+            "checksums": cache.has_checksums,
             "provenance": cache.provenance,
             "fingerprint": cache.fingerprint(),
             "unconsolidated_parts": len(_part_videos(parts_dir(path))),
@@ -539,8 +635,10 @@ def cache_info(path: str | Path) -> dict[str, Any]:
 
 
 def verify_cache(path: str | Path) -> list[str]:
-    """Every problem found, one line each (empty when the cache is sound): provenance present, every
-    video complete, frames ascending int32, shapes and dtypes consistent, no NaN/inf."""
+    """Every problem found, one line each (empty when the cache is sound): every checksum (each dataset's
+    fletcher32, read in full, and the digest of the attributes and text strings), provenance present and
+    decodable, every video complete, frames ascending int32, shapes and dtypes consistent, no NaN/inf.
+    A version-1 cache has no checksums; its structure and values are checked all the same."""
     path = Path(path)
     if not path.is_file():
         return [f"{path}: no such file"]
@@ -550,31 +648,42 @@ def verify_cache(path: str | Path) -> list[str]:
         return [str(exc)]
     problems: list[str] = []
     with fh:
-        attrs = {k: _decode_attr(v) for k, v in fh.attrs.items()}
-        missing = [k for k in REQUIRED_KEYS if k not in attrs]
+        try:
+            raw = _raw_attrs(fh, path)
+        except CacheError as exc:
+            return [str(exc)]
+        attrs: dict[str, Any] = {}
+        for key, value in raw.items():
+            try:
+                attrs[key] = _decode_attr(value, key, path)
+            except CacheError as exc:
+                problems.append(str(exc))
+        missing = [k for k in REQUIRED_KEYS if k not in raw]
         if missing:
             problems.append(f"{path}: provenance lacks {', '.join(missing)}")
+        version = attrs.get("format_version")
         if attrs.get("format") not in (None, FORMAT_NAME) or (
-            "format_version" in attrs and attrs["format_version"] != FORMAT_VERSION
+            "format_version" in attrs and version not in READABLE_VERSIONS
         ):
             problems.append(
-                f"{path}: format {attrs.get('format')!r} version {attrs.get('format_version')!r} is not "
-                f"{FORMAT_NAME} version {FORMAT_VERSION}"
+                f"{path}: format {attrs.get('format')!r} version {version!r} is not {FORMAT_NAME} version "
+                f"{' or '.join(map(str, READABLE_VERSIONS))}"
             )
+        checked = isinstance(version, int) and version >= 2
+        if checked:
+            try:
+                check_metadata(fh, path)
+            except CacheError as exc:
+                problems.append(str(exc))
         dim = attrs.get("feature_dim")
         dtype = attrs.get("dtype")
         if "videos" not in fh:
             problems.append(f"{path}: no /videos group")
             return problems
         for video in sorted(fh["videos"].keys()):
-            problems += _verify_video(path, video, fh["videos"][video], dim, dtype)
+            problems += _verify_video(path, video, fh["videos"][video], dim, dtype, checked)
         if "text" in fh:
-            text = fh["text"]
-            if "names" not in text or "embeddings" not in text:
-                problems.append(f"{path}: /text lacks names or embeddings")
-            elif text["embeddings"].shape != (len(text["names"]), dim):
-                problems.append(f"{path}: /text/embeddings has shape {text['embeddings'].shape}, expected "
-                                f"({len(text['names'])}, {dim})")
+            problems += _verify_text(path, fh["text"], dim, checked)
     if parts_dir(path).is_dir() and _part_videos(parts_dir(path)):
         problems.append(
             f"{parts_dir(path)}: unconsolidated videos left by an interrupted run; re-run extract"
@@ -582,7 +691,7 @@ def verify_cache(path: str | Path) -> list[str]:
     return problems
 
 
-def _verify_video(path: Path, video: str, group: Any, dim: Any, dtype: Any) -> list[str]:
+def _verify_video(path: Path, video: str, group: Any, dim: Any, dtype: Any, checked: bool) -> list[str]:
     where = f"{path}: /videos/{video}"
     problems = []
     for name in ("features", "frames", "bad_frames"):
@@ -590,6 +699,15 @@ def _verify_video(path: Path, video: str, group: Any, dim: Any, dtype: Any) -> l
             problems.append(f"{where}: missing dataset {name}")
     if problems:
         return problems
+    names = [n for n in ("features", "frames", "bad_frames", "logits") if n in group]
+    values: dict[str, np.ndarray] = {}
+    for name in names:
+        if checked and not group[name].fletcher32:
+            problems.append(f"{where}/{name}: stored without its checksum (fletcher32)")
+        try:
+            values[name] = _read_dataset(path, f"/videos/{video}/{name}", group[name])
+        except CacheError as exc:
+            problems.append(str(exc))
     feats, frames, bad = group["features"], group["frames"], group["bad_frames"]
     if frames.dtype != np.int32 or frames.ndim != 1:
         problems.append(f"{where}/frames: expected int32 [T], found {frames.dtype} {frames.shape}")
@@ -599,26 +717,46 @@ def _verify_video(path: Path, video: str, group: Any, dim: Any, dtype: Any) -> l
         problems.append(f"{where}/features: dtype {feats.dtype}, provenance says {dtype}")
     if feats.ndim != 2 or feats.shape[0] != frames.shape[0] or (dim is not None and feats.shape[1] != dim):
         problems.append(f"{where}/features: shape {feats.shape}, expected ({frames.shape[0]}, {dim})")
-    f = frames[()]
-    if f.size and (f.min() < 1 or np.any(np.diff(f.astype(np.int64)) <= 0)):
-        problems.append(f"{where}/frames: not 1-based strictly ascending")
-    b = bad[()]
-    if np.intersect1d(f, b).size:
-        problems.append(f"{where}: frames also listed in bad_frames")
-    n_crops = group.attrs.get("n_crops")
-    if n_crops is None or int(n_crops) != f.size + b.size:
-        problems.append(f"{where}: incomplete: {f.size} frames + {b.size} bad frames != n_crops {n_crops}")
-    if feats.ndim == 2 and feats.size:
-        values = feats[()]
-        n_nonfinite = int(values.size - np.count_nonzero(np.isfinite(values)))
+    if "frames" in values and "bad_frames" in values:
+        f, b = values["frames"], values["bad_frames"]
+        if f.size and (f.min() < 1 or np.any(np.diff(f.astype(np.int64)) <= 0)):
+            problems.append(f"{where}/frames: not 1-based strictly ascending")
+        if np.intersect1d(f, b).size:
+            problems.append(f"{where}: frames also listed in bad_frames")
+        n_crops = group.attrs.get("n_crops")
+        if n_crops is None or int(n_crops) != f.size + b.size:
+            problems.append(
+                f"{where}: incomplete: {f.size} frames + {b.size} bad frames != n_crops {n_crops}"
+            )
+    if "features" in values and values["features"].ndim == 2 and values["features"].size:
+        x = values["features"]
+        n_nonfinite = int(x.size - np.count_nonzero(np.isfinite(x)))
         if n_nonfinite:
             problems.append(f"{where}/features: {n_nonfinite} NaN/inf values")
     if "logits" in group:
         logits = group["logits"]
         if logits.ndim != 2 or logits.shape[0] != frames.shape[0]:
             problems.append(f"{where}/logits: shape {logits.shape}, expected ({frames.shape[0]}, C)")
-        elif not np.all(np.isfinite(logits[()])):
+        elif "logits" in values and not np.all(np.isfinite(values["logits"])):
             problems.append(f"{where}/logits: NaN/inf values")
+    return problems
+
+
+def _verify_text(path: Path, text: Any, dim: Any, checked: bool) -> list[str]:
+    if "names" not in text or "embeddings" not in text:
+        return [f"{path}: /text lacks names or embeddings"]
+    problems = []
+    if checked and not text["embeddings"].fletcher32:
+        problems.append(f"{path}: /text/embeddings: stored without its checksum (fletcher32)")
+    for name in ("names", "prompts", "embeddings"):
+        if name in text:
+            try:
+                _read_dataset(path, f"/text/{name}", text[name])
+            except CacheError as exc:
+                problems.append(str(exc))
+    if text["embeddings"].shape != (len(text["names"]), dim):
+        problems.append(f"{path}: /text/embeddings has shape {text['embeddings'].shape}, expected "
+                        f"({len(text['names'])}, {dim})")
     return problems
 
 
@@ -626,18 +764,119 @@ def _verify_video(path: Path, video: str, group: Any, dim: Any, dtype: Any) -> l
 
 
 def read_provenance(fh: Any, path: Path) -> dict[str, Any]:
-    attrs = {k: _decode_attr(v) for k, v in fh.attrs.items()}
-    if attrs.get("format") != FORMAT_NAME:
+    """The root attributes, decoded; a ``CacheError`` (one line) for anything that is not a readable cache:
+    no format attribute, an unknown version, an attribute that is not valid JSON, a missing key."""
+    raw = _raw_attrs(fh, path)
+    if raw.get("format") != FORMAT_NAME:
         raise CacheError(f"{path}: not an abawfeat feature cache (no '{FORMAT_NAME}' format attribute)")
-    if attrs.get("format_version") != FORMAT_VERSION:
+    version = raw.get("format_version")
+    if version not in READABLE_VERSIONS:
+        readable = " and ".join(map(str, READABLE_VERSIONS))
         raise CacheError(
-            f"{path}: cache format version {attrs.get('format_version')} is not supported by this abawfeat "
-            f"(reads version {FORMAT_VERSION}); re-extract it"
+            f"{path}: cache format version {version} is not supported by this abawfeat (it reads versions "
+            f"{readable}); re-extract it, or use the abawfeat that wrote it"
         )
+    attrs = {k: _decode_attr(v, k, path) for k, v in raw.items() if k != CHECKSUM_ATTR}
     for key in ("encoder", "feature_dim", "dtype"):
         if key not in attrs:
             raise CacheError(f"{path}: provenance attribute {key!r} is missing")
     return attrs
+
+
+def metadata_digest(fh: Any) -> str:
+    """SHA-256 of every attribute in the file (root, each video group, /text) and of the /text strings, as
+    stored (before any JSON decoding), in one canonical JSON text. ``CHECKSUM_ATTR`` itself is left out."""
+    def attrs(obj: Any) -> dict[str, Any]:
+        return {k: _plain(v) for k, v in obj.attrs.items() if k != CHECKSUM_ATTR}
+
+    doc: dict[str, Any] = {"root": attrs(fh), "videos": {}}
+    if "videos" in fh:
+        doc["videos"] = {name: attrs(group) for name, group in fh["videos"].items()}
+    if "text" in fh:
+        text = fh["text"]
+        doc["text"] = {"attrs": attrs(text)}
+        for name in ("names", "prompts"):
+            if name in text:
+                doc["text"][name] = [_plain(v) for v in text[name][()]]
+    blob = json.dumps(doc, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def check_metadata(fh: Any, path: Path) -> None:
+    """Refuse (one line) a version-2 file whose attributes or text strings do not match their digest."""
+    stored = fh.attrs.get(CHECKSUM_ATTR)
+    if stored is None:
+        raise CacheError(f"{path}: attribute {CHECKSUM_ATTR!r} is missing (a version-2 cache always has it); "
+                         f"the file is damaged or was edited outside abawfeat")
+    try:
+        actual = metadata_digest(fh)
+    except (OSError, ValueError, KeyError) as exc:
+        raise _damaged(path, "the attributes", exc) from None
+    if _plain(stored) != actual:
+        raise CacheError(f"{path}: the attributes or /text strings do not match their checksum "
+                         f"({CHECKSUM_ATTR}): the file is damaged or was edited outside abawfeat; "
+                         "re-extract it into another --out")
+
+
+def _raw_attrs(fh: Any, path: Path) -> dict[str, Any]:
+    try:
+        return {k: _plain(v) for k, v in fh.attrs.items()}
+    except (OSError, KeyError, RuntimeError) as exc:
+        raise _damaged(path, "the root attributes", exc) from None
+
+
+def _plain(value: Any) -> Any:
+    """An attribute or string value as plain Python (str for text, int/float, lists for arrays)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    if isinstance(value, np.generic):
+        return _plain(value.item())
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    return value
+
+
+def _read_dataset(path: Path, name: str, dataset: Any) -> np.ndarray:
+    try:
+        return dataset[()]
+    except OSError as exc:
+        raise _damaged(path, name, exc) from None
+
+
+def _damaged(path: Path, what: str, exc: BaseException) -> CacheError:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    reason = "checksum mismatch" if "filter returned failure" in text else f"unreadable: {text}"
+    return CacheError(f"{path}: {what}: {reason}, the file is damaged; run `abawfeat cache verify {path}` "
+                      "and re-extract into another --out")
+
+
+def _shape_problem(group: Any, dim: int) -> str | None:
+    """Why a video group cannot be read as [T, dim] features for T frames, or None."""
+    for name in ("features", "frames"):
+        if name not in group:
+            return f"missing dataset {name}"
+    feats, frames = group["features"], group["frames"]
+    if feats.ndim != 2:
+        return f"features have shape {feats.shape}, not [frames, {dim}]"
+    if feats.shape[1] != dim:
+        return f"features are {feats.shape[1]}-d but the cache's feature_dim attribute says {dim}"
+    if frames.ndim != 1 or frames.shape[0] != feats.shape[0]:
+        return f"{feats.shape[0]} feature rows for frames of shape {frames.shape}"
+    if "logits" in group and (group["logits"].ndim != 2 or group["logits"].shape[0] != feats.shape[0]):
+        return f"logits of shape {group['logits'].shape} for {feats.shape[0]} frames"
+    return None
+
+
+def _positive_int(value: Any, path: Path, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CacheError(f"{path}: attribute {key!r} is {value!r}, not a positive integer")
+    return value
+
+
+def _feature_dtype(value: Any, path: Path) -> np.dtype:
+    if value not in FEATURE_DTYPES:
+        raise CacheError(f"{path}: attribute 'dtype' is {value!r}, not one of {', '.join(FEATURE_DTYPES)}")
+    return np.dtype(value)
 
 
 def _open_h5(path: Path) -> Any:
@@ -654,13 +893,28 @@ def _open_h5(path: Path) -> Any:
 def _write_video_group(
     group: Any, frames: np.ndarray, features: np.ndarray, logits: np.ndarray | None, bad: np.ndarray
 ) -> None:
-    # Contiguous, uncompressed: stage two reads whole videos, and this is the fastest layout to read.
-    group.create_dataset("features", data=features)
-    group.create_dataset("frames", data=frames.astype(np.int32))
-    group.create_dataset("bad_frames", data=bad.astype(np.int32))
+    _create_checked(group, "features", features)
+    _create_checked(group, "frames", frames.astype(np.int32))
+    _create_checked(group, "bad_frames", bad.astype(np.int32))
     if logits is not None:
-        group.create_dataset("logits", data=logits.astype(np.float32))
+        _create_checked(group, "logits", logits.astype(np.float32))
     group.attrs["n_crops"] = int(len(frames) + len(bad))
+
+
+def _create_checked(group: Any, name: str, data: np.ndarray) -> None:
+    """A dataset with HDF5's fletcher32 checksum: chunked (one chunk per dataset up to ``_CHUNK_BYTES``,
+    uncompressed), because HDF5 filters only apply to chunks. Stage two reads whole videos; what the check
+    costs against a plain contiguous read is measured in docs/performance.md ("Reading a cache"). An empty
+    dataset gets a one-row chunk and an extensible first axis (HDF5 needs both)."""
+    data = np.ascontiguousarray(data)
+    if data.size == 0:
+        chunks = (1, *data.shape[1:])
+        maxshape: tuple[int | None, ...] | None = (None, *data.shape[1:])
+    else:
+        row_bytes = max(1, data[:1].nbytes)
+        chunks = (min(data.shape[0], max(1, _CHUNK_BYTES // row_bytes)), *data.shape[1:])
+        maxshape = None
+    group.create_dataset(name, data=data, chunks=chunks, maxshape=maxshape, fletcher32=True)
 
 
 def _write_text_group(
@@ -669,20 +923,58 @@ def _write_text_group(
     import h5py
 
     text = fh.create_group("text")
+    # Variable-length strings cannot take HDF5 filters: the names and prompts are covered by metadata_sha256.
     text.create_dataset("names", data=np.array(names, dtype=object), dtype=h5py.string_dtype())
     text.create_dataset("prompts", data=np.array(prompts, dtype=object), dtype=h5py.string_dtype())
-    text.create_dataset("embeddings", data=embeddings)
+    _create_checked(text, "embeddings", np.asarray(embeddings))
     text.attrs["template"] = template
 
 
 def _write_h5_atomic(target: Path, fill: Any) -> None:
+    """A small HDF5 file (one video, or the text embeddings), built in memory and written as bytes: HDF5
+    never writes to the device itself, so a full disk is a plain ENOSPC from one write (a DiskFullError
+    naming the part), never a half-closed HDF5 file whose objects fail again when they are freed."""
+    import io
+
     import h5py
 
     def write(tmp: Path) -> None:
-        with h5py.File(tmp, "w") as fh:
+        buffer = io.BytesIO()
+        with h5py.File(buffer, "w") as fh:
             fill(fh)
+        tmp.write_bytes(buffer.getvalue())
 
     atomic_write(target, write, durable=True)
+
+
+def _check_room(path: Path, needed: int) -> None:
+    """Refuse, before writing anything, a consolidation the device has clearly no room for."""
+    free = shutil.disk_usage(path.parent).free
+    if free < needed:
+        kept = "its previous content is kept" if path.exists() else "nothing was written there"
+        raise DiskFullError(
+            f"{path}: no space left on the device to consolidate it (needs about {needed / 1e6:,.1f} MB, "
+            f"{free / 1e6:,.1f} MB free); {kept}, and the finished videos wait in {parts_dir(path)}"
+        )
+
+
+def _quiet_h5_teardown_on_full_disk() -> None:
+    """HDF5 objects of a file whose last write hit a full device fail again when Python frees them, and
+    Python prints each failure as an "Exception ignored" traceback. The full disk has already been reported
+    in one line (DiskFullError), so those echoes are dropped; every other unraisable error still shows."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_abawfeat_h5_quiet", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        from_h5py = "h5py" in f"{unraisable.err_msg} {unraisable.object!r}"
+        error = unraisable.exc_value
+        if from_h5py and error is not None and (is_disk_full(error) or "errno = 28" in str(error)):
+            return  # HDF5 says "errno = 28" (ENOSPC) in its own words
+        previous(unraisable)
+
+    hook._abawfeat_h5_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def _part_videos(parts: Path) -> list[str]:
@@ -702,19 +994,23 @@ def _set_root_attrs(fh: Any, provenance: dict[str, Any]) -> None:
             fh.attrs[key] = "json:" + json.dumps(value, sort_keys=True)
 
 
-def _decode_attr(value: Any) -> Any:
-    if isinstance(value, bytes):
-        value = value.decode()
-    if isinstance(value, np.generic):
-        value = value.item()
+def _decode_attr(value: Any, key: str = "?", path: Path | str = "?") -> Any:
+    value = _plain(value)
     if isinstance(value, str) and value.startswith("json:"):
-        return json.loads(value[5:])
+        try:
+            return json.loads(value[5:])
+        except ValueError as exc:
+            at = f" ({exc.msg} at character {exc.pos + 5})" if isinstance(exc, json.JSONDecodeError) else ""
+            raise CacheError(f"{path}: attribute {key!r} is not valid JSON{at}; the file is damaged or "
+                             "was edited outside abawfeat") from None
     return value
 
 
 def _check_video_name(video: str) -> None:
-    if not video or "/" in video or video.startswith((".", "_")) or video != video.strip():
-        raise ValueError(f"video name {video!r} cannot be stored (empty, has '/', or starts with '.' or '_')")
+    # The reader refuses such names first, in one line naming the folder; reaching here is a caller's bug.
+    problem = video_name_problem(video)
+    if problem is not None:
+        raise ValueError(f"video name {video!r} cannot be stored: {problem}")
 
 
 def _jsonable(value: Any) -> Any:

@@ -42,6 +42,10 @@ class CacheError(AbawfeatError):
 class DiskFullError(AbawfeatError):
     """The device filled up while writing an artefact; the message names the file and what is kept."""
 
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.path = Path(path) if path is not None else None  # the file that was being written
+
 
 class RunError(AbawfeatError):
     """A run directory that is incomplete, belongs to another run, or would be overwritten."""

@@ -1,11 +1,15 @@
 """Stage one: run a frozen encoder over every face crop once and write the HDF5 feature cache.
 
-``run_extraction(config)`` reads top to bottom: dataset, encoder (calibrated when random-init), provenance,
-cache writer (lock, resume), the videos left to do, one streaming loop, consolidation. The loop decodes JPEGs
-in DataLoader workers, batches across video boundaries (a full batch whatever the video lengths), and hands
-each video to the writer as soon as its last frame is through, so memory stays bounded by the longest video
-whatever the dataset size. Under torchrun each rank takes a share of the videos and writes its own parts;
-rank 0 consolidates them into one file (see abawfeat/cache.py for why this survives ``kill -9``).
+``run_extraction(config)`` reads top to bottom: the cache lock (first, so a second run into the same cache
+is refused at once), dataset, encoder (calibrated when it declares so for random init), provenance, cache
+writer (resume), the videos left to do, one streaming loop, consolidation. Nothing here knows which encoder
+runs: options reach it through the encoder contract (``encoder_options``, ``--encoder-opt key=value``).
+
+The loop decodes JPEGs in DataLoader workers, batches across video boundaries (a full batch whatever the video
+lengths), and hands each video to the writer as soon as its last frame is through, so memory stays bounded by
+the longest video whatever the dataset size. Under torchrun each rank takes a share of the videos and writes
+its own parts; rank 0 consolidates them into one file (see abawfeat/cache.py for why this survives
+``kill -9``).
 """
 
 from __future__ import annotations
@@ -24,8 +28,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from abawfeat.cache import FEATURE_DTYPES, CacheWriter, default_cache_path, make_provenance
-from abawfeat.errors import CacheError, ConfigError, DataError
+from abawfeat.cache import (
+    FEATURE_DTYPES,
+    CacheWriter,
+    acquire_lock,
+    default_cache_path,
+    make_provenance,
+    parts_dir,
+    release_lock,
+)
+from abawfeat.errors import CacheError, ConfigError, DataError, DiskFullError
 from abawfeat.utils.configs import to_dict
 from abawfeat.utils.device import PRECISIONS
 
@@ -44,10 +56,10 @@ class ExtractConfig:
     data: Path  # Aff-Wild2 root; its folder name names the dataset in the default output path
     out: Path | None = None  # default: cache/<dataset name>/<backbone>.h5
     weights: str | None = None  # a path or a published name; None = the encoder's default
-    random_init: bool = False  # no weights: seeded init + batch-norm calibration (demo and tests)
-    trust_pickle: bool = False  # allow legacy pickled checkpoints (runs code from the file)
-    clip_model: str | None = None  # open_clip architecture, e.g. ViT-B-32
-    clip_pretrained: str | None = None  # open_clip pretrained tag or a local weights file
+    random_init: bool = False  # no weights: seeded init (+ calibration where the encoder declares it)
+    # The encoder's own options (``--encoder-opt key=value``): fields of its config dataclass, as values or
+    # as text typed by the field's type (``abawfeat encoders`` lists them), e.g. {"clip_model": "ViT-B-16"}.
+    encoder_options: dict[str, Any] = field(default_factory=dict)
     precision: str = "fp32"  # compute precision; bf16 is ~2x fp32's speed on CPUs with AVX-512 BF16
     # Frames per forward pass, filled across video boundaries. None = 32 on CPU, where DDAMFN's activations
     # then stay in cache (compiled fp32 forward: 3.1x the naive baseline at batch 32 against 2.2x at 64, in
@@ -67,10 +79,6 @@ class ExtractConfig:
     seed: int = 0  # random-init weights are drawn from this seed
     calibration_frames: int = 256  # random-init: frames (spread over the whole dataset) for BN statistics
     progress: bool = True  # show the rich progress bar (rank 0 only)
-    # -- audio encoders (wav2vec2, hubert, wavlm) only; see abawfeat/audio/extract.py and docs/audio.md
-    layer: int | None = None  # hidden state to cache (0 = transformer input .. L); None = the middle one
-    layers: str | None = None  # "a:b": the mean of hidden states a..b, both included
-    window_ms: float | None = None  # pooling window centred on each frame; None = 500 ms
 
 
 @dataclass
@@ -118,35 +126,13 @@ def resolve_compile(config: ExtractConfig, encoder: Encoder, n_frames: int) -> b
     return bool(encoder.compile_by_default) and n_frames >= AUTO_COMPILE_MIN_FRAMES
 
 
-# Encoder options that ExtractConfig can set: {encoder config field: (ExtractConfig field, CLI flag)}.
-_ENCODER_OPTIONS: dict[str, tuple[str, str]] = {
-    "weights": ("weights", "--weights"),
-    "random_init": ("random_init", "--random-init"),
-    "trust_pickle": ("trust_pickle", "--trust-pickle"),
-    "clip_model": ("clip_model", "--clip-model"),
-    "clip_pretrained": ("clip_pretrained", "--clip-pretrained"),
-    "layer": ("layer", "--layer"),
-    "layers": ("layers", "--layers"),
-}
-
-
 def encoder_options(config: ExtractConfig) -> dict[str, Any]:
-    """Keyword options for ``build_encoder``: only those the user set, so each encoder keeps its defaults;
-    an option the encoder does not have is a ConfigError naming the flag."""
-    from abawfeat.encoders import ENCODERS
+    """Keyword options for ``build_encoder``: the generic choices and the encoder's own options, only those
+    the user set (each encoder keeps its defaults); see ``abawfeat.encoders.encoder_options``."""
+    from abawfeat.encoders import encoder_options as options_for
 
-    fields = {f.name for f in dataclasses.fields(ENCODERS.get(config.backbone).config_class)}
-    options: dict[str, Any] = {}
-    for option, (attr, flag) in _ENCODER_OPTIONS.items():
-        value = getattr(config, attr)
-        if value is None or value is False:
-            continue
-        if option not in fields:
-            raise ConfigError(f"{flag} does not apply to --backbone {config.backbone}")
-        options[option] = value
-    if config.random_init and "seed" in fields:
-        options["seed"] = config.seed  # the seed is what makes a random-init encoder rebuildable
-    return options
+    return options_for(config.backbone, weights=config.weights, random_init=config.random_init,
+                       seed=config.seed, options=config.encoder_options)
 
 
 def validate_config(config: ExtractConfig) -> None:
@@ -160,6 +146,8 @@ def validate_config(config: ExtractConfig) -> None:
         raise ConfigError(f"--precision {config.precision!r}: use one of {', '.join(PRECISIONS)}")
     if config.random_init and config.weights is not None:
         raise ConfigError("--random-init and --weights exclude each other")
+    if not isinstance(config.encoder_options, dict):
+        raise ConfigError("encoder_options must be a dict of the encoder's options")
     if config.calibration_frames < 1:
         raise ConfigError(f"calibration_frames must be at least 1, not {config.calibration_frames}")
 
@@ -177,44 +165,78 @@ def run_extraction(config: ExtractConfig, encoder: Encoder | None = None) -> Ext
     ``encoder`` overrides building one from the config (for callers that already hold one); it is moved to
     the device, and with bf16/fp16 its parameters are set to require grad (see _prepare_model).
 
-    Audio encoders (``Encoder.modality == "audio"``) run abawfeat/audio/extract.py's loop instead, into a
-    cache of the same schema."""
-    if _modality(config, encoder) == "audio":
-        from abawfeat.audio.extract import run_audio_extraction
-
-        return run_audio_extraction(config, encoder)
-    if config.window_ms is not None:
-        raise ConfigError(f"--window-ms applies to audio encoders, not to --backbone {config.backbone}")
+    Audio encoders (``Encoder.modality == "audio"``) share everything up to the cache lock, then run the loop
+    over source videos of abawfeat/audio/extract.py instead of the crop loop, into a cache of the same
+    schema."""
     import torch
 
     from abawfeat.utils import dist
-    from abawfeat.utils.device import autocast_dtype, resolve_device, seed_everything
-    from abawfeat.utils.progress import loud_warning
+    from abawfeat.utils.device import autocast_dtype, resolve_device
 
     validate_config(config)
+    run_locked = _run_locked
+    if _modality(config, encoder) == "audio":
+        from abawfeat.audio.extract import check_audio_config, run_audio_locked
+
+        check_audio_config(config)
+        run_locked = run_audio_locked
     info = dist.dist_info()
     distributed = dist.init_process_group(info)
     device = resolve_device(config.device)
-    if config.batch_size is None:
+    if config.batch_size is None and run_locked is _run_locked:
         config = dataclasses.replace(config, batch_size=32 if device.type == "cpu" else 128)
     if autocast_dtype(config.precision) == torch.float16 and device.type == "cpu":
         raise ConfigError("--precision fp16 needs CUDA; on CPU use bf16 or fp32")
 
-    # 1. Dataset: every video with crops, train, validation and test alike.
+    # 1. The cache lock, before the dataset is scanned or any model is loaded: a second extraction into the
+    # same cache is refused at once, not after the encoder has loaded. (Opening the dataset only locates its
+    # annotations folder; its name names the default output.)
     dataset = open_dataset(config.data)
+    out = resolve_output(config, dataset.name)
+    lock: int | None = None
+    refused: Exception | None = None
+    if info.is_main:
+        try:
+            lock = acquire_lock(out)
+        except CacheError as exc:  # another extraction holds it
+            refused = exc
+        except OSError as exc:  # a full disk (the pid hint), a folder that cannot be written...
+            refused = _disk_full(exc, out, None) if _is_disk_full(exc) else CacheError(
+                f"{out}: cannot lock the cache ({exc.strerror or exc})")
+    if not _agree(distributed, refused is None):  # every rank stops at once when rank 0 was refused
+        raise refused or CacheError(f"{out}: rank 0 could not lock the cache; see its message")
+    try:
+        result = run_locked(config, dataset, out, lock, encoder, info, distributed, device)
+    finally:
+        if lock is not None:
+            release_lock(lock)
+    if distributed:
+        import torch.distributed as tdist
+
+        tdist.destroy_process_group()
+    return result
+
+
+def _run_locked(config: ExtractConfig, dataset: AffWild2, out: Path, lock: int | None,
+                encoder: Encoder | None, info: Any, distributed: bool, device: torch.device) -> ExtractResult:
+    """The run once rank 0 holds the cache lock (``lock``): dataset, encoder, provenance, writer, loop."""
+    from abawfeat.utils.device import seed_everything
+    from abawfeat.utils.progress import loud_warning
+
+    # 2. Dataset: every video with crops, train, validation and test alike.
     all_videos = sorted(dataset.videos_with_crops())
     if not all_videos:
         raise DataError(config.data, "no crop folders found (expected cropped_aligned/<video>/NNNNN.jpg)")
     selected = select_videos(all_videos, config.videos, config.data)
-    out = resolve_output(config, dataset.name)
 
-    # 2. Encoder. A random-init encoder is drawn from a fixed seed and calibrated on frames picked from the
-    # whole dataset, so a resumed run (or another rank) rebuilds exactly the same network.
+    # 3. Encoder. A random-init encoder is drawn from a fixed seed and calibrated (when it declares that it
+    # needs it) on frames picked from the whole dataset, so a resumed run (or another rank) rebuilds exactly
+    # the same network.
     if config.random_init and info.is_main:
         loud_warning(
-            f"--random-init: {config.backbone} gets RANDOM weights (seed {config.seed}), with batch-norm "
-            "statistics calibrated on dataset frames. Its features mean nothing about affect; use it for "
-            "demos and tests only. This is recorded in the cache's provenance."
+            f"--random-init: {config.backbone} gets RANDOM weights (seed {config.seed}), calibrated on "
+            "dataset frames where it needs it. Its features mean nothing about affect; use it for demos and "
+            "tests only. This is recorded in the cache's provenance."
         )
     if encoder is None:
         from abawfeat.encoders import build_encoder
@@ -223,7 +245,7 @@ def run_extraction(config: ExtractConfig, encoder: Encoder | None = None) -> Ext
         encoder = build_encoder(config.backbone, **encoder_options(config))
     encoder = encoder.eval()
     calibration_source = None
-    if config.random_init and needs_calibration(encoder):
+    if config.random_init and encoder.needs_calibration:
         calibration_source = calibrate_encoder(encoder, dataset, all_videos, config.calibration_frames)
         if distributed:
             _broadcast_state(encoder)  # identical BN statistics on every rank, bit for bit
@@ -245,32 +267,49 @@ def run_extraction(config: ExtractConfig, encoder: Encoder | None = None) -> Ext
         extract_config=to_dict(config),
     )
 
-    # 3. Writer: rank 0 takes the lock and checks the existing cache first; the other ranks open it only if
+    # 4. Writer: rank 0 (holding the lock) checks the existing cache first; the other ranks open it only if
     # that succeeded, so a refused run never leaves a rank waiting.
-    writer = CacheWriter(out, provenance, lock=info.is_main, consolidate_on_exit=info.is_main)
-    _enter_writer(writer, info, distributed)
+    writer = CacheWriter(out, provenance, lock=info.is_main, consolidate_on_exit=info.is_main, held_lock=lock)
     try:
-        result = _extract_videos(config, dataset, encoder, writer, selected, out, device, info, distributed)
-    except BaseException:
-        writer.__exit__(*sys.exc_info())  # Ctrl-C consolidates completed videos; other errors keep parts
+        _enter_writer(writer, info, distributed)
+        try:
+            result = _extract_videos(config, dataset, encoder, writer, selected, out, device, info,
+                                     distributed)
+        except BaseException:
+            writer.__exit__(*sys.exc_info())  # Ctrl-C consolidates completed videos; other errors keep parts
+            raise
+        writer.__exit__(None, None, None)
+    except (DiskFullError, OSError) as exc:
+        if isinstance(exc, DiskFullError) or _is_disk_full(exc):
+            raise _disk_full(exc, out, len(writer.done_videos())) from None
         raise
-    writer.__exit__(None, None, None)
     if info.is_main and out.exists():
         result.file_size = out.stat().st_size
-    if distributed:
-        import torch.distributed as tdist
-
-        tdist.destroy_process_group()
     return result
 
 
 def _modality(config: ExtractConfig, encoder: Encoder | None) -> str:
-    """Which stage-one loop runs this encoder: "face" (this module) or "audio" (abawfeat/audio/extract.py)."""
-    if encoder is not None:
-        return str(getattr(encoder, "modality", "face"))
+    """What the encoder reads (``Encoder.modality``): "face" crops (this module's loop) or "audio"."""
     from abawfeat.encoders import ENCODERS
 
-    return str(getattr(ENCODERS.get(config.backbone), "modality", "face"))
+    return str((encoder if encoder is not None else ENCODERS.get(config.backbone)).modality)
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    from abawfeat.utils.io import is_disk_full
+
+    return is_disk_full(exc)
+
+
+def _disk_full(exc: BaseException, out: Path, kept: int | None) -> DiskFullError:
+    """One line for a full disk during extraction: the file being written, and what is kept (``kept``
+    complete videos; None before this run could look at the cache, which it then left as it was)."""
+    where = getattr(exc, "path", None) or getattr(exc, "filename", None) or out
+    where_kept = f"({out} and {parts_dir(out)})"
+    what = f"the cache as it was {where_kept}" if kept is None else (
+        f"the {kept} complete videos already in the cache {where_kept}")
+    return DiskFullError(f"{where}: no space left on the device while writing it; kept: {what}; free some "
+                         "space and re-run the same command to resume", where)
 
 
 def _extract_videos(
@@ -654,14 +693,6 @@ def balance_videos(videos: Sequence[str], n_frames: Sequence[int], rank: int, wo
         load[r] += n
         share[r].append(video)
     return sorted(share[rank])
-
-
-def needs_calibration(encoder: Encoder) -> bool:
-    """Whether a random-init encoder has batch-norm statistics to recompute: encoders that need it override
-    ``calibrate`` (DDAMFN); the others (CLIP, all LayerNorm) keep the base method, which refuses."""
-    from abawfeat.encoders import Encoder
-
-    return type(encoder).calibrate is not Encoder.calibrate
 
 
 def calibration_frames(dataset: AffWild2, videos: Sequence[str], n: int) -> list[tuple[str, int]]:

@@ -1,18 +1,24 @@
-"""End-to-end fine-tuning (``train-head --unfreeze``): DDAMFN and a stage-two head trained from frames.
+"""End-to-end fine-tuning (``abawfeat finetune``): an encoder and a stage-two head trained from frames.
 
-Stage two trains a head on cached features; this trains the backbone with it, from the crops. Everything
-that is not about pixels is stage two's, reused unchanged from ``abawfeat.train``: the ``TrainConfig``
-(task, head, objective, class / positive weights, seed, fill), the head built by ``head_spec``, the
-objectives of ``build_objective``, the ``SequenceSet`` split and its windows (here with crops as rows, see
-``abawfeat.data.frames``), and the whole evaluation: ``evaluate_set`` -> ``infer_rows`` ->
-``fill_timeline`` -> ``score_timeline``, run on the fine-tuned backbone's embeddings of every validation
-crop. So metrics, val_outputs.npz, history.csv and checkpoint.pt mean exactly what they mean for a head.
+Stage two trains a head on cached features; this trains the backbone with it, from the crops. Any encoder
+that declares trainable blocks (``Encoder.blocks``: DDAMFN, CLIP's image tower, ...) can be fine-tuned;
+this module knows encoders only through that contract (blocks, ``forward_train`` and its auxiliary outputs,
+``save_weights``, ``needs_calibration``), never by name.
 
-A run reads top to bottom (``run_finetune``): data, model (backbone from published weights or random init,
-blocks before ``unfreeze_from`` frozen), optimiser with two learning rates, the loop, evaluation after
-every epoch, a full training state after every epoch (``train_state.pt``: resume reaches the same weights
-as an uninterrupted run), the best epoch's head (``checkpoint.pt``) and backbone in the published DDAMFN
-format (``ddamfn_finetuned.pth``, which ``abawfeat extract --weights`` reads to build a new cache).
+Everything that is not about pixels is stage two's, reused unchanged from ``abawfeat.train``: the
+``TrainConfig`` (task, head, objective, class / positive weights, seed, fill), the head built by
+``build_head_for``, the objectives of ``build_objective``, the ``SequenceSet`` split and its windows (here
+with crops as rows, see ``abawfeat.data.frames``), and the whole evaluation: ``evaluate_set`` ->
+``infer_rows`` -> ``fill_timeline`` -> ``score_timeline``, run on the fine-tuned backbone's embeddings of
+every validation crop. So metrics, val_outputs.npz, history.csv and checkpoint.pt mean exactly what they
+mean for a head.
+
+A run reads top to bottom (``run_finetune``): the encoder (published weights or random init, blocks before
+``unfreeze_from`` frozen), data, head, optimiser with two learning rates, the loop, evaluation after every
+epoch, a full training state after every epoch (``train_state.pt``: resume reaches the same weights as an
+uninterrupted run), the best epoch's head (``checkpoint.pt``) and backbone, saved by the encoder's own hook
+(``<encoder>_finetuned.pth``; DDAMFN's in the published format), which ``abawfeat extract --weights`` reads
+to build a new cache.
 
 Under torchrun every process takes a contiguous slice of each global batch; per-task losses are weighted by
 the task's labelled frames in the whole global batch, so a step on W processes with batch B computes the
@@ -38,53 +44,46 @@ import torch
 from torch import Tensor, nn
 
 from abawfeat import __version__
+from abawfeat.data.batches import Batch, WindowSource
 from abawfeat.data.frames import AugmentConfig, FrameSource, FrameWindows, load_frames_split
-from abawfeat.data.sequences import SequenceSet, make_windows
+from abawfeat.data.sequences import make_windows
+from abawfeat.encoders.base import ATTENTION_MAPS, ENCODERS, Block, Encoder, encoder_options, make_config
 from abawfeat.errors import AbawfeatError, CheckpointError, ConfigError
-from abawfeat.train import (
-    DEFAULT_OBJECTIVE,
-    SELECT_METRIC,
-    Batch,
-    Evaluation,
-    Objective,
+from abawfeat.tasks import single, task, task_names
+from abawfeat.train.config import (
     Resolved,
     TrainConfig,
-    WindowSource,
-    build_objective,
+    build_head_for,
     dataset_name,
-    evaluate_set,
-    head_spec,
+    objective_name,
+    resolve,
+    validate_config,
+)
+from abawfeat.train.inference import Evaluation, evaluate_set
+from abawfeat.train.loop import run_epochs
+from abawfeat.train.objectives import Objective, build_objective, loss_weights
+from abawfeat.train.rundir import (
+    RunRecord,
+    architecture_label,
     load_versioned,
     metrics_record,
-    resolve,
-    resolved_objective,
-    run_epochs,
-    run_tasks,
     save_checkpoint,
-    validate_config,
     write_history,
-    write_plots,
     write_val_outputs,
 )
 from abawfeat.utils import dist
-from abawfeat.utils.configs import from_dict, read_json, to_dict
+from abawfeat.utils.configs import from_dict, jsonable, read_json, to_dict
 from abawfeat.utils.device import autocast, resolve_device, seed_everything
 from abawfeat.utils.io import torch_save, write_json
 
-# DDAMFN's trainable stages in forward order. The first nine are MixedFeatureNet's (``features.0`` ..
-# ``features.8``, named as in the MobileFaceNet code DDAMFN derives from); then the attention heads and the
-# GDConv that makes the 512-d embedding. ``--unfreeze-from conv_5`` trains conv_5 and everything after it.
-BLOCKS: tuple[str, ...] = (
-    "conv1", "conv2_dw", "conv_23", "conv_3", "conv_34", "conv_4", "conv_45", "conv_5", "conv_6_sep",
-    "attention", "gdconv",
-)
 SCHEDULES = ("cosine", "constant")
+DEFAULT_BACKBONE = "ddamfn"  # the encoder fine-tuned when a config names none
 STATE_FILE = "train_state.pt"
 STATE_FORMAT = "abawfeat-finetune-state"
 STATE_VERSION = 1
-PUBLISHED_FILE = "ddamfn_finetuned.pth"
-# Auxiliary model output (not a task): the attention heads' maps, for the attention-diversity loss.
-ATTENTION_KEY = "attention_maps"
+# Auxiliary model output (not a task): the attention heads' maps, for the attention-diversity loss. Only
+# encoders that declare it among their ``auxiliary_outputs`` (DDAMFN) can use that loss.
+ATTENTION_KEY = ATTENTION_MAPS
 # Images per forward pass at evaluation and for the head's input statistics (no gradients kept).
 DEFAULT_EVAL_BATCH = 64
 # Training batch when --batch-size is 0: 32 frames for frame-wise heads; for temporal heads as many
@@ -102,15 +101,19 @@ class FinetuneConfig:
 
     # Task, head, objective, epochs, seed, head learning rate (``lr``), batch, window, precision, fill...:
     # the stage-two options, meaning what they mean there. ``batch_size`` 0 = see DEFAULT_FRAMES_PER_BATCH.
+    # ``train.backbone`` names the encoder (any registered encoder that declares trainable blocks).
     train: TrainConfig = field(default_factory=TrainConfig)
-    # DDAMFN weights: a published-format checkpoint path or name (None = affectnet8, as `extract`).
+    # Starting weights: a file or one of the encoder's named weights (None = its default, as `extract`).
     weights: str | None = None
-    # Seeded random DDAMFN, batch-norm calibrated on dataset frames as `extract --random-init` does (tests).
+    # Seeded random weights, calibrated on dataset frames where the encoder needs it, exactly as
+    # `extract --random-init` does (tests, demo).
     random_init: bool = False
-    trust_pickle: bool = False  # accept whole-model pickles (runs code from the file)
-    # First trainable block (see BLOCKS; a name or its index). Earlier blocks are frozen and kept in eval
-    # mode, so their batch-norm statistics stay those of the published weights.
-    unfreeze_from: str = BLOCKS[0]
+    # The encoder's own options (``--encoder-opt key=value``), as for `extract`: e.g. clip_model for CLIP.
+    encoder_options: dict[str, Any] = field(default_factory=dict)
+    # First trainable block (a name or its index among the encoder's ``blocks()``; None = the first, i.e.
+    # the whole encoder). Earlier blocks are frozen and kept in eval mode, so their batch-norm statistics
+    # stay those of the starting weights.
+    unfreeze_from: str | None = None
     # Also keep the trainable blocks' batch norms in eval mode (affine parameters still learn): small
     # batches estimate statistics badly, and frozen statistics make processes and micro-batches agree.
     freeze_bn: bool = False
@@ -120,7 +123,7 @@ class FinetuneConfig:
     # would otherwise push the pretrained backbone far from where it was
     grad_accum: int = 1  # micro-batches per optimiser step (global batch = batch x grad_accum x processes)
     # DDAMFN's attention-diversity loss over its attention heads, added with diversity_weight (published
-    # training: 0.1 next to cross-entropy).
+    # training: 0.1 next to cross-entropy); for encoders that declare the ATTENTION_MAPS auxiliary output.
     attention_diversity: bool = False
     diversity_weight: float = 0.1
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # training only, never at evaluation
@@ -130,18 +133,23 @@ class FinetuneConfig:
     stats_frames: int = 2048  # training crops whose initial embeddings standardise the head's input
     channels_last: bool = True  # NHWC convolutions: faster on CPU (oneDNN) and tensor-core GPUs
     sync_bn: bool = True  # CUDA + torchrun + train-mode BN: SyncBatchNorm (no CPU support in PyTorch)
-    save_published: bool = True  # write ddamfn_finetuned.pth at every best epoch
+    # Write the backbone (``Encoder.save_weights``, <encoder>_finetuned.pth) at every best epoch.
+    save_published: bool = True
 
 
 def validate_finetune(cfg: FinetuneConfig) -> None:
-    """Refuse impossible combinations with one line naming the option."""
+    """Refuse impossible combinations with one line naming the option (the blocks are checked against the
+    encoder once it is built, see ``block_index``)."""
     validate_config(cfg.train)
-    if cfg.train.backbone != "ddamfn":
-        raise ConfigError(f"--unfreeze trains DDAMFN end to end, not --backbone {cfg.train.backbone}")
-    if resolved_objective(cfg.train) == "contrastive":
-        raise ConfigError("--unfreeze does not support --objective contrastive (it needs CLIP prompts)")
+    encoder_cls = ENCODERS.get(cfg.train.backbone)
+    if objective_name(cfg.train) == "contrastive":
+        raise ConfigError("fine-tuning does not support --objective contrastive (it needs a cache's prompt "
+                          "embeddings)")
     if cfg.weights is not None and cfg.random_init:
         raise ConfigError("--weights and --random-init exclude each other")
+    if cfg.attention_diversity and ATTENTION_KEY not in encoder_cls.auxiliary_outputs:
+        raise ConfigError(f"--attention-diversity needs an encoder with attention heads; "
+                          f"{cfg.train.backbone} has none")
     if cfg.backbone_lr <= 0:
         raise ConfigError(f"--backbone-lr must be > 0, got {cfg.backbone_lr}")
     if cfg.grad_accum < 1:
@@ -158,77 +166,92 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
     if cfg.workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {cfg.workers}")
     cfg.augment.validate()
-    block_index(cfg.unfreeze_from)
+    # The encoder's own options and the generic ones together, typed and checked as `extract` takes them.
+    make_config(cfg.train.backbone, **_encoder_options(cfg))
 
 
-def block_index(spec: str | int) -> int:
-    """Position in BLOCKS of a block given by name, by index, or as ``features.N``."""
+def block_index(blocks: Sequence[str], spec: str | int | None, encoder: str = "encoder") -> int:
+    """Position in ``blocks`` (an encoder's block names, forward order) of a block given by name or index;
+    None = 0 (the first block: the whole encoder trains)."""
+    if not blocks:
+        raise ConfigError(f"--backbone {encoder}: this encoder declares no trainable blocks, so it cannot be "
+                          "fine-tuned")
+    if spec is None:
+        return 0
     text = str(spec).strip()
-    if text in BLOCKS:
-        return BLOCKS.index(text)
-    if text.startswith("features."):
-        text = text[len("features."):]
-    if text.isdigit() and int(text) < len(BLOCKS):
+    if text in blocks:
+        return list(blocks).index(text)
+    if text.isdigit() and int(text) < len(blocks):
         return int(text)
-    raise ConfigError(f"--unfreeze-from {spec!r}: choose a DDAMFN block, one of {', '.join(BLOCKS)} "
-                      f"(or its index 0..{len(BLOCKS) - 1})")
+    raise ConfigError(f"--unfreeze-from {spec!r}: choose a {encoder} block, one of {', '.join(blocks)} "
+                      f"(or its index 0..{len(blocks) - 1})")
 
 
 # ------------------------------------------------------------------------------------------------ model
 
 
-def backbone_blocks(net: nn.Module) -> list[tuple[str, list[nn.Module]]]:
-    """DDAMFN's blocks in forward order, as (name, modules); see BLOCKS."""
-    features = list(net.features.children())
-    if len(features) != len(BLOCKS) - 2:
-        raise CheckpointError(f"DDAMFN trunk has {len(features)} stages, expected {len(BLOCKS) - 2}")
-    heads = [getattr(net, f"cat_head{i}") for i in range(net.num_head)]
-    trunk = [(name, [m]) for name, m in zip(BLOCKS, features, strict=False)]
-    return [*trunk, ("attention", heads), ("gdconv", [net.Linear])]
+def _member_of(name: str, members: Sequence[str]) -> bool:
+    return any(name == m or name.startswith(m + ".") for m in members)
 
 
-def _outside_embedding(net: nn.Module) -> list[str]:
-    """Parameters the embedding does not depend on: the AffectNet classifier and the modules published
-    checkpoints carry but the forward pass never uses. They get no gradient, so they are frozen (else
-    DistributedDataParallel would wait for their gradients forever)."""
-    was_training = net.training
-    net.eval()  # no batch-norm statistics are touched by this probe
+def block_parameters(encoder: nn.Module, blocks: Sequence[Block]) -> list[tuple[str, nn.Parameter]]:
+    """The encoder's (qualified name, parameter) pairs that belong to any of ``blocks``."""
+    members = [m for b in blocks for m in b.members]
+    return [(n, p) for n, p in encoder.named_parameters() if _member_of(n, members)]
+
+
+def block_modules(encoder: nn.Module, blocks: Sequence[Block]) -> list[nn.Module]:
+    """The modules a block names (its members that are modules; bare parameters have no mode)."""
+    modules = dict(encoder.named_modules())
+    return [modules[m] for b in blocks for m in b.members if m in modules]
+
+
+def _outside_embedding(encoder: Encoder, params: Sequence[tuple[str, nn.Parameter]]) -> list[str]:
+    """Those of ``params`` the embedding does not depend on (DDAMFN: modules its published checkpoints carry
+    but its forward pass never uses). They get no gradient, so they are frozen (else DistributedDataParallel
+    would wait for their gradients forever). Found by a gradient probe, not by a list of names."""
+    if not params:
+        return []
+    size = encoder.input_size
+    was_training = encoder.training
+    encoder.eval()  # no batch-norm statistics are touched by this probe
     try:
         with torch.enable_grad():
-            embedding = net(torch.zeros(2, 3, 112, 112)).embedding
-            named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
-            grads = torch.autograd.grad(embedding.sum(), [p for _, p in named], allow_unused=True)
+            embedding, _ = encoder.forward_train(torch.zeros(2, 3, size, size))
+            grads = torch.autograd.grad(embedding.float().sum(), [p for _, p in params], allow_unused=True)
     finally:
-        net.train(was_training)
-    return [n for (n, _), g in zip(named, grads, strict=True) if g is None]
+        encoder.train(was_training)
+    return [n for (n, _), g in zip(params, grads, strict=True) if g is None]
 
 
 class FinetuneModel(nn.Module):
-    """DDAMFN encoder + stage-two head: ``forward(images [B, T, 3, S, S], mask [B, T]) -> {task: [B, T, K]}``
-    (plus ``attention_maps`` [heads, N, C, 7, 7] when ``return_maps``), the same contract as a head on
-    features, so stage two's objectives and loops take it as is."""
+    """Encoder + stage-two head: ``forward(images [B, T, 3, S, S], mask [B, T]) -> {task: [B, T, K]}``
+    (plus the encoder's auxiliary outputs asked for, e.g. ``attention_maps`` [heads, N, C, H, W]), the same
+    contract as a head on features, so stage two's objectives and loops take it as is.
 
-    def __init__(self, encoder: nn.Module, head: nn.Module, *, unfreeze_from: str = BLOCKS[0],
-                 freeze_bn: bool = False, return_maps: bool = False, channels_last: bool = True) -> None:
+    Trainable: the parameters of the encoder's blocks from ``unfreeze_from`` on that the embedding depends
+    on, and the head. Everything else in the encoder is frozen and stays in eval mode."""
+
+    def __init__(self, encoder: Encoder, head: nn.Module, *, unfreeze_from: str | int | None = None,
+                 freeze_bn: bool = False, aux_outputs: Sequence[str] = (),
+                 channels_last: bool = True) -> None:
         super().__init__()
         self.encoder = encoder
         self.head = head
         self.freeze_bn = freeze_bn
-        self.return_maps = return_maps
+        self.aux_outputs = tuple(aux_outputs)
         self.channels_last = channels_last
-        net = encoder.net
-        start = block_index(unfreeze_from)
-        blocks = backbone_blocks(net)
-        self.trainable_blocks = [name for name, _ in blocks[start:]]
-        self.frozen_blocks = [name for name, _ in blocks[:start]]
-        # A plain list, not a ModuleList: registering the modules twice would duplicate state-dict keys.
-        self._frozen: list[nn.Module] = [m for _, mods in blocks[:start] for m in mods]
-        for module in self._frozen:
-            module.requires_grad_(False)
-        self.unused_parameters = _outside_embedding(net)
-        params = dict(net.named_parameters())
-        for name in self.unused_parameters:
-            params[name].requires_grad_(False)
+        blocks = encoder.blocks()
+        start = block_index([b.name for b in blocks], unfreeze_from, encoder.name)
+        self.trainable_blocks = [b.name for b in blocks[start:]]
+        self.frozen_blocks = [b.name for b in blocks[:start]]
+        trainable = block_parameters(encoder, blocks[start:])
+        self.unused_parameters = _outside_embedding(encoder, trainable)
+        keep = {n for n, _ in trainable} - set(self.unused_parameters)
+        for name, param in encoder.named_parameters():
+            param.requires_grad_(name in keep)
+        # Plain lists, not ModuleLists: registering the modules twice would duplicate state-dict keys.
+        self._train_modules: list[nn.Module] = block_modules(encoder, blocks[start:])
         if channels_last:
             self.encoder.to(memory_format=torch.channels_last)
 
@@ -238,38 +261,38 @@ class FinetuneModel(nn.Module):
     def train(self, mode: bool = True) -> FinetuneModel:
         super().train(mode)
         if mode:
-            # Frozen blocks keep their running statistics; so do all batch norms with freeze_bn.
-            for module in self._frozen:
-                module.eval()
+            # Only the trainable blocks train: frozen blocks (and modules in no block) keep their running
+            # statistics; so do all batch norms with freeze_bn.
+            self.encoder.eval()
+            for module in self._train_modules:
+                module.train()
             if self.freeze_bn:
                 for module in self.encoder.modules():
                     if isinstance(module, nn.modules.batchnorm._BatchNorm):
                         module.eval()
         return self
 
-    def embed(self, images: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """[N, 3, S, S] -> (embedding [N, 512], attention-head maps)."""
+    def embed(self, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """[N, 3, S, S] -> (embedding [N, D], the auxiliary outputs asked for)."""
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        out = self.encoder.forward_with_maps(images)
-        return out.embedding, out.head_maps
+        return self.encoder.forward_train(images, self.aux_outputs)
 
     def forward(self, images: Tensor, mask: Tensor) -> dict[str, Tensor]:
         b, t = mask.shape
         keep = mask.reshape(-1).bool()
         flat = images.reshape(b * t, *images.shape[2:])
         if bool(keep.all()):
-            embedding, maps = self.embed(flat)
+            embedding, aux = self.embed(flat)
             features = embedding.reshape(b, t, -1)
         else:
             # Padding never enters the backbone: in train mode it would skew batch-norm statistics.
             index = torch.nonzero(keep).squeeze(1)
-            embedding, maps = self.embed(flat[index])
+            embedding, aux = self.embed(flat[index])
             features = embedding.new_zeros(b * t, embedding.shape[1]).index_copy(0, index, embedding)
             features = features.reshape(b, t, -1)
         outputs = dict(self.head(features, mask))
-        if self.return_maps:
-            outputs[ATTENTION_KEY] = torch.stack([m.float() for m in maps])
+        outputs.update(aux)
         return outputs
 
 
@@ -281,14 +304,9 @@ def unwrap(model: nn.Module) -> FinetuneModel:
 
 
 def _encoder_options(cfg: FinetuneConfig) -> dict[str, Any]:
-    if cfg.random_init:
-        return {"random_init": True, "seed": cfg.train.seed}
-    options: dict[str, Any] = {}
-    if cfg.weights is not None:
-        options["weights"] = cfg.weights
-    if cfg.trust_pickle:
-        options["trust_pickle"] = True
-    return options
+    """``build_encoder`` options of the starting encoder (random init is seeded with the run's seed)."""
+    return encoder_options(cfg.train.backbone, weights=cfg.weights, random_init=cfg.random_init,
+                           seed=cfg.train.seed, options=cfg.encoder_options)
 
 
 # ------------------------------------------------------------------------------------- embeddings of rows
@@ -367,8 +385,8 @@ class StepLoss:
     def __call__(self, out: Mapping[str, Tensor], batch: Batch, mine: Tensor, total: Tensor) -> Tensor:
         share = torch.where(total > 0, mine / total.clamp(min=1), torch.zeros_like(mine)) * self.world_size
         loss: Tensor | None = None
-        for i, task in enumerate(self.tasks):
-            term, _ = self.objectives[task](out, batch)
+        for i, name in enumerate(self.tasks):
+            term, _ = self.objectives[name](out, batch)
             term = term * float(share[i])
             loss = term if loss is None else loss + term
         if self.diversity_weight:
@@ -483,20 +501,23 @@ def load_state(run_dir: Path) -> dict[str, Any]:
     path = run_dir / STATE_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: missing, nothing to resume (no epoch of this run finished)")
-    return load_versioned(path, STATE_FORMAT, STATE_VERSION, "training state", "fine-tuning state")
+    return load_versioned(path, STATE_FORMAT, (STATE_VERSION,), "training state", "fine-tuning state")
 
 
 # ------------------------------------------------------------------------------------------ run directory
 
 
-def expected_fingerprint(published: Path, precision: str) -> dict[str, Any]:
-    """The fingerprint of the cache ``abawfeat extract --backbone ddamfn --weights <published>`` writes:
-    what checkpoint.pt records, so ``evaluate`` / ``predict`` accept that cache for this run's head and
-    refuse every other. Loading the file strictly here also proves the published-format round trip."""
+def expected_fingerprint(cfg: FinetuneConfig, saved: Path, precision: str) -> dict[str, Any]:
+    """The fingerprint of the cache ``abawfeat extract --backbone B --weights <saved> [--encoder-opt ...]``
+    writes (the run's encoder and options, the saved weights): what checkpoint.pt records, so ``evaluate`` /
+    ``predict`` accept that cache for this run's head and refuse every other. Building the encoder from the
+    file here also proves that the encoder's ``save_weights`` round trip works."""
     from abawfeat.cache import fingerprint_of, make_provenance
     from abawfeat.encoders import build_encoder
 
-    encoder = build_encoder("ddamfn", weights=str(published.resolve()))
+    name = cfg.train.backbone
+    encoder = build_encoder(name, **encoder_options(name, weights=str(saved.resolve()),
+                                                    options=cfg.encoder_options))
     provenance = make_provenance(encoder.provenance(), feature_dim=encoder.feature_dim, dtype="float16",
                                  precision=precision, logit_names=encoder.logit_names)
     return fingerprint_of(provenance)
@@ -507,10 +528,13 @@ def load_finetune_config(run_dir: str | Path) -> FinetuneConfig:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; {run_dir} is not a run directory")
-    info = read_json(path)
+    record = RunRecord.read(run_dir)
+    info = {"kind": record.kind, "finetune": record.extra.get("finetune")}
     if info.get("kind") != "finetune" or not isinstance(info.get("finetune"), dict):
-        raise CheckpointError(f"{path}: not an end-to-end (--unfreeze) run; --resume continues those only")
+        raise CheckpointError(f"{path}: not a fine-tuning run; --resume continues those only")
     cfg = from_dict(FinetuneConfig, info["finetune"])
+    if info["finetune"].get("trust_pickle"):  # runs written before encoder options were generic
+        cfg.encoder_options = {**cfg.encoder_options, "trust_pickle": True}
     cfg.train.out = str(run_dir)
     return cfg
 
@@ -529,38 +553,23 @@ def _resolved(cfg: FinetuneConfig, head: nn.Module, device: torch.device) -> Res
 
 
 def _task_objectives(cfg: FinetuneConfig, head: nn.Module, tasks: Sequence[str],
-                     class_weight: Tensor | None, pos_weight: Tensor | None) -> dict[str, Objective]:
+                     weights: Any) -> dict[str, Objective]:
     if cfg.train.task == "mtl":
-        # mtl_loss is the sum of the three single-task losses; kept apart so each is weighted by its counts.
-        return {t: build_objective(DEFAULT_OBJECTIVE[t], head, (t,), class_weight, pos_weight) for t in tasks}
-    return {cfg.train.task: build_objective(resolved_objective(cfg.train), head, tasks, class_weight,
-                                            pos_weight)}
-
-
-def _loss_weights(cfg: TrainConfig, seqs: SequenceSet, device: torch.device) -> tuple[Tensor | None, ...]:
-    """Class and AU positive weights from the training crops' labels, exactly as ``fit`` computes them."""
-    from abawfeat import losses
-    from abawfeat.constants import EXPR_CLASSES
-
-    class_weight = pos_weight = None
-    if cfg.class_weights != "none":
-        lab, ok = seqs.row_labels("expr")
-        class_weight = losses.class_weights_from_counts(
-            np.bincount(lab[ok], minlength=len(EXPR_CLASSES)), scheme=cfg.class_weights).to(device)
-    if cfg.pos_weight:
-        lab, ok = seqs.row_labels("au")
-        pos_weight = losses.pos_weight_from_labels(lab, ok).to(device)
-    return class_weight, pos_weight
+        # mtl: the sum of its member tasks' default objectives, kept apart so each is weighted by its counts.
+        return {t: build_objective(single(t).default_objective, head, (t,), weights) for t in tasks}
+    return {cfg.train.task: build_objective(objective_name(cfg.train), head, tasks, weights)}
 
 
 def run_finetune(cfg: FinetuneConfig, *, resume: bool = False, stop_after_epochs: int | None = None,
                  log: Callable[[str], None] | None = None) -> Path:
-    """Train DDAMFN + head end to end and write the run directory ``cfg.train.out``; returns it.
+    """Train an encoder + head end to end and write the run directory ``cfg.train.out``; returns it.
 
     ``resume``: continue the run in ``cfg.train.out`` from its last finished epoch (``train_state.pt``).
     ``stop_after_epochs``: stop after that many epochs of this invocation (a job with a time limit), to be
     continued with ``resume``. Works under torchrun (one process per device).
     """
+    if not cfg.train.backbone:  # stage two's "take it from the cache" has no cache here: the default encoder
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, backbone=DEFAULT_BACKBONE))
     validate_finetune(cfg)
     if stop_after_epochs is not None and stop_after_epochs < 1:
         raise ConfigError(f"stop_after_epochs must be >= 1, got {stop_after_epochs}")
@@ -580,7 +589,7 @@ def _run(cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool, resume: bo
          stop_after_epochs: int | None, log: Callable[[str], None] | None) -> Path:
     from abawfeat.encoders import build_encoder
     from abawfeat.extract import calibrate_encoder, open_dataset
-    from abawfeat.heads import build_head, head_to_dict
+    from abawfeat.heads import head_to_dict
     from abawfeat.utils.progress import loud_warning
 
     def say(message: str) -> None:
@@ -589,12 +598,22 @@ def _run(cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool, resume: bo
 
     tcfg = cfg.train
     out = Path(tcfg.out)
-    tasks = run_tasks(tcfg.task)
+    tasks = task_names(tcfg.task)
+    select = task(tcfg.task).select_metric
     device = resolve_device(tcfg.device)
     state = load_state(out) if resume else None
     if not resume and (out / STATE_FILE).exists():
         raise ConfigError(f"{out}: holds an end-to-end run already; continue it with --resume {out} "
                           "or choose another --out")
+
+    # -- encoder first (published weights, or seeded random init): its blocks decide whether --unfreeze-from
+    # makes sense, which is said before any data is read.
+    if cfg.random_init and info.is_main:
+        loud_warning(f"--random-init: {tcfg.backbone} starts from RANDOM weights (seed {tcfg.seed}), "
+                     "calibrated on dataset frames where it needs it; use it for demos and tests only.")
+    encoder = build_encoder(tcfg.backbone, **_encoder_options(cfg))
+    block_index([b.name for b in encoder.blocks()], cfg.unfreeze_from, tcfg.backbone)
+    weights_file = encoder.weights_filename()
 
     # -- data: stage two's split with crops as rows; windows exactly as stage two makes them.
     data = open_dataset(tcfg.data)
@@ -603,20 +622,16 @@ def _run(cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool, resume: bo
     say(f"train: {len(train_set.videos)} videos, {train_set.n_rows:,} crops; "
         f"val: {len(val_set.videos)} videos, {val_set.n_timeline:,} frames")
 
-    # -- model: DDAMFN (published weights, or seeded random init calibrated as `extract` does) + head.
+    # -- model: the encoder (random init calibrated as `extract` does, where it needs it) + head.
     seed_everything(tcfg.seed)
-    if cfg.random_init and info.is_main:
-        loud_warning(f"--random-init: DDAMFN starts from RANDOM weights (seed {tcfg.seed}) with batch-norm "
-                     "statistics calibrated on dataset frames; use it for demos and tests only.")
-    encoder = build_encoder("ddamfn", **_encoder_options(cfg))
     calibration = None
-    if cfg.random_init and state is None:
+    if cfg.random_init and encoder.needs_calibration and state is None:
         calibration = calibrate_encoder(encoder, data, data.videos_with_crops(), cfg.calibration_frames)
     start_provenance = dict(encoder.provenance())
-    name, fields = head_spec(tcfg, int(encoder.feature_dim))
-    head = build_head(name, **fields)
+    head = build_head_for(tcfg, int(encoder.feature_dim))
+    aux = (ATTENTION_KEY,) if cfg.attention_diversity else ()
     model = FinetuneModel(encoder, head, unfreeze_from=cfg.unfreeze_from, freeze_bn=cfg.freeze_bn,
-                          return_maps=cfg.attention_diversity, channels_last=cfg.channels_last).to(device)
+                          aux_outputs=aux, channels_last=cfg.channels_last).to(device)
     res = _resolved(cfg, head, device)
     precision = res.precision
 
@@ -641,9 +656,10 @@ def _run(cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool, resume: bo
     val_rows = FrameWindows(val_set, val_dirs, np.arange(val_set.n_rows)[:, None], (), transform)
 
     # -- objectives (stage two's), optimiser with two learning rates, schedule, fp16 scaler.
-    class_weight, pos_weight = _loss_weights(tcfg, train_set, device)
-    objective = build_objective(resolved_objective(tcfg), head, tasks, class_weight, pos_weight)
-    step_loss = StepLoss(_task_objectives(cfg, head, tasks, class_weight, pos_weight), tasks,
+    weights = loss_weights(objective_name(tcfg), tcfg.class_weights, tcfg.pos_weight, train_set,
+                           tasks).to(device)
+    objective = build_objective(objective_name(tcfg), head, tasks, weights)
+    step_loss = StepLoss(_task_objectives(cfg, head, tasks, weights), tasks,
                          cfg.diversity_weight if cfg.attention_diversity else 0.0, info.world_size)
     backbone_params = model.backbone_parameters()
     optimizer = torch.optim.AdamW(
@@ -699,26 +715,28 @@ def _run(cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool, resume: bo
         if calibration is not None:
             start_provenance["calibration"] = {"encoder": start_provenance.get("calibration"),
                                                "frames": calibration}
-        config_info = {
-            "kind": "finetune", "unfreeze": True, "unfreeze_from": cfg.unfreeze_from,
-            "task": tcfg.task, "head": tcfg.head, "backbone": tcfg.backbone,
-            "objective": resolved_objective(tcfg), "train": to_dict(tcfg), "finetune": to_dict(cfg),
-            "resolved": to_dict(res), "head_config": head_to_dict(head),
-            # No cache: the head reads the fine-tuned backbone. `extract --weights <run>/ddamfn_finetuned.pth`
-            # makes one whose fingerprint checkpoint.pt records.
-            "cache_path": None, "cache_fingerprint": best_record.get("fingerprint"), "cache_dtype": None,
-            "dataset": {"root": str(tcfg.data), "name": dataset_name(tcfg.data)},
-            "class_weight": None if class_weight is None else class_weight.cpu().tolist(),
-            "pos_weight": None if pos_weight is None else pos_weight.cpu().tolist(),
-            "backbone_start": start_provenance,
-            "blocks": {"trainable": list(unwrap(ddp_model).trainable_blocks),
-                       "frozen": list(unwrap(ddp_model).frozen_blocks)},
-            "world_size": info.world_size,
-            "global_batch": res.batch_size * cfg.grad_accum * info.world_size,
-            "published_checkpoint": PUBLISHED_FILE if cfg.save_published else None,
-            "package_version": __version__,
-        }
-        write_json(out / "config.json", config_info)
+        record = RunRecord(
+            kind="finetune", task=tcfg.task, trunk=tcfg.head, objective=objective_name(tcfg),
+            label=architecture_label([tcfg.backbone], tcfg.head, tcfg.task, "finetune"),
+            # No cache: the head reads the fine-tuned backbone. `extract --weights <run>/<file>` (the
+            # encoder's weights file, with the same --encoder-opt) makes one whose fingerprint checkpoint.pt
+            # records.
+            caches=[{"path": None, "encoder": tcfg.backbone,
+                     "fingerprint": best_record.get("fingerprint"), "dtype": None}],
+            dataset={"root": str(tcfg.data), "name": dataset_name(tcfg.data)},
+            train=to_dict(tcfg), resolved=to_dict(res), head=head_to_dict(head),
+            loss_weights=weights.as_json(),
+            extra={
+                "finetune": to_dict(cfg), "unfreeze_from": unwrap(ddp_model).trainable_blocks[0],
+                "backbone_start": start_provenance,
+                "blocks": {"trainable": list(unwrap(ddp_model).trainable_blocks),
+                           "frozen": list(unwrap(ddp_model).frozen_blocks)},
+                "world_size": info.world_size,
+                "global_batch": res.batch_size * cfg.grad_accum * info.world_size,
+                "published_checkpoint": weights_file if cfg.save_published else None,
+            },
+        )
+        record.write(out)
 
     stepper = Stepper(optimizer, scheduler, scaler, step_loss, device, precision, tcfg.grad_clip,
                       distributed, steps_done=int(scheduler.last_epoch))
@@ -741,22 +759,19 @@ def _run(cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool, resume: bo
                             fill=tcfg.fill)
 
     def on_best(epoch: int, ev: Evaluation) -> None:
-        best_record.update(value=float(ev.metrics.get(SELECT_METRIC[tcfg.task], math.nan)), epoch=epoch,
-                           metrics=_jsonable(ev.metrics))
+        best_record.update(value=float(ev.metrics.get(select, math.nan)), epoch=epoch,
+                           metrics=jsonable(ev.metrics))
         if not info.is_main:
             return
         inner = unwrap(ddp_model)
         fingerprint: dict[str, Any] = {}
         if cfg.save_published:
-            from abawfeat.encoders import save_published_checkpoint
-
-            published = save_published_checkpoint(inner.encoder, out / PUBLISHED_FILE,
-                                                  iteration=stepper.steps_done)
-            fingerprint = expected_fingerprint(published, precision)
+            saved = inner.encoder.save_weights(out / weights_file, step=stepper.steps_done)
+            fingerprint = expected_fingerprint(cfg, saved, precision)
         best_record["fingerprint"] = fingerprint
-        save_checkpoint(out / "checkpoint.pt", inner.head, fingerprint, ev.au_thresholds, epoch,
-                        {"metrics": _jsonable(ev.metrics), "kind": "finetune",
-                         "backbone_weights": PUBLISHED_FILE if cfg.save_published else None})
+        save_checkpoint(out / "checkpoint.pt", inner.head, [fingerprint], ev.au_thresholds, epoch,
+                        {"metrics": jsonable(ev.metrics), "kind": "finetune",
+                         "backbone_weights": weights_file if cfg.save_published else None})
         write_val_outputs(out / "val_outputs.npz", val_set, ev.timeline)
 
     def on_epoch(epoch: int, rows: list[dict[str, Any]], best: float) -> None:
@@ -770,7 +785,7 @@ def _run(cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool, resume: bo
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None, "rng": rngs,
             "history": rows, "best": dict(best_record, value=best), "world_size": info.world_size,
-            "start_provenance": _jsonable(start_provenance), "package_version": __version__,
+            "start_provenance": jsonable(start_provenance), "package_version": __version__,
         })
 
     def reduce_mean(value: float) -> float:
@@ -786,7 +801,7 @@ def _run(cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool, resume: bo
     try:
         # Stage two's loop; only the step differs (micro-batches, DDP, scaler, schedule).
         history = run_epochs(
-            ddp_model, source, validate, step=stepper, epochs=tcfg.epochs, select=SELECT_METRIC[tcfg.task],
+            ddp_model, source, validate, step=stepper, epochs=tcfg.epochs, select=select,
             start_epoch=start_epoch, stop_epoch=stop, history=history, best=best_value, on_best=on_best,
             on_epoch=on_epoch, reduce_mean=reduce_mean, log=say,
         )
@@ -803,15 +818,13 @@ def _run(cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool, resume: bo
     finished = bool(history) and int(history[-1]["epoch"]) >= tcfg.epochs
     if info.is_main and finished:
         if not best_record.get("metrics"):
-            raise ConfigError(f"{out}: no epoch produced a finite {SELECT_METRIC[tcfg.task]} (diverged?); "
+            raise ConfigError(f"{out}: no epoch produced a finite {select} (diverged?); "
                               "try a lower --lr / --backbone-lr")
-        config_info = read_json(out / "config.json")
-        config_info["cache_fingerprint"] = best_record.get("fingerprint")
-        write_json(out / "config.json", config_info)
-        record = metrics_record(tcfg.task, "val", int(best_record["epoch"]), best_record["metrics"])
-        if tcfg.plots:
-            write_plots(out, metrics=record, log=log)
-        write_json(out / "metrics.json", record)  # last: its presence marks a complete run
+        record = RunRecord.read(out)
+        record.caches[0]["fingerprint"] = best_record.get("fingerprint")
+        record.write(out)
+        result = metrics_record(tcfg.task, "val", int(best_record["epoch"]), best_record["metrics"])
+        write_json(out / "metrics.json", result)  # last: its presence marks a complete run
     if distributed:
         import torch.distributed as tdist
 
@@ -834,18 +847,6 @@ def _gather_objects(obj: Any, info: dist.DistInfo) -> list[Any]:
     gathered: list[Any] = [None] * info.world_size
     tdist.all_gather_object(gathered, obj)
     return gathered
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    return value
 
 
 # ------------------------------------------------------------------------------------ torchrun entry point
@@ -874,7 +875,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = [
-    "BLOCKS", "PUBLISHED_FILE", "STATE_FILE", "FinetuneConfig", "FinetuneModel", "StepLoss", "Stepper",
+    "STATE_FILE", "FinetuneConfig", "FinetuneModel", "StepLoss", "Stepper",
     "block_index", "embed_rows", "expected_fingerprint", "load_finetune_config", "resume_finetune",
     "run_finetune", "validate_finetune",
 ]

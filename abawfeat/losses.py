@@ -15,8 +15,7 @@ Conventions shared by every loss here:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -57,20 +56,22 @@ def _zero_like_graph(t: Tensor) -> Tensor:
 
 
 def ccc_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None, eps: float = 1e-8) -> Tensor:
-    """``1 - (CCC_valence + CCC_arousal) / 2`` over the labelled frames of the batch.
+    """``1 -`` the mean over the last dimension of the CCC, over the labelled frames of the batch: for VA,
+    ``1 - (CCC_valence + CCC_arousal) / 2``.
 
-    ``pred`` and ``target`` are ``[*, 2]``. CCC uses population moments over all selected frames pooled
-    together (the metric pools the whole split, so the batch estimate should pool too, not average per
-    sequence). ``eps`` keeps the ratio finite when the selected frames are constant and equal.
+    ``pred`` and ``target`` are ``[*, K]`` (VA: K = 2). CCC uses population moments over all selected frames
+    pooled together (the metric pools the whole split, so the batch estimate should pool too, not average
+    per sequence). ``eps`` keeps the ratio finite when the selected frames are constant and equal.
     """
-    if pred.shape != target.shape or pred.shape[-1] != 2:
+    if pred.shape != target.shape or pred.ndim < 2:
         raise ValueError(
-            f"ccc_loss: expected pred and target [*, 2], got {tuple(pred.shape)}, {tuple(target.shape)}"
+            f"ccc_loss: expected pred and target [*, K] of one shape, got {tuple(pred.shape)}, "
+            f"{tuple(target.shape)}"
         )
     m = _frame_mask(mask, pred.shape[:-1], pred.device)
     if not bool(m.any()):
         return _zero_like_graph(pred)
-    x = pred[m].float()  # [M, 2]
+    x = pred[m].float()  # [M, K]
     y = target[m].to(x.dtype)
     mx, my = x.mean(dim=0), y.mean(dim=0)
     dx, dy = x - mx, y - my
@@ -344,89 +345,10 @@ def attention_diversity_loss(head_maps: Sequence[Tensor] | Tensor, eps: float = 
     return n_pairs / (total + eps)
 
 
-# --------------------------------------------------------------------------------------------------------
-# multi-task
-
-
-def mtl_loss(
-    outputs: Mapping[str, Tensor],
-    targets: Mapping[str, Tensor],
-    masks: Mapping[str, Tensor | None],
-    weights: Mapping[str, float] | None = None,
-    task_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
-    **per_task: Mapping[str, Any],
-) -> tuple[Tensor, dict[str, float]]:
-    """Weighted sum of the per-task losses, each over its own labelled frames.
-
-    One loss per task in ``targets``: ``va`` (CCC loss, outputs [*, 2]), ``expr`` (CE on logits [*, 8]),
-    ``au`` (BCE on logits [*, 12]). ``outputs`` must hold those tasks and may hold more (e.g. a head's
-    ``expr_embedding``), which are ignored. A missing mask means every frame is labelled. Because each task
-    masks independently, a frame lacking one label still teaches the others. ``weights`` defaults to 1 per
-    task. Extra arguments per task go in ``task_kwargs`` or as keywords, e.g.
-    ``task_kwargs={"expr": {"class_weight": w}}`` or ``expr={"label_smoothing": 0.1}, au={"pos_weight": pw}``.
-
-    Returns the total (a tensor to ``backward``) and the detached per-task values for logging.
-    """
-    weights = dict(weights or {})
-    extra: dict[str, dict[str, Any]] = {t: dict(kw) for t, kw in (task_kwargs or {}).items()}
-    for t, kw in per_task.items():
-        extra.setdefault(t, {}).update(kw)
-    fns = {"va": ccc_loss, "expr": expr_ce_loss, "au": au_bce_loss}
-    unknown = (set(targets) | set(extra) | set(weights)) - set(fns)
-    if unknown:
-        raise ConfigError(f"mtl_loss: unknown task(s) {sorted(unknown)}; expected some of {sorted(fns)}")
-    if not targets:
-        raise ValueError("mtl_loss: no task targets")
-    total: Tensor | None = None
-    parts: dict[str, float] = {}
-    for task in sorted(targets):
-        if task not in outputs:
-            raise ValueError(f"mtl_loss: the model produced no output for task {task!r}")
-        loss = fns[task](outputs[task], targets[task], masks.get(task), **extra.get(task, {}))
-        parts[task] = float(loss.detach())
-        term = float(weights.get(task, 1.0)) * loss
-        total = term if total is None else total + term
-    assert total is not None
-    return total, parts
-
-
-class MultiTaskLoss(torch.nn.Module):
-    """``mtl_loss`` as a module: task weights plus class / AU weights kept as buffers (they follow ``.to``).
-
-    ``forward(outputs, targets, masks) -> (total, {task: value})``.
-    """
-
-    def __init__(
-        self,
-        weights: Mapping[str, float] | None = None,
-        class_weight: Tensor | None = None,
-        label_smoothing: float = 0.0,
-        pos_weight: Tensor | None = None,
-    ) -> None:
-        super().__init__()
-        self.weights = dict(weights or {})
-        self.label_smoothing = float(label_smoothing)
-        self.register_buffer("class_weight", None if class_weight is None else class_weight.float())
-        self.register_buffer("pos_weight", None if pos_weight is None else pos_weight.float())
-
-    def forward(
-        self,
-        outputs: Mapping[str, Tensor],
-        targets: Mapping[str, Tensor],
-        masks: Mapping[str, Tensor | None],
-    ) -> tuple[Tensor, dict[str, float]]:
-        kwargs = {
-            "expr": {"class_weight": self.class_weight, "label_smoothing": self.label_smoothing},
-            "au": {"pos_weight": self.pos_weight},
-        }
-        return mtl_loss(outputs, targets, masks, self.weights, kwargs)
-
-
 __all__ = [
     "CLIP_LOGIT_SCALE_INIT",
     "CLIP_LOGIT_SCALE_MAX",
     "LogitScale",
-    "MultiTaskLoss",
     "attention_diversity_loss",
     "au_bce_loss",
     "ccc_loss",
@@ -434,6 +356,5 @@ __all__ = [
     "clip_contrastive_loss",
     "contrastive_logits",
     "expr_ce_loss",
-    "mtl_loss",
     "pos_weight_from_labels",
 ]

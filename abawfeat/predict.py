@@ -3,16 +3,20 @@
 ``predict(run_dir, split, out)`` goes through exactly the steps ``evaluate`` scores, so a file written for
 the validation split re-scores (``submission.score_submission``) to what ``abawfeat evaluate`` reports:
 
-1. the head runs over every crop of the split (temporal heads: overlapping windows, context-weighted);
-2. ``train.fill_timeline`` spreads crop outputs onto every frame 1..N with ``submission.fill_missing``
-   (frames without a crop get interpolated VA values / probabilities), then the optional ``--smooth`` moving
-   average (``submission.smooth``), per video;
-3. ``train.decide`` turns them into the file's values: VA clipped to [-1, 1], EXPR the argmax class, AU 0/1
-   with the run's thresholds tuned on validation;
+1. the head runs over every crop of the split (temporal trunks: overlapping windows, weighted by their
+   declared context) and its scores are spread onto every frame 1..N (``train.evaluate.infer_run``);
+2. the run's own smoothing (tuned with ``train-head --smooth auto``) runs per video, unless ``--smooth none``
+   (raw scores) or ``--smooth W`` (a centred moving average of W frames instead);
+3. each task's decision rule turns scores into the file's values (VA clipped to [-1, 1], EXPR the argmax
+   class, AU 0/1 with the run's thresholds for those scores);
 4. ``submission.write_submission`` writes the exact header and a row for every frame 1..N of every video.
 
 N per video: the annotation file (train/val) or, for test videos, the organisers' sample file; a test video
-the sample file does not list is predicted up to its last crop, with a warning.
+the sample file does not list is predicted up to its last crop, with a warning. ``--split train`` is
+supported too (to look at how a run fits its training videos), with the same thresholds.
+
+An output never lands on an artefact: ``--out`` may not name a directory, nor any existing file that is not
+a prediction file of the same task; an earlier prediction file is replaced only with ``overwrite``.
 """
 
 from __future__ import annotations
@@ -23,15 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from abawfeat.errors import ConfigError
-from abawfeat.train import (
-    decide,
-    fill_timeline,
-    infer_rows,
-    inference_weights,
-    load_run,
-    prepare_inference,
-    run_tasks,
-)
+from abawfeat.tasks import single, task_names
+from abawfeat.train.evaluate import CacheOverride
+
+SPLITS = ("val", "test", "train")
 
 
 @dataclass
@@ -42,38 +41,71 @@ class PredictResult:
     frames_without_crop: dict[str, int]  # task -> rows whose value came from fill_missing
 
 
-def output_paths(out: str | Path, task: str) -> dict[str, Path]:
+def output_paths(out: str | Path, run_task: str) -> dict[str, Path]:
     """Where each task's file goes: ``out`` itself for a single-task run; for a multi-task run, one file per
     task next to it (``preds.txt`` -> ``preds_va.txt``, ``preds_expr.txt``, ``preds_au.txt``)."""
     out = Path(out)
-    if task != "mtl":
-        return {task: out}
-    return {t: out.with_name(f"{out.stem}_{t}{out.suffix}") for t in run_tasks(task)}
+    tasks = task_names(run_task)
+    if len(tasks) == 1:
+        return {tasks[0]: out}
+    return {t: out.with_name(f"{out.stem}_{t}{out.suffix}") for t in tasks}
+
+
+def check_output(path: Path, task_name: str, overwrite: bool) -> None:
+    """Refuse an output path that would land on anything but an earlier prediction file of this task."""
+    if path.is_dir():
+        raise ConfigError(f"--out {path}: is a directory; --out names the submission file to write")
+    if not path.exists():
+        if path.parent.exists() and not path.parent.is_dir():
+            raise ConfigError(f"--out {path}: {path.parent} is a file, not a folder")
+        return
+    if not _is_prediction_file(path, task_name):
+        raise ConfigError(f"--out {path}: exists and is not a {task_name} prediction file; predict never "
+                          "writes over other files (a cache, a checkpoint, a config); choose another --out")
+    if not overwrite:
+        raise ConfigError(f"--out {path}: exists; pass --overwrite to replace this earlier prediction file")
+
+
+def _is_prediction_file(path: Path, task_name: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            first = fh.readline().lstrip("\ufeff").strip()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return first == single(task_name).submission_header
 
 
 def predict(
-    run_dir: str | Path, split: str, out: str | Path, smooth: int = 0, data_root: str | Path | None = None,
-    cache_path: str | Path | None = None,
+    run_dir: str | Path, split: str, out: str | Path, smooth: str = "run",
+    data_root: str | Path | None = None, cache_path: CacheOverride = None, overwrite: bool = False,
 ) -> PredictResult:
-    """Write the organisers'-format prediction file(s) of a trained run for ``split`` (val or test)."""
+    """Write the organisers'-format prediction file(s) of a trained run for ``split`` (val, test or train)."""
+    from abawfeat.smoothing import Filter, per_video
     from abawfeat.submission import write_submission
+    from abawfeat.train.evaluate import infer_run
+    from abawfeat.train.rundir import require_complete
 
-    if split not in ("val", "test", "train"):
-        raise ConfigError(f"--split {split!r}: choose val or test")
-    if smooth < 0 or (smooth > 1 and smooth % 2 == 0):
-        raise ConfigError(f"--smooth {smooth}: the smoothing window must be an odd number of frames (or 0)")
-    run = load_run(run_dir)
-    task = run.config.task
-    tasks = run_tasks(task)
-    seqs, source, device, precision = prepare_inference(run, split, data_root, cache_path)
-    scores, _ = infer_rows(run.head, source.batches(0), seqs.n_rows, tasks, device, precision,
-                           position_weights=inference_weights(run.head, source))
-    timeline = fill_timeline(seqs, scores, run.config.fill, smooth)
+    if split not in SPLITS:
+        raise ConfigError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
+    smooth = str(smooth)
+    window = int(smooth) if smooth.isdigit() else 0
+    if smooth not in ("run", "none") and (window < 1 or window % 2 == 0):
+        raise ConfigError(f"--smooth {smooth}: choose run (the run's own), none, or an odd number of frames")
+    record = require_complete(run_dir)
+    paths = output_paths(out, record.task)
+    for t, path in paths.items():
+        check_output(path, t, overwrite)
+    inf = infer_run(run_dir, split, data_root, cache_path)
+    seqs = inf.data
+    timeline, au_thresholds = inf.decided_timeline(smooth == "run")
+    if window > 1:
+        timeline = {t: per_video(seqs.tl_offsets, v, Filter("mean", window)) for t, v in timeline.items()}
     _, _, has_crop = seqs.timeline_frames()
 
     result = PredictResult(files={}, videos={}, frames={}, frames_without_crop={})
-    for t, path in output_paths(out, task).items():
-        thresholds = run.au_thresholds if t == "au" else None
+    for t, path in paths.items():
+        spec = single(t)
+        thresholds = au_thresholds if spec.tunes_thresholds else None
         rows: dict[str, np.ndarray] = {}
         n_rows = n_filled = 0
         for v, video in enumerate(seqs.videos):
@@ -81,11 +113,11 @@ def predict(
             if n == 0:
                 continue  # not a video of this task's list
             lo = int(seqs.tl_offsets[v])
-            rows[video] = decide(t, timeline[t][lo : lo + n], thresholds)
+            rows[video] = spec.decide(timeline[t][lo : lo + n], thresholds)
             n_rows += n
             n_filled += int((~has_crop[lo : lo + n]).sum())
         if not rows:
-            raise ConfigError(f"{run.config.data}: no {split} video for task {t}")
+            raise ConfigError(f"{record.train.get('data')}: no {split} video for task {t}")
         result.files[t] = write_submission(path, t, rows)
         result.videos[t] = len(rows)
         result.frames[t] = n_rows
@@ -93,4 +125,4 @@ def predict(
     return result
 
 
-__all__ = ["PredictResult", "output_paths", "predict"]
+__all__ = ["PredictResult", "check_output", "output_paths", "predict"]

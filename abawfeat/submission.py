@@ -1,20 +1,20 @@
 """Test-submission files in the organisers' format, and the helpers that turn per-crop outputs into them.
 
 Format (docs: /work/shared/abaw-data.md, "Test submission"): one file per task; first line the header
-``SUBMISSION_HEADERS[task]``; then one row per frame ``<video>/<NNNNN>.jpg,<values>`` for every frame
+the task's ``submission_header``; then one row per frame ``<video>/<NNNNN>.jpg,<values>`` for every frame
 1..N of every video, whether or not the frame has a face crop.
 
 - VA: two floats in [-1, 1]; EXPR: ONE class index 0..7 (despite the eight-name header); AU: twelve 0/1.
+  Each task declares its header, value format and checks (``abawfeat.tasks``); this module is generic.
 
 Frames without a crop still need a prediction because the official metric counts every annotated frame;
-``fill_missing`` provides one from the neighbouring crops. ``smooth`` is the optional temporal smoothing of
-``abawfeat predict --smooth W``. ``read_submission`` validates a file strictly so a user can check it before
+``fill_missing`` provides one from the neighbouring crops (temporal smoothing is ``abawfeat.smoothing``).
+``read_submission`` validates a file strictly so a user can check it before
 uploading, and ``score_submission`` recomputes the official metric from a file, independently of training.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,26 +22,30 @@ from typing import Any
 
 import numpy as np
 
-from abawfeat import metrics
-from abawfeat.constants import AU_NAMES, EXPR_CLASSES, SUBMISSION_HEADERS, TASKS
 from abawfeat.errors import ConfigError, DataError
+from abawfeat.tasks import Task, single, single_tasks
 from abawfeat.utils.io import atomic_write
 
 FILL_METHODS = ("interpolate", "nearest", "previous")
-N_VALUES: dict[str, int] = {"va": 2, "expr": 1, "au": len(AU_NAMES)}
 # `<video>/<frame>.jpg`; a video name is anything without a slash, comma or whitespace.
 _LOCATION = re.compile(r"^([^/,\s]+)/(\d+)\.jpg$")
-_INT = re.compile(r"^[+-]?\d+$")
 
 
-def _check_task(task: str) -> str:
-    if task not in TASKS:
-        raise ConfigError(f"unknown task {task!r} for a submission file; choose one of {', '.join(TASKS)}")
-    return task
+def valid_video_name(video: str) -> bool:
+    """Whether ``video`` can appear in a submission row's image location."""
+    return bool(_LOCATION.match(f"{video}/00001.jpg"))
+
+
+def _check_task(task: str) -> Task:
+    try:
+        return single(task)
+    except ConfigError:
+        names = ", ".join(t.name for t in single_tasks())
+        raise ConfigError(f"unknown task {task!r} for a submission file; choose one of {names}") from None
 
 
 # --------------------------------------------------------------------------------------------------------
-# filling and smoothing
+# filling
 
 
 def fill_missing(
@@ -111,61 +115,25 @@ def fill_missing(
     return out[:, 0] if squeeze else out
 
 
-def smooth(values: np.ndarray, window: int) -> np.ndarray:
-    """Centred moving average along axis 0 of one video's outputs [N, K] (or [N]); returns float64.
-
-    ``window`` is odd; 1 returns a copy. Near the ends the window is cut at the video's first / last frame
-    and the average runs over the frames that exist, so edges are not pulled toward zero as zero padding
-    would do. Apply per video, never across a video boundary.
-    """
-    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1 or window % 2 == 0:
-        raise ConfigError(f"smoothing window must be a positive odd integer, got {window!r}")
-    x = np.asarray(values, dtype=np.float64)
-    if x.ndim not in (1, 2):
-        raise ValueError(f"smooth: expected [N] or [N, K] values, got shape {x.shape}")
-    n = x.shape[0]
-    if window == 1 or n == 0:
-        return x.copy()
-    half = window // 2
-    csum = np.concatenate([np.zeros((1,) + x.shape[1:]), np.cumsum(x, axis=0)], axis=0)
-    i = np.arange(n)
-    lo = np.maximum(i - half, 0)
-    hi = np.minimum(i + half + 1, n)
-    count = (hi - lo).reshape((n,) + (1,) * (x.ndim - 1))
-    return (csum[hi] - csum[lo]) / count
-
-
 # --------------------------------------------------------------------------------------------------------
 # writing
 
 
-def _check_rows(task: str, video: str, arr: np.ndarray) -> np.ndarray:
+def _check_rows(spec: Task, video: str, arr: np.ndarray) -> np.ndarray:
     """Validate one video's outputs and convert them to what the file holds (failure = bug in the caller)."""
-    if not _LOCATION.match(f"{video}/00001.jpg"):
+    if not valid_video_name(video):
         raise ValueError(f"write_submission: video name {video!r} cannot appear in a submission row")
     a = np.asarray(arr)
-    if task == "expr" and a.ndim == 2 and a.shape[1] == 1:
+    one = spec.submission_values == 1
+    if one and a.ndim == 2 and a.shape[1] == 1:
         a = a[:, 0]
-    want = "[N]" if task == "expr" else f"[N, {N_VALUES[task]}]"
-    ok_shape = a.ndim == 1 if task == "expr" else (a.ndim == 2 and a.shape[1] == N_VALUES[task])
+    want = "[N]" if one else f"[N, {spec.submission_values}]"
+    ok_shape = a.ndim == 1 if one else (a.ndim == 2 and a.shape[1] == spec.submission_values)
     if not ok_shape or len(a) == 0:
         raise ValueError(
-            f"write_submission: {task} rows of video {video!r} have shape {a.shape}, expected {want}"
+            f"write_submission: {spec.name} rows of video {video!r} have shape {a.shape}, expected {want}"
         )
-    if task == "va":
-        a = a.astype(np.float64)
-        if not np.isfinite(a).all():
-            raise ValueError(f"write_submission: VA predictions of video {video!r} contain NaN or infinity")
-        return np.clip(a, -1.0, 1.0)
-    if a.dtype.kind == "f" and np.any(a != np.round(a)):
-        raise ValueError(
-            f"write_submission: {task} rows of video {video!r} must be integers (argmax/threshold first)"
-        )
-    a = a.astype(np.int64)
-    hi = len(EXPR_CLASSES) - 1 if task == "expr" else 1
-    if a.min() < 0 or a.max() > hi:
-        raise ValueError(f"write_submission: {task} values of video {video!r} outside 0..{hi}")
-    return a
+    return spec.check_decisions(video, a)
 
 
 def write_submission(path: str | Path, task: str, rows: Mapping[str, np.ndarray]) -> Path:
@@ -175,23 +143,16 @@ def write_submission(path: str | Path, task: str, rows: Mapping[str, np.ndarray]
     with 6 decimals), EXPR int [N] class indices, AU 0/1 [N, 12]. Videos are written in sorted order.
     Returns the path written.
     """
-    task = _check_task(task)
+    spec = _check_task(task)
     if not rows:
         raise ValueError("write_submission: no video to write")
-    checked = {video: _check_rows(task, video, rows[video]) for video in sorted(rows)}
+    checked = {video: _check_rows(spec, video, rows[video]) for video in sorted(rows)}
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(SUBMISSION_HEADERS[task] + "\n")
+            fh.write(spec.submission_header + "\n")
             for video, a in checked.items():
-                if task == "va":
-                    body = [f"{video}/{i:05d}.jpg,{v:.6f},{r:.6f}" for i, (v, r) in enumerate(a.tolist(), 1)]
-                elif task == "expr":
-                    body = [f"{video}/{i:05d}.jpg,{c}" for i, c in enumerate(a.tolist(), 1)]
-                else:
-                    body = [
-                        f"{video}/{i:05d}.jpg," + ",".join(map(str, r)) for i, r in enumerate(a.tolist(), 1)
-                    ]
+                body = [f"{video}/{i:05d}.jpg,{values}" for i, values in enumerate(spec.format_rows(a), 1)]
                 fh.write("\n".join(body))
                 fh.write("\n")
 
@@ -217,13 +178,13 @@ def read_submission(path: str | Path, task: str) -> dict[str, np.ndarray]:
     """Read and strictly validate a submission file; returns ``{video: outputs}`` in file order.
 
     Outputs: VA float64 [N, 2], EXPR int64 [N], AU int8 [N, 12]. Raises ``DataError(path, problem, line)``
-    (line 1-based, header = line 1) on: a header other than ``SUBMISSION_HEADERS[task]``, a wrong number of
-    columns, an image location not of the form ``<video>/<NNNNN>.jpg``, a video whose rows are not
+    (line 1-based, header = line 1) on: a header other than the task's ``submission_header``, a wrong
+    number of columns, an image location not of the form ``<video>/<NNNNN>.jpg``, a video whose rows are not
     contiguous or whose frames are not 1, 2, ..., N in order, a non-numeric or out-of-range value (VA outside
     [-1, 1] or not finite, EXPR not an integer 0..7, AU not 0 or 1), a blank line other than at the very end,
     or a file without rows. Line endings may be LF or CRLF.
     """
-    task = _check_task(task)
+    spec = _check_task(task)
     path = Path(path)
     lines = _lines(path)
     # A trailing blank line is harmless (final newline written twice); blank lines elsewhere are not.
@@ -232,11 +193,11 @@ def read_submission(path: str | Path, task: str) -> dict[str, np.ndarray]:
     if not lines:
         raise DataError(path, "empty file (expected a header line)", 1)
     header = lines[0].lstrip("\ufeff")
-    if header != SUBMISSION_HEADERS[task]:
-        raise DataError(path, f"header is {header!r}, expected {SUBMISSION_HEADERS[task]!r}", 1)
+    if header != spec.submission_header:
+        raise DataError(path, f"header is {header!r}, expected {spec.submission_header!r}", 1)
     if len(lines) == 1:
         raise DataError(path, "no prediction rows after the header", 1)
-    n_cols = 1 + N_VALUES[task]
+    n_cols = 1 + spec.submission_values
     out: dict[str, list[Any]] = {}
     current: str | None = None
     expected_frame = 1
@@ -260,33 +221,8 @@ def read_submission(path: str | Path, task: str) -> dict[str, np.ndarray]:
                 path, f"video {video!r}: frame {frame} where frame {expected_frame} was expected", lineno
             )
         expected_frame += 1
-        out[video].append(_parse_values(path, task, parts[1:], lineno))
-    if task == "va":
-        return {v: np.asarray(r, dtype=np.float64).reshape(-1, 2) for v, r in out.items()}
-    if task == "expr":
-        return {v: np.asarray(r, dtype=np.int64).reshape(-1) for v, r in out.items()}
-    return {v: np.asarray(r, dtype=np.int8).reshape(-1, len(AU_NAMES)) for v, r in out.items()}
-
-
-def _parse_values(path: Path, task: str, fields: list[str], lineno: int) -> Any:
-    if task == "va":
-        try:
-            vals = [float(f) for f in fields]
-        except ValueError:
-            raise DataError(path, f"VA values {fields} are not numbers", lineno) from None
-        if not all(math.isfinite(v) and -1.0 <= v <= 1.0 for v in vals):
-            raise DataError(path, f"VA values {fields} outside [-1, 1]", lineno)
-        return vals
-    if not all(_INT.match(f) for f in fields):
-        raise DataError(path, f"{task.upper()} values {fields} are not integers", lineno)
-    ints = [int(f) for f in fields]
-    if task == "expr":
-        if not 0 <= ints[0] < len(EXPR_CLASSES):
-            raise DataError(path, f"expression class {ints[0]} outside 0..{len(EXPR_CLASSES) - 1}", lineno)
-        return ints[0]
-    if any(v not in (0, 1) for v in ints):
-        raise DataError(path, f"AU values {fields} are not all 0 or 1", lineno)
-    return ints
+        out[video].append(spec.parse_values(path, parts[1:], lineno))
+    return {v: spec.stack_rows(r) for v, r in out.items()}
 
 
 def check_against_sample(
@@ -306,11 +242,11 @@ def check_against_sample(
         raise DataError(sample_path, "empty sample file", 1)
     header = lines[0].lstrip("\ufeff").strip()
     if task is None:
-        matches = [t for t, h in SUBMISSION_HEADERS.items() if h == header]
+        matches = [t.name for t in single_tasks() if t.submission_header == header]
         if not matches:
             raise DataError(sample_path, f"header {header!r} is not a submission header; pass task=", 1)
         task = matches[0]
-    task = _check_task(task)
+    _check_task(task)
     submitted = read_submission(path, task)
     n_sub = {v: len(a) for v, a in submitted.items()}
     missing = 0
@@ -363,9 +299,9 @@ def score_submission(pred_path: str | Path, task: str, annotations: Mapping[str,
     ``annotations`` maps video -> ``(labels, valid)`` (or an ``Annotation``), row i = frame i + 1. Every
     annotated video must be in the file with at least as many frames as annotation rows; frames beyond them
     and videos without annotation are ignored. Scores pool all valid frames of all videos (sorted order).
-    Returns the task's metrics dict (``va_metrics``/``expr_metrics``/``au_metrics``) plus ``n_frames``.
+    Returns the task's metrics dict (``Task.decision_metrics``) plus ``n_frames``.
     """
-    task = _check_task(task)
+    spec = _check_task(task)
     pred_path = Path(pred_path)
     if not annotations:
         raise ValueError("score_submission: no annotations to score against")
@@ -384,11 +320,6 @@ def score_submission(pred_path: str | Path, task: str, annotations: Mapping[str,
         all_label.append(labels[valid])
     pred = np.concatenate(all_pred)
     label = np.concatenate(all_label)
-    if task == "va":
-        result: dict[str, Any] = metrics.va_metrics(pred, label)
-    elif task == "expr":
-        result = metrics.expr_metrics(pred, label.reshape(-1))
-    else:
-        result = metrics.au_metrics(pred, label)
+    result = spec.decision_metrics(pred, label)
     result["n_frames"] = len(label)
     return result

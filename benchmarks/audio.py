@@ -111,7 +111,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     config = ExtractConfig(backbone="wav2vec2", data=Path(spec["data"]), out=Path(spec["out"]),
                            random_init=True, precision=spec["precision"], device="cpu", progress=False,
-                           layer=spec["layer"])
+                           encoder_options={} if spec["layer"] is None else {"layer": spec["layer"]})
     start = time.perf_counter()
     result = run_extraction(config)
     wall = time.perf_counter() - start

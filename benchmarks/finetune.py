@@ -1,4 +1,4 @@
-"""End-to-end fine-tuning throughput (``train-head --unfreeze``): training images per second, against a naive
+"""End-to-end fine-tuning throughput (``abawfeat finetune``): training images per second, against a naive
 baseline measured in the same run.
 
     .venv/bin/python benchmarks/finetune.py             # measure, print, rewrite docs/performance.md
@@ -63,7 +63,7 @@ def _setup(spec: dict[str, Any]) -> tuple[Any, ...]:
     data = AffWild2(spec["data"])
     seqs, dirs = load_frames_split(data, ("va",), "train")
     encoder = build_encoder("ddamfn", weights=str(WEIGHTS))
-    head = build_head("fc", in_dim=512, tasks=("va",), normalize=False)
+    head = build_head("tasks", trunk="fc", in_dim=512, tasks=("va",), normalize=False)
     model = FinetuneModel(encoder, head, unfreeze_from=spec["unfreeze_from"],
                           channels_last=spec["channels_last"]).train()
     windows = FrameWindows(seqs, dirs, np.arange(seqs.n_rows)[:, None], ("va",), encoder.transform,
@@ -204,7 +204,7 @@ def summarise(results: list[dict[str, Any]], args: argparse.Namespace, command: 
         "training only the late blocks skips most of the backward pass. Even the fastest row "
         f"({_rate(best)} images/s) needs {_hours(VA_TRAIN_FRAMES / best)} per epoch: on this machine "
         "fine-tuning is for small subsets, smoke tests and the demo; real runs belong on GPUs "
-        "(`torchrun --nproc-per-node N -m abawfeat train-head ... --unfreeze`, docs/finetune.md).",
+        "(`torchrun --nproc-per-node N -m abawfeat finetune ...`, docs/finetune.md).",
     ]
     return "\n".join(lines)
 

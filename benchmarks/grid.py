@@ -72,12 +72,13 @@ def assign(lengths: np.ndarray, rng: np.random.Generator, scale: float) -> dict[
 def write_tree(root: Path, lengths: np.ndarray, plan: dict[tuple[str, str], list[int]],
                rng: np.random.Generator, scale: float) -> dict[tuple[str, str], int]:
     """Annotation files of the release's layout; returns the annotated frames per (task, split)."""
-    from abawfeat.constants import HEADERS, SPLIT_DIRS, TASK_DIRS
+    from abawfeat.constants import SPLIT_DIRS
+    from abawfeat.tasks import single
 
     counts = {}
     for (task, split), videos in plan.items():
         want, valid = (int(x * scale) for x in SIZES[(task, split)])
-        folder = root / "8th_ABAW_Annotations" / TASK_DIRS[task][0] / SPLIT_DIRS[split]
+        folder = root / "8th_ABAW_Annotations" / single(task).folders[0] / SPLIT_DIRS[split]
         folder.mkdir(parents=True, exist_ok=True)
         left = want
         invalid_share = 1 - valid / want
@@ -97,7 +98,8 @@ def write_tree(root: Path, lengths: np.ndarray, plan: dict[tuple[str, str], list
                 au = np.repeat((rng.random((runs, 12)) < 0.3).astype(np.int8), 25, axis=0)[:n]
                 text = [",".join(r) for r in au.astype(str)]
                 rows = [",".join(["-1"] * 12) if b else r for r, b in zip(text, bad, strict=True)]
-            (folder / f"v{i:04d}.txt").write_text(",".join(HEADERS[task]) + "\n" + "\n".join(rows) + "\n")
+            header = ",".join(single(task).header)
+            (folder / f"v{i:04d}.txt").write_text(header + "\n" + "\n".join(rows) + "\n")
         counts[(task, split)] = want - left
     (root / "names_of_videos_in_each_test_set").mkdir(exist_ok=True)
     return counts

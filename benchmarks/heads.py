@@ -117,18 +117,23 @@ def sequence_set(feats: np.ndarray, offsets: np.ndarray, labels: dict[str, np.nd
 
 
 def _head(kind: str, dim: int) -> tuple[Any, str, str]:
-    """(head, task, objective) of a measurement key."""
+    """(head, task, objective) of a measurement key: a trunk name, or contrastive-<trunk>."""
     import torch
 
     from abawfeat.heads import build_head
 
     torch.manual_seed(0)
-    if kind == "fc":
-        return build_head("fc", in_dim=dim, tasks=("va",)), "va", "ccc"
-    if kind == "lstm":
-        return build_head("lstm", in_dim=dim, tasks=("va",), hidden=256), "va", "ccc"
+    sizes = {"fc": {}, "lstm": {"hidden": 256}, "gru": {"hidden": 256},
+             # The issue's configuration: 2 pre-norm layers, d = 256, 4 heads (64-frame windows).
+             "transformer": {"hidden": 256, "layers": 2, "heads": 4},
+             # The trunk's defaults: 5 levels of kernel 3, a receptive field of 125 frames.
+             "tcn": {}}
+    if kind in sizes:
+        head = build_head("tasks", in_dim=dim, tasks=("va",), trunk=kind, trunk_config=sizes[kind])
+        return head, "va", "ccc"
     trunk = kind.split("-")[1]
-    head = build_head("contrastive", in_dim=dim, trunk=trunk, embed_dim=dim)
+    head = build_head("contrastive", in_dim=dim, trunk=trunk, embed_dim=dim,
+                      trunk_config={"hidden": 512 if trunk == "fc" else 256})
     head.set_text_embeddings(torch.randn(8, dim))
     return head, "expr", "contrastive"
 

@@ -155,8 +155,8 @@ def test_auto_jobs_follow_cores_memory_and_device(
          r"grid.toml: \[\[rows\]\] #3: key 'tasks' must list distinct tasks"),
         ('[[rows]]\nlabel = "X"\nbackbone = "nocache"\nhead = "fc"\ntasks = ["va"]\n',
          r"grid.toml: cache file\(s\) not found: .*nocache.h5"),
-        ('[[rows]]\nlabel = "X"\nbackbone = "fake"\nhead = "gru"\ntasks = ["va"]\n',
-         r"grid.toml: row 'X', task va: --head 'gru'"),
+        ('[[rows]]\nlabel = "X"\nbackbone = "fake"\nhead = "transformer-xl"\ntasks = ["va"]\n',
+         r"grid.toml: row 'X', task va: --head 'transformer-xl'"),
         ("[extra]\nx = 1\n", r"grid.toml: unknown top-level key\(s\) extra"),
         ("[[rows]\n", r"grid.toml: invalid TOML"),
     ],
@@ -176,7 +176,7 @@ def test_shipped_recipes_are_valid_and_reproduce_the_papers_grid() -> None:
         ("DDAMFN+LSTM", "va", ""), ("DDAMFN+LSTM", "expr", ""), ("DDAMFN+LSTM", "au", ""),
         ("CLIP+Fc", "expr", "contrastive"), ("CLIP+LSTM", "expr", "contrastive"),
     }
-    assert {r.label: (r.backbone, r.head) for r in paper.rows}["CLIP+LSTM"] == ("clip", "lstm")
+    assert {r.label: (r.backbones, r.head) for r in paper.rows}["CLIP+LSTM"] == (("clip",), "lstm")
     demo = load_recipe(PIPELINES / "demo.toml")
     assert demo.caches["ddamfn"] and len(demo.rows) >= 2
 
@@ -204,7 +204,9 @@ def test_cli_train_evaluate_predict_heads(world: World, tmp_path: Path) -> None:
     assert (tmp_path / "au.txt").read_text().startswith("image_location,AU1,AU2,")
     res = runner.invoke(app, ["heads", "--json"])
     listed = json.loads(res.stdout)
-    assert {h["name"] for h in listed["heads"]} >= {"fc", "lstm", "contrastive", "mtl"}
+    assert {t["name"] for t in listed["trunks"]} >= {"fc", "lstm", "gru"}
+    assert {h["name"] for h in listed["heads"]} == {"tasks", "contrastive"}
+    assert {o["name"] for o in listed["objectives"]} >= {"ccc", "ce", "bce", "contrastive", "mtl"}
     assert {o["name"] for o in listed["objectives"]} == {"ccc", "ce", "bce", "contrastive", "mtl"}
 
 

@@ -1,4 +1,4 @@
-"""Decoding source videos (abawfeat/audio/decode.py) and finding them (abawfeat/audio/sources.py), on tiny
+"""Decoding source videos (abawfeat/audio/decode.py) and finding them (abawfeat/data/sources.py), on tiny
 media files written here with PyAV: frame timestamps at any rate, audio on the container's clock (late start,
 holes, AVI and MP4, 44.1 and 48 kHz), downmixing, and the one-line errors."""
 
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from abawfeat.audio.decode import SAMPLE_RATE, AudioStream, probe, read_audio, video_frame_times
-from abawfeat.audio.sources import find_source_videos, source_name
+from abawfeat.data.names import source_video
+from abawfeat.data.sources import find_source_videos
 from abawfeat.errors import DataError
 
 av = pytest.importorskip("av")
@@ -172,4 +173,5 @@ def test_source_search_finds_release_layouts_and_pairs(tmp_path: Path) -> None:
     assert index.find("video10_left") == index.find("video10_right") == index.files["video10"]
     assert index.find("video5") == root / "new_vids/sub/video5.MP4"
     assert index.find("video7") is None  # inside a crop folder: not searched
-    assert source_name("a_left") == "a" and source_name("a_right") == "a" and source_name("_left") == "_left"
+    assert source_video("a_left") == "a" and source_video("a_right") == "a"
+    assert source_video("_left") == "_left"

@@ -178,8 +178,11 @@ def test_bad_checkpoints_are_one_line(tmp_path: Path) -> None:
     cases = {
         "holds a 'hubert' model, not 'wav2vec2'": ("wav2vec2", tmp_path / "hubert"),
         "not a checkpoint folder": ("wav2vec2", tmp_path),
-        "no such checkpoint folder": ("wav2vec2", tmp_path / "nothing" / "here"),
+        "no such weights file": ("wav2vec2", tmp_path / "nothing" / "here.bin"),
     }
+    cases["a folder holding config.json and model.safetensors .or pytorch_model.bin., not a single file"] = (
+        "hubert", tmp_path / "hubert" / "config.json.bak")
+    (tmp_path / "hubert" / "config.json.bak").write_text("{}")
     for match, (name, path) in cases.items():
         with pytest.raises(CheckpointError, match=match) as info:
             build_encoder(name, weights=str(path))
@@ -206,8 +209,10 @@ def test_offline_says_where_to_put_the_files(name: str, tmp_path: Path,
     message = str(info.value)
     target = tmp_path / "weights" / "huggingface" / default.replace("/", "--")
     assert hub_folder(default) == target
-    assert f"in {target}" in message and f"https://huggingface.co/{default}" in message
-    assert "config.json" in message and "model.safetensors" in message and "\n" not in message
+    assert message.endswith(f"put config.json, preprocessor_config.json (if published) and model.safetensors "
+                            f"(or pytorch_model.bin) from https://huggingface.co/{default}/resolve/main in "
+                            f"{target}")
+    assert "\n" not in message
     # Files put there by hand are found, offline.
     import transformers
 
@@ -216,4 +221,8 @@ def test_offline_says_where_to_put_the_files(name: str, tmp_path: Path,
     model = getattr(transformers, family.model_class)(config)
     model.save_pretrained(target)
     enc = build_encoder(name)
-    assert enc.weights_source == f"hub:{default}" and enc.provenance()["config"]["weights"] is None
+    assert enc.weights_source == f"named:{default}" and enc.provenance()["config"]["weights"] is None
+    # Any hub name is named weights of its own, through the same resolver.
+    hub = tmp_path / "weights" / "huggingface"
+    with pytest.raises(CheckpointError, match=f"put config.json.*in {hub}/me--mine"):
+        build_encoder(name, weights="me/mine")

@@ -59,9 +59,15 @@ class FakeSpeech(Wav2Vec2Encoder):
         return super().encode(samples)
 
 
+# The speech encoders' own options: they reach the encoder as --encoder-opt does (encoder_options).
+ENCODER_OPTIONS = ("layer", "layers", "window_ms")
+
+
 def config(tree: Path, out: Path, **kw: object) -> ExtractConfig:
+    """An extraction of the test tree; keyword arguments named in ENCODER_OPTIONS go to the encoder."""
+    options = {k: kw.pop(k) for k in list(kw) if k in ENCODER_OPTIONS}
     return ExtractConfig(**{"backbone": "fake-speech", "data": tree, "out": out, "random_init": True,
-                            "progress": False, "device": "cpu", **kw})
+                            "progress": False, "device": "cpu", "encoder_options": options, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -280,15 +286,17 @@ def test_missing_source_is_skipped_and_extracted_once_it_is_there(tree: Path, ma
 
 
 def test_options_that_do_not_apply(tree: Path, tmp_path: Path) -> None:
-    for kw, match in (({"window_ms": 5.0}, "--window-ms"), ({"compile": True}, "--compile"),
+    for kw, match in (({"window_ms": 5.0}, "window_ms 5.0: use 20"), ({"compile": True}, "--compile"),
                       ({"batch_size": 8}, "--batch-size"), ({"layers": "3:1"}, "a <= b")):
         with pytest.raises(ConfigError, match=match):
             run_extraction(config(tree, tmp_path / "x.h5", **kw))
-    face = ExtractConfig(backbone="ddamfn", data=tree, out=tmp_path / "f.h5", random_init=True)
-    with pytest.raises(ConfigError, match="--window-ms applies to audio encoders"):
-        run_extraction(ExtractConfig(**{**face.__dict__, "window_ms": 400.0}))
-    with pytest.raises(ConfigError, match="--layer does not apply to --backbone ddamfn"):
-        run_extraction(ExtractConfig(**{**face.__dict__, "layer": 3}))
+    assert not (tmp_path / "x.h5").exists()
+    # A face encoder has no such options: refused as any option it does not have.
+    for key, value in (("window_ms", "400"), ("layer", "3")):
+        face = ExtractConfig(backbone="ddamfn", data=tree, out=tmp_path / "f.h5", random_init=True,
+                             encoder_options={key: value})
+        with pytest.raises(ConfigError, match=f"encoder 'ddamfn' has no option {key} \\(options: .*num_class"):
+            run_extraction(face)
 
 
 # ---------------------------------------------------------------------------------------------- the CLI
@@ -323,10 +331,13 @@ def test_cli_extract_base_wav2vec2_then_info_verify_and_train_head(tree: Path, m
 
 def test_cli_errors_are_one_line(tree: Path, tmp_path: Path) -> None:
     for args, match in (
-        (["--backbone", "wav2vec2", "--window-ms", "5"], "--window-ms"),
-        (["--backbone", "ddamfn", "--window-ms", "500"], "--window-ms applies to audio encoders"),
-        (["--backbone", "ddamfn", "--layer", "3"], "--layer does not apply"),
-        (["--backbone", "hubert", "--layers", "1-3"], "--layers"),
+        (["--backbone", "wav2vec2", "--window-ms", "5"], "window_ms 5.0: use 20"),
+        (["--backbone", "ddamfn", "--window-ms", "500"], "encoder 'ddamfn' has no option window_ms"),
+        (["--backbone", "ddamfn", "--layer", "3"], "encoder 'ddamfn' has no option layer"),
+        (["--backbone", "hubert", "--layers", "1-3"], "layers '1-3': use a:b"),
+        (["--backbone", "hubert", "--layer", "1", "--encoder-opt", "layer=2"],
+         "--layer and --encoder-opt layer"),
+        (["--backbone", "wavlm", "--layer", "one"], "option layer='one': expected int or none"),
     ):
         res = cli("extract", *args, "--random-init", "--data", str(tree), "--out", str(tmp_path / "e.h5"))
         assert res.exit_code == 2, res.output

@@ -304,3 +304,157 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path, where: str, ki
     assert _snapshot(out) == _snapshot(ref)
     assert verify_cache(out) == []
     assert not list(tmp_path.glob(".*.tmp")) and not parts_dir(out).exists()
+
+
+# ------------------------------------------------------------------------------------------ integrity (v2)
+
+
+def _full(out: Path) -> None:
+    """Every kind of dataset: features, frames, bad_frames (one empty), logits, and /text."""
+    with CacheWriter(out, prov()) as w:
+        f, x = video_arrays(0)
+        w.write_video("vid_a", f, x, logits=np.ones((5, 3)), bad_frames=[3, 1])
+        w.write_video("vid_b", *video_arrays(1))
+        w.set_text_embeddings(["Neutral", "Anger"], np.eye(2, DIM), template="a photo of a {} face")
+
+
+def _flip(path: Path, dataset: str, at: int = 3) -> None:
+    """Flip one byte of a dataset's stored data, in the file, as a bad disk or a bad copy would."""
+    with h5py.File(path, "r") as fh:
+        ds = fh[dataset]
+        offset = ds.id.get_offset() if ds.chunks is None else ds.id.get_chunk_info(0).byte_offset
+    raw = bytearray(path.read_bytes())
+    raw[offset + at] ^= 0x5A
+    path.write_bytes(bytes(raw))
+
+
+def _restamp(path: Path, **attrs: object) -> None:
+    """Set root attributes and a matching digest: what a buggy writer (not a damaged disk) would leave."""
+    from abawfeat.cache import CHECKSUM_ATTR, metadata_digest
+
+    with h5py.File(path, "r+") as fh:
+        for key, value in attrs.items():
+            fh.attrs[key] = value
+        fh.attrs[CHECKSUM_ATTR] = metadata_digest(fh)
+
+
+def test_every_dataset_is_checksummed(tmp_path: Path) -> None:
+    out = tmp_path / "toy.h5"
+    _full(out)
+    seen = []
+
+    def visit(name: str, obj: object) -> None:
+        if isinstance(obj, h5py.Dataset):
+            seen.append(name)
+            if obj.dtype.kind != "O":  # variable-length strings cannot be filtered: the digest covers them
+                assert obj.fletcher32, name
+
+    with h5py.File(out) as fh:
+        fh.visititems(visit)
+        assert fh.attrs["format_version"] == 2 and len(fh.attrs["metadata_sha256"]) == 64
+    assert {"videos/vid_b/bad_frames", "videos/vid_a/logits", "text/embeddings", "text/names"} <= set(seen)
+    assert verify_cache(out) == []
+    with h5py.File(out, "r+") as fh:  # a dataset rewritten without the filter is found out
+        x = fh["videos/vid_b/features"][()]
+        del fh["videos/vid_b/features"]
+        fh["videos/vid_b/features"] = x
+    assert verify_cache(out) == [f"{out}: /videos/vid_b/features: stored without its checksum (fletcher32)"]
+
+
+@pytest.mark.parametrize("dataset", ["videos/vid_a/features", "videos/vid_a/frames",
+                                     "videos/vid_a/bad_frames", "videos/vid_a/logits", "text/embeddings"])
+def test_flipped_bytes_fail_verify_and_the_reader(tmp_path: Path, dataset: str) -> None:
+    out = tmp_path / "toy.h5"
+    _full(out)
+    _flip(out, dataset)
+    problems = verify_cache(out)
+    assert len(problems) == 1 and f"/{dataset}: checksum mismatch" in problems[0], problems
+    with FeatureCache(out) as cache:
+        read = {"features": lambda: cache.features("vid_a"), "frames": lambda: cache.frames("vid_a"),
+                "bad_frames": lambda: cache.bad_frames("vid_a"), "logits": lambda: cache.logits("vid_a"),
+                "embeddings": cache.text_embeddings}[dataset.rsplit("/", 1)[1]]
+        with pytest.raises(CacheError, match="checksum mismatch, the file is damaged") as caught:
+            read()
+        assert "\n" not in str(caught.value) and str(out) in str(caught.value)
+        if dataset.endswith("features"):
+            with pytest.raises(CacheError, match="vid_a/features: checksum mismatch"):
+                cache.load_all()
+        cache.features("vid_b")  # the other video is intact and still readable
+
+
+def test_flipped_attribute_bytes_fail_the_digest(tmp_path: Path) -> None:
+    out = tmp_path / "toy.h5"
+    _full(out)
+    raw = bytearray(out.read_bytes())
+    at = raw.find(b'"seed": 0')  # inside the JSON text of the encoder_config attribute
+    assert at > 0
+    raw[at + 8] = ord("7")
+    out.write_bytes(bytes(raw))
+    problems = verify_cache(out)
+    assert len(problems) == 1 and "do not match their checksum (metadata_sha256)" in problems[0]
+    with pytest.raises(CacheError, match="do not match their checksum"):
+        FeatureCache(out)
+    with pytest.raises(CacheError, match="do not match their checksum"), CacheWriter(out, prov()):
+        pass  # the resume path of extract opens the cache the same way
+
+
+def test_corrupt_attribute_json_is_one_line_everywhere(tmp_path: Path) -> None:
+    out = tmp_path / "toy.h5"
+    _full(out)
+    _restamp(out, encoder_config='json:{"dim": 8, "seed"')
+    problems = verify_cache(out)
+    assert problems == [f"{out}: attribute 'encoder_config' is not valid JSON (Expecting ':' delimiter at "
+                        "character 22); the file is damaged or was edited outside abawfeat"]
+    opens = (lambda: FeatureCache(out), lambda: cache_info(out), lambda: CacheWriter(out, prov()).__enter__())
+    for open_it in opens:
+        with pytest.raises(CacheError, match="'encoder_config' is not valid JSON"):
+            open_it()
+
+
+def test_feature_size_attribute_that_disagrees_with_the_data(tmp_path: Path) -> None:
+    out = tmp_path / "toy.h5"
+    _full(out)
+    _restamp(out, feature_dim=DIM + 4)
+    with FeatureCache(out) as cache:
+        said = f"features are {DIM}-d but the cache's feature_dim attribute says {DIM + 4}"
+        for read in (lambda: cache.features("vid_a"), cache.load_all, lambda: cache.frames("vid_b")):
+            with pytest.raises(CacheError, match=said):
+                read()
+    assert any("features: shape (5, 8), expected (5, 12)" in p for p in verify_cache(out))
+    _restamp(out, feature_dim="wide")
+    with pytest.raises(CacheError, match="'feature_dim' is 'wide', not a positive integer"):
+        FeatureCache(out)
+
+
+def _write_v1(out: Path) -> None:
+    """A cache as abawfeat wrote it before checksums: contiguous datasets, format_version 1, no digest."""
+    from abawfeat.cache import _set_root_attrs
+
+    p = dict(prov(), format_version=1)
+    f, x = video_arrays(0)
+    with h5py.File(out, "w") as fh:
+        _set_root_attrs(fh, p)
+        g = fh.create_group("videos/vid_a")
+        g["features"] = x.astype(np.float16)
+        g["frames"] = f
+        g["bad_frames"] = np.zeros(0, np.int32)
+        g.attrs["n_crops"] = len(f)
+
+
+def test_version_1_caches_still_load_and_are_never_added_to(tmp_path: Path) -> None:
+    out = tmp_path / "v1.h5"
+    _write_v1(out)
+    with FeatureCache(out) as cache:
+        assert cache.format_version == 1 and not cache.has_checksums
+        assert cache.features("vid_a").shape == (5, DIM) and set(cache.load_all()) == {"vid_a"}
+    assert verify_cache(out) == []
+    assert cache_info(out)["checksums"] is False
+    before = out.read_bytes()
+    refused = "cache format version 1 .* cannot be added to; extract into another"
+    with pytest.raises(CacheError, match=refused), CacheWriter(out, prov()):
+        pass
+    assert out.read_bytes() == before
+    _restamp(out, format_version=7)
+    with pytest.raises(CacheError, match="cache format version 7 is not supported by this abawfeat "
+                                         r"\(it reads versions 1 and 2\)"):
+        FeatureCache(out)

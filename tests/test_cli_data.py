@@ -115,8 +115,15 @@ def test_missing_root(tmp_path: Path) -> None:
 
 def test_no_or_several_annotation_folders(root: Path) -> None:
     (root / "6th ABAW Annotations").rename(root / "labels")
-    _assert_one_line_error(run("data", "summary", "--data", str(root)),
-                           "no annotations folder", "--annotations")
+    # Crops alone are a tree extract can use: the summary says what it found instead of failing.
+    for args in ((), ("--json",)):
+        result = run("data", "summary", "--data", str(root), *args)
+        assert result.exit_code == 0, result.output
+        said = result.stderr if args else result.stdout
+        assert "no annotations folder" in said and "--annotations" in said
+        assert "3 videos with crops (7 crops)" in said, said
+    assert json.loads(run("data", "summary", "--data", str(root), "--json").stdout) == [
+        {**row, "videos": 0, "frames": 0, "valid_frames": 0, "usable_frames": 0} for row in EXPECTED]
     (root / "labels").rename(root / "6th ABAW Annotations")
     (root / "8th_ABAW_Annotations").mkdir()
     _assert_one_line_error(run("data", "summary", "--data", str(root)),
@@ -133,3 +140,15 @@ def test_malformed_file_exit_2_with_file_and_line(root: Path, text: str, line: i
     bad = write(root / "6th ABAW Annotations/VA_Estimation_Challenge/Validation_Set/bad.txt", text)
     result = run("data", "summary", "--data", str(root), "--json")
     _assert_one_line_error(result, f"{bad}:{line}: ", fragment)
+
+
+def test_names_with_brackets_print_as_they_are(root: Path) -> None:
+    """A data root named `aw[v2]` is printed as such in the table's title and in errors (no rich markup)."""
+    bracketed = root.rename(root.with_name("aw[v2]"))
+    result = run("data", "summary", "--data", str(bracketed))
+    assert result.exit_code == 0, result.output
+    assert "aw[v2]: frames → frames with valid labels" in result.stdout
+    (bracketed / "cropped_aligned/v1/1.jpg").write_bytes(b"")
+    _assert_one_line_error(run("data", "summary", "--data", str(bracketed)),
+                           f"{bracketed}/cropped_aligned/v1/1.jpg: a second file for frame 1, beside "
+                           "00001.jpg")

@@ -140,8 +140,13 @@ def test_missing_root_or_annotations(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="data root not found"):
         AffWild2(tmp_path / "nope")
     (tmp_path / "cropped_aligned").mkdir()
-    with pytest.raises(DataError, match="no annotations folder"):
-        AffWild2(tmp_path)
+    # Crops alone are a valid tree (stage one needs nothing else); asking for annotations names the problem.
+    crops_only = AffWild2(tmp_path)
+    assert not crops_only.has_annotations and crops_only.videos_with_crops() == []
+    for ask in (lambda: crops_only.videos("va", "train"), lambda: crops_only.annotation("au", "val", "v"),
+                lambda: crops_only.task_dir("expr"), lambda: crops_only.mtl_annotations("train")):
+        with pytest.raises(DataError, match="no annotations folder"):
+            ask()
     with pytest.raises(DataError, match="annotations folder not found"):
         AffWild2(tmp_path, annotations=tmp_path / "labels")
     (tmp_path / "labels").mkdir()
@@ -397,11 +402,12 @@ def test_mtl_file(release: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert len(mtl) == 4 and mtl.video.tolist() == ["vidA", "vid7_left", "vid7_right", "vidA"]
     assert mtl.frame.tolist() == [1, 12, 3, 2] and mtl.frame.dtype == np.int32
     assert mtl.images[1] == "vid7_left/00012.jpg"
-    np.testing.assert_allclose(mtl.va[0], [0.5, -0.5])
-    assert mtl.va.dtype == np.float32 and mtl.expr.dtype == np.int64 and mtl.au.dtype == np.int8
-    assert mtl.va_valid.tolist() == [True, False, True, False]
-    assert mtl.expr.tolist() == [3, -1, 7, -1] and mtl.expr_valid.tolist() == [True, False, True, False]
-    assert mtl.au_valid.tolist() == [True, False, False, False] and mtl.au[0].tolist() == [0, 1] * 6
+    lab, ok = mtl.labels, mtl.valid
+    np.testing.assert_allclose(lab["va"][0], [0.5, -0.5])
+    assert lab["va"].dtype == np.float32 and lab["expr"].dtype == np.int64 and lab["au"].dtype == np.int8
+    assert ok["va"].tolist() == [True, False, True, False]
+    assert lab["expr"].tolist() == [3, -1, 7, -1] and ok["expr"].tolist() == [True, False, True, False]
+    assert ok["au"].tolist() == [True, False, False, False] and lab["au"][0].tolist() == [0, 1] * 6
     assert mtl.n_out_of_range == 1 and capsys.readouterr().err.count("warning:") == 1
     assert mtl.videos() == ["vid7_left", "vid7_right", "vidA"]
     assert len(ds.mtl_annotations("val")) == 1 and ds.mtl_annotations("train") is mtl

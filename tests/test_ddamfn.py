@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from abawfeat.constants import AFFECTNET7_CLASSES, AFFECTNET8_CLASSES
 from abawfeat.encoders import build_encoder
+from abawfeat.encoders import ddamfn as D
 from abawfeat.encoders import weights as W
 from abawfeat.encoders.base import tensor_sha256
 from abawfeat.encoders.ddamfn import (
@@ -145,6 +146,27 @@ def test_seven_classes_inferred_from_fc(tmp_path: Path, published_state: dict[st
         assert enc(torch.zeros(2, 3, 112, 112))[1].shape == (2, 7)
 
 
+def test_unexpected_class_count_is_said_and_recorded(tmp_path: Path, published_state: dict[str, torch.Tensor],
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    state = dict(published_state)
+    for key in ("fc.weight", "fc.bias", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"):
+        state[key] = state[key][:5].clone()
+    path = tmp_path / "five.pth"
+    torch.save({"iter": 1, "model_state_dict": state}, path)
+    enc = build_encoder("ddamfn", weights=str(path))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "5 classes" in line]
+    assert len(warnings) == 1 and str(path) in warnings[0] and "7" in warnings[0] and "8" in warnings[0]
+    assert enc.logit_names is None and enc.provenance()["config"]["num_class"] == 5
+    notes = enc.provenance()["notes"]
+    assert len(notes) == 1 and "DDAMFN checkpoint with 5 classes" in notes[0]
+    from abawfeat.cache import make_provenance  # what extraction writes into the cache
+
+    cache_prov = make_provenance(enc.provenance(), feature_dim=512, dtype="float16", precision="fp32")
+    assert cache_prov["encoder_provenance"]["notes"] == notes and cache_prov["logit_names"] is None
+    # The published class counts say nothing and keep the provenance as it always was.
+    assert "notes" not in build_encoder("ddamfn", random_init=True).provenance()
+
+
 @pytest.mark.parametrize("damage", ["missing", "unexpected", "shape"])
 def test_wrong_architecture_names_file_and_keys(tmp_path: Path, published_state: dict[str, torch.Tensor],
                                                 damage: str) -> None:
@@ -216,7 +238,7 @@ def test_save_published_checkpoint_round_trip(tmp_path: Path, ckpt: Path, encode
 def test_named_weights_offline_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ABAWFEAT_HOME", str(tmp_path))
     monkeypatch.setenv("ABAWFEAT_OFFLINE", "1")
-    named = W.NAMED_WEIGHTS["affectnet8"]
+    named = D.NAMED_WEIGHTS["affectnet8"]
     with pytest.raises(CheckpointError) as info:
         build_encoder("ddamfn")  # the default weights are the published AffectNet-8 ones
     message = str(info.value)
@@ -230,8 +252,8 @@ def test_named_weights_without_network(tmp_path: Path, monkeypatch: pytest.Monke
     # No ABAWFEAT_OFFLINE: the download is attempted and fails (no network here, or a dead address).
     monkeypatch.setenv("ABAWFEAT_HOME", str(tmp_path))
     monkeypatch.delenv("ABAWFEAT_OFFLINE", raising=False)
-    named = W.NAMED_WEIGHTS["rafdb"]
-    monkeypatch.setitem(W.NAMED_WEIGHTS, "rafdb", dataclasses.replace(named, url="http://127.0.0.1:9/rafdb.pth"))
+    named = D.NAMED_WEIGHTS["rafdb"]
+    monkeypatch.setitem(D.NAMED_WEIGHTS, "rafdb", dataclasses.replace(named, url="http://127.0.0.1:9/rafdb.pth"))
     with pytest.raises(CheckpointError, match="cannot be downloaded here.*put the file at"):
         build_encoder("ddamfn", weights="rafdb")
     assert not list((tmp_path / "weights" / "ddamfn").glob("*"))  # nothing half-written left behind
@@ -247,8 +269,8 @@ def test_unknown_name_and_missing_path() -> None:
 def _fake_published(monkeypatch: pytest.MonkeyPatch, ckpt: Path, **changes: object) -> W.NamedWeights:
     """Pretend the fixture is the published affectnet8 file (same checksum, served from a file:// URL)."""
     fields: dict[str, object] = {"url": ckpt.resolve().as_uri(), "git_blob_sha1": W.git_blob_sha1(ckpt)}
-    named = dataclasses.replace(W.NAMED_WEIGHTS["affectnet8"], **{**fields, **changes})
-    monkeypatch.setitem(W.NAMED_WEIGHTS, "affectnet8", named)
+    named = dataclasses.replace(D.NAMED_WEIGHTS["affectnet8"], **{**fields, **changes})
+    monkeypatch.setitem(D.NAMED_WEIGHTS, "affectnet8", named)
     return named
 
 
@@ -281,7 +303,7 @@ def test_named_weights_checksum_mismatch(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_named_weights_recorded_checksum_urls() -> None:
-    for named in W.NAMED_WEIGHTS.values():
+    for named in D.NAMED_WEIGHTS.values():
         assert named.url.endswith(named.filename) and named.git_blob_sha1 is not None
         assert named.logit_names == (AFFECTNET8_CLASSES if named.num_class == 8 else AFFECTNET7_CLASSES)
 

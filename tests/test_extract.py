@@ -60,6 +60,7 @@ class FakeEncoder(Encoder):
 
     config_class = FakeConfig
     summary = "test-only toy encoder"
+    needs_calibration = True  # its calibrate() shifts the input: extraction must run it on random init
 
     def __init__(self, config: FakeConfig) -> None:
         super().__init__(config)
@@ -344,7 +345,11 @@ def test_cli_errors_are_one_line(tree: Path, tmp_path: Path) -> None:
               "--videos", "nope")
     assert res.exit_code == 2 and "nope not found among the crop folders" in res.output
     res = cli("extract", "--backbone", "fake-test", "--data", str(tree), "--clip-model", "ViT-B-32")
-    assert res.exit_code == 2 and "--clip-model does not apply to --backbone fake-test" in res.output
+    # The old flag still parses, says what it now means, and the encoder refuses the option it maps to.
+    text = res.output.replace("\n", " ")
+    assert res.exit_code == 2
+    assert "--clip-model is deprecated; it now means --encoder-opt clip_model=ViT-B-32" in text
+    assert "encoder 'fake-test' has no option clip_model (options: random_init, seed, weights)" in text
     res = cli("cache", "info", str(tmp_path / "missing.h5"))
     assert res.exit_code == 2 and "no such cache file" in res.output
     # A second writer on the same output: the lock is held (as by another running extraction).
@@ -357,6 +362,80 @@ def test_cli_errors_are_one_line(tree: Path, tmp_path: Path) -> None:
         assert "Traceback" not in res.output
     finally:
         os.close(fd)
+
+
+def test_second_extraction_is_refused_before_anything_expensive(
+    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # docs/cache-format.md: a second writer is refused at once. Building the encoder or scanning the crops
+    # first would make the refusal wait for them (about 37 s with real models).
+    import abawfeat.encoders
+    from abawfeat.data.affwild2 import AffWild2
+
+    touched: list[str] = []
+
+    def must_not_run(what: str) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            touched.append(what)
+            raise AssertionError(f"{what} ran before the lock was taken")
+        return run
+
+    monkeypatch.setattr(abawfeat.encoders, "build_encoder", must_not_run("build_encoder"))
+    monkeypatch.setattr(AffWild2, "videos_with_crops", must_not_run("videos_with_crops"))
+    monkeypatch.setattr(AffWild2, "crop_frames", must_not_run("crop_frames"))
+    out = tmp_path / "locked.h5"
+    fd = os.open(lock_path(out), os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        res = cli("extract", "--backbone", "fake-test", "--random-init", "--data", str(tree),
+                  "--out", str(out), "--workers", "0")
+    finally:
+        os.close(fd)
+    assert res.exit_code == 2 and "another extraction is writing this cache" in res.output
+    assert touched == [] and "Traceback" not in res.output and "WARNING" not in res.output
+    assert not out.exists() and not parts_dir(out).exists()
+
+
+def test_full_disk_is_one_line_and_keeps_complete_videos(
+    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The device fills up while the third video's part is written (the real atomic write, a patched HDF5
+    # dataset creation raising ENOSPC as the kernel would).
+    import errno
+
+    out = tmp_path / "full.h5"
+    args = ("extract", "--backbone", "fake-test", "--data", str(tree), "--out", str(out), "--workers", "0",
+            "--batch-size", "4", "--device", "cpu")
+    real = h5py.Group.create_dataset
+    written: list[str] = []
+
+    def create_dataset(self: Any, name: str, *a: Any, **kw: Any) -> Any:
+        if name == "features":
+            if len(written) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            written.append(self.name)
+        return real(self, name, *a, **kw)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", create_dataset)
+    res = cli(*args)
+    monkeypatch.setattr(h5py.Group, "create_dataset", real)
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: ")
+    assert str(parts_dir(out) / "2-30-640x360_right.h5") in lines[0]
+    assert "no space left on the device while writing it" in lines[0]
+    assert "kept: the 2 complete videos already in the cache" in lines[0] and "re-run" in lines[0]
+    assert sorted(p.name for p in parts_dir(out).glob("*.h5")) == ["10-30-640x480.h5", "2-30-640x360_left.h5"]
+    assert not list(parts_dir(out).glob(".*.tmp"))  # no half-written file left behind
+
+    # With space again, the same command resumes and ends where an uninterrupted run ends.
+    res = cli(*args)
+    assert res.exit_code == 0 and "2 videos extracted, 2 already complete" in res.output.replace("\n", " ")
+    ref = tmp_path / "ref.h5"
+    run_extraction(ExtractConfig(backbone="fake-test", data=tree, out=ref, batch_size=4, workers=0,
+                                 device="cpu", progress=False))
+    assert snapshot(out)["videos"] == snapshot(ref)["videos"]
 
 
 def test_config_errors(tree: Path, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""End-to-end fine-tuning (``train-head --unfreeze``) on a tiny synthetic Aff-Wild2 tree.
+"""End-to-end fine-tuning (``abawfeat finetune``) on a tiny synthetic Aff-Wild2 tree.
 
 The tree comes from ``abawfeat.data.synth`` (4 videos of ~10 frames at 112 x 112: 2 train, 1 val, 1 test),
 with one validation crop deleted so the official protocol has a frame to fill. Runs are one or two epochs
@@ -26,10 +26,10 @@ from abawfeat.data.affwild2 import AffWild2
 from abawfeat.data.frames import AugmentConfig, FrameSource, FrameWindows, epoch_steps, load_frames_split
 from abawfeat.data.synth import SynthConfig, generate
 from abawfeat.encoders import build_encoder, load_ddamfn_net
+from abawfeat.encoders.ddamfn import BLOCKS, DDAMFNEncoder
 from abawfeat.errors import CheckpointError, ConfigError, DataError
 from abawfeat.finetune import (
-    BLOCKS,
-    PUBLISHED_FILE,
+    ATTENTION_KEY,
     STATE_FILE,
     FinetuneConfig,
     FinetuneModel,
@@ -42,10 +42,10 @@ from abawfeat.finetune import (
     validate_finetune,
 )
 from abawfeat.heads import build_head
-from abawfeat.report.html import architecture_label
 from abawfeat.train import Batch, TrainConfig, build_objective, load_run
 
 FIXTURE = Path(__file__).parent / "fixtures" / "ddamfn" / "ddamfn_official_format_random.pth"
+PUBLISHED_FILE = DDAMFNEncoder.weights_filename()  # the backbone in the published DDAMFN format
 # Blocks before conv_6_sep: frozen in most runs here.
 FROZEN_PREFIXES = tuple(f"features.{i}." for i in range(8))
 
@@ -81,14 +81,23 @@ def _state(path: Path) -> dict:
 
 
 def test_blocks_and_impossible_options_are_refused(root: Path, tmp_path: Path) -> None:
-    assert block_index("conv1") == 0 and block_index("gdconv") == len(BLOCKS) - 1
-    assert block_index("features.7") == block_index("conv_5") == 7
+    assert PUBLISHED_FILE == "ddamfn_finetuned.pth"
+    assert block_index(BLOCKS, "conv1") == 0 and block_index(BLOCKS, "gdconv") == len(BLOCKS) - 1
+    assert block_index(BLOCKS, "7") == block_index(BLOCKS, "conv_5") == 7
+    assert block_index(BLOCKS, None) == 0  # default: the whole encoder trains
     with pytest.raises(ConfigError, match="conv_6_sep"):
-        block_index("layer4")
+        block_index(BLOCKS, "layer4", "ddamfn")
+    with pytest.raises(ConfigError, match="declares no trainable blocks"):
+        block_index([], None, "fake-frozen")
     for bad in ({"weights": str(FIXTURE)}, {"grad_accum": 0}, {"backbone_lr": 0.0}, {"schedule": "step"},
-                {"backbone": "clip"}, {"objective": "contrastive"}, {"augment": AugmentConfig(hflip=2.0)}):
+                {"backbone": "resnet"}, {"objective": "contrastive"}, {"augment": AugmentConfig(hflip=2.0)},
+                {"encoder_options": {"num_haed": "3"}}):
         with pytest.raises(ConfigError):
             validate_finetune(config(root, tmp_path / "x", **bad))
+    # The attention-diversity loss needs attention heads, which CLIP does not declare: one line says so.
+    no_heads = "--attention-diversity needs an encoder with attention heads; clip"
+    with pytest.raises(ConfigError, match=no_heads):
+        validate_finetune(config(root, tmp_path / "x", backbone="clip", attention_diversity=True))
 
 
 def test_global_batches_do_not_depend_on_processes_or_accumulation() -> None:
@@ -136,7 +145,8 @@ def test_augmentation_changes_training_windows_only(root: Path) -> None:
     assert torch.equal(torch.stack([rows[(r, -1)]["images"][0] for r in range(4)]), plain)
     assert not torch.allclose(rows[(0, 12345)]["images"][0], plain[0], atol=0.1)
 
-    model = FinetuneModel(encoder, build_head("fc", in_dim=512, tasks=("expr",)), channels_last=False)
+    head = build_head("tasks", in_dim=512, tasks=("expr",), trunk="fc")
+    model = FinetuneModel(encoder, head, channels_last=False)
     got = embed_rows(model, rows, batch_size=3, device=torch.device("cpu"), precision="fp32")
     with torch.no_grad():
         reference = model.eval().embed(plain)[0].numpy()
@@ -150,8 +160,8 @@ def test_a_few_steps_on_one_batch_lower_its_loss(root: Path) -> None:
     seqs, dirs = load_frames_split(data, ("expr",), "train")
     encoder = build_encoder("ddamfn", weights=str(FIXTURE))
     torch.manual_seed(0)
-    head = build_head("fc", in_dim=512, tasks=("expr",), normalize=False)
-    model = FinetuneModel(encoder, head, unfreeze_from="conv_6_sep", return_maps=True).train()
+    head = build_head("tasks", in_dim=512, tasks=("expr",), trunk="fc", normalize=False)
+    model = FinetuneModel(encoder, head, unfreeze_from="conv_6_sep", aux_outputs=(ATTENTION_KEY,)).train()
     windows = FrameWindows(seqs, dirs, np.arange(4)[:, None], ("expr",), encoder.transform)
     micro = next(FrameSource(windows, batch_size=4).batches(1))
     optimizer = torch.optim.AdamW([{"params": model.backbone_parameters(), "lr": 1e-3},
@@ -188,8 +198,8 @@ def test_run_trains_unfrozen_blocks_only_and_writes_a_stage_two_run_dir(root: Pa
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"task", "split", "best_epoch", "ccc_valence", "ccc_arousal", "ccc_va"} <= set(metrics)
     run = load_run(out)
-    assert run.config.task == "va" and run.head.tasks == ("va",)
-    assert architecture_label(run.info) == "DDAMFN+Fc (end-to-end)"  # reports give it a row of its own
+    assert run.task == "va" and run.head.tasks == ("va",)
+    assert run.record.label == "DDAMFN+Fc (end-to-end)"  # reports give it a row of its own
     header = (out / "history.csv").read_text().splitlines()[0].split(",")
     assert header[:5] == ["epoch", "train_loss", "val_loss", "val_metric", "seconds"]
     # Official protocol: every labelled val frame, the crop-less one filled between its neighbours.
@@ -201,11 +211,12 @@ def test_run_trains_unfrozen_blocks_only_and_writes_a_stage_two_run_dir(root: Pa
 
     # Round trip: the published checkpoint gives the in-memory model's embeddings, and a cache extracted
     # with it is the one checkpoint.pt asks for, on which stage two's evaluate reproduces metrics.json.
-    model = FinetuneModel(build_encoder("ddamfn", weights=str(FIXTURE)), build_head("fc", in_dim=512,
-                          tasks=("va",)), unfreeze_from="conv_6_sep")
+    model = FinetuneModel(build_encoder("ddamfn", weights=str(FIXTURE)),
+                          build_head("tasks", trunk="fc", in_dim=512, tasks=("va",)),
+                          unfreeze_from="conv_6_sep")
     model.load_state_dict(_state(out / STATE_FILE)["model"])
     reloaded = FinetuneModel(build_encoder("ddamfn", weights=str(out / PUBLISHED_FILE)),
-                             build_head("fc", in_dim=512, tasks=("va",)))
+                             build_head("tasks", trunk="fc", in_dim=512, tasks=("va",)))
     reference = np.load(FIXTURE.with_name("ddamfn_reference_outputs.npz"))
     images = torch.from_numpy(reference["input_normalized_nchw"])
     with torch.no_grad():
@@ -257,16 +268,16 @@ def test_two_processes_agree_with_one(root: Path, tmp_path: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", ABAWFEAT_NO_PROGRESS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "abawfeat", "train-head", "--task", "expr", "--head", "fc", "--data", str(root),
+         "-m", "abawfeat", "finetune", "--task", "expr", "--head", "fc", "--data", str(root),
          "--out", str(two),
          "--epochs", "1", "--batch-size", "2", "--lr", "0.01", "--device", "cpu", "--precision", "fp32",
-         "--no-plots", "--unfreeze", "--random-init", "--unfreeze-from", "conv_6_sep", "--freeze-bn",
+         "--no-plots", "--random-init", "--unfreeze-from", "conv_6_sep", "--freeze-bn",
          "--workers", "0", "--eval-batch-size", "16"],
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     config_two = json.loads((two / "config.json").read_text())
-    assert config_two["world_size"] == 2 and config_two["global_batch"] == 4
+    assert config_two["extra"]["world_size"] == 2 and config_two["extra"]["global_batch"] == 4
 
     h1, h2 = (_state(d / STATE_FILE)["history"][0] for d in (single, two))
     for key in ("train_loss", "val_loss", "f1_expr"):
@@ -343,3 +354,122 @@ def test_resume_needs_a_finished_epoch(tmp_path: Path) -> None:
 def test_cli_refuses_options_that_make_no_sense(args: list[str], message: str) -> None:
     result = CliRunner().invoke(app, ["train-head", *args])
     assert result.exit_code == 2 and message in result.output.replace("\n", " ")
+
+
+# ------------------------------------------------------------------------------------ CLIP's image tower
+
+CLIP_OPTIONS = {"clip_model": "ViT-S-32-alt"}  # the smallest built-in ViT (CLIPEncoder.smoke_options)
+
+
+def clip_config(root: Path, out: Path, **kw: object) -> FinetuneConfig:
+    return config(root, out, backbone="clip", encoder_options=dict(CLIP_OPTIONS), unfreeze_from="block11",
+                  **kw)
+
+
+def test_clip_image_tower_fine_tunes_end_to_end(root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "clip-run"
+    assert run_finetune(clip_config(root, out, task="va")) == out
+    info = json.loads((out / "config.json").read_text())
+    assert info["extra"]["blocks"]["trainable"] == ["block11", "head"]
+    assert info["extra"]["blocks"]["frozen"] == ["embed", *(f"block{i}" for i in range(11))]
+    assert info["extra"]["published_checkpoint"] == "clip_finetuned.pth"
+    assert (out / "clip_finetuned.pth").is_file()
+
+    # Frozen blocks and the text tower are the starting weights; the trainable blocks moved.
+    start = build_encoder("clip", random_init=True, seed=0, **CLIP_OPTIONS).model.state_dict()
+    tuned = build_encoder("clip", clip_pretrained=str(out / "clip_finetuned.pth"), **CLIP_OPTIONS)
+    final = tuned.model.state_dict()
+    assert final.keys() == start.keys()
+    same = {k for k in start if torch.equal(start[k], final[k])}
+    trainable = ("visual.transformer.resblocks.11.", "visual.ln_post.", "visual.proj")
+    assert {k for k in start if not k.startswith(trainable)} <= same  # text tower, embed, blocks 0-10
+    for prefix in trainable:
+        assert any(k.startswith(prefix) and k not in same for k in start), prefix
+
+    # The saved file rebuilds the in-memory model exactly (weights, QuickGELU, preprocessing)...
+    model = FinetuneModel(build_encoder("clip", random_init=True, **CLIP_OPTIONS),
+                          build_head("tasks", trunk="fc", in_dim=tuned.feature_dim, tasks=("va",)),
+                          unfreeze_from="block11")
+    model.load_state_dict(_state(out / STATE_FILE)["model"])
+    images = torch.stack([tuned.transform(Image.new("RGB", (112, 112), (40 * i, 90, 200 - 30 * i)))
+                          for i in range(3)])
+    with torch.no_grad():
+        assert torch.equal(model.eval().embed(images)[0], tuned(images)[0])
+    assert tuned.transform == model.encoder.transform
+
+    # ... and a cache extracted from it through the CLI is the one checkpoint.pt asks for: stage two's
+    # evaluate reproduces metrics.json on it.
+    from abawfeat.train import evaluate
+
+    cache = tmp_path / "clip-tuned.h5"
+    result = CliRunner().invoke(app, [
+        "extract", "--backbone", "clip", "--weights", str((out / "clip_finetuned.pth").resolve()),
+        "--encoder-opt", "clip_model=ViT-S-32-alt", "--data", str(root), "--out", str(cache),
+        "--workers", "0", "--device", "cpu", "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    again = evaluate(out, cache_path=cache)
+    for key in ("ccc_valence", "ccc_arousal", "ccc_va"):
+        assert again[key] == pytest.approx(metrics[key], abs=1e-4), key
+
+
+def test_clip_resume_reaches_the_same_weights(root: Path, tmp_path: Path) -> None:
+    kw = {"epochs": 2, "dropout": 0.3, "hidden": 16}
+    straight = run_finetune(clip_config(root, tmp_path / "straight", **kw))
+    resumed = run_finetune(clip_config(root, tmp_path / "resumed", **kw), stop_after_epochs=1)
+    assert not (resumed / "metrics.json").exists()
+    result = CliRunner().invoke(app, ["finetune", "--resume", str(resumed)])
+    assert result.exit_code == 0, result.output
+    a, b = _state(straight / STATE_FILE), _state(resumed / STATE_FILE)
+    assert a["epoch"] == b["epoch"] == 2
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert (straight / "metrics.json").read_text() == (resumed / "metrics.json").read_text()
+    # The saved image towers are the same too (torch.save's archive names differ, so compare the tensors).
+    sa, sb = (_state(d / "clip_finetuned.pth") for d in (straight, resumed))
+    assert sa["abawfeat_clip"] == sb["abawfeat_clip"]
+    assert all(torch.equal(sa["state_dict"][k], sb["state_dict"][k]) for k in sa["state_dict"])
+
+
+# -------------------------------------------------------------------------------------------- the command
+
+
+def test_train_head_unfreeze_still_runs_the_finetune_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import abawfeat.finetune as finetune_module
+
+    seen: list[FinetuneConfig] = []
+
+    def fake_run(cfg: FinetuneConfig, **_: object) -> Path:
+        seen.append(cfg)
+        return tmp_path  # no metrics.json there: nothing is printed
+
+    monkeypatch.setattr(finetune_module, "run_finetune", fake_run)
+    common = ["--task", "expr", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--random-init",
+              "--unfreeze-from", "conv_5", "--backbone-lr", "0.01", "--no-augment", "--workers", "0",
+              "--epochs", "3"]
+    old = CliRunner().invoke(app, ["train-head", *common, "--unfreeze", "--trust-pickle"])
+    new = CliRunner().invoke(app, ["finetune", *common, "--encoder-opt", "trust_pickle=true"])
+    assert old.exit_code == 0 and new.exit_code == 0, old.output + new.output
+    assert len(seen) == 2 and seen[0] == seen[1]  # the same run, whichever spelling
+    assert seen[0].unfreeze_from == "conv_5" and seen[0].encoder_options == {"trust_pickle": "true"}
+    assert seen[0].train.epochs == 3 and not seen[0].augment.enabled
+    notes = [line for line in old.output.splitlines() if line.startswith("note:")]
+    assert notes == [
+        "note: fine-tuning moved to `abawfeat finetune`; `train-head --unfreeze` runs it with the same "
+        "options",
+        "note: --trust-pickle is deprecated; it now means --encoder-opt trust_pickle=true",
+    ]
+    assert "note:" not in new.output
+
+
+def test_help_splits_stage_two_from_fine_tuning() -> None:
+    train_help = CliRunner().invoke(app, ["train-head", "--help"], env={"COLUMNS": "200"}).output
+    finetune_help = CliRunner().invoke(app, ["finetune", "--help"], env={"COLUMNS": "200"}).output
+    for flag in ("--unfreeze", "--backbone-lr", "--weights", "--random-init", "--grad-accum"):
+        assert flag not in train_help, flag
+    assert "--resume" in train_help and "--overwrite" in train_help  # stage two's own: interrupted head runs
+    for flag in ("--unfreeze-from", "--backbone-lr", "--weights", "--random-init", "--encoder-opt",
+                 "--attention-diversity", "--resume", "--task", "--head"):
+        assert flag in finetune_help, flag
+    assert "--cache" in train_help and "--cache" not in finetune_help

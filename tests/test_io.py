@@ -58,6 +58,26 @@ def test_disk_full_is_recognised_through_wrapping_errors() -> None:
     assert not is_disk_full(RuntimeError("something else"))
 
 
+def test_a_writer_that_loses_the_errno_on_a_full_device_is_still_a_full_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.save on a full device raises "unexpected pos" without ENOSPC; the device's free space tells."""
+    import shutil
+
+    def torch_like(tmp: Path) -> None:
+        tmp.write_bytes(b"PK")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2240 vs 2134")
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=4096))
+    with pytest.raises(DiskFullError, match="no space left on the device"):
+        atomic_write(tmp_path / "checkpoint.pt", torch_like)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1 << 30))
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # with room left it is not a full disk
+        atomic_write(tmp_path / "checkpoint.pt", torch_like)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_other_failures_propagate_and_clean_up(tmp_path: Path) -> None:
     def boom(tmp: Path) -> None:
         tmp.write_text("x")

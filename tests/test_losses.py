@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from sklearn.utils.class_weight import compute_class_weight
 
+from abawfeat.data.batches import Batch
 from abawfeat.errors import ConfigError
 from abawfeat.losses import (
     CLIP_LOGIT_SCALE_INIT,
     LogitScale,
-    MultiTaskLoss,
     attention_diversity_loss,
     au_bce_loss,
     ccc_loss,
@@ -22,10 +22,10 @@ from abawfeat.losses import (
     clip_contrastive_loss,
     contrastive_logits,
     expr_ce_loss,
-    mtl_loss,
     pos_weight_from_labels,
 )
 from abawfeat.metrics import ccc
+from abawfeat.train.objectives import LossWeights, build_objective
 
 # float() on a loss that is still in the graph is intended here (comparing values).
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
@@ -288,54 +288,47 @@ def test_attention_diversity_loss_hand_formula() -> None:
     assert float(single.detach()) == 0.0 and single.grad_fn is not None
 
 
-# ---------------------------------------------------------------------------------------------- MTL
+# ------------------------------------------------------------------------------ MTL (the objective)
 
 
-def test_mtl_loss_masks_each_task_independently() -> None:
+def test_the_mtl_objective_sums_each_task_over_its_own_labelled_frames() -> None:
     g = torch.Generator().manual_seed(7)
     b, t = 2, 5
     outputs = {
         "va": torch.randn(b, t, 2, generator=g, requires_grad=True),
         "expr": torch.randn(b, t, 8, generator=g, requires_grad=True),
         "au": torch.randn(b, t, 12, generator=g, requires_grad=True),
+        "expr_embedding": torch.randn(b, t, 4, generator=g),  # extra outputs are ignored
     }
     targets = {
         "va": torch.rand(b, t, 2, generator=g) * 2 - 1,
         "expr": torch.randint(0, 8, (b, t), generator=g),
         "au": (torch.rand(b, t, 12, generator=g) > 0.5).float(),
     }
-    masks = {
+    valid = {
         "va": torch.ones(b, t, dtype=torch.bool),
         "expr": torch.zeros(b, t, dtype=torch.bool),  # no expression label in this batch
         "au": torch.tensor([[True, True, False, False, True], [False, True, True, True, True]]),
     }
-    weights = {"va": 1.0, "expr": 2.0, "au": 0.5}
-    total, parts = mtl_loss(outputs, targets, masks, weights)
-    expected = ccc_loss(outputs["va"], targets["va"]) + 0.5 * au_bce_loss(
-        outputs["au"], targets["au"], masks["au"]
+    batch = Batch(torch.zeros(b, t, 3), torch.ones(b, t, dtype=torch.bool), targets, valid,
+                  np.zeros((b, t), dtype=np.int64))
+    pos = torch.full((12,), 2.0)
+    objective = build_objective("mtl", torch.nn.Identity(), ("va", "expr", "au"),
+                                LossWeights(pos_weight={"au": pos}))
+    total, parts = objective(outputs, batch)
+    expected = ccc_loss(outputs["va"], targets["va"]) + au_bce_loss(
+        outputs["au"], targets["au"], valid["au"], pos_weight=pos
     )
     assert float(total) == pytest.approx(float(expected), abs=1e-6)
     assert parts["expr"] == 0.0 and set(parts) == {"va", "expr", "au"}
     total.backward()
     assert torch.all(outputs["expr"].grad == 0)
-    assert torch.all(outputs["au"].grad[~masks["au"]] == 0) and outputs["va"].grad.abs().sum() > 0
+    assert torch.all(outputs["au"].grad[~valid["au"]] == 0) and outputs["va"].grad.abs().sum() > 0
 
-    module = MultiTaskLoss(weights, class_weight=torch.ones(8), pos_weight=torch.full((12,), 2.0))
-    masks["expr"] = torch.ones(b, t, dtype=torch.bool)
-    total_m, parts_m = module(outputs, targets, masks)
-    assert parts_m["au"] == pytest.approx(
-        float(au_bce_loss(outputs["au"], targets["au"], masks["au"], pos_weight=torch.full((12,), 2.0)))
-    )
-    assert parts_m["expr"] == pytest.approx(
+    valid["expr"] = torch.ones(b, t, dtype=torch.bool)
+    _, parts = objective(outputs, batch)
+    assert parts["expr"] == pytest.approx(
         float(F.cross_entropy(outputs["expr"].reshape(-1, 8), targets["expr"].reshape(-1)))
     )
-    with pytest.raises(ConfigError):
-        mtl_loss(outputs, {"bogus": targets["va"]}, masks)
-    # Extra outputs (a head's embedding) are ignored; keyword per-task arguments are applied.
-    only_au, parts_au = mtl_loss(
-        {**outputs, "expr_embedding": torch.randn(b, t, 4)},
-        {"au": targets["au"]},
-        masks,
-        au={"pos_weight": torch.full((12,), 2.0)},
-    )
-    assert set(parts_au) == {"au"} and float(only_au) == pytest.approx(parts_m["au"])
+    with pytest.raises(ConfigError, match="one task at a time"):
+        build_objective("bce", torch.nn.Identity(), ("va", "au"))

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from worlds import World, build_world, config
 
-from abawfeat.constants import SUBMISSION_HEADERS, TASKS
 from abawfeat.data import AffWild2
 from abawfeat.predict import predict
 from abawfeat.submission import read_submission, score_submission
+from abawfeat.tasks import single, single_task_names
 from abawfeat.train import evaluate, fit
 
 SCORE_KEYS = {"va": ("ccc_valence", "ccc_arousal", "ccc_va"), "expr": ("f1_expr",), "au": ("f1_au",)}
@@ -58,7 +58,7 @@ def test_multitask_run_writes_one_file_per_task_that_rescore_to_its_metrics(
 ) -> None:
     reported = evaluate(runs["mtl"])
     result = predict(runs["mtl"], "val", tmp_path / "mtl.txt")
-    assert set(result.files) == set(TASKS)
+    assert set(result.files) == set(single_task_names())
     data = AffWild2(world.root)
     scores = {}
     for task, path in result.files.items():
@@ -76,7 +76,7 @@ def test_test_split_lists_every_frame_of_every_test_video(world: World, runs: di
     path = tmp_path / "au_test.txt"
     predict(runs["au"], "test", path, smooth=5)
     text = path.read_text().splitlines()
-    assert text[0] == SUBMISSION_HEADERS["au"]
+    assert text[0] == single("au").submission_header
     rows = read_submission(path, "au")
     counts = data.sample_frame_counts("au")
     assert {v: len(r) for v, r in rows.items()} == counts

@@ -21,9 +21,10 @@ from abawfeat.cli import app
 from abawfeat.constants import AU_NAMES, EXPR_CLASSES
 from abawfeat.errors import DataError
 from abawfeat.reference import TABLE3_COLUMNS, load_published
-from abawfeat.report import PlotWarning, architecture_label, build_report, expected_plots, write_run_plots
+from abawfeat.report import PlotWarning, build_report, expected_plots, write_run_plots
 from abawfeat.report.html import DECIMALS
 from abawfeat.report.plots import expr_confusion, read_history, timeline_videos
+from abawfeat.train.rundir import RunRecord, architecture_label
 
 # Frames per validation video; the three longest are vid_b, vid_d, vid_a (vid_e is long but unlabelled).
 VIDEO_LENGTHS = {"vid_a": 160, "vid_b": 260, "vid_c": 90, "vid_d": 200, "vid_e_left": 300}
@@ -397,16 +398,22 @@ def test_same_architecture_same_task_runs_get_separate_rows(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize(("config", "label"), [
-    ({"backbone": "ddamfn", "head": "fc"}, "DDAMFN+Fc"),
-    ({"encoder": "clip", "head": {"name": "lstm", "hidden": 256}}, "CLIP+LSTM"),
-    ({"train": {"backbone": "ddamfn", "head": "lstm"}}, "DDAMFN+LSTM"),
-    ({"head_config": {"kind": "tcn"}, "cache_fingerprint": {"encoder": "clip"}}, "CLIP+TCN"),
-    ({"backbone": "ddamfn", "head": "fc", "unfreeze": True}, "DDAMFN+Fc (end-to-end)"),
-    ({"task": "mtl", "backbone": "ddamfn", "head": "fc"}, "DDAMFN+Fc (multi-task)"),
-    ({}, "?+?"),
+    # Run records written before the record format (config.json of abawfeat 0.1) are read in today's terms.
+    ({"task": "va", "backbone": "ddamfn", "head": "fc", "train": {}}, "DDAMFN+Fc"),
+    ({"task": "expr", "head": "lstm", "cache_fingerprint": {"encoder": "clip"}, "train": {}}, "CLIP+LSTM"),
+    ({"task": "va", "kind": "finetune", "backbone": "ddamfn", "head": "fc", "train": {}},
+     "DDAMFN+Fc (end-to-end)"),
+    ({"task": "mtl", "backbone": "ddamfn", "head": "fc", "train": {}}, "DDAMFN+Fc (multi-task)"),
 ])
-def test_architecture_label(config: dict[str, Any], label: str) -> None:
-    assert architecture_label(config) == label
+def test_run_records_label_the_architecture(tmp_path: Path, config: dict[str, Any], label: str) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert RunRecord.read(tmp_path).label == label
+
+
+def test_labels_come_from_the_registries() -> None:
+    assert architecture_label(["ddamfn"], "gru", "au") == "DDAMFN+GRU"
+    assert architecture_label(["ddamfn", "clip"], "lstm", "mtl") == "DDAMFN&CLIP+LSTM (multi-task)"
+    assert architecture_label(["clip"], "fc", "expr", "finetune") == "CLIP+Fc (end-to-end)"
 
 
 def test_build_report_errors_name_the_file(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from abawfeat.constants import SUBMISSION_HEADERS
 from abawfeat.errors import ConfigError, DataError
 from abawfeat.metrics import ccc
 from abawfeat.submission import (
@@ -17,9 +16,9 @@ from abawfeat.submission import (
     fill_missing,
     read_submission,
     score_submission,
-    smooth,
     write_submission,
 )
+from abawfeat.tasks import single
 
 # ---------------------------------------------------------------------------------------------- writing
 
@@ -96,7 +95,7 @@ def _write(tmp_path: Path, text: str) -> Path:
     return p
 
 
-VA_HEAD = SUBMISSION_HEADERS["va"] + "\n"
+VA_HEAD = single("va").submission_header + "\n"
 
 
 @pytest.mark.parametrize(
@@ -126,12 +125,12 @@ def test_read_va_errors_name_the_line(tmp_path: Path, text: str, line: int, mess
 
 
 def test_read_expr_and_au_value_errors(tmp_path: Path) -> None:
-    head = SUBMISSION_HEADERS["expr"] + "\n"
+    head = single("expr").submission_header + "\n"
     for bad, msg in [("8", "outside"), ("1.0", "not integers"), ("-1", "outside"), ("0,1", "columns")]:
         with pytest.raises(DataError, match=msg) as exc:
             read_submission(_write(tmp_path, head + "v/00001.jpg,0\nv/00002.jpg," + bad + "\n"), "expr")
         assert exc.value.line == 3
-    head = SUBMISSION_HEADERS["au"] + "\n"
+    head = single("au").submission_header + "\n"
     with pytest.raises(DataError, match="0 or 1") as exc:
         read_submission(_write(tmp_path, head + "v/00001.jpg," + ",".join(["0"] * 11 + ["2"]) + "\n"), "au")
     assert exc.value.line == 2
@@ -150,9 +149,9 @@ def test_read_tolerates_crlf_and_missing_final_newline(tmp_path: Path) -> None:
 def test_check_against_sample(tmp_path: Path) -> None:
     sub = write_submission(tmp_path / "s.txt", "expr", {"v1": np.zeros(3, int), "v2": np.ones(2, int)})
     sample = tmp_path / "sample.txt"
-    sample.write_text(SUBMISSION_HEADERS["expr"] + "\nv1/00001.jpg,\nv1/00002.jpg,\nv1/00003.jpg,\n")
+    sample.write_text(single("expr").submission_header + "\nv1/00001.jpg,\nv1/00002.jpg,\nv1/00003.jpg,\n")
     assert check_against_sample(sub, sample) == {"videos": 1, "frames": 3, "extra_videos": 1}
-    sample.write_text(SUBMISSION_HEADERS["expr"] + "\nv1/00001.jpg,0\nv2/00003.jpg,0\nv3/00001.jpg,0\n")
+    sample.write_text(single("expr").submission_header + "\nv1/00001.jpg,0\nv2/00003.jpg,0\nv3/00001.jpg,0\n")
     with pytest.raises(DataError, match=r"2 frame\(s\).*first v2/00003.jpg \(sample line 3\)"):
         check_against_sample(sub, sample)
     with pytest.raises(DataError, match="header"):
@@ -193,6 +192,8 @@ def test_fill_missing_edge_cases() -> None:
 
 
 def test_smooth_centred_average_without_edge_shrink() -> None:
+    from abawfeat.smoothing import moving_average as smooth
+
     x = np.array([[1.0, 10.0], [2.0, 10.0], [3.0, 10.0], [4.0, 10.0], [9.0, 10.0]])
     out = smooth(x, 3)
     assert np.allclose(out[:, 0], [1.5, 2.0, 3.0, 16 / 3, 6.5])

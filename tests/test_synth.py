@@ -15,17 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from abawfeat.cli import app
-from abawfeat.constants import (
-    AU_NAMES,
-    EXPR_CLASSES,
-    HEADERS,
-    SAMPLE_FILE_TAGS,
-    SPLIT_DIRS,
-    SUBMISSION_HEADERS,
-    TASK_DIRS,
-    TASKS,
-    TEST_LIST_FILES,
-)
+from abawfeat.constants import AU_NAMES, EXPR_CLASSES, SPLIT_DIRS
 from abawfeat.data import synth
 from abawfeat.data.synth import (
     ANNOTATIONS_DIR,
@@ -39,6 +29,7 @@ from abawfeat.data.synth import (
     plan,
 )
 from abawfeat.errors import ConfigError
+from abawfeat.tasks import single, single_task_names
 from abawfeat.utils.configs import to_dict
 
 TINY = SynthConfig(videos=6, frames=40, seed=3)
@@ -56,7 +47,7 @@ def _tree_hashes(root: Path) -> dict[str, str]:
 
 
 def _ann_path(root: Path, task: str, split: str, video: str) -> Path:
-    return root / ANNOTATIONS_DIR / TASK_DIRS[task][0] / SPLIT_DIRS[split] / f"{video}.txt"
+    return root / ANNOTATIONS_DIR / single(task).folders[0] / SPLIT_DIRS[split] / f"{video}.txt"
 
 
 def _rows(path: Path) -> tuple[str, list[str]]:
@@ -86,14 +77,14 @@ def test_layout_is_the_release_layout(tiny: tuple[Path, dict]) -> None:
     assert json.loads((root / MANIFEST_NAME).read_text())["config"] == json.loads(json.dumps(to_dict(TINY)))
     videos = {v["name"]: v for v in manifest["videos"]}
     assert len(videos) == TINY.videos
-    for task in TASKS:
+    for task in single_task_names():
         for split in ("train", "val"):
             expected = sorted(n for n, v in videos.items() if v["split"] == split and task in v["tasks"])
-            folder = root / ANNOTATIONS_DIR / TASK_DIRS[task][0] / SPLIT_DIRS[split]
+            folder = root / ANNOTATIONS_DIR / single(task).folders[0] / SPLIT_DIRS[split]
             assert sorted(p.stem for p in folder.iterdir()) == expected and expected
             for name in expected:
                 header, rows = _rows(folder / f"{name}.txt")
-                assert header == ",".join(HEADERS[task])
+                assert header == ",".join(single(task).header)
                 assert len(rows) == videos[name]["frames"]
                 width = {"va": 2, "expr": 1, "au": len(AU_NAMES)}[task]
                 assert all(len(r.split(",")) == width for r in rows)
@@ -109,9 +100,9 @@ def test_layout_is_the_release_layout(tiny: tuple[Path, dict]) -> None:
         if v["split"] == "test":  # crops but no annotations
             assert not list((root / ANNOTATIONS_DIR).rglob(f"{name}.txt"))
     # a video keeps its split across tasks; a pair's halves share the source video's length
-    for task in TASKS:
+    for task in single_task_names():
         for split in ("train", "val"):
-            for p in (root / ANNOTATIONS_DIR / TASK_DIRS[task][0] / SPLIT_DIRS[split]).iterdir():
+            for p in (root / ANNOTATIONS_DIR / single(task).folders[0] / SPLIT_DIRS[split]).iterdir():
                 assert videos[p.stem]["split"] == split
     pairs = manifest["quirks"]["pairs"]
     assert pairs and all(videos[f"{b}_left"]["frames"] == videos[f"{b}_right"]["frames"] for b in pairs)
@@ -132,14 +123,14 @@ def test_corners_show_only_the_background(tiny: tuple[Path, dict]) -> None:
 def test_test_lists_and_sample_files(tiny: tuple[Path, dict]) -> None:
     root, manifest = tiny
     videos = {v["name"]: v for v in manifest["videos"]}
-    for task in TASKS:
-        listed = (root / TEST_LISTS_DIR / TEST_LIST_FILES[task]).read_text().splitlines()
+    for task in single_task_names():
+        listed = (root / TEST_LISTS_DIR / single(task).test_list_file).read_text().splitlines()
         assert listed == sorted(n for n, v in videos.items() if v["split"] == "test" and task in v["tasks"])
         assert listed
-        sample = root / SAMPLES_DIR / SAMPLE_FILE_NAME.format(tag=SAMPLE_FILE_TAGS[task])
-        assert sample.name == f"CVPR_8th_ABAW_{SAMPLE_FILE_TAGS[task]}_test_set_sample.txt"
+        sample = root / SAMPLES_DIR / SAMPLE_FILE_NAME.format(tag=single(task).sample_tag)
+        assert sample.name == f"CVPR_8th_ABAW_{single(task).sample_tag}_test_set_sample.txt"
         header, rows = _rows(sample)
-        assert header == SUBMISSION_HEADERS[task]
+        assert header == single(task).submission_header
         expected = [f"{n}/{k:05d}.jpg" for n in listed for k in range(1, videos[n]["frames"] + 1)]
         assert [r.split(",", 1)[0] for r in rows] == expected
         assert {len(r.split(",")) for r in rows} == {1 + {"va": 2, "expr": 1, "au": 12}[task]}
@@ -250,7 +241,7 @@ def _pixels(path: Path) -> np.ndarray:
 def _load(root: Path, manifest: dict, task: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     videos = {v["name"]: v for v in manifest["videos"]}
     xs, ys = [], []
-    for p in sorted((root / ANNOTATIONS_DIR / TASK_DIRS[task][0] / SPLIT_DIRS[split]).iterdir()):
+    for p in sorted((root / ANNOTATIONS_DIR / single(task).folders[0] / SPLIT_DIRS[split]).iterdir()):
         crop_dir = root / videos[p.stem]["crop_dir"] / p.stem
         for k, row in enumerate(_rows(p)[1], start=1):
             jpg = crop_dir / f"{k:05d}.jpg"
@@ -299,7 +290,7 @@ def test_reader_summary_equals_manifest(quirky: tuple[Path, dict]) -> None:
     data = AffWild2(root)
     assert data.summary() == manifest["summary"]
     videos = {v["name"]: v for v in manifest["videos"]}
-    for task in TASKS:
+    for task in single_task_names():
         tests = sorted(n for n, v in videos.items() if v["split"] == "test" and task in v["tasks"])
         assert data.test_videos(task) == tests
         assert data.sample_frame_counts(task) == {n: videos[n]["frames"] for n in tests}

@@ -13,7 +13,7 @@ from worlds import World, build_world, config
 
 from abawfeat.constants import AU_NAMES, EXPR_CLASSES
 from abawfeat.data.sequences import load_split, make_windows
-from abawfeat.errors import CheckpointError, ConfigError
+from abawfeat.errors import CheckpointError, ConfigError, RunError
 from abawfeat.train import evaluate, fit, load_run, run_is_complete
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -136,7 +136,7 @@ def test_contrastive_objective_needs_prompt_embeddings(world: World, tmp_path: P
 
 
 @pytest.mark.parametrize("bad", [dict(task="expr", objective="ccc"), dict(task="va", class_weights="inverse"),
-                                 dict(head="gru"), dict(epochs=0)])
+                                 dict(head="transformer-xl"), dict(epochs=0)])
 def test_impossible_configs_are_refused(world: World, tmp_path: Path, bad: dict) -> None:
     with pytest.raises(ConfigError):
         fit(config(world, tmp_path / "run", **bad))
@@ -187,8 +187,9 @@ def test_load_run_rebuilds_the_head_without_the_cli(world: World, tmp_path: Path
     fit(config(world, tmp_path / "run", task="expr", head="lstm", window=16, batch_size=16, epochs=1,
                hidden=20, layers=2, bidirectional=True))
     run = load_run(tmp_path / "run")
-    assert run.head.name == "lstm" and run.head.config.hidden == 20 and run.head.config.layers == 2
-    assert run.head.config.bidirectional and run.config.task == "expr"
+    trunk = run.head.config.trunk_config
+    assert run.head.config.trunk == "lstm" and trunk["hidden"] == 20 and trunk["layers"] == 2
+    assert trunk["bidirectional"] and run.task == "expr"
     x = torch.randn(2, 7, world.dim)
     assert run.head(x, torch.ones(2, 7, dtype=torch.bool))["expr"].shape == (2, 7, 8)
 
@@ -199,7 +200,7 @@ def test_checkpoint_on_a_foreign_cache_is_refused(world: World, tmp_path: Path) 
     with pytest.raises(CheckpointError, match="fingerprint differs in .*feature_dim"):
         evaluate(tmp_path / "run", cache_path=other.cache)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="checkpoint.pt: missing"):
+    with pytest.raises(RunError, match="not a run directory"):
         evaluate(tmp_path / "empty")
 
 

@@ -13,17 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from abawfeat.cache import CacheWriter, make_provenance
-from abawfeat.constants import (
-    AU_NAMES,
-    EXPR_CLASSES,
-    HEADERS,
-    SAMPLE_FILE_TAGS,
-    SPLIT_DIRS,
-    SUBMISSION_HEADERS,
-    TASK_DIRS,
-    TASKS,
-    TEST_LIST_FILES,
-)
+from abawfeat.constants import AU_NAMES, EXPR_CLASSES, SPLIT_DIRS
+from abawfeat.tasks import single, single_task_names
 from abawfeat.train import TrainConfig
 
 N_SIGNAL = 2 + len(EXPR_CLASSES) + len(AU_NAMES)  # what the features encode: va, expr one-hot, au bits
@@ -34,6 +25,13 @@ class World:
     root: Path
     cache: Path
     dim: int
+    halves: tuple[Path, ...] = ()  # two more caches, each carrying half of every task's signal (halves=True)
+
+
+# With halves=True: the signal columns cache "a" carries (valence, half the classes, half the AUs) and
+# those of cache "b" (arousal, the other classes and AUs); cache "b" also lacks some frames.
+HALF_A = np.r_[0, 2:6, 10:16]
+HALF_B = np.r_[1, 6:10, 16:22]
 
 
 def _labels(rng: np.random.Generator, n: int, temporal: bool) -> tuple[np.ndarray, ...]:
@@ -60,13 +58,13 @@ def _labels(rng: np.random.Generator, n: int, temporal: bool) -> tuple[np.ndarra
 
 def _write_annotation(path: Path, task: str, rows: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(",".join(HEADERS[task]) + "\n" + "\n".join(rows) + "\n")
+    path.write_text(",".join(single(task).header) + "\n" + "\n".join(rows) + "\n")
 
 
 def build_world(
     tmp: Path, *, n_train: int = 6, n_val: int = 3, n_test: int = 2, n_frames: int = 160, dim: int = 24,
     temporal: bool = False, noise: float = 0.3, seed: int = 0, text: bool = False, name: str = "tinyaff",
-    prompt_classes: tuple[str, ...] | None = None,
+    prompt_classes: tuple[str, ...] | None = None, halves: bool = False,
 ) -> World:
     rng = np.random.default_rng(seed)
     root = tmp / name
@@ -80,7 +78,16 @@ def build_world(
     prompt_emb = rng.normal(size=(8, dim)).astype(np.float32)
     cache = tmp / f"{name}-fake.h5"
     splits = {"train": n_train, "val": n_val, "test": n_test}
-    sample_rows: dict[str, list[str]] = {t: [] for t in TASKS}
+    sample_rows: dict[str, list[str]] = {t: [] for t in single_task_names()}
+    half_paths = (tmp / f"{name}-a.h5", tmp / f"{name}-b.h5") if halves else ()
+    # Drawn only for such worlds, so that every other world stays the same draw for draw.
+    half_mixing = [rng.normal(size=(len(cols), dim)).astype(np.float32) for cols in (HALF_A, HALF_B)] \
+        if halves else []
+    half_writers = [CacheWriter(p, make_provenance({**encoder, "name": f"fake-{k}"}, feature_dim=dim,
+                                                   dtype="float16", precision="fp32"))
+                    for p, k in zip(half_paths, "ab", strict=False)]
+    for w in half_writers:
+        w.__enter__()
     with CacheWriter(cache, provenance) as writer:
         for split, count in splits.items():
             for i in range(count):
@@ -88,7 +95,7 @@ def build_world(
                 n = n_frames + int(rng.integers(-20, 21))
                 va, expr, au, signal = _labels(rng, n, temporal)
                 if split == "test":
-                    for t in TASKS:
+                    for t in single_task_names():
                         sample_rows[t] += [f"{video}/{f:05d}.jpg" for f in range(1, n + 1)]
                 else:
                     # Invalid labels in a few runs of frames (the release marks them -5 / -1).
@@ -100,9 +107,9 @@ def build_world(
                     au_rows = [(",".join(["-1"] * 12) if b else ",".join(map(str, r)))
                                for r, b in zip(au, bad, strict=True)]
                     d = SPLIT_DIRS[split]
-                    _write_annotation(ann / TASK_DIRS["va"][0] / d / f"{video}.txt", "va", va_rows)
-                    _write_annotation(ann / TASK_DIRS["expr"][0] / d / f"{video}.txt", "expr", ex_rows)
-                    _write_annotation(ann / TASK_DIRS["au"][0] / d / f"{video}.txt", "au", au_rows)
+                    _write_annotation(ann / single("va").folders[0] / d / f"{video}.txt", "va", va_rows)
+                    _write_annotation(ann / single("expr").folders[0] / d / f"{video}.txt", "expr", ex_rows)
+                    _write_annotation(ann / single("au").folders[0] / d / f"{video}.txt", "au", au_rows)
                 # Crops: frames 1..n minus a gap of undetected faces (not in temporal worlds, where a gap
                 # would break "the label is the signal 3 frames ago"), plus two crops past the last frame.
                 frames = np.arange(1, n + 3)
@@ -116,19 +123,30 @@ def build_world(
                     frames, feats = frames[keep], feats[keep]
                 feats = feats + noise * rng.normal(size=feats.shape).astype(np.float32)
                 writer.write_video(video, frames, feats)
+                full = np.concatenate([signal, extra])[frames - 1]
+                halves_of = zip(half_writers, (HALF_A, HALF_B), half_mixing, strict=False)
+                for k, (w, cols, mix) in enumerate(halves_of):
+                    own = np.ones(len(frames), bool)
+                    if k == 1:  # cache "b" lacks a run of frames the other caches have
+                        start = int(rng.integers(0, max(len(frames) - 12, 1)))
+                        own[start : start + 12] = False
+                    f = full[own][:, cols] @ mix + noise * rng.normal(size=(int(own.sum()), dim))
+                    w.write_video(video, frames[own], f.astype(np.float32))
         if text:
             classes = prompt_classes or EXPR_CLASSES
             writer.set_text_embeddings([f"a face showing {c.lower()}" for c in classes], prompt_emb)
+    for w in half_writers:
+        w.__exit__(None, None, None)
     tests = root / "names_of_videos_in_each_test_set"
     tests.mkdir(parents=True)
     samples = root / "prediction_files_format"
     samples.mkdir()
-    for t in TASKS:
-        (tests / TEST_LIST_FILES[t]).write_text("\n".join(f"test{i:02d}" for i in range(n_test)) + "\n")
-        (samples / f"CVPR_8th_ABAW_{SAMPLE_FILE_TAGS[t]}_test_set_sample.txt").write_text(
-            SUBMISSION_HEADERS[t] + "\n" + "\n".join(sample_rows[t]) + "\n"
+    for t in single_task_names():
+        (tests / single(t).test_list_file).write_text("\n".join(f"test{i:02d}" for i in range(n_test)) + "\n")
+        (samples / f"CVPR_8th_ABAW_{single(t).sample_tag}_test_set_sample.txt").write_text(
+            single(t).submission_header + "\n" + "\n".join(sample_rows[t]) + "\n"
         )
-    return World(root=root, cache=cache, dim=dim)
+    return World(root=root, cache=cache, dim=dim, halves=half_paths)
 
 
 def config(world: World, out: Path, **kw: object) -> TrainConfig:

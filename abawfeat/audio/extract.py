@@ -1,10 +1,11 @@
 """Stage one for the audio modality: speech-encoder features per crop frame, in the face caches' schema.
 
-``run_audio_extraction(config)`` is what ``abawfeat extract --backbone wav2vec2|hubert|wavlm`` runs
-(dispatched from abawfeat/extract.py by the encoder's ``modality``). It reads top to bottom like the face loop
-and reuses its parts: dataset and video selection, the cache writer (provenance, lock, atomic parts, resume
-after ``kill -9``), torchrun shares and the progress bar. What differs is the input: for each video with
-crops it finds the source video file in the tree (abawfeat/audio/sources.py), reads the frames' timestamps
+``run_audio_locked`` is what ``abawfeat extract --backbone wav2vec2|hubert|wavlm`` runs: abawfeat/extract.py's
+``run_extraction`` dispatches on the encoder's ``modality`` once it holds the cache lock. It reads top to
+bottom like the face loop and reuses its parts: video selection, the encoder options, the cache writer
+(provenance, atomic parts, resume after ``kill -9``, a full disk in one line), torchrun shares and the
+progress bar. What differs is the input: for each video with
+crops it finds the source video file in the tree (abawfeat/data/sources.py), reads the frames' timestamps
 and streams the audio (abawfeat/audio/decode.py), runs the encoder segment by segment and pools its 50 Hz
 outputs over a window centred on each crop frame's timestamp (abawfeat/audio/stream.py).
 
@@ -18,7 +19,6 @@ share one source video, which is decoded and encoded once for both.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from abawfeat.audio.decode import SAMPLE_RATE, AudioStream, probe, video_frame_times
-from abawfeat.audio.sources import SourceIndex, find_source_videos
 from abawfeat.audio.stream import FrameGeometry, WindowPooler, encode_stream, window_of
 from abawfeat.cache import CacheWriter, make_provenance
-from abawfeat.errors import ConfigError, DataError
+from abawfeat.data.sources import SourceIndex, find_source_videos
+from abawfeat.errors import ConfigError, DataError, DiskFullError
 from abawfeat.extract import ExtractConfig, ExtractResult
 from abawfeat.utils.configs import to_dict
 
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from abawfeat.data.affwild2 import AffWild2
     from abawfeat.encoders.speech import SpeechEncoder
 
-DEFAULT_WINDOW_MS = 500.0  # 250 ms each side of the frame: 25 encoder outputs
 BLOCK_SECONDS = 10.0  # decoded audio handed to the segmenter at a time (memory: 640 kB a block)
 
 
@@ -49,7 +48,7 @@ BLOCK_SECONDS = 10.0  # decoded audio handed to the segmenter at a time (memory:
 class AudioExtractResult(ExtractResult):
     """What one audio run did; ``frames`` counts the rows written (crop frames with audio)."""
 
-    window_ms: float = DEFAULT_WINDOW_MS
+    window_ms: float = 0.0  # the encoder's pooling window
     audio_seconds: float = 0.0  # audio decoded in this run
     decode_seconds: float = 0.0  # part of ``seconds`` spent reading timestamps, decoding and resampling
     uncovered: dict[str, int] = field(default_factory=dict)  # video -> crop frames without a row
@@ -105,55 +104,32 @@ def alignment_record(window_ms: float) -> dict[str, Any]:
     }
 
 
-def _validate(config: ExtractConfig) -> float:
-    """Audio-specific option checks; returns the window in ms."""
+def check_audio_config(config: ExtractConfig) -> None:
+    """The face loop's options that mean nothing for audio are refused rather than ignored."""
     if config.compile:
         raise ConfigError("--compile applies to face encoders; audio encoders run eagerly")
     if config.batch_size is not None:
         raise ConfigError("--batch-size applies to face encoders; audio is encoded one segment at a time")
-    window_ms = DEFAULT_WINDOW_MS if config.window_ms is None else float(config.window_ms)
-    try:
-        window_of(window_ms)
-    except ValueError:
-        raise ConfigError(f"--window-ms {config.window_ms}: use 20 (one encoder output) to 60000") from None
-    return window_ms
 
 
 # ------------------------------------------------------------------------------------------------ the run
 
 
-def run_audio_extraction(config: ExtractConfig, encoder: SpeechEncoder | None = None) -> AudioExtractResult:
-    """Audio features for every video with crops (or ``config.videos``) into the cache; resumable."""
-    import torch
-
-    from abawfeat.extract import (
-        _enter_writer,
-        encoder_options,
-        open_dataset,
-        resolve_output,
-        select_videos,
-        validate_config,
-    )
-    from abawfeat.utils import dist
-    from abawfeat.utils.device import autocast_dtype, resolve_device, seed_everything
+def run_audio_locked(config: ExtractConfig, dataset: AffWild2, out: Path, lock: int | None,
+                     encoder: SpeechEncoder | None, info: Any, distributed: bool,
+                     device: torch.device) -> AudioExtractResult:
+    """The audio run once rank 0 holds the cache lock (abawfeat/extract.py ``run_extraction`` takes it):
+    source videos, encoder, provenance, writer, loop."""
+    from abawfeat.extract import _disk_full, _enter_writer, _is_disk_full, encoder_options, select_videos
+    from abawfeat.utils.device import seed_everything
     from abawfeat.utils.progress import loud_warning, warn
 
-    validate_config(config)
-    window_ms = _validate(config)
-    info = dist.dist_info()
-    distributed = dist.init_process_group(info)
-    device = resolve_device(config.device)
-    if autocast_dtype(config.precision) == torch.float16 and device.type == "cpu":
-        raise ConfigError("--precision fp16 needs CUDA; on CPU use bf16 or fp32")
-
-    # 1. Dataset, and the source videos that carry the audio.
-    dataset = open_dataset(config.data)
+    # 2. Dataset, and the source videos that carry the audio.
     all_videos = sorted(dataset.videos_with_crops())
     if not all_videos:
         raise DataError(config.data, "no crop folders found (expected cropped_aligned/<video>/NNNNN.jpg)")
     selected = select_videos(all_videos, config.videos, config.data)
-    out = resolve_output(config, dataset.name)
-    skip = [dataset.annotations_dir, *(d for v in all_videos if (d := dataset.crop_dir(v)) is not None)]
+    skip = [d for d in (dataset.annotations_dir, *(dataset.crop_dir(v) for v in all_videos)) if d is not None]
     sources = find_source_videos(dataset.root, skip)
     if not len(sources):
         raise DataError(dataset.root, "no source videos (.mp4, .avi, ...) under this folder; the audio is "
@@ -164,7 +140,7 @@ def run_audio_extraction(config: ExtractConfig, encoder: SpeechEncoder | None = 
                 warn(f"several source files for {name}: using {paths[0]} (also: "
                      f"{', '.join(str(p) for p in paths[1:])})")
 
-    # 2. Encoder: seeded when random, so a resumed run (or another rank) builds the very same one.
+    # 3. Encoder: seeded when random, so a resumed run (or another rank) builds the very same one.
     if config.random_init and info.is_main:
         loud_warning(
             f"--random-init: {config.backbone} gets RANDOM weights (seed {config.seed}). Its features mean "
@@ -176,33 +152,33 @@ def run_audio_extraction(config: ExtractConfig, encoder: SpeechEncoder | None = 
 
         seed_everything(config.seed)
         encoder = build_encoder(config.backbone, **encoder_options(config))
-    if getattr(encoder, "modality", "face") != "audio":
-        raise ConfigError(f"--backbone {config.backbone} is not an audio encoder")
     encoder = encoder.eval()
-    config = dataclasses.replace(config, window_ms=window_ms)  # recorded as decided
     enc_prov = dict(encoder.provenance())
-    enc_prov["preprocessing"] = {**enc_prov["preprocessing"], "alignment": alignment_record(window_ms)}
+    enc_prov["preprocessing"] = {**enc_prov["preprocessing"],
+                                 "alignment": alignment_record(encoder.config.window_ms)}
     provenance = make_provenance(
         enc_prov, feature_dim=encoder.feature_dim, dtype=config.dtype, precision=config.precision,
         logit_names=None, extract_config=to_dict(config),
     )
 
-    # 3. Writer: rank 0 takes the lock and checks an existing cache first (see abawfeat/extract.py).
-    writer = CacheWriter(out, provenance, lock=info.is_main, consolidate_on_exit=info.is_main)
-    _enter_writer(writer, info, distributed)
+    # 4. Writer: rank 0 (holding the lock) checks an existing cache first (see abawfeat/extract.py).
+    writer = CacheWriter(out, provenance, lock=info.is_main, consolidate_on_exit=info.is_main, held_lock=lock)
     try:
-        result = _extract(config, dataset, sources, encoder, writer, selected, out, device, info, distributed)
-    except BaseException:
-        writer.__exit__(*sys.exc_info())  # Ctrl-C consolidates completed videos; other errors keep parts
+        _enter_writer(writer, info, distributed)
+        try:
+            result = _extract(config, dataset, sources, encoder, writer, selected, out, device, info,
+                              distributed)
+        except BaseException:
+            writer.__exit__(*sys.exc_info())  # Ctrl-C consolidates completed videos; other errors keep parts
+            raise
+        writer.__exit__(None, None, None)
+    except (DiskFullError, OSError) as exc:
+        if isinstance(exc, DiskFullError) or _is_disk_full(exc):
+            raise _disk_full(exc, out, len(writer.done_videos())) from None
         raise
-    writer.__exit__(None, None, None)
-    result.window_ms = window_ms
+    result.window_ms = float(encoder.config.window_ms)
     if info.is_main and out.exists():
         result.file_size = out.stat().st_size
-    if distributed:
-        import torch.distributed as tdist
-
-        tdist.destroy_process_group()
     return result
 
 
@@ -293,7 +269,7 @@ class _Run:
         self.writer = writer
         self.dtype = dtype
         self.geometry = FrameGeometry(SAMPLE_RATE, encoder.hop, encoder.receptive_field)
-        self.window_s = window_of(float(config.window_ms or DEFAULT_WINDOW_MS))
+        self.window_s = window_of(float(encoder.config.window_ms))
         self.videos = 0
         self.rows = 0
         self.audio_seconds = 0.0

@@ -12,7 +12,8 @@ app = typer.Typer(
     name="abawfeat",
     help=(
         "Facial affect analysis for ABAW / Aff-Wild2. Stage one: `abawfeat extract` caches frozen encoder "
-        "features; stage two: `abawfeat train-head` trains light heads on them."
+        "features; stage two: `abawfeat train-head` trains light heads on them; `abawfeat finetune` trains "
+        "an encoder with a head end to end."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -41,6 +42,7 @@ def _register() -> None:
         data,
         encoders,
         extract,
+        finetune,
         report,
         synth,
         train,

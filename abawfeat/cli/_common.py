@@ -1,4 +1,10 @@
-"""What every command shares: turning AbawfeatError into one line and an exit code, and the consoles."""
+"""What every command shares: turning AbawfeatError into one line and an exit code, and the consoles.
+
+User text (paths, video names, recipe sections, messages that quote them) is printed literally. The consoles
+therefore never interpret rich markup, emoji codes or highlighting in a string: a folder named ``aw[v2]`` or
+a TOML section ``[cells]`` would otherwise vanish from the message. Style is given explicitly, with
+``rich.text.Text`` objects or ``style=``, never by markup inside a string.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +14,35 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from abawfeat.errors import AbawfeatError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-console = Console()
-err_console = Console(stderr=True)
+
+def literal_console(stderr: bool = False) -> Console:
+    """A console that prints strings as they are: no markup, no emoji codes, no highlighting."""
+    return Console(stderr=stderr, markup=False, emoji=False, highlight=False)
+
+
+console = literal_console()
+err_console = literal_console(stderr=True)
+
+
+def labelled(label: str, style: str, message: str) -> Text:
+    """``label`` in ``style``, a space, then ``message`` verbatim."""
+    return Text.assemble((label, style), " ", message)
+
+
+def error_line(message: str, label: str = "error:") -> None:
+    """One red-labelled line on stderr, the message verbatim."""
+    err_console.print(labelled(label, "bold red", message), soft_wrap=True)
+
+
+def warn_line(message: str) -> None:
+    """One yellow-labelled warning line on stderr, the message verbatim."""
+    err_console.print(labelled("warning:", "yellow", message), soft_wrap=True)
 
 
 def guarded(fn: F) -> F:
@@ -26,10 +54,32 @@ def guarded(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except AbawfeatError as exc:
-            err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+            error_line(str(exc))
             raise typer.Exit(code=exc.exit_code) from None
         except KeyboardInterrupt:
-            err_console.print("[bold red]interrupted[/bold red]: completed work is kept; re-run to resume")
+            error_line("completed work is kept; re-run to resume", label="interrupted:")
             raise typer.Exit(code=130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def parse_key_values(items: list[str], flag: str) -> dict[str, Any]:
+    """``key=value`` options (repeatable) as a dict; values read as JSON where they parse (numbers, true,
+    false, lists), else kept as text. The library checks names and types against the component's config."""
+    import json
+
+    from abawfeat.errors import ConfigError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        for part in item.split(","):
+            key, sep, text = part.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise ConfigError(f"{flag} {part!r}: expected key=value")
+            try:
+                value: Any = json.loads(text)
+            except ValueError:
+                value = text
+            out[key] = value
+    return out

@@ -39,7 +39,7 @@ def info(
         f"calibration     {json.dumps(prov.get('calibration'))}",
         f"text classes    {summary['text_classes']}",
         f"created         {prov.get('created')}  (abawfeat {prov.get('package_version')}, "
-        f"format {prov.get('format_version')})",
+        f"format {prov.get('format_version')}, {'checksummed' if summary['checksums'] else 'no checksums'})",
     ]
     if summary["unconsolidated_parts"]:
         lines.append(f"unconsolidated  {summary['unconsolidated_parts']} videos waiting: re-run extract")
@@ -55,8 +55,9 @@ def info(
 @cache_app.command("verify")
 @guarded
 def verify(file: Path = typer.Argument(..., help="Cache file (.h5).")) -> None:
-    """Check every video is complete, frames ascending int32, shapes and dtypes consistent, no NaN/inf,
-    provenance present. Prints one line per problem and exits 1 if there is any."""
+    """Check every checksum (each dataset's, and the attributes'), every video complete, frames ascending
+    int32, shapes and dtypes consistent, no NaN/inf, provenance present. Prints one line per problem and exits
+    1 if there is any."""
     from abawfeat.cache import cache_info, verify_cache
 
     problems = verify_cache(file)
@@ -65,5 +66,9 @@ def verify(file: Path = typer.Argument(..., help="Cache file (.h5).")) -> None:
             typer.echo(line)
         raise typer.Exit(code=1)
     summary = cache_info(file)
+    checked = "every checksum matches"
+    if not summary["checksums"]:
+        checked = (f"format version {summary['format_version']} has no checksums to check (written before "
+                   "they existed): its structure and values were checked, its bytes cannot be")
     typer.echo(f"ok: {file}: {summary['videos']} videos, {summary['frames']:,} frames, "
-               f"{summary['feature_dim']}-d {summary['dtype']}")
+               f"{summary['feature_dim']}-d {summary['dtype']}; {checked}")

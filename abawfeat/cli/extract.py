@@ -8,29 +8,34 @@ import typer
 
 from abawfeat.cli import app
 from abawfeat.cli._common import console, guarded
+from abawfeat.cli._encoder_opts import encoder_opt_option, encoder_opts, option_flag
 
 
 @app.command("extract")
 @guarded
 def extract(
     backbone: str = typer.Option(
-        ..., "--backbone", help="Encoder: ddamfn or clip (faces); wav2vec2, hubert or wavlm (audio). "
-        "`abawfeat encoders` lists them."),
+        ..., "--backbone", help="Encoder, e.g. ddamfn or clip (faces), wav2vec2, hubert or wavlm (audio); "
+        "`abawfeat encoders` lists them."
+    ),
     data: Path = typer.Option(..., "--data", help="Aff-Wild2 root (annotations folder and crop folders)."),
     out: Path | None = typer.Option(
         None, "--out", help="Cache file. Default: cache/<data folder name>/<backbone>.h5."
     ),
-    weights: str | None = typer.Option(None, "--weights", help="Weights file or published name."),
+    weights: str | None = typer.Option(
+        None, "--weights", help="Weights file or published name (`abawfeat encoders` lists the names)."
+    ),
     random_init: bool = typer.Option(
         False, "--random-init", help="Random weights, calibrated on dataset frames: demos and tests only."
     ),
-    trust_pickle: bool = typer.Option(
-        False, "--trust-pickle", help="Allow whole-model pickled checkpoints (runs code from the file)."
-    ),
-    clip_model: str | None = typer.Option(None, "--clip-model", help="open_clip model, e.g. ViT-B-32."),
-    clip_pretrained: str | None = typer.Option(
-        None, "--clip-pretrained", help="open_clip pretrained tag, or a local weights file."
-    ),
+    encoder_opt: list[str] | None = encoder_opt_option(),
+    layer: str | None = option_flag("--layer"),
+    layers: str | None = option_flag("--layers"),
+    window_ms: str | None = option_flag("--window-ms"),
+    # Old spellings of encoder options, kept working (hidden): each prints what it now means.
+    clip_model: str | None = typer.Option(None, "--clip-model", hidden=True),
+    clip_pretrained: str | None = typer.Option(None, "--clip-pretrained", hidden=True),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", hidden=True),
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 (fast) or fp16 (GPU)."),
     batch_size: int | None = typer.Option(
         None, "--batch-size", help="Frames per forward pass. Default: 32 on CPU, 128 on a GPU."
@@ -47,14 +52,6 @@ def extract(
         "Default: on for DDAMFN when the videos hold 10,000 crops or more.",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of --random-init weights."),
-    # -- audio encoders only (docs/audio.md)
-    layer: int | None = typer.Option(
-        None, "--layer", help="Audio: hidden state to cache, 0 (transformer input) to L. Default: L // 2."),
-    layers: str | None = typer.Option(
-        None, "--layers", help="Audio: a:b caches the mean of hidden states a to b, both included."),
-    window_ms: float | None = typer.Option(
-        None, "--window-ms",
-        help="Audio: pooling window centred on each frame's timestamp, in ms. Default 500."),
 ) -> None:
     """Extract per-frame features of every video with crops (train, val, test) into one HDF5 cache.
 
@@ -67,11 +64,15 @@ def extract(
     from abawfeat.utils.dist import dist_info
 
     names = tuple(n.strip() for v in (videos or []) for n in v.split(",") if n.strip())
+    options = encoder_opts(encoder_opt, {
+        "--clip-model": ("clip_model", clip_model),
+        "--clip-pretrained": ("clip_pretrained", clip_pretrained),
+        "--trust-pickle": ("trust_pickle", "true" if trust_pickle else None),
+    }, {"--layer": layer, "--layers": layers, "--window-ms": window_ms})
     config = ExtractConfig(
-        backbone=backbone, data=data, out=out, weights=weights, random_init=random_init,
-        trust_pickle=trust_pickle, clip_model=clip_model, clip_pretrained=clip_pretrained,
-        precision=precision, batch_size=batch_size, workers=workers, device=device, videos=names,
-        dtype=dtype, compile=compile, seed=seed, layer=layer, layers=layers, window_ms=window_ms,
+        backbone=backbone, data=data, out=out, weights=weights,
+        random_init=random_init, encoder_options=options, precision=precision, batch_size=batch_size,
+        workers=workers, device=device, videos=names, dtype=dtype, compile=compile, seed=seed,
     )
     result = run_extraction(config)
     if dist_info().is_main:

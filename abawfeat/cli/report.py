@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from abawfeat.cli import app
-from abawfeat.cli._common import err_console, guarded
+from abawfeat.cli._common import guarded, warn_line
 
 
 @app.command("report")
@@ -32,5 +32,5 @@ def report(
         path = build_report(run_dirs, out)
     # Skipped plots are worth one line each, not a warnings-module traceback line.
     for warning in caught:
-        err_console.print(f"[yellow]warning:[/yellow] {warning.message}", highlight=False, soft_wrap=True)
+        warn_line(str(warning.message))
     typer.echo(str(path))

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.text import Text
 
+from abawfeat.cli import _stage_two as st
 from abawfeat.cli import app
-from abawfeat.cli._common import console, err_console, guarded
-
-_MAIN_KEYS = ("ccc_valence", "ccc_arousal", "ccc_va", "f1_expr", "f1_au", "f1_au_opt", "score")
+from abawfeat.cli._common import console, err_console, error_line, guarded
 
 
 def _log(message: str) -> None:
@@ -25,145 +25,249 @@ def _log(message: str) -> None:
 def _print_metrics(metrics: dict[str, Any], title: str) -> None:
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
+    from abawfeat.tasks import run_task_names, single_tasks, task
+
+    main = dict.fromkeys(k for n in run_task_names() for k in task(n).metric_keys)
+    groups = [k for t in single_tasks() for k in t.per_item_keys.values()]
+    table = Table(title=Text(title), title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in ("task", "split", "best_epoch"):
         if key in metrics:
-            table.add_row(key, str(metrics[key]))
-    for key in _MAIN_KEYS:
+            table.add_row(key, Text(str(metrics[key])))
+    for key in main:
         if key in metrics:
             table.add_row(key, f"{metrics[key]:.4f}")
-    for group in ("f1_expr_per_class", "f1_au_per_au", "f1_au_opt_per_au", "au_thresholds"):
+    for group in groups:
         if group in metrics:
             values = ", ".join(f"{k} {v:.3f}" for k, v in metrics[group].items())
-            table.add_row(group, values)
+            table.add_row(group, Text(values))
+    raw = metrics.get("unsmoothed") or {}
+    for key in main:
+        if key in raw:
+            table.add_row(f"{key} (unsmoothed)", f"{raw[key]:.4f}")
+    if "smoothing" in metrics:
+        table.add_row("smoothing", Text(json.dumps({k: v for k, v in metrics["smoothing"].items()
+                                                    if k != "tuned_on"})))
     console.print(table)
+    if metrics.get("tuned_on") == "val":
+        from abawfeat.train.finish import OPTIMISTIC
+
+        err_console.print(f"note: {OPTIMISTIC}", highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command("train-head")
 @guarded
 def train_head(
-    task: str | None = typer.Option(None, "--task", help="va, expr, au or mtl (one head for all three)."),
-    head: str = typer.Option("fc", "--head", help="fc (frame-wise) or lstm (temporal, trained on windows)."),
-    backbone: str = typer.Option("ddamfn", "--backbone", help="Encoder of the cache: ddamfn or clip."),
-    data: Path | None = typer.Option(
-        None, "--data", help="Aff-Wild2 root (annotations, test lists, sample files)."
-    ),
-    cache: Path | None = typer.Option(
-        None, "--cache", help="Feature cache. Default: cache/<data folder name>/<backbone>.h5 (extract's)."
-    ),
-    out: Path | None = typer.Option(
-        None, "--out", help="Run directory to write (config, checkpoint, metrics...)."
-    ),
-    objective: str = typer.Option(
-        "", "--objective", help="ccc (va), ce (expr), bce (au), contrastive (expr, CLIP caches), mtl. "
-        "Default: the task's own."
-    ),
-    class_weights: str = typer.Option(
-        "none", "--class-weights", help="EXPR cross-entropy weights: none, inverse, sqrt_inverse, effective."
-    ),
-    pos_weight: bool = typer.Option(False, "--pos-weight", help="AU BCE: weight positives by neg/pos ratio."),
-    epochs: int = typer.Option(10, "--epochs", help="Epochs; the best validation epoch is kept."),
-    seed: int = typer.Option(0, "--seed", help="Seed (weights, dropout, window order)."),
-    lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate."),
-    weight_decay: float = typer.Option(1e-4, "--weight-decay", help="AdamW weight decay."),
-    batch_size: int = typer.Option(0, "--batch-size", help="Windows (frames for fc) per batch; 0 = auto."),
-    window: int = typer.Option(64, "--window", help="LSTM training window length in frames."),
-    stride: int = typer.Option(0, "--stride", help="Step between training windows; 0 = --window."),
-    infer_stride: int = typer.Option(0, "--infer-stride", help="Step between inference windows; 0 = half."),
-    hidden: int = typer.Option(-1, "--hidden", help="Hidden size; -1 = head default (fc: no hidden layer)."),
-    layers: int = typer.Option(1, "--layers", help="LSTM layers."),
-    bidirectional: bool = typer.Option(False, "--bidirectional", help="Bidirectional LSTM."),
-    dropout: float = typer.Option(0.0, "--dropout", help="Dropout on head inputs and hidden states."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
-    threads: int = typer.Option(
-        0, "--threads", help="CPU threads; 0 = auto (1 for FC, else all cores). 1 on a busy machine."
-    ),
-    precision: str = typer.Option(
-        "auto", "--precision", help="auto (bf16 for LSTM and contrastive heads), fp32, bf16, fp16."
-    ),
-    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write plots/*.png at the end."),
-    # End-to-end fine-tuning (abawfeat.finetune, docs/finetune.md): these options need --unfreeze.
-    unfreeze: bool = typer.Option(
-        False, "--unfreeze", help="Train DDAMFN end to end with the head, from the crops, not the cache."
-    ),
-    unfreeze_from: str = typer.Option(
-        "conv1", "--unfreeze-from", help="--unfreeze: first trainable block, conv1 ... attention, gdconv."
-    ),
-    weights: str | None = typer.Option(
-        None, "--weights", help="--unfreeze: starting DDAMFN (published-format file or name; affectnet8)."
-    ),
-    random_init: bool = typer.Option(
-        False, "--random-init", help="--unfreeze: seeded random DDAMFN, BN-calibrated (demo, tests)."
-    ),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="--unfreeze: accept model pickles."),
-    backbone_lr: float = typer.Option(1e-4, "--backbone-lr", help="--unfreeze: AdamW lr of the backbone."),
-    schedule: str = typer.Option("cosine", "--schedule", help="--unfreeze: cosine or constant, per step."),
-    warmup: float = typer.Option(0.05, "--warmup", help="--unfreeze: fraction of steps warming up."),
-    grad_accum: int = typer.Option(1, "--grad-accum", help="--unfreeze: micro-batches per optimiser step."),
-    freeze_bn: bool = typer.Option(False, "--freeze-bn", help="--unfreeze: keep batch-norm statistics."),
-    attention_diversity: bool = typer.Option(
-        False, "--attention-diversity", help="--unfreeze: add DDAMFN's attention-diversity loss."
-    ),
-    diversity_weight: float = typer.Option(0.1, "--diversity-weight", help="--unfreeze: its weight."),
-    augment: bool = typer.Option(
-        True, "--augment/--no-augment", help="--unfreeze: flip, colour jitter, small affine (training only)."
-    ),
-    workers: int = typer.Option(2, "--workers", help="--unfreeze: DataLoader processes decoding crops."),
-    eval_batch_size: int = typer.Option(64, "--eval-batch-size", help="--unfreeze: images per eval pass."),
+    task: st.Task = None,
+    head: st.Head = "fc",
+    backbone: st.Backbone = "",
+    data: st.Data = None,
+    cache: st.Caches = None,
+    fusion: st.Fusion = "early",
+    out: st.Out = None,
+    objective: st.Objective = "",
+    class_weights: st.ClassWeights = "none",
+    pos_weight: st.PosWeight = False,
+    epochs: st.Epochs = 10,
+    seed: st.Seed = 0,
+    lr: st.Lr = 1e-3,
+    weight_decay: st.WeightDecay = 1e-4,
+    batch_size: st.BatchSize = 0,
+    window: st.Window = 64,
+    stride: st.Stride = 0,
+    infer_stride: st.InferStride = 0,
+    hidden: st.Hidden = -1,
+    layers: st.Layers = 1,
+    bidirectional: st.Bidirectional = False,
+    dropout: st.Dropout = 0.0,
+    trunk_opt: st.TrunkOpt = None,
+    device: st.Device = "auto",
+    threads: st.Threads = 0,
+    precision: st.Precision = "auto",
+    smooth: st.Smooth = "none",
+    tune_on: st.TuneOn = "val",
+    holdout: st.Holdout = 0.15,
+    plots: st.Plots = True,
+    overwrite: st.Overwrite = False,
+    # The old spelling of fine-tuning, `train-head --unfreeze ...` / `train-head --resume RUN`: hidden; it
+    # says that fine-tuning moved to `abawfeat finetune` (cli/finetune.py) and runs it with the same options.
+    unfreeze: bool = typer.Option(False, "--unfreeze", hidden=True),
+    unfreeze_from: str | None = typer.Option(None, "--unfreeze-from", hidden=True),
+    weights: str | None = typer.Option(None, "--weights", hidden=True),
+    random_init: bool = typer.Option(False, "--random-init", hidden=True),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", hidden=True),
+    backbone_lr: float = typer.Option(1e-4, "--backbone-lr", hidden=True),
+    schedule: str = typer.Option("cosine", "--schedule", hidden=True),
+    warmup: float = typer.Option(0.05, "--warmup", hidden=True),
+    grad_accum: int = typer.Option(1, "--grad-accum", hidden=True),
+    freeze_bn: bool = typer.Option(False, "--freeze-bn", hidden=True),
+    attention_diversity: bool = typer.Option(False, "--attention-diversity", hidden=True),
+    diversity_weight: float = typer.Option(0.1, "--diversity-weight", hidden=True),
+    augment: bool = typer.Option(True, "--augment/--no-augment", hidden=True),
+    workers: int = typer.Option(2, "--workers", hidden=True),
+    eval_batch_size: int = typer.Option(64, "--eval-batch-size", hidden=True),
     resume: Path | None = typer.Option(
-        None, "--resume", help="Continue this interrupted --unfreeze run (options from its config.json)."
+        None, "--resume", help="Continue this interrupted run exactly (options from its config.json)."
     ),
 ) -> None:
-    """Train a head on cached features (or, with --unfreeze, DDAMFN and the head from the crops); writes the
-    run directory and prints validation metrics."""
+    """Train a head on cached features; writes the run directory and prints validation metrics.
+    (Fine-tuning an encoder with the head: `abawfeat finetune`.)"""
     from abawfeat.errors import ConfigError
-    from abawfeat.train import TrainConfig, fit
+    from abawfeat.train import fit, resume_config
+    from abawfeat.train.rundir import RunRecord
 
-    if resume is not None:
-        from abawfeat.finetune import resume_finetune
+    finetune_options = {
+        "unfreeze_from": unfreeze_from, "weights": weights, "random_init": random_init,
+        "backbone_lr": backbone_lr, "schedule": schedule, "warmup": warmup, "grad_accum": grad_accum,
+        "freeze_bn": freeze_bn, "attention_diversity": attention_diversity,
+        "diversity_weight": diversity_weight, "workers": workers, "eval_batch_size": eval_batch_size,
+    }
+    resume_finetune = resume is not None and RunRecord.read(resume).kind == "finetune"
+    if resume_finetune or unfreeze:
+        from abawfeat.cli.finetune import run_finetune_command
+        from abawfeat.utils.dist import dist_info
 
-        _print_finetune(resume_finetune(resume, log=_log))
+        spelling = "--resume" if resume_finetune else "--unfreeze"
+        if dist_info().is_main:
+            _log(f"note: fine-tuning moved to `abawfeat finetune`; `train-head {spelling}` runs it with the "
+                 "same options")
+    if resume_finetune:
+        run_finetune_command(None, resume=resume, augment=augment, **finetune_options)
         return
-    missing = [flag for flag, value in (("--task", task), ("--data", data), ("--out", out)) if value is None]
-    if missing:
-        raise ConfigError(f"{', '.join(missing)} required (unless --resume RUN_DIR)")
-    config = TrainConfig(
-        task=task, head=head, backbone=backbone, data=str(data), cache=str(cache) if cache else "",
-        out=str(out), objective=objective, class_weights=class_weights, pos_weight=pos_weight, epochs=epochs,
-        seed=seed, lr=lr, weight_decay=weight_decay, batch_size=batch_size, window=window, stride=stride,
-        infer_stride=infer_stride, hidden=hidden, layers=layers, bidirectional=bidirectional,
-        dropout=dropout, device=device, threads=threads, precision=precision, plots=plots,
+    if resume is not None:
+        result = fit(resume_config(resume), log=_log, resume=True)
+        _finish(result.run_dir, result.metrics, plots)
+        return
+    st.require("--resume RUN_DIR", task=task, data=data, out=out)
+    config = st.train_config(
+        task=task, head=head, backbone=backbone, data=data, cache=cache, fusion=fusion, out=out,
+        objective=objective, class_weights=class_weights, pos_weight=pos_weight, epochs=epochs, seed=seed,
+        lr=lr,
+        weight_decay=weight_decay, batch_size=batch_size, window=window, stride=stride,
+        infer_stride=infer_stride, hidden=hidden, layers=layers, bidirectional=bidirectional, dropout=dropout,
+        trunk_opt=trunk_opt, device=device, threads=threads, precision=precision, smooth=smooth,
+        tune_on=tune_on, holdout=holdout, plots=plots,
     )
     if unfreeze:
-        from abawfeat.data.frames import AugmentConfig
-        from abawfeat.finetune import FinetuneConfig, run_finetune
+        import dataclasses
 
-        finetune = FinetuneConfig(
-            train=config, weights=weights, random_init=random_init, trust_pickle=trust_pickle,
-            unfreeze_from=unfreeze_from, freeze_bn=freeze_bn, backbone_lr=backbone_lr, schedule=schedule,
-            warmup=warmup, grad_accum=grad_accum, attention_diversity=attention_diversity,
-            diversity_weight=diversity_weight, augment=AugmentConfig(enabled=augment), workers=workers,
-            eval_batch_size=eval_batch_size,
-        )
-        _print_finetune(run_finetune(finetune, log=_log))
+        from abawfeat.cli._encoder_opts import encoder_opts
+        from abawfeat.finetune import DEFAULT_BACKBONE
+
+        config = dataclasses.replace(config, backbone=config.backbone or DEFAULT_BACKBONE)
+
+        options = encoder_opts(None, {"--trust-pickle": ("trust_pickle", "true" if trust_pickle else None)})
+        run_finetune_command(config, resume=None, augment=augment, encoder_options=options,
+                             **finetune_options)
         return
-    if weights is not None or random_init:
-        raise ConfigError("--weights and --random-init choose the backbone of --unfreeze runs; a head on a "
-                          "cache uses the cache's encoder")
-    result = fit(config, log=_log)
-    _print_metrics(result.metrics, f"{out}: validation, best epoch {result.metrics['best_epoch']}")
+    defaults = {"unfreeze_from": None, "weights": None, "random_init": False, "backbone_lr": 1e-4,
+                "schedule": "cosine", "warmup": 0.05, "grad_accum": 1, "freeze_bn": False,
+                "attention_diversity": False, "diversity_weight": 0.1, "workers": 2, "eval_batch_size": 64}
+    given = [f"--{k.replace('_', '-')}" for k, v in finetune_options.items() if v != defaults[k]]
+    given += ["--trust-pickle"] * trust_pickle + ["--no-augment"] * (not augment)
+    if given:
+        raise ConfigError(f"{', '.join(given)}: fine-tuning options (`abawfeat finetune`, formerly "
+                          "`train-head --unfreeze`); a head on a cache uses the cache's encoder")
+    result = fit(config, log=_log, overwrite=overwrite)
+    _finish(result.run_dir, result.metrics, plots)
 
 
-def _print_finetune(run_dir: Path) -> None:
-    """Metrics of a finished end-to-end run, printed once (rank 0 under torchrun)."""
-    from abawfeat.utils.dist import dist_info
+def _finish(run_dir: Path, metrics: dict[str, Any], plots: bool) -> None:
+    """Plots of a finished run (a plotting problem costs only the pictures), then its metrics."""
+    if plots:
+        from abawfeat.report.plots import try_write_run_plots
 
-    path = Path(run_dir) / "metrics.json"
-    if dist_info().is_main and path.is_file():
-        metrics = json.loads(path.read_text())
-        _print_metrics(metrics, f"{run_dir}: validation, best epoch {metrics['best_epoch']}")
+        try_write_run_plots(run_dir, log=_log)
+    _print_metrics(metrics, f"{run_dir}: validation, best epoch {metrics['best_epoch']}")
+
+
+@app.command("cv")
+@guarded
+def cv_command(
+    folds: int = typer.Option(
+        5, "--folds", help="K: video-level folds over train+val (scikit-learn GroupKFold)."),
+    task: st.Task = None,
+    head: st.Head = "fc",
+    backbone: st.Backbone = "",
+    data: st.Data = None,
+    cache: st.Caches = None,
+    fusion: st.Fusion = "early",
+    out: st.Out = None,
+    objective: st.Objective = "",
+    class_weights: st.ClassWeights = "none",
+    pos_weight: st.PosWeight = False,
+    epochs: st.Epochs = 10,
+    seed: st.Seed = 0,
+    lr: st.Lr = 1e-3,
+    weight_decay: st.WeightDecay = 1e-4,
+    batch_size: st.BatchSize = 0,
+    window: st.Window = 64,
+    stride: st.Stride = 0,
+    infer_stride: st.InferStride = 0,
+    hidden: st.Hidden = -1,
+    layers: st.Layers = 1,
+    bidirectional: st.Bidirectional = False,
+    dropout: st.Dropout = 0.0,
+    trunk_opt: st.TrunkOpt = None,
+    device: st.Device = "auto",
+    threads: st.Threads = 0,
+    precision: st.Precision = "auto",
+    smooth: st.Smooth = "none",
+    tune_on: st.TuneOn = "val",
+    holdout: st.Holdout = 0.15,
+    plots: st.Plots = True,
+) -> None:
+    """Cross-validate a head over train+val: one run per fold in OUT/fold-I (the train-head options apply to
+    each), OUT/summary.json with each metric's mean and spread; OUT predicts the test split as an ensemble of
+    its folds. Re-running continues an interrupted cross-validation."""
+    from abawfeat.cv import run_cv
+
+    st.require(task=task, data=data, out=out)
+    config = st.train_config(
+        task=task, head=head, backbone=backbone, data=data, cache=cache, fusion=fusion, out=out,
+        objective=objective, class_weights=class_weights, pos_weight=pos_weight, epochs=epochs, seed=seed,
+        lr=lr, weight_decay=weight_decay, batch_size=batch_size, window=window, stride=stride,
+        infer_stride=infer_stride, hidden=hidden, layers=layers, bidirectional=bidirectional, dropout=dropout,
+        trunk_opt=trunk_opt, device=device, threads=threads, precision=precision, smooth=smooth,
+        tune_on=tune_on, holdout=holdout, plots=plots,
+    )
+    result = run_cv(config, folds, log=_log)
+    if plots:
+        from abawfeat.report.plots import try_write_run_plots
+
+        for fold in result.folds:
+            if not (fold / "plots").is_dir():
+                try_write_run_plots(fold, log=_log)
+    _print_metrics(result.metrics, f"{result.run_dir}: {folds}-fold cross-validation (mean over folds)")
+    spread = result.metrics.get("spread") or {}
+    if spread:
+        console.print(Text("spread (std over folds): " + ", ".join(f"{k} {v:.4f}" for k, v in spread.items()
+                                                                    if k in result.metrics)))
+
+
+@app.command("ensemble")
+@guarded
+def ensemble_command(
+    runs: list[Path] = typer.Argument(..., help="Run directories of one task on one dataset."),
+    out: Path = typer.Option(..., "--out", help="The ensemble's run directory."),
+    weights: str = typer.Option(
+        "equal", "--weights", help="equal, or tuned: ensemble selection on validation, per task."),
+    smooth: str = typer.Option(
+        "none", "--smooth", help="auto: tune smoothing on the averaged validation scores; none: off."),
+    data: Path | None = typer.Option(None, "--data", help="Override the runs' data root."),
+    overwrite: st.Overwrite = False,
+) -> None:
+    """Average runs' scores (probabilities or values) into an ensemble, re-tuning the AU thresholds and the
+    smoothing; OUT is a run that evaluate, predict, report and ablate treat like any other."""
+    from abawfeat.ensemble import EnsembleConfig, build_ensemble
+
+    cfg = EnsembleConfig(runs=tuple(str(r) for r in runs), out=str(out), weights=weights, smooth=smooth,
+                         data=str(data) if data else "")
+    result = build_ensemble(cfg, log=_log, overwrite=overwrite)
+    for t, w in result.weights.items():
+        console.print(Text(f"{t} weights: " + ", ".join(f"{x:.2f}" for x in w)))
+    _print_metrics(result.metrics, f"{result.run_dir}: validation")
 
 
 @app.command("evaluate")
@@ -173,7 +277,8 @@ def evaluate_command(
     split: str = typer.Option("val", "--split", help="val or train."),
     as_json: bool = typer.Option(False, "--json", help="Print metrics as JSON on stdout."),
     data: Path | None = typer.Option(None, "--data", help="Override the run's data root."),
-    cache: Path | None = typer.Option(None, "--cache", help="Override the run's cache (same encoder only)."),
+    cache: list[Path] | None = typer.Option(
+        None, "--cache", help="Override the run's caches (same encoders and order; repeat for fused runs)."),
 ) -> None:
     """Score a trained run by the official protocol (every labelled frame, crop or not)."""
     from abawfeat.train import evaluate
@@ -189,16 +294,20 @@ def evaluate_command(
 @guarded
 def predict_command(
     run_dir: Path = typer.Argument(..., help="Run directory written by train-head."),
-    split: str = typer.Option(..., "--split", help="val or test."),
+    split: str = typer.Option(..., "--split", help="val, test or train."),
     out: Path = typer.Option(..., "--out", help="Submission file (mtl runs: one file per task beside it)."),
-    smooth: int = typer.Option(0, "--smooth", help="Centred moving average over W frames (odd); 0 = off."),
+    smooth: str = typer.Option(
+        "run", "--smooth", help="run (the run's own tuned smoothing, if any), none, or W: a centred moving "
+        "average of W frames (odd) instead."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier prediction file at --out."),
     data: Path | None = typer.Option(None, "--data", help="Override the run's data root."),
-    cache: Path | None = typer.Option(None, "--cache", help="Override the run's cache (same encoder only)."),
+    cache: list[Path] | None = typer.Option(
+        None, "--cache", help="Override the run's caches (same encoders and order; repeat for fused runs)."),
 ) -> None:
     """Write predictions in the organisers' format: every frame 1..N of every video, crop or not."""
     from abawfeat.predict import predict
 
-    result = predict(run_dir, split, out, smooth, data, cache)
+    result = predict(run_dir, split, out, smooth, data, cache, overwrite=overwrite)
     for task, path in result.files.items():
         console.print(f"{path}: {task}, {result.videos[task]} videos, {result.frames[task]:,} frames "
                       f"({result.frames_without_crop[task]:,} without a crop, filled)", highlight=False)
@@ -235,43 +344,50 @@ def ablate_command(
         console.print(str(path), highlight=False)
     if result.failed:
         for cell in result.failed:
-            err_console.print(f"[bold red]failed:[/bold red] {cell.row.label} {cell.task}: {cell.error}",
-                              highlight=False, soft_wrap=True)
+            error_line(f"{cell.row.label} {cell.task}: {cell.error}", label="failed:")
         raise typer.Exit(code=1)
 
 
 @app.command("heads")
 @guarded
 def heads_command(
-    as_json: bool = typer.Option(False, "--json", help="Print heads and objectives as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print trunks, head kinds and objectives as JSON."),
 ) -> None:
-    """List the registered heads (with their config defaults) and the training objectives."""
-    from abawfeat.heads import describe_heads
-    from abawfeat.train import DEFAULT_OBJECTIVE, OBJECTIVES
-
-    heads = describe_heads()
-    objectives = [
-        {"name": name, "tasks": list(tasks), "description": text,
-         "default_for": [t for t, o in DEFAULT_OBJECTIVE.items() if o == name]}
-        for name, (tasks, text) in OBJECTIVES.items()
-    ]
-    if as_json:
-        typer.echo(json.dumps({"heads": heads, "objectives": objectives}, indent=2, default=list))
-        return
+    """List the registered trunks (what --head chooses, with their context and options), the head kinds
+    (what the objective puts on the trunk) and the training objectives."""
     from rich.table import Table
 
-    table = Table(title="Heads (--head fc|lstm; the objective/task picks contrastive or mtl)",
-                  title_justify="left")
-    for column in ("name", "temporal", "description", "config defaults"):
+    from abawfeat.heads import describe_heads
+    from abawfeat.train.objectives import describe_objectives
+    from abawfeat.trunks import describe_trunks
+
+    trunks, heads, objectives = describe_trunks(), describe_heads(), describe_objectives()
+    if as_json:
+        typer.echo(json.dumps({"trunks": trunks, "heads": heads, "objectives": objectives}, indent=2,
+                              default=list))
+        return
+
+    def fmt(options: dict[str, Any]) -> str:
+        return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in options.items()
+                         if k != "class_names")
+
+    table = Table(title="Trunks (--head NAME; options: --hidden, --layers, --bidirectional, --dropout, "
+                        "--trunk-opt key=value)", title_justify="left")
+    for column in ("name", "label", "context (defaults)", "description", "options"):
+        table.add_column(column, overflow="fold")
+    for t in trunks:
+        table.add_row(t["name"], t["label"], t["context"], t["description"], fmt(t["options"]))
+    console.print(table)
+    table = Table(title="Head kinds (chosen by the objective)", title_justify="left")
+    for column in ("name", "description", "options"):
         table.add_column(column, overflow="fold")
     for h in heads:
-        defaults = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                             for k, v in h["config"].items() if k not in ("class_names",))
-        table.add_row(h["name"], h["temporal"], h["description"], defaults)
+        table.add_row(h["name"], h["description"], fmt(h["config"]) or "-")
     console.print(table)
     table = Table(title="Objectives (--objective)", title_justify="left")
-    for column in ("name", "tasks", "default for", "description"):
+    for column in ("name", "tasks", "default for", "head kind", "description"):
         table.add_column(column, overflow="fold")
     for o in objectives:
-        table.add_row(o["name"], ", ".join(o["tasks"]), ", ".join(o["default_for"]) or "-", o["description"])
+        table.add_row(o["name"], ", ".join(o["tasks"]), ", ".join(o["default_for"]) or "-", o["head"],
+                      o["description"])
     console.print(table)

@@ -20,22 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from abawfeat.constants import (
-    AU_INVALID,
-    AU_NAMES,
-    EXPR_CLASSES,
-    EXPR_INVALID,
-    HEADERS,
-    SAMPLE_FILE_TAGS,
-    SPLIT_DIRS,
-    SPLITS,
-    TASK_DIRS,
-    TASKS,
-    TEST_LIST_FILES,
-    VA_INVALID,
-    VA_NAMES,
-)
+from abawfeat.constants import SPLIT_DIRS, SPLITS
+from abawfeat.data.names import crop_file_name, crop_frame, is_jpeg_name, video_name_problem
 from abawfeat.errors import DataError
+from abawfeat.tasks import Task, single, single_tasks, task
 
 __all__ = [
     "AffWild2",
@@ -56,15 +44,33 @@ _CROP_ROOT_RE = re.compile(r".*cropped.*|batch[ _-]?\d*", re.IGNORECASE)
 _MAX_CROP_DEPTH = 3
 _TEST_LIST_DIR = "names_of_videos_in_each_test_set"
 _SAMPLE_DIR = "prediction_files_format"
-# Keyword of each task in test-list file names, used when the exact release name is not there.
-_TEST_LIST_KEYWORDS = {"va": "valence_arousal", "expr": "expression", "au": "action_unit"}
 _MTL_DIR_RE = re.compile(r".*mtl.*", re.IGNORECASE)
 _MTL_SPLIT_PREFIX = {"train": ("train",), "val": ("val",)}  # "validation_set.txt" starts with "val" too
-_MTL_HEADERS = (
-    ("image", "valence", "arousal", "expression", "aus"),
-    ("image", "valence", "arousal", "expression", *AU_NAMES),
-)
-_MTL_VALUE_NAMES = ("valence", "arousal", "expression", *AU_NAMES)
+# The 7th-ABAW multi-task file: an image column, then the values of the multi-task set's members in order.
+# Its header names the expression column "expression", and the AU columns either one by one or as one word.
+_MTL_SET = "mtl"
+_MTL_COLUMN_WORD = {"expr": "expression"}
+_MTL_GROUP_WORD = {"au": "aus"}
+
+
+def _mtl_columns(member: Task, grouped: bool) -> tuple[str, ...]:
+    if member.name in _MTL_COLUMN_WORD:
+        return (_MTL_COLUMN_WORD[member.name],)
+    if grouped and member.name in _MTL_GROUP_WORD:
+        return (_MTL_GROUP_WORD[member.name],)
+    return member.value_names
+
+
+def _mtl_headers() -> tuple[tuple[str, ...], ...]:
+    members = task(_MTL_SET).components
+    return tuple(("image", *[c for m in members for c in _mtl_columns(m, grouped)])
+                 for grouped in (True, False))
+
+
+def _mtl_value_names() -> tuple[str, ...]:
+    return _mtl_headers()[1][1:]
+
+
 # `<video>/<NNNNN>.jpg`, possibly behind more folders; the video is the folder holding the jpg.
 _IMAGE_RE = re.compile(r"(?:.*/)?([^/,]+)/(\d+)\.jpg", re.IGNORECASE)
 _MTL_ROW_RE = re.compile(r"^[ \t]*((?:[^,/\n]+/)*?([^,/\n]+)/(\d+)\.jpg)[ \t]*,([^\n]*)$",
@@ -77,12 +83,11 @@ _BLANK_LINE_RE = re.compile(r"^[ \t]*$", re.MULTILINE)
 _NAME_LIST_HEADER_RE = re.compile(r"(video|name|file)s?([ _-]?(name|names|id|ids))?:?", re.IGNORECASE)
 _VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv")
 _EDITION_RE = re.compile(r"(\d+)(?:st|nd|rd|th)", re.IGNORECASE)
+_NO_ANNOTATIONS = ("no annotations folder here (a folder named like '8th_ABAW_Annotations' or "
+                   "'6th ABAW Annotations'); give its path with --annotations")
+# Bad names listed in one error line, at most (the rest are counted).
+_MAX_LISTED = 5
 
-# What "valid" means per task, for messages; the checks themselves are in _labels_and_validity.
-_RULES = {"va": "[-1, 1]", "expr": "0..7", "au": "{0, 1}"}
-_MARKERS = {"va": VA_INVALID, "expr": EXPR_INVALID, "au": AU_INVALID}
-# Data columns per task. EXPR's header names all eight classes, but each row holds ONE class index.
-_COLUMNS: dict[str, tuple[str, ...]] = {"va": VA_NAMES, "expr": ("class index",), "au": AU_NAMES}
 
 
 @dataclass(frozen=True)
@@ -98,7 +103,7 @@ class Annotation:
     task: str
     split: str  # "train", "val", or "" when the file is not inside a Train_Set/Validation_Set folder
     path: Path
-    labels: np.ndarray  # va float32 [N, 2]; expr int64 [N]; au int8 [N, 12]
+    labels: np.ndarray  # the task's label layout: va float32 [N, 2]; expr int64 [N]; au int8 [N, 12]
     valid: np.ndarray  # bool [N]
     n_frames: int  # N = number of data rows = last annotated frame
     # Extension of the contract: rows whose value is neither valid nor the marker (warned about once).
@@ -118,19 +123,16 @@ class Annotation:
 class MtlAnnotations:
     """A 7th-ABAW multi-task file (s-Aff-Wild2): static frames, each with all three annotations.
 
-    Invalid entries hold the task's marker (VA -5, EXPR -1, AU -1), as in ``Annotation``.
+    ``labels`` and ``valid`` hold one array per member task, in that task's label layout; invalid entries
+    hold the task's marker (VA -5, EXPR -1, AU -1), as in ``Annotation``.
     """
 
     path: Path
     images: np.ndarray  # str [N], as written, e.g. "video10_left/00012.jpg"
     video: np.ndarray  # str [N]
     frame: np.ndarray  # int32 [N]
-    va: np.ndarray  # float32 [N, 2]
-    expr: np.ndarray  # int64 [N]
-    au: np.ndarray  # int8 [N, 12]
-    va_valid: np.ndarray  # bool [N]
-    expr_valid: np.ndarray  # bool [N]
-    au_valid: np.ndarray  # bool [N]
+    labels: dict[str, np.ndarray]  # per task, [N, ...]
+    valid: dict[str, np.ndarray]  # per task, bool [N]
     n_out_of_range: int = 0  # rows with any value that is neither valid nor its marker
 
     def __len__(self) -> int:
@@ -305,9 +307,9 @@ def _check_header(path: Path, header: str, expected: Iterable[tuple[str, ...]], 
     if any(got == tuple(n.lower() for n in names) for names in options):
         return
     hint = ""
-    for task, names in HEADERS.items():
-        if got == tuple(n.lower() for n in names):
-            hint = f" (this is the {task.upper()} header: wrong folder?)"
+    for spec in single_tasks():
+        if got == tuple(n.lower() for n in spec.header):
+            hint = f" (this is the {spec.title} header: wrong folder?)"
     if not hint and all(_is_number(c) for c in header.split(",")):
         hint = " (the first line looks like data: is the header missing?)"
     want = " or ".join(repr(",".join(names)) for names in options)
@@ -322,33 +324,6 @@ def _is_number(token: str) -> bool:
     return True
 
 
-def _labels_and_validity(task: str, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(labels, valid, out_of_range) for one task's columns of float64 values.
-
-    out_of_range marks rows holding a value that is neither valid nor the invalid marker (NaN included):
-    such rows are invalid like marked ones, but they suggest a damaged file, so they are counted.
-    """
-    if task == "va":
-        ok = (values >= -1.0) & (values <= 1.0)
-        valid = ok.all(axis=1)
-        out_of_range = ~(ok | (values == VA_INVALID)).all(axis=1)
-        labels = np.where(valid[:, None], values, VA_INVALID).astype(np.float32)
-    elif task == "expr":
-        v = values[:, 0]
-        with _quiet_numpy():  # NaN / inf compare False, which is what we want
-            valid = (v == np.floor(v)) & (v >= 0) & (v <= len(EXPR_CLASSES) - 1)
-        out_of_range = ~valid & (v != EXPR_INVALID)
-        labels = np.where(valid, v, EXPR_INVALID).astype(np.int64)
-    elif task == "au":
-        ok = (values == 0) | (values == 1)
-        valid = ok.all(axis=1)
-        out_of_range = ~(ok | (values == AU_INVALID)).all(axis=1)
-        labels = np.where(valid[:, None], values, AU_INVALID).astype(np.int8)
-    else:  # pragma: no cover - guarded by _check_task
-        raise ValueError(task)
-    return labels, valid, out_of_range
-
-
 def _warn(message: str) -> None:
     # Imported here so that importing abawfeat.data does not pull in rich.progress.
     from abawfeat.utils.progress import warn
@@ -361,9 +336,10 @@ def _freeze(*arrays: np.ndarray) -> None:
         a.setflags(write=False)
 
 
-def _check_task(task: str) -> None:
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, not {task!r}")
+def _check_task(name: str) -> Task:
+    if name not in [t.name for t in single_tasks()]:
+        raise ValueError(f"task must be one of {[t.name for t in single_tasks()]}, not {name!r}")
+    return single(name)
 
 
 def _check_split(split: str) -> None:
@@ -382,20 +358,21 @@ def read_annotation(path: str | Path, task: str, split: str | None = None) -> An
     wrong header, a wrong number of columns, a non-numeric value or a blank line between data rows. Values
     that are neither valid nor the invalid marker make their row invalid and trigger one warning per file.
     """
-    _check_task(task)
+    spec = _check_task(task)
     path = Path(path)
     if split is None:
         split = {d.lower(): s for s, d in SPLIT_DIRS.items()}.get(path.parent.name.lower(), "")
     lines = _read_lines(path)
-    _check_header(path, lines[0], [HEADERS[task]], task.upper())
+    _check_header(path, lines[0], [spec.header], spec.title)
     if len(lines) == 1:
         raise DataError(path, "header but no data rows", 2)
-    values = _parse_numbers(path, lines[1:], 2, _COLUMNS[task], integer=task != "va")
-    labels, valid, out_of_range = _labels_and_validity(task, values)
+    integer = np.issubdtype(spec.label_dtype, np.integer)
+    values = _parse_numbers(path, lines[1:], 2, spec.value_names, integer=integer)
+    labels, valid, out_of_range = spec.labels_and_validity(values)
     n_bad = int(out_of_range.sum())
     if n_bad:
-        _warn(f"{path}: {_plural(n_bad, 'row')} with values outside {_RULES[task]} that are not the invalid "
-              f"marker {_MARKERS[task]:g}; counted as invalid")
+        _warn(f"{path}: {_plural(n_bad, 'row')} with values outside {spec.valid_rule} that are not the "
+              f"invalid marker {spec.invalid:g}; counted as invalid")
     _freeze(labels, valid)
     return Annotation(video=path.stem, task=task, split=split, path=path, labels=labels, valid=valid,
                       n_frames=len(valid), n_out_of_range=n_bad)
@@ -406,7 +383,7 @@ def read_mtl_file(path: str | Path) -> MtlAnnotations:
     AU names spelled out), then ``<video>/<NNNNN>.jpg,V,A,EXPR,AU1,...,AU26`` per line."""
     path = Path(path)
     lines = _read_lines(path)
-    _check_header(path, lines[0], _MTL_HEADERS, "multi-task")
+    _check_header(path, lines[0], _mtl_headers(), "multi-task")
     body = lines[1:]
     if not body:
         raise DataError(path, "header but no data rows", 2)
@@ -416,34 +393,46 @@ def read_mtl_file(path: str | Path) -> MtlAnnotations:
         _explain_bad_mtl_row(path, body)
     images = [r[0] for r in rows]
     videos = [r[1] for r in rows]
+    check_video_names(sorted(set(videos)), path, "video in this file")
     frames = [int(r[2]) for r in rows]
     rests = [r[3] for r in rows]
-    values = _fast_numbers("\n".join(rests), len(rests), len(_MTL_VALUE_NAMES))
+    value_names = _mtl_value_names()
+    values = _fast_numbers("\n".join(rests), len(rests), len(value_names))
     if values is None:
         _check_mtl_columns(path, body)  # so that a column-count error counts the image column too
-        values = _parse_numbers(path, rests, 2, _MTL_VALUE_NAMES, integer=False)
-    va, va_valid, va_bad = _labels_and_validity("va", values[:, 0:2])
-    expr, expr_valid, expr_bad = _labels_and_validity("expr", values[:, 2:3])
-    au, au_valid, au_bad = _labels_and_validity("au", values[:, 3:])
-    n_bad = int((va_bad | expr_bad | au_bad).sum())
+        values = _parse_numbers(path, rests, 2, value_names, integer=False)
+    labels: dict[str, np.ndarray] = {}
+    valid: dict[str, np.ndarray] = {}
+    bad = np.zeros(len(values), dtype=bool)
+    start = 0
+    for member in task(_MTL_SET).components:
+        width = len(member.value_names)
+        columns = values[:, start : start + width]
+        labels[member.name], valid[member.name], out = member.labels_and_validity(columns)
+        bad |= out
+        start += width
+    n_bad = int(bad.sum())
     if n_bad:
-        _warn(f"{path}: {_plural(n_bad, 'row')} with values outside VA [-1, 1], EXPR 0..7 or AU {{0, 1}} "
-              "that are not the invalid markers (-5 / -1); those labels are counted as invalid")
+        rules = ", ".join(f"{m.title} {m.valid_rule}" for m in task(_MTL_SET).components)
+        markers = " / ".join(f"{m.invalid:g}" for m in task(_MTL_SET).components)
+        _warn(f"{path}: {_plural(n_bad, 'row')} with values outside {rules} that are not the invalid markers "
+              f"({markers}); those labels are counted as invalid")
     result = MtlAnnotations(
         path=path, images=np.array(images, dtype=str), video=np.array(videos, dtype=str),
-        frame=np.array(frames, dtype=np.int32), va=va, expr=expr, au=au, va_valid=va_valid,
-        expr_valid=expr_valid, au_valid=au_valid, n_out_of_range=n_bad,
+        frame=np.array(frames, dtype=np.int32), labels=labels, valid=valid, n_out_of_range=n_bad,
     )
-    _freeze(result.images, result.video, result.frame, va, expr, au, va_valid, expr_valid, au_valid)
+    _freeze(result.images, result.video, result.frame, *labels.values(), *valid.values())
     return result
 
 
 def _check_mtl_columns(path: Path, body: list[str]) -> None:
-    n = len(_MTL_VALUE_NAMES) + 1
+    n = len(_mtl_value_names()) + 1
+    what = ", ".join(", ".join(c) if len(c) <= 2 else f"{len(c)} {m.title}s"
+                     for m in task(_MTL_SET).components for c in [_mtl_columns(m, grouped=False)])
     for i, line in enumerate(body):
         if line.count(",") != n - 1:
-            raise DataError(path, f"expected {n} comma-separated values (image, valence, arousal, "
-                                  f"expression, {len(AU_NAMES)} AUs), found {line.count(',') + 1}", i + 2)
+            raise DataError(path, f"expected {n} comma-separated values (image, {what}), "
+                                  f"found {line.count(',') + 1}", i + 2)
 
 
 def _explain_bad_mtl_row(path: Path, body: list[str]) -> None:
@@ -481,6 +470,20 @@ def read_name_list(path: str | Path) -> list[str]:
     return names
 
 
+def check_video_names(names: Iterable[str], where: Path, what: str) -> None:
+    """Refuse, in one line naming ``where`` and every bad name, video names that could not appear in a
+    submission row or a cache (``abawfeat.data.names.video_name_problem``). ``what`` says what to rename."""
+    bad = [(n, p) for n in names if (p := video_name_problem(n)) is not None]
+    if not bad:
+        return
+    name, problem = bad[0]
+    others = ", ".join(repr(n) for n, _ in bad[1:1 + _MAX_LISTED])
+    more = f"; also {others}" if others else ""
+    if len(bad) > 1 + _MAX_LISTED:
+        more += f" and {len(bad) - 1 - _MAX_LISTED} more"
+    raise DataError(where, f"video name {name!r} cannot be used: {problem}; rename the {what}{more}")
+
+
 def read_sample_frame_counts(path: str | Path) -> dict[str, int]:
     """N (the highest frame number) per video of an organisers' sample prediction file, whose rows are
     ``<video>/<NNNNN>.jpg,...`` after an ``image_location,...`` header. Blank lines are skipped."""
@@ -507,6 +510,7 @@ def read_sample_frame_counts(path: str | Path) -> dict[str, int]:
             counts[video] = n
     if not counts:
         raise DataError(path, "no frame rows")
+    check_video_names(counts, path, "video in this file")
     return counts
 
 
@@ -514,17 +518,18 @@ def find_annotations_dir(root: str | Path) -> Path:
     """The one folder directly under ``root`` whose name matches ``*ABAW*Annotations*`` (any case,
     spaces or underscores). DataError if there is none, or several (listing them)."""
     root = Path(root)
-    found = sorted(
-        (e.name for e in _scandir(root) if e.is_dir() and _ANNOTATIONS_DIR_RE.search(e.name)),
-        key=str.lower,
-    )
+    found = _annotation_dir_names(root)
     if not found:
-        raise DataError(root, "no annotations folder here (a folder named like '8th_ABAW_Annotations' or "
-                              "'6th ABAW Annotations'); give its path with --annotations")
+        raise DataError(root, _NO_ANNOTATIONS)
     if len(found) > 1:
         listed = ", ".join(repr(n) for n in found)
         raise DataError(root, f"several annotations folders: {listed}; choose one with --annotations")
     return root / found[0]
+
+
+def _annotation_dir_names(root: Path) -> list[str]:
+    return sorted((e.name for e in _scandir(root) if e.is_dir() and _ANNOTATIONS_DIR_RE.search(e.name)),
+                  key=str.lower)
 
 
 def _scandir(folder: Path) -> list[os.DirEntry[str]]:
@@ -543,19 +548,46 @@ def _child_dirs(folder: Path) -> dict[str, Path]:
     return {e.name.lower(): Path(e.path) for e in _scandir(folder) if e.is_dir()}
 
 
-def _crop_frame(name: str) -> int | None:
-    """Frame number of a crop file name ``NNNNN.jpg``; None for anything else (Thumbs.db, .png, ...)."""
-    if len(name) > 4 and name[-4:].lower() == ".jpg":
-        stem = name[:-4]
-        if stem.isascii() and stem.isdigit():
-            return int(stem)
-    return None
+def _list_crops(folder: Path) -> np.ndarray:
+    """int32, ascending: the frame numbers of the crops in a crop folder (``names.crop_frame`` decides what
+    a crop is). A JPEG whose name is not a crop name is a ``DataError`` naming it (and, for a second name of
+    one frame such as ``1.jpg`` beside ``00001.jpg``, naming both)."""
+    frames: list[int] = []
+    problems: list[tuple[str, str]] = []
+    entries = _scandir(folder)
+    for entry in entries:
+        try:
+            frame = crop_frame(entry.name)
+        except ValueError as exc:
+            if not entry.is_dir():
+                problems.append((entry.name, str(exc)))
+            continue
+        if frame is not None and entry.is_file():
+            frames.append(frame)
+    if problems:
+        crops = {e.name for e in entries if is_jpeg_name(e.name)} - {n for n, _ in problems}
+        name, problem = min(problems)
+        # A second name for a frame that already has its crop is the likeliest mistake: say which.
+        for candidate, _ in sorted(problems):
+            try:
+                twin = crop_file_name(int(candidate.rpartition(".")[0]))
+            except ValueError:
+                continue
+            if twin in crops:
+                name, problem = candidate, f"a second file for frame {int(twin[:-4])}, beside {twin}"
+                break
+        more = f" ({len(problems) - 1} more such file(s) in this folder)" if len(problems) > 1 else ""
+        raise DataError(folder / name, f"{problem}; rename or remove it{more}")
+    out = np.array(frames, dtype=np.int32)
+    out.sort()
+    return out
 
 
 def _classify(folder: str) -> str | None:
-    """Kind of folder: "crops" if it holds NNNNN.jpg files, "tree" if sub-folders only (a batch), else None.
+    """Kind of folder: "crops" if it holds JPEG files, "tree" if sub-folders only (a batch), else None.
 
-    Stops at the first jpg: crop folders hold thousands of files and are listed in full only on demand.
+    Stops at the first JPEG: crop folders hold thousands of files and are listed in full only on demand
+    (that listing then checks every name).
     """
     has_dirs = False
     try:
@@ -563,7 +595,7 @@ def _classify(folder: str) -> str | None:
             for entry in it:
                 if entry.name.startswith("."):
                     continue
-                if _crop_frame(entry.name) is not None and entry.is_file():
+                if is_jpeg_name(entry.name) and not entry.is_dir():
                     return "crops"
                 if not has_dirs and entry.is_dir():
                     has_dirs = True
@@ -581,6 +613,10 @@ class AffWild2:
     ``root`` is the data root (holding the annotations folder, ``cropped_aligned``, ...); ``annotations``
     overrides the search for the annotations folder (relative paths are tried from the current directory,
     then from ``root``). Building one only locates folders; everything else is read on demand and memoised.
+
+    A tree of crops without any annotations folder (a user's own videos, or crops alone) is accepted:
+    ``has_annotations`` is False, the crop and test-set methods work, and asking for annotations raises the
+    ``DataError`` that says none was found. Stage one only needs the crops.
     """
 
     def __init__(self, root: str | Path, annotations: str | Path | None = None) -> None:
@@ -591,11 +627,11 @@ class AffWild2:
             raise DataError(self.root, "data root is not a folder")
         # abspath, not resolve: a symlinked data folder keeps the name the user gave it.
         self.name: str = Path(os.path.abspath(self.root)).name
-        self.annotations_dir: Path = self._locate_annotations(annotations)
-        self._task_dirs: dict[str, Path | None] = {t: self._locate_task_dir(t) for t in TASKS}
+        self.annotations_dir: Path | None = self._locate_annotations(annotations)
+        self._task_dirs: dict[str, Path | None] = {t.name: self._locate_task_dir(t) for t in single_tasks()}
         self._mtl_dir = self._locate_mtl_dir()
-        if not any(self._task_dirs.values()) and self._mtl_dir is None:
-            expected = ", ".join(d for t in TASKS for d in TASK_DIRS[t])
+        if self.annotations_dir is not None and not any(self._task_dirs.values()) and self._mtl_dir is None:
+            expected = ", ".join(d for t in single_tasks() for d in t.folders)
             raise DataError(self.annotations_dir, f"no task folder in this annotations folder (expected "
                                                   f"{expected})")
         self._video_files: dict[tuple[str, str], dict[str, Path]] = {}
@@ -608,10 +644,22 @@ class AffWild2:
     def __repr__(self) -> str:
         return f"AffWild2(root={str(self.root)!r}, annotations_dir={str(self.annotations_dir)!r})"
 
+    @property
+    def has_annotations(self) -> bool:
+        """False for a tree of crops alone (no annotations folder under the root and none given)."""
+        return self.annotations_dir is not None
+
+    def _require_annotations(self) -> Path:
+        if self.annotations_dir is None:
+            raise DataError(self.root, _NO_ANNOTATIONS)
+        return self.annotations_dir
+
     # -- locating folders
 
-    def _locate_annotations(self, annotations: str | Path | None) -> Path:
+    def _locate_annotations(self, annotations: str | Path | None) -> Path | None:
         if annotations is None:
+            if not _annotation_dir_names(self.root):
+                return None  # crops alone: fine for extraction; annotations are asked for when needed
             return find_annotations_dir(self.root)
         path = Path(annotations)
         if not path.exists() and not path.is_absolute() and (self.root / path).exists():
@@ -620,9 +668,11 @@ class AffWild2:
             raise DataError(path, "annotations folder not found")
         return path
 
-    def _locate_task_dir(self, task: str) -> Path | None:
+    def _locate_task_dir(self, spec: Task) -> Path | None:
+        if self.annotations_dir is None:
+            return None
         children = _child_dirs(self.annotations_dir)
-        present = [children[d.lower()] for d in TASK_DIRS[task] if d.lower() in children]
+        present = [children[d.lower()] for d in spec.folders if d.lower() in children]
         if len(present) > 1:
             # Both EXPR names side by side: the newer release name wins, but say so.
             _warn(f"{self.annotations_dir}: both {present[0].name} and {present[1].name} exist; "
@@ -630,6 +680,8 @@ class AffWild2:
         return present[0] if present else None
 
     def _locate_mtl_dir(self) -> Path | None:
+        if self.annotations_dir is None:
+            return None
         children = _child_dirs(self.annotations_dir)
         dirs = sorted(p for name, p in children.items() if _MTL_DIR_RE.fullmatch(name))
         return dirs[0] if dirs else None
@@ -637,6 +689,7 @@ class AffWild2:
     def task_dir(self, task: str) -> Path | None:
         """The task's folder inside the annotations folder (None if the release has none)."""
         _check_task(task)
+        self._require_annotations()
         return self._task_dirs[task]
 
     def split_dir(self, task: str, split: str) -> Path | None:
@@ -656,6 +709,9 @@ class AffWild2:
                 for e in _scandir(folder):
                     if e.name.lower().endswith(".txt") and e.is_file():
                         files[e.name[:-4]] = Path(e.path)
+                bad = sorted(v for v in files if video_name_problem(v) is not None)
+                if bad:
+                    check_video_names(bad, files[bad[0]], "annotation file")
             self._video_files[key] = dict(sorted(files.items()))
         return self._video_files[key]
 
@@ -671,7 +727,7 @@ class AffWild2:
         files = self._files(task, split)
         if video not in files:
             where = self.split_dir(task, split) or self.annotations_dir
-            raise DataError(where, f"no {task.upper()} {split} annotation for video {video!r}")
+            raise DataError(where or self.root, f"no {task.upper()} {split} annotation for video {video!r}")
         return files[video]
 
     def annotation(self, task: str, split: str, video: str) -> Annotation:
@@ -693,10 +749,29 @@ class AffWild2:
     def _crops(self) -> dict[str, Path]:
         if self._crop_index is None:
             index: dict[str, Path] = {}
-            for crop_root in self._crop_roots():
+            roots = self._crop_roots()
+            for crop_root in roots:
                 self._index_crop_tree(crop_root, index, 0)
+            if not roots:
+                self._index_bare_crops(index)
+            bad = sorted(v for v in index if video_name_problem(v) is not None)
+            if bad:
+                check_video_names(bad, index[bad[0]], "crop folder")
             self._crop_index = dict(sorted(index.items()))
         return self._crop_index
+
+    def _index_bare_crops(self, index: dict[str, Path]) -> None:
+        """No crop root (cropped_aligned, batchN): crops alone, as a user's own videos often come. The root
+        itself is one video's crop folder if it holds JPEGs; otherwise each folder directly under it that
+        holds JPEGs is a video (one level only: a run directory's plots deeper down are not crops)."""
+        if _classify(str(self.root)) == "crops":
+            index[self.name] = self.root
+            return
+        for entry in sorted(_scandir(self.root), key=lambda e: e.name):
+            if not entry.is_dir() or Path(entry.path) == self.annotations_dir:
+                continue
+            if _classify(entry.path) == "crops":
+                index[entry.name] = Path(entry.path)
 
     def _index_crop_tree(self, folder: Path, index: dict[str, Path], depth: int) -> None:
         for entry in sorted(_scandir(folder), key=lambda e: e.name):
@@ -721,15 +796,14 @@ class AffWild2:
 
     def crop_frames(self, video: str) -> np.ndarray:
         """int32, ascending: the frame numbers that have a ``NNNNN.jpg`` (empty without a crop folder).
-        Gaps are frames where no face was detected; numbers past the annotation's N have no label."""
+        Gaps are frames where no face was detected; numbers past the annotation's N have no label.
+
+        The one rule for crop names is ``abawfeat.data.names.crop_frame``: a JPEG in the folder that is not
+        a crop name (``1.jpg``, ``00000.jpg``, ``frame7.jpg``, ``00001.JPG``) is a ``DataError`` naming it;
+        other files (``Thumbs.db``, a ``.png``) and hidden files are ignored."""
         if video not in self._crop_frames:
             folder = self.crop_dir(video)
-            if folder is None:
-                frames = np.zeros(0, dtype=np.int32)
-            else:
-                numbers = [_crop_frame(e.name) for e in _scandir(folder)]
-                frames = np.array([n for n in numbers if n is not None], dtype=np.int32)
-                frames.sort()
+            frames = np.zeros(0, dtype=np.int32) if folder is None else _list_crops(folder)
             _freeze(frames)
             self._crop_frames[video] = frames
         return self._crop_frames[video]
@@ -739,7 +813,7 @@ class AffWild2:
         folder = self.crop_dir(video)
         if folder is None:
             raise DataError(self.root, f"no crop folder for video {video!r}")
-        return folder / f"{int(frame):05d}.jpg"
+        return folder / crop_file_name(frame)
 
     def crop_mask(self, video: str, n_frames: int) -> np.ndarray:
         """bool [n_frames]: whether frame i + 1 has a crop (extension of the contract)."""
@@ -754,40 +828,46 @@ class AffWild2:
     def _release_dir(self, name: str) -> Path | None:
         """A release folder (test lists, sample files) under the root or, failing that, the annotations."""
         for parent in (self.root, self.annotations_dir):
+            if parent is None:
+                continue
             found = _child_dirs(parent).get(name.lower())
             if found is not None:
                 return found
         return None
 
     def test_list_file(self, task: str) -> Path | None:
-        _check_task(task)
+        spec = _check_task(task)
         folder = self._release_dir(_TEST_LIST_DIR)
         if folder is None:
             return None
         files = {e.name.lower(): Path(e.path) for e in _scandir(folder) if e.is_file()}
-        exact = files.get(TEST_LIST_FILES[task].lower())
+        exact = files.get(spec.test_list_file.lower())
         if exact is not None:
             return exact
-        keyword = _TEST_LIST_KEYWORDS[task]
+        keyword = spec.test_list_keyword
         matches = sorted(p for n, p in files.items() if keyword in n and n.endswith(".txt"))
         if len(matches) > 1:
             listed = ", ".join(p.name for p in matches)
-            raise DataError(folder, f"several {task.upper()} test lists: {listed}")
+            raise DataError(folder, f"several {spec.title} test lists: {listed}")
         return matches[0] if matches else None
 
     def test_videos(self, task: str) -> list[str]:
         """Sorted names of the task's test videos ([] when the release has no test list)."""
         path = self.test_list_file(task)
-        return sorted(read_name_list(path)) if path is not None else []
+        if path is None:
+            return []
+        names = read_name_list(path)
+        check_video_names(names, path, "video in this list")
+        return sorted(names)
 
     def sample_file(self, task: str) -> Path | None:
         """The organisers' sample prediction file ``*_{VA,Expr,AU}_test_set_sample.txt``. If several
         editions are present (6th and 8th), the highest edition number wins."""
-        _check_task(task)
+        spec = _check_task(task)
         folder = self._release_dir(_SAMPLE_DIR)
         if folder is None:
             return None
-        suffix = f"_{SAMPLE_FILE_TAGS[task]}_test_set_sample.txt".lower()
+        suffix = f"_{spec.sample_tag}_test_set_sample.txt".lower()
         matches = sorted(Path(e.path) for e in _scandir(folder) if e.name.lower().endswith(suffix))
         if len(matches) <= 1:
             return matches[0] if matches else None
@@ -800,7 +880,7 @@ class AffWild2:
         newest = [p for p in matches if edition(p) == best]
         if len(newest) > 1:
             listed = ", ".join(p.name for p in newest)
-            raise DataError(folder, f"several {task.upper()} sample files of the same edition: {listed}")
+            raise DataError(folder, f"several {spec.title} sample files of the same edition: {listed}")
         return newest[0]
 
     def sample_frame_counts(self, task: str) -> dict[str, int]:
@@ -809,8 +889,9 @@ class AffWild2:
         if task not in self._sample_counts:
             path = self.sample_file(task)
             if path is None:
-                pattern = f"*_{SAMPLE_FILE_TAGS[task]}_test_set_sample.txt"
-                raise DataError(self.root, f"no {task.upper()} sample file ({pattern}) in {_SAMPLE_DIR}/")
+                spec = _check_task(task)
+                pattern = f"*_{spec.sample_tag}_test_set_sample.txt"
+                raise DataError(self.root, f"no {spec.title} sample file ({pattern}) in {_SAMPLE_DIR}/")
             self._sample_counts[task] = read_sample_frame_counts(path)
         return self._sample_counts[task]
 
@@ -838,7 +919,7 @@ class AffWild2:
             path = self.mtl_file(split)
             if path is None:
                 example = "train_set.txt" if split == "train" else "validation_set.txt"
-                raise DataError(self.annotations_dir,
+                raise DataError(self._require_annotations(),
                                 f"no multi-task {split} file (e.g. MTL_Challenge/{example})")
             self._mtl[split] = read_mtl_file(path)
         return self._mtl[split]
@@ -851,10 +932,13 @@ class AffWild2:
 
         ``details=True`` (extension) adds ``valid_without_crop``, ``crops_past_end`` (crops after the last
         annotated frame), ``videos_without_crops`` and ``out_of_range``. ``progress`` shows a bar on stderr.
+        A tree without annotations has no annotated videos: every count is 0 (``crop_summary`` says more).
         """
-        jobs = [(t, s, v) for t in TASKS for s in SPLITS for v in self.videos(t, s)]
+        names = [t.name for t in single_tasks()]
+        listed = {(t, s): self.videos(t, s) if self.has_annotations else [] for t in names for s in SPLITS}
+        jobs = [(t, s, v) for (t, s), videos in listed.items() for v in videos]
         stats = {(t, s): dict.fromkeys(("frames", "valid", "usable", "past", "no_crops", "bad"), 0)
-                 for t in TASKS for s in SPLITS}
+                 for t in names for s in SPLITS}
         with _maybe_progress(progress, len(jobs), "annotations") as advance:
             for task, split, video in jobs:
                 ann = self.annotation(task, split, video)
@@ -869,11 +953,11 @@ class AffWild2:
                 st["bad"] += ann.n_out_of_range
                 advance()
         rows: list[dict[str, Any]] = []
-        for task in TASKS:
+        for task in names:
             for split in SPLITS:
                 st = stats[(task, split)]
                 row: dict[str, Any] = {
-                    "task": task, "split": split, "videos": len(self.videos(task, split)),
+                    "task": task, "split": split, "videos": len(listed[(task, split)]),
                     "frames": st["frames"], "valid_frames": st["valid"], "usable_frames": st["usable"],
                 }
                 if details:
@@ -882,18 +966,36 @@ class AffWild2:
                 rows.append(row)
         return rows
 
+    def crop_summary(self, progress: bool = False) -> dict[str, Any]:
+        """Every crop folder (extension), read with the same rule as ``abawfeat extract``: ``videos`` with a
+        crop folder, ``crops`` in them, and ``unannotated`` (videos annotated for no task and split: test
+        videos, or all of them in a tree of crops alone). A bad crop or folder name raises here as there."""
+        videos = self.videos_with_crops()
+        annotated: set[str] = set()
+        if self.has_annotations:
+            for spec in single_tasks():
+                for split in SPLITS:
+                    annotated.update(self.videos(spec.name, split))
+        n_crops = 0
+        with _maybe_progress(progress, len(videos), "folders") as advance:
+            for video in videos:
+                n_crops += len(self.crop_frames(video))
+                advance()
+        return {"videos": len(videos), "crops": n_crops,
+                "unannotated": sum(v not in annotated for v in videos)}
+
     def test_summary(self) -> list[dict[str, Any]]:
         """One row per task for the test set (extension): ``videos`` (from the test list, else the sample
         file), ``frames`` (sum of N from the sample file, None without one) and ``videos_without_crops``."""
         rows = []
-        for task in TASKS:
-            videos = self.test_videos(task)
-            counts = self.sample_frame_counts(task) if self.sample_file(task) is not None else None
+        for name in (t.name for t in single_tasks()):
+            videos = self.test_videos(name)
+            counts = self.sample_frame_counts(name) if self.sample_file(name) is not None else None
             if not videos and counts:
                 videos = sorted(counts)
             frames = None if counts is None else sum(counts.get(v, 0) for v in videos)
             crops = self._crops()
-            rows.append({"task": task, "split": "test", "videos": len(videos), "frames": frames,
+            rows.append({"task": name, "split": "test", "videos": len(videos), "frames": frames,
                          "videos_without_crops": sum(v not in crops for v in videos)})
         return rows
 

@@ -1,4 +1,4 @@
-"""Face crops as training data for end-to-end fine-tuning (``train-head --unfreeze``).
+"""Face crops as training data for end-to-end fine-tuning (``abawfeat finetune``).
 
 Stage two trains on a ``SequenceSet`` whose rows are cached features. Fine-tuning builds the very same
 ``SequenceSet`` (same videos, rows = crops, same timeline, same labels, same multi-task split rules) from
@@ -278,7 +278,7 @@ class FrameWindows(Dataset):
 def collate_batch(items: Sequence[dict[str, Any]]) -> Any:
     """Samples -> stage two's ``Batch`` (inputs are images [B, L, 3, S, S]); raises the DataError of an
     undecodable crop (see ``check_batch`` for batches collated in DataLoader workers)."""
-    from abawfeat.train import Batch
+    from abawfeat.data.batches import Batch
 
     for it in items:
         if "error" in it:

@@ -13,6 +13,11 @@ Two views of one split live side by side in a ``SequenceSet``:
 
 A training label for a row is the annotation of its frame; frames without a crop have no row, so they never
 enter a loss. At inference, outputs on rows are spread to the timeline with ``submission.fill_missing``.
+
+Several caches (early or late fusion) are aligned per video by frame number: the rows are the union of the
+caches' frames, each cache's features fill its own columns, and one availability column per cache (1 where
+it has the frame, 0 where it does not) follows them, so a missing frame is never silently a zero feature:
+the head sees the mask (``groups`` records the caches' feature sizes).
 """
 
 from __future__ import annotations
@@ -23,16 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from abawfeat.constants import AU_NAMES, TASKS
 from abawfeat.errors import CacheError, ConfigError
+from abawfeat.tasks import single, single_tasks, task_names
 from abawfeat.utils.progress import warn
 
-# Label array layout per task on the timeline: (trailing shape, dtype, fill value for frames without one).
-LABEL_SPECS: dict[str, tuple[tuple[int, ...], Any, float]] = {
-    "va": ((2,), np.float32, -5.0),
-    "expr": ((), np.int64, -1),
-    "au": ((len(AU_NAMES),), np.int8, -1),
-}
+# The task set a 7th-ABAW multi-task file holds.
+_MTL_SET = "mtl"
 
 
 @dataclass
@@ -52,6 +53,9 @@ class SequenceSet:
     # Per task, int64 [V]: the task's N for each video (0 = the video is not in that task's list). The
     # timeline of a video is as long as the longest of its tasks; each task scores only its own frames.
     task_frames: dict[str, np.ndarray] = field(default_factory=dict)
+    # Fused caches: the feature size of each; their columns come first, then one availability column per
+    # cache. () = one cache, every column a feature.
+    groups: tuple[int, ...] = ()
     _row_cache: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
     @property
@@ -69,14 +73,13 @@ class SequenceSet:
     def row_labels(self, task: str) -> tuple[np.ndarray, np.ndarray]:
         """(labels, valid) per row for ``task``: the annotation of each crop's frame (memoised)."""
         if task not in self._row_cache:
-            spec_shape, dtype, fill = LABEL_SPECS[task]
             has = self.row_to_tl >= 0
             idx = np.where(has, self.row_to_tl, 0)
             if task in self.labels:
                 lab = self.labels[task][idx]
                 ok = self.valid[task][idx] & has
             else:
-                lab = np.full((self.n_rows, *spec_shape), fill, dtype=dtype)
+                lab = single(task).empty_labels(self.n_rows)
                 ok = np.zeros(self.n_rows, dtype=bool)
             self._row_cache[task] = (lab, ok)
         return self._row_cache[task]
@@ -97,25 +100,45 @@ class SequenceSet:
         has_crop[self.row_to_tl[self.row_to_tl >= 0]] = True
         return names, frame, has_crop
 
+    def present(self) -> np.ndarray | None:
+        """bool [R, C]: which fused cache has each row's frame (None for one cache: all of them)."""
+        if not self.groups:
+            return None
+        return self.features[:, sum(self.groups):] > 0.5
+
     def feature_stats(
         self, rows: np.ndarray | None = None, chunk: int = 16384
     ) -> tuple[np.ndarray, np.ndarray]:
         """Per-dimension mean and std over ``rows`` (all rows by default), accumulated in float64 by chunk so
-        no float32 copy of the whole array is ever made."""
+        no float32 copy of the whole array is ever made. Fused caches: each cache's columns over the rows
+        where it has the frame; availability columns get mean 0 and std 1 (they pass through unchanged)."""
         idx = np.arange(self.n_rows) if rows is None else np.asarray(rows)
         d = self.feature_dim
         if idx.size == 0:
             return np.zeros(d, np.float32), np.ones(d, np.float32)
+        n_feat = sum(self.groups) if self.groups else d
+        bounds = np.cumsum([0, *self.groups]) if self.groups else np.array([0, d])
         s = np.zeros(d, np.float64)
         s2 = np.zeros(d, np.float64)
+        n = np.zeros(d, np.float64)
         contiguous = rows is None
         for start in range(0, idx.size, chunk):
             block = (self.features[start : start + chunk] if contiguous
                      else self.features[idx[start : start + chunk]]).astype(np.float64)
+            if self.groups:
+                weight = np.zeros_like(block)
+                for c in range(len(self.groups)):
+                    weight[:, bounds[c] : bounds[c + 1]] = block[:, n_feat + c : n_feat + c + 1]
+                block = block * weight
+            else:
+                weight = np.ones((1, d))
             s += block.sum(axis=0)
             s2 += np.square(block).sum(axis=0)
-        mean = s / idx.size
-        var = np.maximum(s2 / idx.size - mean**2, 0.0)
+            n += np.broadcast_to(weight, block.shape).sum(axis=0)
+        n = np.maximum(n, 1.0)
+        mean = s / n
+        var = np.maximum(s2 / n - mean**2, 0.0)
+        mean[n_feat:], var[n_feat:] = 0.0, 1.0
         return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
 
 
@@ -125,9 +148,9 @@ class SequenceSet:
 def uses_mtl_file(data: Any, tasks: Sequence[str], split: str) -> bool:
     """Multi-task data from a 7th-ABAW multi-task file (s-Aff-Wild2): only when the tree has no per-task
     annotation folders but has the multi-task file of ``split``; per-task files win when both exist."""
-    if tuple(tasks) != TASKS or split not in ("train", "val") or not hasattr(data, "mtl_file"):
+    if tuple(tasks) != task_names(_MTL_SET) or split not in ("train", "val") or not hasattr(data, "mtl_file"):
         return False
-    if any(data.task_dir(t) is not None for t in TASKS):
+    if any(data.task_dir(t) is not None for t in tasks):
         return False
     return data.mtl_file(split) is not None
 
@@ -136,8 +159,14 @@ def split_videos(data: Any, tasks: Sequence[str], split: str) -> list[str]:
     """Videos of ``split`` for any of ``tasks``: the annotation lists (train/val) or the test lists.
 
     Multi-task training drops a train video that is a validation video of another task, so no frame of the
-    validation split ever shapes the weights through a neighbouring task.
+    validation split ever shapes the weights through a neighbouring task. ``trainval``: the videos of both
+    (cross-validation folds are drawn from them).
     """
+    if split == "trainval":
+        if any(uses_mtl_file(data, tasks, s) for s in ("train", "val")):
+            raise ConfigError(f"{data.root}: cross-validation over train+val needs the per-task annotation "
+                              "folders, not only a multi-task file")
+        return sorted({v for t in tasks for s in ("train", "val") for v in data.videos(t, s)})
     if split == "test":
         names: set[str] = set()
         for task in tasks:
@@ -153,8 +182,8 @@ def split_videos(data: Any, tasks: Sequence[str], split: str) -> list[str]:
         names |= set(data.videos(task, split))
     if split == "train" and len(tasks) > 1:
         held_out: set[str] = set()
-        for task in TASKS:
-            held_out |= set(data.videos(task, "val"))
+        for spec in single_tasks():
+            held_out |= set(data.videos(spec.name, "val"))
         names -= held_out
     return sorted(names)
 
@@ -167,7 +196,6 @@ def _annotation_plan(data: Any, tasks: tuple[str, ...], split: str, videos: list
     plan: _Plan = {t: {} for t in tasks}
     if uses_mtl_file(data, tasks, split):
         m = data.mtl_annotations(split)
-        columns = {"va": (m.va, m.va_valid), "expr": (m.expr, m.expr_valid), "au": (m.au, m.au_valid)}
         for video in videos:
             sel = np.flatnonzero(m.video == video)
             if sel.size == 0:
@@ -175,25 +203,27 @@ def _annotation_plan(data: Any, tasks: tuple[str, ...], split: str, videos: list
             frames = m.frame[sel].astype(np.int64)
             n = int(frames.max())
             for t in tasks:
-                spec_shape, dtype, fill = LABEL_SPECS[t]
-                lab = np.full((n, *spec_shape), fill, dtype=dtype)
+                spec = single(t)
+                lab = spec.empty_labels(n)
                 ok = np.zeros(n, dtype=bool)
-                values, valid = columns[t]
                 # Static frames: only the listed ones carry labels; the rest of the timeline is unlabelled.
-                lab[frames - 1] = values[sel].astype(dtype, copy=False).reshape(-1, *spec_shape)
-                ok[frames - 1] = valid[sel]
+                values = m.labels[t][sel].astype(spec.label_dtype, copy=False)
+                lab[frames - 1] = values.reshape(-1, *spec.label_shape)
+                ok[frames - 1] = m.valid[t][sel]
                 plan[t][video] = (n, lab, ok)
         return plan
     for t in tasks:
-        listed = set(data.test_videos(t)) if split == "test" else set(data.videos(t, split))
+        # Where each video's annotation of this task is: its split's folder (train+val: whichever has it).
+        home = {v: s for s in (("train", "val") if split == "trainval" else (split,))
+                for v in (data.test_videos(t) if s == "test" else data.videos(t, s))}
         for video in videos:
-            if video not in listed:
+            if video not in home:
                 continue
             if split == "test":
                 counts = dict(data.sample_frame_counts(t)) if data.sample_file(t) is not None else {}
                 plan[t][video] = (int(counts.get(video, 0)), None, None)
             else:
-                ann = data.annotation(t, split, video)
+                ann = data.annotation(t, home[video], video)
                 valid = np.asarray(ann.valid, dtype=bool)
                 plan[t][video] = (int(ann.n_frames), np.asarray(ann.labels), valid)
     return plan
@@ -206,7 +236,8 @@ def load_split(
     split: str,
     videos: Iterable[str] | None = None,
 ) -> SequenceSet:
-    """Pack ``split`` for ``tasks`` (``data``: an ``AffWild2``; ``cache``: a ``FeatureCache``).
+    """Pack ``split`` for ``tasks`` (``data``: an ``AffWild2``; ``cache``: a ``FeatureCache``, or a list of
+    them to fuse: rows are then aligned by frame number, see the module docstring).
 
     train/val: timeline lengths and labels from the annotation files (or, for multi-task data that only
     comes as a 7th-ABAW multi-task file, from that file). test: N from the organisers' sample file when it
@@ -217,32 +248,36 @@ def load_split(
     a warning for training, refused for val and test, where every frame counts.
     """
     tasks = tuple(tasks)
-    if split not in ("train", "val", "test"):
-        raise ConfigError(f"unknown split {split!r}: use train, val or test")
+    caches = list(cache) if isinstance(cache, (list, tuple)) else [cache]
+    if split not in ("train", "val", "test", "trainval"):
+        raise ConfigError(f"unknown split {split!r}: use train, val, test or trainval")
     wanted = sorted(videos) if videos is not None else split_videos(data, tasks, split)
     kept: list[str] = []
-    missing: list[str] = []
     for video in wanted:
-        if video in cache or _crop_count(data, video) == 0:
-            kept.append(video)
-        else:
-            missing.append(video)
-    if missing:
-        listed = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
-        message = (f"{cache.path}: {len(missing)} {split} video(s) with face crops are not in the cache "
-                   f"({listed}); run `abawfeat extract` to complete it")
-        if split == "train":
-            warn(message + "; training without them")
-        else:
-            raise CacheError(message)
+        lacking = [c for c in caches if video not in c]
+        if lacking and _crop_count(data, video):
+            continue
+        kept.append(video)
+    for c in caches:
+        missing = [v for v in wanted if v not in c and v not in kept]
+        if missing:
+            listed = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+            message = (f"{c.path}: {len(missing)} {split} video(s) with face crops are not in the cache "
+                       f"({listed}); run `abawfeat extract` to complete it")
+            if split == "train":
+                warn(message + "; training without them")
+            else:
+                raise CacheError(message)
     if not kept:
         raise ConfigError(f"{data.root}: no {split} videos for task(s) {', '.join(tasks)}")
 
     plan = _annotation_plan(data, tasks, split, kept)
     n_videos = len(kept)
-    row_frames_list = [
-        cache.frames(v).astype(np.int32) if v in cache else np.zeros(0, np.int32) for v in kept
-    ]
+    per_cache = [[c.frames(v).astype(np.int32) if v in c else np.zeros(0, np.int32) for v in kept]
+                 for c in caches]
+    # One row per frame that any cache has: the union, ascending.
+    row_frames_list = [np.unique(np.concatenate([f[v] for f in per_cache])).astype(np.int32)
+                       for v in range(n_videos)] if len(caches) > 1 else per_cache[0]
     task_frames = {t: np.zeros(n_videos, dtype=np.int64) for t in tasks}
     guessed: set[str] = set()
     for t in tasks:
@@ -252,7 +287,7 @@ def load_split(
             n = plan[t][video][0]
             if n == 0 and split == "test":
                 # Not in the organisers' sample file: up to the last crop (or undecodable crop) we know of.
-                n = _last_crop(cache, video, row_frames_list[v])
+                n = _last_crop(caches[0], video, row_frames_list[v])
                 if n == 0:
                     raise CacheError(f"{cache.path}: test video {video!r} has no crop and no sample-file "
                                      "entry; its frame count is unknown")
@@ -270,14 +305,15 @@ def load_split(
     valid: dict[str, np.ndarray] = {}
     if split != "test":
         for t in tasks:
-            spec_shape, dtype, fill = LABEL_SPECS[t]
-            lab = np.full((int(tl_offsets[-1]), *spec_shape), fill, dtype=dtype)
+            spec = single(t)
+            lab = spec.empty_labels(int(tl_offsets[-1]))
             ok = np.zeros(int(tl_offsets[-1]), dtype=bool)
             for v, video in enumerate(kept):
                 if video in plan[t]:
                     n, values, good = plan[t][video]
                     lo = int(tl_offsets[v])
-                    lab[lo : lo + n] = np.asarray(values).astype(dtype, copy=False).reshape(n, *spec_shape)
+                    lab[lo : lo + n] = np.asarray(values).astype(spec.label_dtype, copy=False).reshape(
+                        n, *spec.label_shape)
                     ok[lo : lo + n] = good
             labels[t], valid[t] = lab, ok
 
@@ -285,20 +321,35 @@ def load_split(
     lengths = np.array([len(f) for f in row_frames_list], dtype=np.int64)
     row_offsets = np.zeros(n_videos + 1, dtype=np.int64)
     np.cumsum(lengths, out=row_offsets[1:])
-    dtype = np.dtype(getattr(cache, "dtype", np.float16))
-    features = np.empty((int(row_offsets[-1]), int(cache.feature_dim)), dtype=dtype)
+    dtypes = {np.dtype(getattr(c, "dtype", np.float16)) for c in caches}
+    dtype = dtypes.pop() if len(dtypes) == 1 else np.dtype(np.float32)
+    dims = [int(c.feature_dim) for c in caches]
+    fused = len(caches) > 1
+    width = sum(dims) + (len(caches) if fused else 0)
+    features = np.zeros((int(row_offsets[-1]), width), dtype=dtype) if fused else np.empty(
+        (int(row_offsets[-1]), width), dtype=dtype)
     row_frames = np.concatenate(row_frames_list) if row_frames_list else np.zeros(0, np.int32)
     row_to_tl = np.full(int(row_offsets[-1]), -1, dtype=np.int64)
+    starts = np.cumsum([0, *dims])
     for v, video in enumerate(kept):
         lo, hi = int(row_offsets[v]), int(row_offsets[v + 1])
-        if hi > lo:
-            features[lo:hi] = cache.features(video, dtype=None)
-            f = row_frames[lo:hi].astype(np.int64)
-            row_to_tl[lo:hi] = np.where(f <= n_tl[v], tl_offsets[v] + f - 1, -1)
+        if hi == lo:
+            continue
+        for c, cache_c in enumerate(caches):
+            frames_c = per_cache[c][v]
+            if frames_c.size == 0:
+                continue
+            # Where each of this cache's frames sits among the video's rows (the union, ascending).
+            at = lo + np.searchsorted(row_frames[lo:hi], frames_c) if fused else slice(lo, hi)
+            features[at, starts[c] : starts[c + 1]] = cache_c.features(video, dtype=None)
+            if fused:
+                features[at, sum(dims) + c] = 1
+        f = row_frames[lo:hi].astype(np.int64)
+        row_to_tl[lo:hi] = np.where(f <= n_tl[v], tl_offsets[v] + f - 1, -1)
     return SequenceSet(
         split=split, tasks=tasks, videos=kept, features=features, row_offsets=row_offsets,
         row_frames=row_frames, tl_offsets=tl_offsets, row_to_tl=row_to_tl, labels=labels, valid=valid,
-        task_frames=task_frames,
+        task_frames=task_frames, groups=tuple(dims) if fused else (),
     )
 
 

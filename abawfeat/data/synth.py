@@ -26,21 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from abawfeat.constants import (
-    AU_INVALID,
-    AU_NAMES,
-    EXPR_CLASSES,
-    EXPR_INVALID,
-    HEADERS,
-    SAMPLE_FILE_TAGS,
-    SPLIT_DIRS,
-    SPLITS,
-    SUBMISSION_HEADERS,
-    TASK_DIRS,
-    TASKS,
-    TEST_LIST_FILES,
-)
+from abawfeat.constants import AU_NAMES, EXPR_CLASSES, SPLIT_DIRS, SPLITS
 from abawfeat.errors import ConfigError
+from abawfeat.tasks import single, single_task_names, single_tasks
 from abawfeat.utils.configs import read_json, to_dict
 from abawfeat.utils.io import write_json
 
@@ -346,9 +334,9 @@ def plan(cfg: SynthConfig) -> list[VideoPlan]:
     for split in splits:
         r = rng.random()
         if split not in seen_split or r >= cfg.single_task_fraction + cfg.two_task_fraction:
-            tasks: tuple[str, ...] = TASKS
+            tasks: tuple[str, ...] = single_task_names()
         elif r < cfg.single_task_fraction:
-            tasks = (TASKS[int(rng.integers(3))],)
+            tasks = (single_task_names()[int(rng.integers(3))],)
         else:
             tasks = _TASK_COMBOS_2[int(rng.integers(3))]
         seen_split.add(split)
@@ -402,7 +390,7 @@ def plan(cfg: SynthConfig) -> list[VideoPlan]:
         counts = _allocate(cfg.missing_crop_rate, [v.n_frames for v in group])
         n_missing.update({v.index: c for v, c in zip(group, counts, strict=True)})
     n_invalid: dict[tuple[str, int], int] = {}
-    for task in TASKS:
+    for task in single_task_names():
         having = [v for v in annotated_videos if task in v.tasks]
         counts = _allocate(invalid_rates[task], [v.n_frames for v in having])
         n_invalid.update({(task, v.index): c for v, c in zip(having, counts, strict=True)})
@@ -429,10 +417,10 @@ def plan(cfg: SynthConfig) -> list[VideoPlan]:
                 lab[invalid] = -5.0
             elif task == "expr":
                 lab = expr[:n].copy()
-                lab[invalid] = EXPR_INVALID
+                lab[invalid] = single("expr").invalid
             else:
                 lab = (state[:n, : len(AU_NAMES)] > cfg.au_threshold).astype(np.int64)
-                lab[invalid] = AU_INVALID
+                lab[invalid] = single("au").invalid
             v.labels[task] = lab
     return videos
 
@@ -451,14 +439,14 @@ def _format_rows(task: str, labels: np.ndarray) -> list[str]:
 
 def _annotation_text(task: str, labels: np.ndarray, crlf: bool, final_newline: bool) -> bytes:
     eol = "\r\n" if crlf else "\n"
-    text = eol.join([",".join(HEADERS[task]), *_format_rows(task, labels)])
+    text = eol.join([",".join(single(task).header), *_format_rows(task, labels)])
     return (text + (eol if final_newline else "")).encode("ascii")
 
 
 def _sample_text(task: str, videos: Sequence[VideoPlan]) -> bytes:
     # The organisers' sample lists every frame 1..N of every test video, face or not; values are placeholders.
     value = {"va": "0,0", "expr": "0", "au": ",".join(["0"] * len(AU_NAMES))}[task]
-    lines = [SUBMISSION_HEADERS[task]]
+    lines = [single(task).submission_header]
     for v in videos:
         lines.extend(f"{v.name}/{k:05d}.jpg,{value}" for k in range(1, v.n_frames + 1))
     return ("\n".join(lines) + "\n").encode("ascii")
@@ -467,7 +455,7 @@ def _sample_text(task: str, videos: Sequence[VideoPlan]) -> bytes:
 def _summary(videos: Sequence[VideoPlan]) -> list[dict[str, Any]]:
     """Rows of ``abawfeat data summary --json`` as decided here: usable = valid label and a crop exists."""
     rows = []
-    for task in TASKS:
+    for task in single_task_names():
         for split in SPLITS:
             vids = [v for v in videos if v.split == split and task in v.tasks]
             frames = valid = usable = 0
@@ -486,7 +474,7 @@ def _summary(videos: Sequence[VideoPlan]) -> list[dict[str, Any]]:
 def _manifest(cfg: SynthConfig, videos: Sequence[VideoPlan], files: dict[str, list[str]],
               complete: bool) -> dict[str, Any]:
     test_rows = []
-    for task in TASKS:
+    for task in single_task_names():
         vids = [v for v in videos if v.split == "test" and task in v.tasks]
         test_rows.append({"task": task, "split": "test", "videos": len(vids),
                           "frames": sum(v.n_frames for v in vids),
@@ -517,7 +505,7 @@ def _manifest(cfg: SynthConfig, videos: Sequence[VideoPlan], files: dict[str, li
             "extra_crops": {v.name: int((v.crop_frames > v.n_frames).sum()) for v in videos
                             if (v.crop_frames > v.n_frames).any()},
             "invalid_rows": {t: sum(int((~v.valid[t]).sum()) for v in annotated if t in v.tasks)
-                             for t in TASKS},
+                             for t in single_task_names()},
             "crlf_files": files.get("crlf", []),
             "no_final_newline_files": files.get("no_final_newline", []),
         },
@@ -786,8 +774,9 @@ def _owned_files(out: Path, manifest: dict[str, Any]) -> list[Path]:
     # interrupted write of one.
     sources = {tuple(s["file"].split("/")) for s in manifest.get("sources", [])}
     ann = manifest.get("annotations_dir", ANNOTATIONS_DIR)
-    task_dirs = {TASK_DIRS[t][0] for t in TASKS}
-    samples = {SAMPLE_FILE_NAME.format(tag=tag) for tag in SAMPLE_FILE_TAGS.values()}
+    task_dirs = {t.folders[0] for t in single_tasks()}
+    samples = {SAMPLE_FILE_NAME.format(tag=t.sample_tag) for t in single_tasks()}
+    test_lists = {t.test_list_file for t in single_tasks()}
     owned = []
     for path in sorted(out.rglob("*")):
         if path.is_dir():
@@ -800,7 +789,7 @@ def _owned_files(out: Path, manifest: dict[str, Any]) -> list[Path]:
                 and parts[2] in SPLIT_DIRS.values() and parts[3].endswith(".txt") and parts[3][:-4] in names)
             or (len(parts) == 3 and parts[0] in CROP_DIRS and parts[1] in names
                 and _CROP_NAME.match(parts[2]) is not None)
-            or (len(parts) == 2 and parts[0] == TEST_LISTS_DIR and parts[1] in TEST_LIST_FILES.values())
+            or (len(parts) == 2 and parts[0] == TEST_LISTS_DIR and parts[1] in test_lists)
             or (len(parts) == 2 and parts[0] == SAMPLES_DIR and parts[1] in samples)
             or parts in sources
             or (parts[:-1] + (_untemp(parts[-1]),)) in sources
@@ -877,7 +866,7 @@ def generate(
 
     rng = _rng(cfg.seed, 3)
     ann_files = [
-        (v, task, f"{ANNOTATIONS_DIR}/{TASK_DIRS[task][0]}/{SPLIT_DIRS[v.split]}/{v.name}.txt")
+        (v, task, f"{ANNOTATIONS_DIR}/{single(task).folders[0]}/{SPLIT_DIRS[v.split]}/{v.name}.txt")
         for v in videos if v.split != "test" for task in v.tasks
     ]
     rels = [rel for _v, _t, rel in ann_files]
@@ -890,11 +879,11 @@ def generate(
         path.write_bytes(_annotation_text(task, v.labels[task], rel in crlf, rel not in no_nl))
     (out / TEST_LISTS_DIR).mkdir(exist_ok=True)
     (out / SAMPLES_DIR).mkdir(exist_ok=True)
-    for task in TASKS:
+    for task in single_task_names():
         tests = sorted((v for v in videos if v.split == "test" and task in v.tasks), key=lambda v: v.name)
-        (out / TEST_LISTS_DIR / TEST_LIST_FILES[task]).write_bytes(
+        (out / TEST_LISTS_DIR / single(task).test_list_file).write_bytes(
             "".join(f"{v.name}\n" for v in tests).encode("ascii"))
-        (out / SAMPLES_DIR / SAMPLE_FILE_NAME.format(tag=SAMPLE_FILE_TAGS[task])).write_bytes(
+        (out / SAMPLES_DIR / SAMPLE_FILE_NAME.format(tag=single(task).sample_tag)).write_bytes(
             _sample_text(task, tests))
 
     jobs = [

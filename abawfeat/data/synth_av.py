@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from abawfeat.audio.sources import source_name
+from abawfeat.data.names import source_video
 from abawfeat.utils.io import atomic_write
 
 VIDEO_DIRS: dict[str, str] = {"cropped_aligned": "videos/batch1",
@@ -57,7 +57,7 @@ def plan_sources(videos: Sequence[Any], seed: int) -> list[dict[str, Any]]:
     rng = _rng(seed, 4)
     groups: dict[str, list[Any]] = {}
     for v in videos:
-        groups.setdefault(source_name(v.name), []).append(v)
+        groups.setdefault(source_video(v.name), []).append(v)
     names = sorted(groups)
     plans = []
     for name in names:

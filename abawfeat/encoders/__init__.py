@@ -1,4 +1,5 @@
-"""Stage-one encoders: a registry of frozen image networks, each owning its preprocessing and weights.
+"""Stage-one encoders: a registry of image networks, each owning its preprocessing, weights, calibration
+and trainable blocks (the contract: abawfeat/encoders/base.py; adding one: docs/encoders.md).
 
     from abawfeat.encoders import build_encoder, list_encoders
     encoder = build_encoder("ddamfn", weights="affectnet8")      # or random_init=True, or a checkpoint path
@@ -15,16 +16,21 @@ from abawfeat.encoders import clip as _clip  # noqa: F401  (registers "clip")
 from abawfeat.encoders import ddamfn as _ddamfn  # noqa: F401  (registers "ddamfn")
 from abawfeat.encoders import speech as _speech  # noqa: F401  (registers "wav2vec2", "hubert", "wavlm")
 from abawfeat.encoders.base import (
+    ATTENTION_MAPS,
     ENCODERS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     RANDOM_INIT,
+    Block,
     Encoder,
     EncoderInfo,
     ImageTransform,
     build_encoder,
+    encoder_options,
     list_encoders,
+    list_named_weights,
     make_config,
+    parse_options,
 )
 from abawfeat.encoders.ddamfn import (
     DDAMFNConfig,
@@ -34,14 +40,15 @@ from abawfeat.encoders.ddamfn import (
     load_ddamfn_net,
     save_published_checkpoint,
 )
-from abawfeat.encoders.weights import NAMED_WEIGHTS, NamedWeights, resolve_weights
+from abawfeat.encoders.weights import NamedWeights, resolve_weights
 
 __all__ = [
+    "ATTENTION_MAPS",
     "ENCODERS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "NAMED_WEIGHTS",
     "RANDOM_INIT",
+    "Block",
     "DDAMFNConfig",
     "DDAMFNEncoder",
     "DDAMFNNet",
@@ -51,9 +58,12 @@ __all__ = [
     "ImageTransform",
     "NamedWeights",
     "build_encoder",
+    "encoder_options",
     "list_encoders",
+    "list_named_weights",
     "load_ddamfn_net",
     "make_config",
+    "parse_options",
     "resolve_weights",
     "save_published_checkpoint",
 ]

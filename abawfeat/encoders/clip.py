@@ -4,12 +4,17 @@ Stage one caches the *unnormalised* ``encode_image`` output (heads may normalise
 cache should not throw away) and, once per cache, the encoded prompts ``prompt_template.format(emotion=w)``
 for the eight Aff-Wild2 expressions, so that stage two (zero-shot or contrastive heads) never loads CLIP.
 
-Weights (``clip_pretrained``):
-- an open_clip tag such as ``openai`` -> the file in the user cache
-  (``$ABAWFEAT_HOME/weights/open_clip/<model>/<tag>/<file>``), downloaded there when online. The tag also
-  fixes preprocessing and QuickGELU, exactly as open_clip pairs them;
-- a path to a checkpoint file -> loaded strictly, with the model config's own preprocessing;
+Weights (``clip_pretrained``, what ``--weights`` sets), through the one resolver (encoders/weights.py):
+- an open_clip tag such as ``openai`` (``named_weights``: the tags open_clip knows for the model) -> the file
+  in the user cache (``$ABAWFEAT_HOME/weights/open_clip/<model>/<tag>/<file>``), downloaded there when
+  online. The tag also fixes preprocessing and QuickGELU, exactly as open_clip pairs them;
+- a path to a checkpoint file -> loaded strictly; a file written by ``save_weights`` (fine-tuning) carries
+  its model name, QuickGELU and preprocessing, and is rebuilt with them; any other file gets the model
+  config's own preprocessing;
 - ``None`` / ``"random"`` (or ``random_init=True``) -> seeded random weights, for tests and demos.
+
+Fine-tuning trains the image tower only (``blocks``: embedding, each transformer block, final norm and
+projection); the text tower, which only encodes the prompts, stays frozen.
 
 open_clip is imported only when a CLIP encoder is described or built.
 """
@@ -28,12 +33,14 @@ from abawfeat.constants import EXPR_CLASSES
 from abawfeat.encoders.base import (
     ENCODERS,
     RANDOM_INIT,
+    Block,
     Encoder,
     EncoderInfo,
     ImageTransform,
 )
-from abawfeat.encoders.weights import download, file_sha256, looks_like_path, offline, weights_dir
+from abawfeat.encoders.weights import NamedWeights
 from abawfeat.errors import CheckpointError, ConfigError
+from abawfeat.utils.io import torch_save
 
 # Lower-case wording of EXPR_CLASSES (same order) that reads well after "a face showing ...".
 DEFAULT_PROMPT_WORDS: tuple[str, ...] = (
@@ -42,7 +49,13 @@ DEFAULT_PROMPT_WORDS: tuple[str, ...] = (
 )
 DEFAULT_TEMPLATE = "a face showing {emotion}"
 _RANDOM_SPECS = ("", "none", "random", RANDOM_INIT)
+_PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
 _HF_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip's own preference
+# Key of what ``save_weights`` stores beside open_clip's ``state_dict`` (open_clip ignores other keys).
+_META_KEY = "abawfeat_clip"
+_META_FORMAT = "abawfeat-clip-weights"
+# Members of open_clip's VisionTransformer that run before its transformer blocks; the rest run after.
+_VIT_STEM = ("conv1", "class_embedding", "positional_embedding", "patch_dropout", "ln_pre")
 
 
 @dataclass
@@ -75,54 +88,39 @@ def _check_model_name(name: str) -> None:
         raise ConfigError(f"unknown clip_model {name!r} (e.g. {', '.join(close) or 'ViT-B-32, ViT-B-16'})")
 
 
-def tag_sources(model: str, tag: str) -> tuple[Path, list[tuple[str, Path]]]:
-    """Cache folder for ``model``/``tag`` and the (url, target file) pairs to try, best first."""
-    oc = _open_clip()
-    cfg = oc.get_pretrained_cfg(model, tag)
-    folder = weights_dir() / "open_clip" / model / tag
+def tag_weights(model: str, tag: str) -> NamedWeights:
+    """An open_clip pretrained tag of ``model`` as named weights: its address (Hugging Face, where open_clip
+    publishes one, with its two possible file names; else the direct URL), its cache folder
+    ``open_clip/<model>/<tag>``, and its pretrained config (QuickGELU, preprocessing) in ``extra``."""
+    cfg = dict(_open_clip().get_pretrained_cfg(model, tag))
     hf_hub = cfg.get("hf_hub", "")
     if hf_hub:
         repo, filename = os.path.split(hf_hub)
         names = [filename] if filename else list(_HF_FILES)
-        return folder, [(f"https://huggingface.co/{repo}/resolve/main/{n}", folder / n) for n in names]
-    url = cfg.get("url", "")
-    return folder, [(url, folder / os.path.basename(url))] if url else []
+        pairs = [(f"https://huggingface.co/{repo}/resolve/main/{n}", n) for n in names]
+    elif cfg.get("url"):
+        pairs = [(cfg["url"], os.path.basename(cfg["url"]))]
+    else:
+        pairs = [("", _HF_FILES[1])]
+    (url, filename), *rest = pairs
+    return NamedWeights(
+        name=tag, encoder="clip", filename=filename, url=url, folder=f"open_clip/{model}/{tag}",
+        description=f"open_clip {model} pretrained '{tag}'", alternatives=tuple(rest),
+        extra={"model": model, "pretrained_cfg": cfg},
+    )
 
 
-def resolve_clip_weights(model: str, spec: str) -> tuple[Path, dict[str, Any], str]:
-    """(checkpoint file, open_clip pretrained cfg or {}, source description) for a tag or a path."""
-    oc = _open_clip()
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return path, {}, f"file:{path.name}"
-    cfg = oc.get_pretrained_cfg(model, spec)
-    if not cfg:
-        if looks_like_path(spec):
-            raise CheckpointError(f"{spec}: no such CLIP checkpoint file")
-        tags = ", ".join(oc.list_pretrained_tags_by_model(model)) or "none"
-        raise CheckpointError(f"clip_pretrained {spec!r} is neither a file nor an open_clip tag of {model} "
-                              f"(tags: {tags})")
-    folder, sources = tag_sources(model, spec)
-    for _, target in sources:
-        if target.is_file():
-            return target, cfg, f"open_clip:{model}:{spec}"
-    if not sources:
-        raise CheckpointError(f"open_clip has no download address for {model}:{spec}; pass a checkpoint path")
-    url, target = sources[0]
-    manual = (f"put the file at {target} (source: {url}), or pass clip_pretrained=<path to a checkpoint "
-              f"file>")
-    if offline():
-        raise CheckpointError(f"CLIP weights {model}:{spec} cannot be downloaded here "
-                              f"(ABAWFEAT_OFFLINE is set): {manual}")
-    last: BaseException | None = None
-    for url_i, target_i in sources:
-        try:
-            download(url_i, target_i)
-            return target_i, cfg, f"open_clip:{model}:{spec}"
-        except OSError as exc:  # includes HTTP 404 for a missing alternative file name
-            last = exc
-    reason = getattr(last, "reason", None) or last
-    raise CheckpointError(f"CLIP weights {model}:{spec} cannot be downloaded here ({reason}): {manual}")
+def _saved_meta(path: Path) -> dict[str, Any] | None:
+    """What ``CLIPEncoder.save_weights`` recorded in ``path``, or None for any other checkpoint file."""
+    if path.suffix in (".safetensors", ".npz", ".npy"):
+        return None
+    try:
+        # mmap: the tensors are not read, only the small dict around them.
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not ours (TorchScript archives, legacy formats): open_clip decides
+        return None
+    meta = obj.get(_META_KEY) if isinstance(obj, dict) else None
+    return meta if isinstance(meta, dict) and meta.get("format") == _META_FORMAT else None
 
 
 def _preprocessing(model: Any, where: str) -> ImageTransform:
@@ -152,6 +150,7 @@ class CLIPEncoder(Encoder):
 
     config_class = CLIPConfig
     summary = "CLIP image encoder (open_clip): unnormalised image embedding + expression-prompt embeddings"
+    weights_field = "clip_pretrained"  # --weights TAG_OR_FILE; the historical name, which caches record
 
     def __init__(self, config: CLIPConfig) -> None:
         if config.clip_pretrained is None or str(config.clip_pretrained).lower() in _RANDOM_SPECS:
@@ -173,25 +172,41 @@ class CLIPEncoder(Encoder):
                 model = oc.create_model(config.clip_model, pretrained=None)
             self.weights_source = RANDOM_INIT
             self.weights_sha256 = RANDOM_INIT
+            self.quick_gelu = False
         else:
             assert config.clip_pretrained is not None
-            path, tag_cfg, source = resolve_clip_weights(config.clip_model, config.clip_pretrained)
-            # A tag fixes how its weights were trained: QuickGELU and preprocessing travel with them.
-            keys = ("mean", "std", "interpolation", "resize_mode")
-            preprocess = {k: tag_cfg[k] for k in keys if k in tag_cfg}
+            resolved = self.resolve_weights(config.clip_pretrained, what=f"clip {config.clip_model}")
+            if resolved.named is not None:
+                # A tag fixes how its weights were trained: QuickGELU and preprocessing travel with them.
+                tag_cfg = resolved.named.extra["pretrained_cfg"]
+                quick_gelu = bool(tag_cfg.get("quick_gelu", False))
+                preprocess = {k: tag_cfg[k] for k in _PREPROCESS_KEYS if k in tag_cfg}
+                source = f"open_clip:{config.clip_model}:{config.clip_pretrained}"
+            else:
+                meta = _saved_meta(resolved.path)
+                if meta is not None and meta.get("clip_model") != config.clip_model:
+                    held = meta.get("clip_model")
+                    raise CheckpointError(f"{resolved.path}: holds CLIP {held} weights, not "
+                                          f"{config.clip_model}; add --encoder-opt clip_model={held}")
+                # Our own fine-tuned file says how its weights compute; any other file gets the model's.
+                quick_gelu = bool(meta["quick_gelu"]) if meta else False
+                preprocess = dict(meta["preprocess"]) if meta else {}
+                source = resolved.source
+            path = resolved.path
             try:
                 model = oc.create_model(
                     config.clip_model,
                     pretrained=str(path),
-                    force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
+                    force_quick_gelu=quick_gelu,
                     force_preprocess_cfg=preprocess or None,
                 )
             except Exception as exc:  # noqa: BLE001 - open_clip raises RuntimeError/KeyError/... for bad files
                 msg = str(exc).strip().splitlines()
                 raise CheckpointError(f"{path}: not a {config.clip_model} checkpoint "
                                       f"({type(exc).__name__}: {msg[0] if msg else ''})") from None
+            self.quick_gelu = quick_gelu
             self.weights_source = source
-            self.weights_sha256 = file_sha256(path)
+            self.weights_sha256 = resolved.sha256
         self.model = model.eval()
         self.transform = _preprocessing(model, f"clip {config.clip_model}")
         self.feature_dim = int(model.visual.output_dim)
@@ -200,6 +215,41 @@ class CLIPEncoder(Encoder):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         return self.model.encode_image(x), None
+
+    # -- fine-tuning --------------------------------------------------------------------------------
+    def blocks(self) -> list[Block]:
+        """The image tower in forward order: ``embed`` (patch embedding, class and positional embeddings,
+        pre-norm), ``block0`` ... one per transformer block, ``head`` (final norm, pooling, projection).
+        A tower of another kind (ResNet, timm) is one block, ``visual``."""
+        visual = self.model.visual
+        blocks_of = getattr(getattr(visual, "transformer", None), "resblocks", None)
+        if blocks_of is None:
+            return [Block("visual", ("model.visual",))]
+        members = [n for n, m in visual.named_children() if any(True for _ in m.parameters())]
+        members += [n for n, _ in visual.named_parameters(recurse=False)]
+        stem = tuple(f"model.visual.{n}" for n in members if n in _VIT_STEM)
+        head = tuple(f"model.visual.{n}" for n in members if n not in _VIT_STEM and n != "transformer")
+        out = [Block("embed", stem)] if stem else []
+        out += [Block(f"block{i}", (f"model.visual.transformer.resblocks.{i}",))
+                for i in range(len(blocks_of))]
+        return out + ([Block("head", head)] if head else [])
+
+    def save_weights(self, path: str | Path, *, step: int = 0) -> Path:
+        """The whole CLIP as a state dict open_clip loads (``{"state_dict": ...}``), plus what rebuilding
+        it needs and a path cannot say: the model name, QuickGELU and preprocessing (see ``__init__``)."""
+        state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.model.state_dict().items()}
+        meta = {
+            "format": _META_FORMAT, "version": 1, "clip_model": self.config.clip_model,
+            "quick_gelu": bool(self.quick_gelu), "step": int(step),
+            "preprocess": {k: v for k, v in self.transform.as_dict().items() if k in _PREPROCESS_KEYS},
+        }
+        return torch_save(path, {"state_dict": state, _META_KEY: meta})
+
+    @classmethod
+    def named_weights(cls, config: Any | None = None) -> dict[str, NamedWeights]:
+        """open_clip's pretrained tags for the configured model (default ViT-B-32)."""
+        model = (config or CLIPConfig()).clip_model
+        return {tag: tag_weights(model, tag) for tag in _open_clip().list_pretrained_tags_by_model(model)}
 
     def prompts(self) -> list[str]:
         return [self.config.prompt_template.format(emotion=w) for w in self.config.prompt_words]

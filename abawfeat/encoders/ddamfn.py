@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -34,16 +35,18 @@ from torch import nn
 
 from abawfeat.constants import AFFECTNET7_CLASSES, AFFECTNET8_CLASSES
 from abawfeat.encoders.base import (
+    ATTENTION_MAPS,
     ENCODERS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     RANDOM_INIT,
+    Block,
     Encoder,
     EncoderInfo,
     ImageTransform,
     tensor_sha256,
 )
-from abawfeat.encoders.weights import NAMED_WEIGHTS, resolve_weights
+from abawfeat.encoders.weights import NamedWeights
 from abawfeat.errors import CheckpointError, ConfigError
 from abawfeat.utils.io import torch_save
 
@@ -52,6 +55,62 @@ EMBEDDING_DIM = 512
 DEFAULT_WEIGHTS = "affectnet8"
 # How many key names an architecture-mismatch message shows per kind of problem.
 _SHOW_KEYS = 4
+
+# The three DDAMFN++ checkpoints published in the authors' repository (README: "The trained RAF-DB and
+# AffectNet model is available in DDAMFN++/checkpoints_ver2.0"). Addresses are pinned to the commit that
+# holds all three, so that they keep naming the same bytes.
+_DDAMFN_REPO = "https://github.com/SainingZhang/DDAMFN"
+_DDAMFN_COMMIT = "74d638ae20f63b258962570b02dc26bc6f99aa03"
+
+
+def _ddamfn_url(filename: str) -> str:
+    return f"{_DDAMFN_REPO}/raw/{_DDAMFN_COMMIT}/DDAMFN%2B%2B/checkpoints_ver2.0/{filename}"
+
+
+# DDAMFN's named weights (``DDAMFNEncoder.named_weights``), resolved by abawfeat/encoders/weights.py.
+NAMED_WEIGHTS: dict[str, NamedWeights] = {
+    w.name: w
+    for w in (
+        NamedWeights(
+            name="affectnet8",
+            encoder="ddamfn",
+            filename="affecnet8_epoch25_acc0.6469.pth",
+            url=_ddamfn_url("affecnet8_epoch25_acc0.6469.pth"),
+            num_class=8,
+            logit_names=AFFECTNET8_CLASSES,
+            description="DDAMFN++ trained on AffectNet-8 (published val. accuracy 64.69%)",
+            git_blob_sha1="b8dce63bfc249c270cd09f5adc34cf7948954b1f",
+        ),
+        NamedWeights(
+            name="affectnet7",
+            encoder="ddamfn",
+            filename="affecnet7_epoch19_acc0.671.pth",
+            url=_ddamfn_url("affecnet7_epoch19_acc0.671.pth"),
+            num_class=7,
+            logit_names=AFFECTNET7_CLASSES,
+            description="DDAMFN++ trained on AffectNet-7 (published val. accuracy 67.1%)",
+            git_blob_sha1="a2399a1346f184f12725b37b3969bcc41529cdec",
+        ),
+        NamedWeights(
+            name="rafdb",
+            encoder="ddamfn",
+            filename="rafdb_epoch20_acc0.9204_bacc0.8617.pth",
+            url=_ddamfn_url("rafdb_epoch20_acc0.9204_bacc0.8617.pth"),
+            num_class=7,
+            logit_names=AFFECTNET7_CLASSES,  # the published RAF-DB scripts use the same 7-class order
+            description="DDAMFN++ trained on RAF-DB (published accuracy 92.04%)",
+            git_blob_sha1="3adfea01f296a4ef56ccd98578ab45a43e73f2eb",
+        ),
+    )
+}
+
+# The trainable stages in forward order (``DDAMFNEncoder.blocks``). The first nine are MixedFeatureNet's
+# (``features.0`` .. ``features.8``, named as in the MobileFaceNet code DDAMFN derives from); then the
+# attention heads and the GDConv that makes the 512-d embedding.
+BLOCKS: tuple[str, ...] = (
+    "conv1", "conv2_dw", "conv_23", "conv_3", "conv_34", "conv_4", "conv_45", "conv_5", "conv_6_sep",
+    "attention", "gdconv",
+)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -305,7 +364,7 @@ def read_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str
             raise CheckpointError(
                 f"{path}: a pickled Python object (e.g. torch.save(model)), not a state dict; loading it "
                 "would run code from the file. Re-save it as a state dict, or pass trust_pickle=True "
-                "(--trust-pickle) if you trust where it comes from"
+                "(--encoder-opt trust_pickle=true) if you trust where it comes from"
             ) from None
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
@@ -435,6 +494,8 @@ class DDAMFNEncoder(Encoder):
     config_class = DDAMFNConfig
     summary = "DDAMFN++ (MixedFeatureNet + dual-direction attention), 512-d GDConv embedding + logits"
     compile_by_default = True  # benchmarks/extract.py: 1.4-1.7x our eager channels_last, end to end
+    needs_calibration = True  # random weights give one embedding for every image until BN is calibrated
+    auxiliary_outputs = (ATTENTION_MAPS,)  # the attention heads' maps, for the attention-diversity loss
 
     def __init__(self, config: DDAMFNConfig) -> None:
         super().__init__(config)
@@ -453,8 +514,8 @@ class DDAMFNEncoder(Encoder):
             self.weights_sha256 = RANDOM_INIT
         else:
             spec = config.weights or DEFAULT_WEIGHTS
-            resolved = resolve_weights(
-                spec, "ddamfn", verify=lambda p: load_ddamfn_net(p, trust_pickle=config.trust_pickle)
+            resolved = self.resolve_weights(
+                spec, verify=lambda p: load_ddamfn_net(p, trust_pickle=config.trust_pickle)
             )
             self.net = load_ddamfn_net(resolved.path, trust_pickle=config.trust_pickle)
             self.weights_source = resolved.source
@@ -463,6 +524,10 @@ class DDAMFNEncoder(Encoder):
             self.config = dataclasses.replace(
                 config, num_class=self.net.num_class, num_head=self.net.num_head
             )
+            if _logit_names(self.net.num_class) is None:
+                self.note(f"{resolved.path}: DDAMFN checkpoint with {self.net.num_class} classes, not the "
+                          "published 7 (AffectNet-7, RAF-DB) or 8 (AffectNet-8); its logits are kept without "
+                          "class names")
         self.logit_names = _logit_names(self.net.num_class)
         self.net.eval()
 
@@ -476,6 +541,32 @@ class DDAMFNEncoder(Encoder):
 
     def head_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.net(x).head_maps
+
+    # -- fine-tuning --------------------------------------------------------------------------------
+    def blocks(self) -> list[Block]:
+        """BLOCKS: the nine MixedFeatureNet stages, the attention heads, the GDConv (the classifier ``fc``
+        and the modules only published checkpoints carry are in no block, so they stay frozen)."""
+        n_stages = len(self.net.features)
+        if n_stages != len(BLOCKS) - 2:
+            raise CheckpointError(f"DDAMFN trunk has {n_stages} stages, expected {len(BLOCKS) - 2}")
+        trunk = [Block(name, (f"net.features.{i}",)) for i, name in enumerate(BLOCKS[:n_stages])]
+        heads = tuple(f"net.cat_head{i}" for i in range(self.net.num_head))
+        return [*trunk, Block("attention", heads), Block("gdconv", ("net.Linear",))]
+
+    def forward_train(
+        self, x: torch.Tensor, outputs: Sequence[str] = ()
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        unknown = [o for o in outputs if o not in self.auxiliary_outputs]
+        if unknown:
+            raise ConfigError(f"encoder 'ddamfn' has no auxiliary output {', '.join(unknown)}")
+        out = self.net(x)
+        aux = {ATTENTION_MAPS: torch.stack([m.float() for m in out.head_maps])} if outputs else {}
+        return out.embedding, aux
+
+    def save_weights(self, path: str | Path, *, step: int = 0) -> Path:
+        """The published DDAMFN format (``save_published_checkpoint``): the authors' scripts and
+        ``--weights PATH`` both load it."""
+        return save_published_checkpoint(self, path, iteration=step)
 
     @torch.no_grad()
     def calibrate(self, images: torch.Tensor) -> None:
@@ -532,9 +623,13 @@ class DDAMFNEncoder(Encoder):
         return config
 
     @classmethod
+    def named_weights(cls, config: Any | None = None) -> dict[str, NamedWeights]:
+        return dict(NAMED_WEIGHTS)
+
+    @classmethod
     def describe(cls) -> EncoderInfo:
         named = NAMED_WEIGHTS[DEFAULT_WEIGHTS]
-        others = ", ".join(n for n, w in NAMED_WEIGHTS.items() if w.encoder == "ddamfn" and n != named.name)
+        others = ", ".join(n for n in NAMED_WEIGHTS if n != named.name)
         return EncoderInfo(
             name=cls.name,
             feature_dim=EMBEDDING_DIM,

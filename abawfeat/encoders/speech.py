@@ -4,12 +4,14 @@ They turn 16 kHz mono audio into 50 outputs per second; stage one (abawfeat/audi
 a window around each video frame. The three share one front end (so one output geometry, see
 abawfeat/audio/stream.py) and differ in pre-training and in WavLM's relative position bias.
 
-Weights (``weights``):
+Weights (``weights``), through the one resolver (abawfeat/encoders/weights.py; ``weights_folder`` declares
+the Hugging Face layout):
 - a local folder with ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``), e.g. one made by
-  ``save_pretrained`` or copied from the hub;
-- a Hugging Face model name such as ``facebook/wav2vec2-base`` -> the folder
-  ``$ABAWFEAT_HOME/weights/huggingface/<org>--<name>/`` (by default under ``~/.cache/abawfeat``), downloaded
-  there when online; offline, the error says exactly which files to put there;
+  ``save_pretrained`` or copied from the hub; its weights file's sha256 identifies it;
+- a Hugging Face model name such as ``facebook/wav2vec2-base`` (named weights: the family's known
+  checkpoints, and any ``org/name`` given) -> the folder ``$ABAWFEAT_HOME/weights/huggingface/<org>--<name>/``
+  (by default under ``~/.cache/abawfeat``), downloaded there when online; offline, the error says exactly
+  which files to put there;
 - ``random_init=True`` -> a seeded random model of a named size (``tiny`` for tests, ``base`` = the
   wav2vec2-base / hubert-base / wavlm-base architecture, ``large``). Its features mean nothing about affect.
 
@@ -37,9 +39,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
+import math
 import re
-import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,7 @@ import torch
 from torch import nn
 
 from abawfeat.encoders.base import ENCODERS, PROVENANCE_VERSION, RANDOM_INIT, Encoder, EncoderInfo
-from abawfeat.encoders.weights import file_sha256, offline, weights_dir
+from abawfeat.encoders.weights import CheckpointFolder, NamedWeights, weights_dir
 from abawfeat.errors import CheckpointError, ConfigError
 
 SAMPLE_RATE = 16_000
@@ -58,8 +59,11 @@ HOP = 320  # samples per output: 50 outputs per second
 RECEPTIVE_FIELD = 400  # samples per output (25 ms)
 _CONFIG = "config.json"
 _PREPROCESSOR = "preprocessor_config.json"
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# A Hugging Face checkpoint folder, as the one weights resolver reads and fetches it.
+CHECKPOINT = CheckpointFolder(weights=("model.safetensors", "pytorch_model.bin"), required=(_CONFIG,),
+                              optional=(_PREPROCESSOR,))
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB = "https://huggingface.co"
 # Weights a checkpoint may lack without changing a frozen forward pass (SpecAugment's mask vector is used in
 # training only).
 _OPTIONAL_WEIGHTS = ("masked_spec_embed",)
@@ -86,6 +90,9 @@ class SpeechConfig:
     layer: int | None = None
     # "a:b": the mean of hidden states a..b, both included (excludes `layer`).
     layers: str | None = None
+    # The pooling window centred on each video frame's timestamp, in ms (20 to 60000): a cache row is the mean
+    # of the outputs centred inside it (abawfeat/audio/stream.py). 500 ms = 25 outputs.
+    window_ms: float = 500.0
     # Segmenting of long audio (abawfeat/audio/stream.py): outputs kept per segment, and the context fed on
     # each side whose outputs are dropped. Multiples of 20 ms. A segment is chunk_s + 2 context_s long: the
     # models were pre-trained on crops of up to ~16 s, and 24 s keeps the encoder in that regime while the
@@ -132,21 +139,21 @@ def _quiet_transformers() -> Iterator[None]:
 def parse_layers(layer: int | None, layers: str | None, n_layers: int) -> tuple[int, ...]:
     """The hidden-state indices to average (see the module docstring); negative N counts from the end."""
     if layer is not None and layers is not None:
-        raise ConfigError("--layer and --layers exclude each other")
+        raise ConfigError("layer and layers (--layer, --layers) exclude each other")
     if layers is not None:
         match = re.fullmatch(r"\s*(-?\d+)\s*:\s*(-?\d+)\s*", str(layers))
         if match is None:
-            raise ConfigError(f"--layers {layers!r}: use a:b, e.g. 6:9 (both included)")
+            raise ConfigError(f"layers {layers!r}: use a:b, e.g. 6:9 (both included)")
         a, b = (int(g) + (n_layers + 1 if int(g) < 0 else 0) for g in match.groups())
         if not 0 <= a <= b <= n_layers:
-            raise ConfigError(f"--layers {layers}: need 0 <= a <= b <= {n_layers} (this model's hidden "
+            raise ConfigError(f"layers {layers}: need 0 <= a <= b <= {n_layers} (this model's hidden "
                               f"states are 0..{n_layers})")
         return tuple(range(a, b + 1))
     if layer is None:
         return (n_layers // 2,)
     n = layer + (n_layers + 1 if layer < 0 else 0)
     if not 0 <= n <= n_layers:
-        raise ConfigError(f"--layer {layer}: this model's hidden states are 0..{n_layers}")
+        raise ConfigError(f"layer {layer}: this model's hidden states are 0..{n_layers}")
     return (n,)
 
 
@@ -155,97 +162,19 @@ def parse_layers(layer: int | None, layers: str | None, n_layers: int) -> tuple[
 
 def hub_folder(name: str) -> Path:
     """Where a Hugging Face checkpoint is looked for (and downloaded to)."""
-    return weights_dir() / "huggingface" / name.replace("/", "--")
+    return weights_dir() / _hub_weights(name, "").folder
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    """The weight files a checkpoint folder holds, as transformers would load them ([] if none)."""
-    for name in _WEIGHT_FILES:
-        if (folder / name).is_file():
-            return [folder / name]
-        index = folder / f"{name}.index.json"
-        if index.is_file():
-            try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (OSError, ValueError, KeyError, TypeError):
-                return []
-            return [index, *(folder / s for s in shards)]
-    return []
-
-
-def _is_checkpoint(folder: Path) -> bool:
-    return (folder / _CONFIG).is_file() and all(p.is_file() for p in _weight_files(folder)) and bool(
-        _weight_files(folder))
-
-
-def weights_sha256(folder: Path) -> str:
-    """sha256 of the weights file; for a sharded checkpoint, of the list of its files' sha256."""
-    files = _weight_files(folder)
-    if len(files) == 1:
-        return file_sha256(files[0])
-    import hashlib
-
-    lines = "".join(f"{file_sha256(p)}  {p.name}\n" for p in files)
-    return hashlib.sha256(lines.encode()).hexdigest()
-
-
-def _download(name: str, target: Path) -> None:
-    """Fetch config, preprocessor config and weights of hub model ``name`` into ``target``, whole or not at
-    all (a temporary folder renamed into place)."""
-    from huggingface_hub import hf_hub_download, list_repo_files
-
-    files = set(list_repo_files(name))
-    wanted = [f for f in (_CONFIG, _PREPROCESSOR) if f in files]
-    for weights in _WEIGHT_FILES:
-        if weights in files:
-            wanted.append(weights)
-            break
-        if f"{weights}.index.json" in files:
-            wanted += [f"{weights}.index.json", *sorted(f for f in files
-                                                         if f.startswith(weights.split(".")[0] + "-"))]
-            break
-    if _CONFIG not in wanted or len(wanted) < 2:
-        raise OSError(f"the hub repository {name} has no config.json and weights file")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        for filename in wanted:
-            hf_hub_download(name, filename, local_dir=tmp)
-        shutil.rmtree(tmp / ".cache", ignore_errors=True)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def resolve_speech_weights(spec: str, encoder: str) -> tuple[Path, str]:
-    """(checkpoint folder, source) for a folder or a hub name; downloads when online (module docstring)."""
-    path = Path(spec).expanduser()
-    if path.is_file() and (path.name in _WEIGHT_FILES or path.name == _CONFIG):
-        path = path.parent
-    if path.is_dir():
-        if not _is_checkpoint(path):
-            raise CheckpointError(f"{path}: not a checkpoint folder (it needs {_CONFIG} and "
-                                  f"{' or '.join(_WEIGHT_FILES)})")
-        return path, f"dir:{path.name}"
-    if not _HUB_NAME.fullmatch(spec):
-        raise CheckpointError(f"{spec}: no such checkpoint folder, and not a Hugging Face model name "
-                              f"(such as {_FAMILIES[encoder].default_weights})")
-    target = hub_folder(spec)
-    if _is_checkpoint(target):
-        return target, f"hub:{spec}"
-    manual = (f"put {_CONFIG}, {_PREPROCESSOR} and {_WEIGHT_FILES[0]} (or {_WEIGHT_FILES[1]}) from "
-              f"https://huggingface.co/{spec} in {target}, or pass --weights <a folder holding them>")
-    if offline():
-        raise CheckpointError(f"{encoder} weights {spec} are not on this machine and cannot be downloaded "
-                              f"(ABAWFEAT_OFFLINE is set): {manual}")
-    try:
-        _download(spec, target)
-    except Exception as exc:  # noqa: BLE001 - network, HTTP and hub errors all mean "not downloadable"
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{encoder} weights {spec} cannot be downloaded here ({reason}): {manual}") from None
-    return target, f"hub:{spec}"
+def _hub_weights(name: str, encoder: str) -> NamedWeights:
+    """Hugging Face model ``name`` as named weights: its folder's files, from the hub's ``main`` revision."""
+    base = f"{_HUB}/{name}/resolve/main"
+    first, *others = CHECKPOINT.weights
+    return NamedWeights(
+        name=name, encoder=encoder, filename=first, url=f"{base}/{first}",
+        description=f"Hugging Face checkpoint folder ({CHECKPOINT.describe()})",
+        folder=f"huggingface/{name.replace('/', '--')}",
+        alternatives=tuple((f"{base}/{n}", n) for n in others),
+    )
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -327,6 +256,7 @@ class SpeechEncoder(Encoder):
 
     modality: ClassVar[str] = "audio"
     config_class = SpeechConfig
+    weights_folder = CHECKPOINT
     family: ClassVar[_Family]
     sample_rate: ClassVar[int] = SAMPLE_RATE
     hop: ClassVar[int] = HOP
@@ -343,6 +273,8 @@ class SpeechEncoder(Encoder):
             if value < (0.02 if name == "chunk_s" else 0) or abs(steps - round(steps)) > 1e-6:
                 raise ConfigError(f"{name} {value}: must be a multiple of 0.02 s (one output)"
                                   + (", at least 0.02" if name == "chunk_s" else ""))
+        if not (math.isfinite(config.window_ms) and 20.0 <= config.window_ms <= 60_000.0):
+            raise ConfigError(f"window_ms {config.window_ms}: use 20 (one encoder output) to 60000")
         super().__init__(config)
         tf = _transformers()
         config_cls = getattr(tf, self.family.config_class)
@@ -359,12 +291,12 @@ class SpeechEncoder(Encoder):
             if normalize is None:
                 normalize = True
         else:
-            spec = config.weights or self.family.default_weights
-            folder, source = resolve_speech_weights(spec, self.name)
+            resolved = self.resolve_weights(config.weights or self.family.default_weights)
+            folder = resolved.path.parent
             model = self._load(model_cls, folder)
             model_config = model.config
-            self.weights_source = source
-            self.weights_sha256 = weights_sha256(folder)
+            self.weights_source = resolved.source
+            self.weights_sha256 = resolved.sha256
             if (folder / _PREPROCESSOR).is_file():
                 pre = _read_json(folder / _PREPROCESSOR)
                 rate = pre.get("sampling_rate", SAMPLE_RATE)
@@ -560,6 +492,16 @@ class SpeechEncoder(Encoder):
 
     # -- registry hooks
     @classmethod
+    def named_weights(cls, config: Any | None = None) -> dict[str, NamedWeights]:
+        """The family's known Hugging Face checkpoints, and the one ``config`` names if it is another hub
+        name (any ``org/name`` works; a folder by that path is used first, by the resolver)."""
+        names = list(cls.family.known_weights)
+        spec = getattr(config, "weights", None)
+        if isinstance(spec, str) and _HUB_NAME.fullmatch(spec) and spec not in names:
+            names.append(spec)
+        return {n: _hub_weights(n, cls.name) for n in names}
+
+    @classmethod
     def describe(cls) -> EncoderInfo:
         return EncoderInfo(
             name=cls.name,
@@ -632,5 +574,5 @@ class WavLMEncoder(SpeechEncoder):
 
 __all__ = [
     "SIZES", "HubertEncoder", "SpeechConfig", "SpeechEncoder", "Wav2Vec2Encoder", "WavLMEncoder",
-    "hub_folder", "parse_layers", "resolve_speech_weights", "weights_sha256",
+    "CHECKPOINT", "hub_folder", "parse_layers",
 ]

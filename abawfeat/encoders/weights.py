@@ -1,11 +1,21 @@
-"""Named weights: published checkpoints by name, a user cache, checksums, and downloads when online.
+"""One resolver for every encoder's weights: files, named weights, a user cache, checksums, downloads.
 
-``--weights NAME_OR_PATH`` resolves as follows:
+Each encoder declares its named weights (``Encoder.named_weights``: DDAMFN the three published checkpoints,
+CLIP the pretrained tags open_clip knows for its model); ``resolve_weights`` turns ``--weights NAME_OR_PATH``
+into a file the same way for all of them:
 1. an existing file -> used as it is (its sha256 goes into the provenance);
-2. a known name -> the file in the user cache (``$ABAWFEAT_HOME/weights/<encoder>/<file>``, by default
-   ``~/.cache/abawfeat/weights/...``), checked against the published checksum;
-3. not cached -> downloaded (urllib, with a timeout) to a temporary file, checked, then moved into place;
-4. no network (or ``ABAWFEAT_OFFLINE=1``) -> a CheckpointError saying where to put the file by hand.
+2. a declared name -> the file in the user cache (``$ABAWFEAT_HOME/weights/<folder>/<file>``, by default
+   ``~/.cache/abawfeat/weights/...``), checked against the published checksums;
+3. not cached -> downloaded (urllib, with a timeout) to a temporary file, checked, then moved into place; a
+   name with several addresses (open_clip's alternative file names) tries them in order;
+4. no network (or ``ABAWFEAT_OFFLINE=1``) -> a CheckpointError saying exactly where to put the file by hand.
+
+Some weights are a folder rather than one file: a Hugging Face checkpoint is ``config.json`` (and often
+``preprocessor_config.json``) beside ``model.safetensors`` or ``pytorch_model.bin``. An encoder whose weights
+are such folders declares their layout (``CheckpointFolder``, ``Encoder.weights_folder``); then a folder (or a
+file in it) is accepted as a local checkpoint, identified by its weights file's sha256, and a named checkpoint
+is the folder ``$ABAWFEAT_HOME/weights/<folder>/``: its other files are fetched from the address of the
+weights file's folder before the weights file itself, so a folder whose weights file is there is complete.
 
 Checksums: GitHub publishes the git blob id (SHA-1 over ``b"blob <size>\\0" + content``) of every file in a
 repository, so a downloaded checkpoint can be verified before anybody has computed its sha256 here. Where
@@ -20,84 +30,76 @@ import os
 import shutil
 import urllib.error
 import urllib.request
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from abawfeat.constants import AFFECTNET7_CLASSES, AFFECTNET8_CLASSES
 from abawfeat.errors import CheckpointError
 from abawfeat.utils.io import atomic_write, atomic_write_text
 
 DOWNLOAD_TIMEOUT_S = 30.0
 _CHUNK = 1 << 20
 
-# The three DDAMFN++ checkpoints published in the authors' repository (README: "The trained RAF-DB and
-# AffectNet model is available in DDAMFN++/checkpoints_ver2.0"). Addresses are pinned to the commit that
-# holds all three, so that they keep naming the same bytes.
-_DDAMFN_REPO = "https://github.com/SainingZhang/DDAMFN"
-_DDAMFN_COMMIT = "74d638ae20f63b258962570b02dc26bc6f99aa03"
-
-
-def _ddamfn_url(filename: str) -> str:
-    return f"{_DDAMFN_REPO}/raw/{_DDAMFN_COMMIT}/DDAMFN%2B%2B/checkpoints_ver2.0/{filename}"
-
 
 @dataclass(frozen=True)
 class NamedWeights:
-    """One published checkpoint that ``--weights NAME`` can refer to."""
+    """One published set of weights that ``--weights NAME`` can refer to, declared by its encoder."""
 
     name: str
     encoder: str
     filename: str  # the published file name, kept so a file fetched by hand goes to an obvious place
-    url: str
-    num_class: int
-    logit_names: tuple[str, ...]
+    url: str  # where it is downloaded from; "" when no address is known (the file must be put by hand)
     description: str
+    # Classifier outputs of these weights, for encoders that have logits (None otherwise).
+    num_class: int | None = None
+    logit_names: tuple[str, ...] | None = None
     sha256: str | None = None  # sha256 of the file, where known
     git_blob_sha1: str | None = None  # the file's git blob id in the publishing repository
+    # Folder under ``weights_dir()``; "" = the encoder's name. CLIP keeps open_clip's model/tag layout.
+    folder: str = ""
+    # Further (url, file name) pairs tried in order when the first address fails (open_clip publishes some
+    # weights under one of two file names).
+    alternatives: tuple[tuple[str, str], ...] = ()
+    # What the encoder needs to know about these weights beyond the file (CLIP: open_clip's pretrained
+    # config, i.e. QuickGELU and preprocessing).
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
 
-NAMED_WEIGHTS: dict[str, NamedWeights] = {
-    w.name: w
-    for w in (
-        NamedWeights(
-            name="affectnet8",
-            encoder="ddamfn",
-            filename="affecnet8_epoch25_acc0.6469.pth",
-            url=_ddamfn_url("affecnet8_epoch25_acc0.6469.pth"),
-            num_class=8,
-            logit_names=AFFECTNET8_CLASSES,
-            description="DDAMFN++ trained on AffectNet-8 (published val. accuracy 64.69%)",
-            git_blob_sha1="b8dce63bfc249c270cd09f5adc34cf7948954b1f",
-        ),
-        NamedWeights(
-            name="affectnet7",
-            encoder="ddamfn",
-            filename="affecnet7_epoch19_acc0.671.pth",
-            url=_ddamfn_url("affecnet7_epoch19_acc0.671.pth"),
-            num_class=7,
-            logit_names=AFFECTNET7_CLASSES,
-            description="DDAMFN++ trained on AffectNet-7 (published val. accuracy 67.1%)",
-            git_blob_sha1="a2399a1346f184f12725b37b3969bcc41529cdec",
-        ),
-        NamedWeights(
-            name="rafdb",
-            encoder="ddamfn",
-            filename="rafdb_epoch20_acc0.9204_bacc0.8617.pth",
-            url=_ddamfn_url("rafdb_epoch20_acc0.9204_bacc0.8617.pth"),
-            num_class=7,
-            logit_names=AFFECTNET7_CLASSES,  # the published RAF-DB scripts use the same 7-class order
-            description="DDAMFN++ trained on RAF-DB (published accuracy 92.04%)",
-            git_blob_sha1="3adfea01f296a4ef56ccd98578ab45a43e73f2eb",
-        ),
-    )
-}
+@dataclass(frozen=True)
+class CheckpointFolder:
+    """The layout of weights that are a folder of files (the Hugging Face one), declared by the encoder."""
+
+    weights: tuple[str, ...]  # names of the weights file, preferred first; one of them must be there
+    required: tuple[str, ...] = ()  # files that must sit beside it (config.json)
+    optional: tuple[str, ...] = ()  # files used when present (preprocessor_config.json), fetched if published
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (*self.weights, *self.required, *self.optional)
+
+    def weights_file(self, folder: Path) -> Path | None:
+        return next((folder / n for n in self.weights if (folder / n).is_file()), None)
+
+    def complete(self, folder: Path) -> bool:
+        return self.weights_file(folder) is not None and all((folder / n).is_file() for n in self.required)
+
+    def describe(self, optional: bool = True) -> str:
+        """The files, as the messages name them: "config.json, preprocessor_config.json (if published) and
+        model.safetensors (or pytorch_model.bin)"; without the optional ones when ``optional`` is False."""
+        parts = [*self.required, *(f"{n} (if published)" for n in self.optional if optional)]
+        weights = self.weights[0]
+        if len(self.weights) > 1:
+            weights += f" (or {' or '.join(self.weights[1:])})"
+        return f"{', '.join(parts)} and {weights}" if parts else weights
 
 
 @dataclass(frozen=True)
 class ResolvedWeights:
-    path: Path
-    source: str  # "named:<name>" or "file:<file name>"; no directories, so it survives moving the file
+    path: Path  # the weights file (for a CheckpointFolder: the one inside the folder)
+    # "named:<name>", "file:<file name>" or "dir:<folder name>"; no parent directories, so it survives moving
+    # the weights
+    source: str
     sha256: str
     named: NamedWeights | None = None
 
@@ -114,7 +116,14 @@ def weights_dir() -> Path:
 
 def cached_path(weights: NamedWeights) -> Path:
     """The exact place a named checkpoint is looked for (and downloaded to)."""
-    return weights_dir() / weights.encoder / weights.filename
+    return weights_dir() / (weights.folder or weights.encoder) / weights.filename
+
+
+def sources(weights: NamedWeights) -> list[tuple[str, Path]]:
+    """(url, file in the user cache) pairs of a named checkpoint, best first: its address, then the
+    alternatives. The first file is the one the offline message asks for."""
+    target = cached_path(weights)
+    return [(weights.url, target)] + [(url, target.with_name(name)) for url, name in weights.alternatives]
 
 
 def offline() -> bool:
@@ -171,59 +180,106 @@ def download(url: str, target: Path, *, check: Callable[[Path], None] | None = N
     atomic_write(target, write, durable=True)
 
 
+def _download_beside(url: str, folder: Path, layout: CheckpointFolder) -> None:
+    """The files of a checkpoint folder other than its weights, from the folder of the weights' address:
+    required ones must download; an optional one the server does not have (HTTP 404) is skipped."""
+    base = url.rsplit("/", 1)[0]
+    for name in (*layout.required, *layout.optional):
+        if (folder / name).is_file():
+            continue
+        try:
+            download(f"{base}/{name}", folder / name)
+        except urllib.error.HTTPError as exc:
+            if exc.code != 404 or name not in layout.optional:
+                raise
+
+
 def resolve_weights(
-    spec: str, encoder: str, *, verify: Callable[[Path], None] | None = None
+    spec: str,
+    encoder: str,
+    named: Mapping[str, NamedWeights],
+    *,
+    verify: Callable[[Path], None] | None = None,
+    what: str | None = None,
+    folder: CheckpointFolder | None = None,
 ) -> ResolvedWeights:
-    """A local file, or a named checkpoint from the cache or the network (see the module docstring).
+    """A local file, or one of ``named`` (the encoder's declared weights) from the user cache or the network;
+    see the module docstring. ``what`` names the weights in messages (default: the encoder's name; CLIP
+    says which model). ``folder``: the encoder's weights are checkpoint folders of this layout.
 
     ``verify(path)`` is the caller's strict load; it must raise ``CheckpointError`` for an unusable file and
     is run on every download before the file enters the cache.
     """
+    what = what or encoder
     path = Path(spec).expanduser()
+    if folder is not None and (path.is_dir() or path.is_file()):
+        if path.is_file():
+            if path.name not in folder.names:
+                files = folder.describe(False)
+                raise CheckpointError(f"{path}: {what} weights are a folder holding {files}, not one file")
+            path = path.parent
+        weights_file = folder.weights_file(path)
+        if weights_file is None or not folder.complete(path):
+            raise CheckpointError(f"{path}: not a checkpoint folder (it needs {folder.describe(False)})")
+        return ResolvedWeights(path=weights_file, source=f"dir:{path.name}", sha256=file_sha256(weights_file))
     if path.is_file():
         return ResolvedWeights(path=path, source=f"file:{path.name}", sha256=file_sha256(path))
-    known = {n: w for n, w in NAMED_WEIGHTS.items() if w.encoder == encoder}
-    if spec not in known:
-        names = ", ".join(sorted(known)) or "none"
+    if spec not in named:
+        names = ", ".join(sorted(named)) or "none"
         if looks_like_path(spec) or path.exists():
-            raise CheckpointError(f"{spec}: no such weights file (known {encoder} weights names: {names})")
-        raise CheckpointError(f"unknown {encoder} weights {spec!r}: give a file path or one of {names}")
-    named = known[spec]
-    target = cached_path(named)
-    source = f"named:{named.name}"
-    if target.is_file():
-        problem = checksum_problem(target, named)
-        if problem is not None:
-            raise CheckpointError(
-                f"{target}: not the published {named.name} weights ({problem}); delete it to download again, "
-                f"or pass its path to use it as a local file"
-            )
-        return ResolvedWeights(path=target, source=source, sha256=file_sha256(target), named=named)
+            raise CheckpointError(f"{spec}: no such weights file (known {what} weights names: {names})")
+        raise CheckpointError(f"unknown {what} weights {spec!r}: neither a file nor a known name; give a "
+                              f"file path or one of {names}")
+    weights = named[spec]
+    source = f"named:{weights.name}"
+    candidates = sources(weights)
+    for _, target in candidates:
+        if target.is_file() and (folder is None or folder.complete(target.parent)):
+            problem = checksum_problem(target, weights)
+            if problem is not None:
+                raise CheckpointError(
+                    f"{target}: not the published {weights.name} weights ({problem}); delete it to download "
+                    "again, or pass its path to use it as a local file"
+                )
+            return ResolvedWeights(path=target, source=source, sha256=file_sha256(target), named=weights)
 
-    manual = f"put the file at {target} (source: {named.url})"
+    url, target = candidates[0]
+    if not url:
+        raise CheckpointError(f"{what} weights {weights.name} have no known download address: put the file "
+                              f"at {target}, or pass a checkpoint file")
+    manual = f"put the file at {target} (source: {url})"
+    if folder is not None:
+        manual = f"put {folder.describe()} from {url.rsplit('/', 1)[0]} in {target.parent}"
     if offline():
-        raise CheckpointError(
-            f"{named.name} weights cannot be downloaded here (ABAWFEAT_OFFLINE is set): {manual}"
-        )
+        raise CheckpointError(f"{what} weights {weights.name} cannot be downloaded here (ABAWFEAT_OFFLINE is "
+                              f"set): {manual}")
 
-    def check(tmp: Path) -> None:
-        problem = checksum_problem(tmp, named)
-        if problem is not None:
-            raise CheckpointError(
-                f"{named.url}: downloaded file is not the published {named.name} ({problem})"
-            )
-        if verify is not None:
-            verify(tmp)
-        if named.sha256 is None:
-            # Nothing published to compare the sha256 with: record it so later runs can tell it changed.
-            record = target.with_name(target.name + ".sha256")
-            atomic_write_text(record, f"{file_sha256(tmp)}  {target.name}\n")
+    def checker(url: str, target: Path) -> Callable[[Path], None]:
+        def check(tmp: Path) -> None:
+            problem = checksum_problem(tmp, weights)
+            if problem is not None:
+                raise CheckpointError(
+                    f"{url}: downloaded file is not the published {weights.name} ({problem})"
+                )
+            if verify is not None:
+                verify(tmp)
+            if weights.sha256 is None:
+                # Nothing published to compare the sha256 with: record it so later runs can tell it changed.
+                record = target.with_name(target.name + ".sha256")
+                atomic_write_text(record, f"{file_sha256(tmp)}  {target.name}\n")
 
-    try:
-        download(named.url, target, check=check)
-    except OSError as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise CheckpointError(
-            f"{named.name} weights cannot be downloaded here ({reason}): {manual}"
-        ) from None
-    return ResolvedWeights(path=target, source=source, sha256=file_sha256(target), named=named)
+        return check
+
+    last: BaseException | None = None
+    for url_i, target_i in candidates:
+        if not url_i:
+            continue
+        try:
+            if folder is not None:  # the other files first: a weights file then marks a complete folder
+                _download_beside(url_i, target_i.parent, folder)
+            download(url_i, target_i, check=checker(url_i, target_i))
+            return ResolvedWeights(path=target_i, source=source, sha256=file_sha256(target_i), named=weights)
+        except OSError as exc:  # no network, a dead address, HTTP 404 for an alternative file name
+            last = exc
+    reason = getattr(last, "reason", None) or last
+    raise CheckpointError(f"{what} weights {weights.name} cannot be downloaded here ({reason}): {manual}")

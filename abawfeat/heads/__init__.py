@@ -1,66 +1,89 @@
-"""Stage-two heads: small networks that map cached per-frame features to task outputs.
+"""Stage-two heads: a registered trunk (abawfeat/trunks) between standardised features and task outputs.
 
 Every head follows one contract (docs/architecture.md, "Heads"):
 
 - it is built from a small dataclass config (``Head.Config``) and nothing else, so that a checkpoint that
-  stores ``{"name": ..., "config": {...}}`` rebuilds it without the command line (``head_from_dict``);
-- ``forward(features [B, T, D], mask [B, T]) -> {task: Tensor [B, T, K]}`` with ``K`` = 2 (va: valence and
-  arousal, already squashed into [-1, 1]), 8 (expr: logits in ``EXPR_CLASSES`` order) or 12 (au: logits in
-  ``AU_NAMES`` order). ``mask`` marks real frames; padding is only ever at the end of a sequence (windows
-  at the end of a video), outputs at padded positions are zero and real positions never depend on them.
-  Keys that are not task names are auxiliary (the contrastive head adds ``expr_embedding``).
+  stores ``{"name": ..., "config": {...}}`` rebuilds it without the command line (``head_from_dict``); the
+  config names the trunk and holds the trunk's own config;
+- ``forward(features [B, T, D], mask [B, T]) -> {task: Tensor [B, T, K]}`` with ``K`` the task's width
+  (``abawfeat.tasks``), after the task's activation (VA squashed into [-1, 1]; EXPR and AU logits). ``mask``
+  marks real frames; padding is only ever at the end of a sequence, outputs at padded positions are zero and
+  real positions never depend on them. Keys that are not task names are auxiliary (the contrastive head adds
+  ``expr_embedding``).
 
-Heads register themselves by name with ``@register_head("name")``; ``tests/test_heads.py`` is parametrised
-over the registry, so a new head is one new file here plus its import below.
+Two kinds of head exist: ``tasks`` (one linear output per task on the trunk: the paper's Fc / LSTM heads, and
+seed 003's multi-task head when it has the three tasks) and ``contrastive`` (the paper's CLIP projection
+scored against prompt embeddings). The objective picks the kind; ``--head`` picks the trunk.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Any, ClassVar, TypeVar
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from abawfeat.constants import AU_NAMES, EXPR_CLASSES, VA_NAMES
 from abawfeat.errors import CheckpointError, ConfigError
+from abawfeat.tasks import single
+from abawfeat.trunks import TRUNKS, Context, Trunk, build_trunk
+from abawfeat.utils.registry import Registry
 
-# Output width per task, in the release's column order.
-OUTPUT_DIMS: dict[str, int] = {"va": len(VA_NAMES), "expr": len(EXPR_CLASSES), "au": len(AU_NAMES)}
 
-
-@dataclasses.dataclass
+@dataclass
 class HeadConfig:
     """Fields every head has. Subclasses add their own, each with a comment saying why it exists."""
 
     in_dim: int = 512  # D of the cache's features; set from the cache, checked again at load time
     tasks: tuple[str, ...] = ("va",)  # which outputs to produce (one task, or all three for multi-task)
-    dropout: float = 0.0  # on the head's input and hidden states; 0 reproduces the paper's plain heads
+    trunk: str = "fc"  # registered trunk (abawfeat.trunks.TRUNKS): what --head chooses
+    trunk_config: dict[str, Any] = field(default_factory=dict)  # the trunk's config fields (its defaults
+    # where absent), so a checkpoint rebuilds exactly the trunk it was trained with
     normalize: bool = True  # standardise features with training-set mean/std (buffers, saved in checkpoints)
+    # Fused caches (abawfeat.data.sequences): each cache's feature size; their columns come first, then one
+    # availability column per cache. () = one cache.
+    groups: tuple[int, ...] = ()
+    fusion: str = "early"  # early: one trunk on all columns; late: one trunk per cache, outputs gated
 
 
 class Head(nn.Module):
-    """Base class: input standardisation buffers and the shared masking rule."""
+    """Base class: input standardisation buffers, the trunk, and the shared masking rule."""
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[HeadConfig]] = HeadConfig
-    temporal: ClassVar[bool] = False  # True: outputs depend on neighbouring frames (trained on windows)
 
     def __init__(self, config: HeadConfig) -> None:
         super().__init__()
-        for task in config.tasks:
-            if task not in OUTPUT_DIMS:
-                raise ConfigError(f"head {self.name!r}: unknown task {task!r} (use {', '.join(OUTPUT_DIMS)})")
-        self.config = config
+        for t in config.tasks:
+            single(t)  # a ConfigError naming the tasks for an unknown one
+        if config.fusion not in FUSIONS:
+            raise ConfigError(f"--fusion {config.fusion!r}: choose one of {', '.join(FUSIONS)}")
+        if config.groups and sum(config.groups) + len(config.groups) != config.in_dim:
+            raise ConfigError(f"head: caches of {list(config.groups)} features and their availability "
+                              f"columns do not make {config.in_dim} inputs")
+        if config.fusion == "late" and len(config.groups) > 1:
+            self.trunk: Trunk | LateFusion = LateFusion(config.groups, config.trunk, config.trunk_config)
+        else:
+            self.trunk = build_trunk(config.trunk, config.in_dim, config.trunk_config)
+        # The trunk's whole config (its defaults filled in), so a checkpoint never depends on defaults that
+        # a later version might change.
+        from abawfeat.utils.configs import to_dict
+
+        self.config = dataclasses.replace(config, trunk_config=to_dict(self.trunk.config))
         # Buffers (not parameters): they travel in the state dict, so a loaded head standardises exactly as
         # it did in training without needing the training data.
         self.register_buffer("in_mean", torch.zeros(config.in_dim))
         self.register_buffer("in_std", torch.ones(config.in_dim))
 
+    def context(self) -> Context:
+        """The trunk's temporal context: what an output may depend on (abawfeat.trunks.Context)."""
+        return self.trunk.context()
+
     def is_temporal(self) -> bool:
         """Whether outputs depend on other frames (then training uses windows, inference overlapping ones)."""
-        return self.temporal
+        return self.context().temporal
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -84,7 +107,18 @@ class Head(nn.Module):
         if self.config.normalize:
             scale = 1.0 / self.in_std
             x.mul_(scale).add_(-self.in_mean * scale)
+        groups = self.config.groups
+        if groups:
+            # A cache that lacks a frame contributes its training mean (0 after standardising), and its
+            # availability column says so: the trunk sees the mask, never a silent zero feature.
+            n = sum(groups)
+            present = x[..., n:]
+            x[..., :n].mul_(torch.repeat_interleave(present, torch.tensor(groups, device=x.device), dim=-1))
         return x
+
+    def represent(self, features: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Standardised features through the trunk: [B, T, trunk.out_dim]."""
+        return self.trunk(self.prepare(features), mask)
 
     @staticmethod
     def apply_mask(outputs: dict[str, Tensor], mask: Tensor | None) -> dict[str, Tensor]:
@@ -98,57 +132,62 @@ class Head(nn.Module):
         raise NotImplementedError
 
 
-class TaskOutputs(nn.Module):
-    """One linear layer per task on top of a shared representation; VA goes through tanh into [-1, 1]."""
+FUSIONS = ("early", "late")
 
-    def __init__(self, in_features: int, tasks: tuple[str, ...]) -> None:
+
+class LateFusion(nn.Module):
+    """One trunk per fused cache, their outputs combined per frame by learned gates.
+
+    Branches of different widths are projected to the widest one. The gates are a softmax over the caches
+    for every output dimension, from all branches' outputs (as in gated multimodal units), so a dimension
+    can come from the cache that carries it; a cache that lacks the frame gets no weight there (its logits
+    are masked), so the combination uses only the caches that saw the frame. Declares the branches'
+    (shared) temporal context.
+    """
+
+    def __init__(self, groups: tuple[int, ...], trunk: str, options: dict[str, Any]) -> None:
         super().__init__()
-        self.layers = nn.ModuleDict({t: nn.Linear(in_features, OUTPUT_DIMS[t]) for t in tasks})
+        self.groups = tuple(groups)
+        self.branches = nn.ModuleList(build_trunk(trunk, g, options) for g in groups)
+        self.config = self.branches[0].config
+        widths = [b.out_dim for b in self.branches]
+        self.out_dim = max(widths)
+        self.project = nn.ModuleList(nn.Identity() if w == self.out_dim else nn.Linear(w, self.out_dim)
+                                     for w in widths)
+        self.gate = nn.Linear(sum(widths), len(groups) * self.out_dim)
 
-    def forward(self, h: Tensor) -> dict[str, Tensor]:
-        out = {}
-        for task, layer in self.layers.items():
-            y = layer(h)
-            # tanh keeps VA in the labels' range without clipping, so the CCC loss still has gradients there.
-            out[task] = torch.tanh(y) if task == "va" else y
-        return out
+    def context(self) -> Context:
+        return self.branches[0].context()
 
-
-# ---------------------------------------------------------------------------------------------- registry
-
-_REGISTRY: dict[str, type[Head]] = {}
-H = TypeVar("H", bound=type[Head])
-
-
-def register_head(name: str) -> Callable[[H], H]:
-    """Class decorator: make a head buildable by ``name`` (and covered by the parametrised tests)."""
-
-    def decorate(cls: H) -> H:
-        if name in _REGISTRY:
-            raise ValueError(f"head {name!r} is registered twice")
-        if not (dataclasses.is_dataclass(cls.Config) and issubclass(cls.Config, HeadConfig)):
-            raise TypeError(f"head {name!r}: Config must be a HeadConfig dataclass")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorate
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        n = sum(self.groups)
+        present = x[..., n:]
+        bounds = torch.tensor([0, *self.groups]).cumsum(0).tolist()
+        hs = [branch(x[..., bounds[c] : bounds[c + 1]], mask) for c, branch in enumerate(self.branches)]
+        logits = self.gate(torch.cat(hs, dim=-1)).float().unflatten(-1, (len(self.groups), self.out_dim))
+        absent = (present <= 0.5).unsqueeze(-1)  # [..., C, 1]
+        logits = logits.masked_fill(absent, float("-inf"))
+        # A frame no cache has cannot be a row; guard anyway so padding never produces NaN.
+        logits = torch.where(absent.all(dim=-2, keepdim=True), torch.zeros_like(logits), logits)
+        weights = torch.softmax(logits, dim=-2)
+        values = torch.stack([proj(h).float() for h, proj in zip(hs, self.project, strict=True)], dim=-2)
+        return (weights * values).sum(dim=-2).to(hs[0].dtype)
 
 
-def list_heads() -> list[str]:
-    return sorted(_REGISTRY)
+def _check_head(name: str, cls: Any) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, Head)):
+        raise TypeError(f"head {name!r}: the registry holds Head subclasses, got {cls!r}")
+    if not (dataclasses.is_dataclass(cls.Config) and issubclass(cls.Config, HeadConfig)):
+        raise TypeError(f"head {name!r}: Config must be a HeadConfig dataclass")
 
 
-def head_class(name: str) -> type[Head]:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(f"unknown head {name!r}; registered heads: {', '.join(list_heads())}") from None
+# The kinds of head (what sits on the trunk): chosen by the objective, not by --head.
+HEADS: Registry[type[Head]] = Registry("head", _check_head)
 
 
 def build_head(name: str, config: HeadConfig | None = None, **fields: Any) -> Head:
     """Build a registered head from its config (or from config fields given as keywords)."""
-    cls = head_class(name)
+    cls = HEADS.get(name)
     if config is None:
         known = {f.name for f in dataclasses.fields(cls.Config)}
         unknown = sorted(set(fields) - known)
@@ -171,51 +210,82 @@ def head_to_dict(head: Head) -> dict[str, Any]:
     return {"name": head.name, "config": to_dict(head.config)}
 
 
-def head_from_dict(data: dict[str, Any], where: str = "checkpoint") -> Head:
+def head_from_dict(data: Mapping[str, Any], where: str = "checkpoint") -> Head:
     """Rebuild a head (untrained weights) from ``head_to_dict`` output."""
     from abawfeat.utils.configs import from_dict
 
-    if not isinstance(data, dict) or "name" not in data or "config" not in data:
+    if not isinstance(data, Mapping) or "name" not in data or "config" not in data:
         raise CheckpointError(f"{where}: no head description (expected {{'name', 'config'}})")
-    cls = head_class(str(data["name"]))
-    return cls(from_dict(cls.Config, dict(data["config"])))
+    name = str(data["name"])
+    if name not in HEADS:
+        known = ", ".join(HEADS.names())
+        raise CheckpointError(f"{where}: unknown head {name!r} (this abawfeat has {known})")
+    cls = HEADS.get(name)
+    config = from_dict(cls.Config, dict(data["config"]))
+    if config.trunk not in TRUNKS:
+        raise CheckpointError(f"{where}: unknown trunk {config.trunk!r} "
+                              f"(this abawfeat has {', '.join(TRUNKS.names())})")
+    try:
+        return cls(config)
+    except ConfigError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+
+
+def upgrade_v1(
+    head: Mapping[str, Any], state: Mapping[str, Tensor]
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """A version-1 checkpoint's head description and weights in today's terms.
+
+    Version 1 registered one head per architecture (``fc``, ``lstm``, ``mtl``, ``contrastive``) with the
+    trunk's fields inline; today a head names a trunk. The weights keep their names except the recurrent
+    trunk's module (``trunk.lstm.*`` is now ``trunk.rnn.*``).
+    """
+    name, old = str(head.get("name")), dict(head.get("config") or {})
+    common = {k: old[k] for k in ("in_dim", "tasks", "normalize") if k in old}
+    trunk_name = {"fc": "fc", "lstm": "lstm"}.get(name, old.get("trunk", "fc"))
+    trunk: dict[str, Any] = {"dropout": float(old.get("dropout", 0.0))}
+    hidden = old.get("hidden")
+    if trunk_name == "lstm":
+        trunk.update(layers=int(old.get("layers", 1)), bidirectional=bool(old.get("bidirectional", False)))
+    if name == "fc":
+        trunk["hidden"] = int(hidden or 0)
+    elif name == "mtl":
+        trunk["hidden"] = max(int(256 if hidden is None else hidden), 1)
+    elif name == "contrastive":
+        trunk["hidden"] = int(hidden or (512 if trunk_name == "fc" else 256))
+    else:
+        trunk["hidden"] = int(256 if hidden is None else hidden)
+    config: dict[str, Any] = {**common, "trunk": trunk_name, "trunk_config": trunk}
+    kind = "tasks"
+    if name == "contrastive":
+        kind = "contrastive"
+        config.update({k: old[k] for k in ("embed_dim", "class_names", "logit_scale_init", "learn_scale")
+                       if k in old})
+    weights = {k.replace("trunk.lstm.", "trunk.rnn.", 1): v for k, v in state.items()}
+    return {"name": kind, "config": config}, weights
 
 
 def describe_heads() -> list[dict[str, Any]]:
-    """Rows for ``abawfeat heads``: name, one-line description, temporal or not, config fields + defaults."""
+    """Rows for ``abawfeat heads``: the head kinds, with their own config fields and defaults."""
+    base = {f.name for f in dataclasses.fields(HeadConfig)}
     rows = []
-    for name in list_heads():
-        cls = _REGISTRY[name]
+    for name, cls in HEADS.items():
         doc = (cls.__doc__ or "").strip().splitlines()
-        fields = {f.name: _default(f) for f in dataclasses.fields(cls.Config)}
-        # Heads with a ``trunk`` option are temporal exactly when that trunk is an LSTM.
-        temporal = "with trunk=lstm" if "trunk" in fields else ("yes" if cls.temporal else "no")
-        rows.append({"name": name, "description": doc[0] if doc else "", "temporal": temporal,
-                     "config": fields})
+        own = {f.name: _default(f) for f in dataclasses.fields(cls.Config) if f.name not in base}
+        rows.append({"name": name, "description": doc[0] if doc else "", "config": own})
     return rows
 
 
-def _default(field: dataclasses.Field) -> Any:
-    if field.default is not dataclasses.MISSING:
-        return field.default
-    if field.default_factory is not dataclasses.MISSING:
-        return field.default_factory()
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
     return None
 
 
-# Importing the modules registers the heads (order does not matter).
-from abawfeat.heads import contrastive, fc, lstm, multitask  # noqa: E402, F401
+# Importing the modules registers the head kinds.
+from abawfeat.heads import contrastive, task_outputs  # noqa: E402, F401
 
-__all__ = [
-    "OUTPUT_DIMS",
-    "Head",
-    "HeadConfig",
-    "TaskOutputs",
-    "build_head",
-    "describe_heads",
-    "head_class",
-    "head_from_dict",
-    "head_to_dict",
-    "list_heads",
-    "register_head",
-]
+__all__ = ["HEADS", "Head", "HeadConfig", "build_head", "describe_heads", "head_from_dict", "head_to_dict",
+           "upgrade_v1"]

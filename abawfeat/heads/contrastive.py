@@ -10,8 +10,7 @@ from torch import Tensor, nn
 
 from abawfeat.constants import EXPR_CLASSES
 from abawfeat.errors import ConfigError
-from abawfeat.heads import Head, HeadConfig, register_head
-from abawfeat.heads.trunks import FCTrunk, LSTMTrunk
+from abawfeat.heads import HEADS, Head, HeadConfig
 from abawfeat.losses import CLIP_LOGIT_SCALE_INIT, LogitScale
 
 
@@ -20,21 +19,15 @@ class ContrastiveConfig(HeadConfig):
     tasks: tuple[str, ...] = ("expr",)  # prompts exist for expression classes only
     # CLIP's embedding space has meaningful signs and scale; the paper projects it as is, unstandardised.
     normalize: bool = False
-    trunk: str = "fc"  # "fc": FC 512 + ReLU as in the paper; "lstm": an LSTM in its place (CLIP+LSTM)
-    # 0 = 512 for the FC trunk (the paper's FC 512) and 256 for the LSTM trunk: an LSTM(512) costs 4x an
-    # LSTM(256) and would dominate the paper grid's time budget (docs/performance.md).
-    hidden: int = 0
-    layers: int = 1  # LSTM trunk only: stacked layers
-    bidirectional: bool = False  # LSTM trunk only: also read windows backwards
     embed_dim: int = 512  # output of the final linear layer = the text embeddings' dimension (paper: 512)
     class_names: tuple[str, ...] = EXPR_CLASSES  # prompt order = output order; must be Aff-Wild2's order
     logit_scale_init: float = CLIP_LOGIT_SCALE_INIT  # log of the temperature-inverse, CLIP's 1/0.07
     learn_scale: bool = True  # learn the temperature (CLIP does); a fixed scale of 1 barely trains
 
 
-@register_head("contrastive")
+@HEADS.register("contrastive")
 class ContrastiveHead(Head):
-    """Projection (FC 512 + ReLU + linear 512, or LSTM + linear) scored against CLIP prompt embeddings."""
+    """Trunk (the paper: FC 512 + ReLU), linear projection, scaled cosine similarity to CLIP prompts."""
 
     Config = ContrastiveConfig
 
@@ -42,21 +35,11 @@ class ContrastiveHead(Head):
         super().__init__(config)
         if tuple(config.tasks) != ("expr",):
             raise ConfigError(f"the contrastive head predicts expressions only, not {list(config.tasks)}")
-        if config.trunk == "fc":
-            self.trunk: nn.Module = FCTrunk(config.in_dim, config.hidden or 512, config.dropout)
-        elif config.trunk == "lstm":
-            self.trunk = LSTMTrunk(config.in_dim, config.hidden or 256, config.layers, config.bidirectional,
-                                   config.dropout)
-        else:
-            raise ConfigError(f"contrastive trunk must be 'fc' or 'lstm', got {config.trunk!r}")
         # Linear on purpose: CLIP's space has negative coordinates that a final ReLU would erase.
         self.project = nn.Linear(self.trunk.out_dim, config.embed_dim)
         self.logit_scale = LogitScale(config.logit_scale_init, learnable=config.learn_scale)
         # Filled from the cache before training, then saved with the weights: prediction needs no CLIP.
         self.register_buffer("text_emb", torch.zeros(len(config.class_names), config.embed_dim))
-
-    def is_temporal(self) -> bool:
-        return self.config.trunk == "lstm"
 
     def set_text_embeddings(self, embeddings: Tensor) -> None:
         emb = torch.as_tensor(embeddings, dtype=torch.float32)
@@ -69,7 +52,7 @@ class ContrastiveHead(Head):
 
     def embed(self, features: Tensor, mask: Tensor | None = None) -> Tensor:
         """The projected image embedding [B, T, embed_dim] (what the contrastive loss compares)."""
-        return self.project(self.trunk(self.prepare(features), mask))
+        return self.project(self.represent(features, mask))
 
     def forward(self, features: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
         z = self.embed(features, mask)

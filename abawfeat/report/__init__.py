@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from abawfeat.report.html import architecture_label, build_report
+from abawfeat.report.html import build_report
 from abawfeat.report.plots import PlotWarning, expected_plots, write_run_plots
 
-__all__ = ["PlotWarning", "architecture_label", "build_report", "expected_plots", "write_run_plots"]
+__all__ = ["PlotWarning", "build_report", "expected_plots", "write_run_plots"]

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from abawfeat import __version__
-from abawfeat.constants import AU_NAMES, EXPR_CLASSES
-from abawfeat.errors import ConfigError, DataError
+from abawfeat.errors import ConfigError, DataError, RunError
 from abawfeat.reference import TABLE3_COLUMNS, PublishedResult, load_published
 from abawfeat.report.plots import PLOT_CAPTIONS, PLOTS_DIR, write_run_plots
+from abawfeat.tasks import run_task_names, single_tasks, task
+from abawfeat.train.rundir import RunRecord
 from abawfeat.utils.io import atomic_write_text
 
 DECIMALS = 3
@@ -32,16 +33,11 @@ COLUMN_HEADERS: dict[str, str] = {
     "f1_au": "F1<sub>AU</sub>",
     "f1_au_opt": "F1<sub>AUopt</sub>",
 }
-# Display names in the paper's spelling ("DDAMFN+Fc"); unknown names are shown as written in config.json.
-BACKBONE_LABELS: dict[str, str] = {"ddamfn": "DDAMFN", "clip": "CLIP"}
-HEAD_LABELS: dict[str, str] = {
-    "fc": "Fc", "lstm": "LSTM", "gru": "GRU", "tcn": "TCN", "transformer": "Transformer", "mamba": "Mamba",
-    "mlp": "MLP", "contrastive": "Contrastive", "mtl": "MTL", "multitask": "MTL",
-}
-_MAIN_METRICS: tuple[str, ...] = (
-    "ccc_valence", "ccc_arousal", "ccc_va", "f1_expr", "f1_au", "f1_au_opt", "score",
+# Metrics shown per run, in the order the tasks declare them (single tasks, then task sets).
+_MAIN_METRICS: tuple[str, ...] = tuple(
+    dict.fromkeys(k for n in run_task_names() for k in task(n).metric_keys)
 )
-_PER_ITEM = ("f1_expr_per_class", "f1_au_per_au", "f1_au_opt_per_au", "au_thresholds")
+_PER_ITEM: tuple[str, ...] = tuple(k for t in single_tasks() for k in t.per_item_keys.values())
 _CONFIG_ROWS_MAX = 24
 
 
@@ -85,53 +81,6 @@ def _load_json_object(path: Path) -> dict[str, Any]:
     return data
 
 
-def _lookup(config: Mapping[str, Any], *keys: str) -> Any:
-    """First non-empty value among ``keys`` at the top level, then one level down (``{"train": {...}}``)."""
-    for key in keys:
-        value = config.get(key)
-        if value not in (None, ""):
-            return value
-    for value in config.values():
-        if isinstance(value, Mapping):
-            for key in keys:
-                inner = value.get(key)
-                if isinstance(inner, (str, Mapping)) and inner:
-                    return inner
-    return None
-
-
-def _name_of(value: Any) -> str | None:
-    if isinstance(value, Mapping):  # a head config: {"name": "lstm", "hidden": 256, ...}
-        value = value.get("name") or value.get("kind") or value.get("type")
-    return str(value) if value not in (None, "") else None
-
-
-def architecture_label(config: Mapping[str, Any]) -> str:
-    """The paper's row name for a run, e.g. ``DDAMFN+LSTM``, from config.json's backbone and head.
-
-    Accepts the spellings a TrainConfig may use (``backbone`` or ``encoder``; ``head`` as a name or as a
-    head config with ``name``); multi-task and end-to-end (``unfreeze``) runs say so in the label.
-    """
-    backbone = _name_of(_lookup(config, "backbone", "encoder"))
-    if backbone is None:
-        fingerprint = _lookup(config, "cache_fingerprint", "fingerprint")
-        if isinstance(fingerprint, Mapping):
-            backbone = _name_of(fingerprint.get("encoder"))
-    head = _name_of(_lookup(config, "head", "head_name", "head_config"))
-    parts = [
-        BACKBONE_LABELS.get(backbone.lower(), backbone) if backbone else "?",
-        HEAD_LABELS.get(head.lower(), head) if head else "?",
-    ]
-    label = "+".join(parts)
-    # One multi-task network and an end-to-end fine-tune are different set-ups from per-task heads on
-    # frozen features, so they get rows of their own instead of merging with them.
-    if _lookup(config, "task") == "mtl":
-        label += " (multi-task)"
-    if config.get("unfreeze"):
-        label += " (end-to-end)"
-    return label
-
-
 def read_run(index: int, run_dir: str | Path) -> Run:
     """Read one run directory; missing directory or metrics.json is the user's error (one line)."""
     path = Path(run_dir)
@@ -143,9 +92,12 @@ def read_run(index: int, run_dir: str | Path) -> Run:
     metrics = _load_json_object(metrics_path)
     config_path = path / "config.json"
     config = _load_json_object(config_path) if config_path.is_file() else {}
-    task = str(metrics.get("task") or config.get("task") or "?")
-    return Run(index=index, path=path, metrics=metrics, config=config, label=architecture_label(config),
-               task=task)
+    try:
+        label = RunRecord.read(path).label
+    except RunError:
+        label = "?"  # a run record from elsewhere: the run is still shown, under its directory's name
+    task_name = str(metrics.get("task") or config.get("task") or "?")
+    return Run(index=index, path=path, metrics=metrics, config=config, label=label, task=task_name)
 
 
 def _finite(value: Any) -> float | None:
@@ -303,23 +255,18 @@ def _metrics_tables(run: Run) -> str:
     info = " · ".join(f"{_e(k)}: {_e(m[k])}" for k in ("task", "split", "best_epoch") if k in m)
     parts = [f'<p class="muted">{info}</p>' if info else "",
              f'<table class="kv metrics">{"".join(rows)}</table>']
-    per_class = m.get("f1_expr_per_class")
-    if isinstance(per_class, Mapping):
-        names = [c for c in EXPR_CLASSES if c in per_class] + [c for c in per_class if c not in EXPR_CLASSES]
-        body = "".join(f"<tr><th>{_e(c)}</th>{_num_cell(per_class[c])}</tr>" for c in names)
-        parts.append('<table class="kv small"><thead><tr><th>class</th><th>F1</th></tr></thead>'
+    for spec in single_tasks():
+        tables = {col: m.get(key) if isinstance(m.get(key), Mapping) else {}
+                  for col, key in spec.per_item_keys.items()}
+        if not any(tables.values()):
+            continue
+        items = [c for c in spec.columns if any(c in d for d in tables.values())]
+        items += sorted({c for d in tables.values() for c in d} - set(items))
+        body = "".join(f"<tr><th>{_e(c)}</th>" + "".join(_num_cell(d.get(c)) for d in tables.values())
+                       + "</tr>" for c in items)
+        head = "".join(f"<th>{_e(col)}</th>" for col in tables)
+        parts.append(f'<table class="kv small"><thead><tr><th>{_e(spec.item_name)}</th>{head}</tr></thead>'
                      f"{body}</table>")
-    per_au = {k: m.get(k) if isinstance(m.get(k), Mapping) else {} for k in _PER_ITEM[1:]}
-    if any(per_au.values()):
-        aus = [a for a in AU_NAMES if any(a in d for d in per_au.values())]
-        aus += sorted({a for d in per_au.values() for a in d} - set(aus))
-        body = "".join(
-            f"<tr><th>{_e(a)}</th>{_num_cell(per_au['f1_au_per_au'].get(a))}"
-            f"{_num_cell(per_au['f1_au_opt_per_au'].get(a))}{_num_cell(per_au['au_thresholds'].get(a))}</tr>"
-            for a in aus
-        )
-        parts.append('<table class="kv small"><thead><tr><th>AU</th><th>F1 @0.5</th><th>F1 tuned</th>'
-                     f"<th>threshold</th></tr></thead>{body}</table>")
     return "".join(parts)
 
 
@@ -474,4 +421,4 @@ def build_report(
     return atomic_write_text(out, text)
 
 
-__all__ = ["DECIMALS", "architecture_label", "build_report", "render_report", "table3_rows"]
+__all__ = ["DECIMALS", "build_report", "render_report", "table3_rows"]

@@ -23,8 +23,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from abawfeat.constants import AU_NAMES, EXPR_CLASSES, TASKS, VA_NAMES
+from abawfeat.constants import AU_NAMES, EXPR_CLASSES, VA_NAMES
 from abawfeat.errors import DataError
+from abawfeat.tasks import TASKS, single, task_names
 from abawfeat.utils.io import atomic_write
 
 PLOTS_DIR = "plots"
@@ -57,25 +58,14 @@ class PlotWarning(UserWarning):
 
 
 def run_tasks(task: str | None) -> tuple[str, ...]:
-    """The single tasks a run covers: ``mtl`` covers all three."""
-    if task == "mtl":
-        return TASKS
-    return (task,) if task in TASKS else ()
+    """The single tasks a run covers (a task set, such as ``mtl``, covers its members); () if unknown."""
+    return task_names(task) if task in TASKS else ()
 
 
 def expected_plots(task: str | None) -> list[str]:
-    """Plot file names a complete run of ``task`` gets, in report order."""
-    tasks = run_tasks(task)
-    names = ["learning_curves.png"]
-    per_task = {
-        "va": ["va_hist2d.png", "timeline_va.png"],
-        "expr": ["expr_confusion.png", "timeline_expr.png"],
-        "au": ["au_f1.png", "timeline_au.png"],
-    }
-    for t in TASKS:
-        if t in tasks:
-            names += per_task[t]
-    return names
+    """Plot file names a complete run of ``task`` gets, in report order: the learning curves, then the
+    plots each of its tasks declares."""
+    return ["learning_curves.png", *[p for t in run_tasks(task) for p in single(t).plots]]
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -152,10 +142,8 @@ def _valid_rows(outputs: Mapping[str, np.ndarray], task: str, n: int) -> np.ndar
         mask = np.asarray(valid).astype(bool)
         if mask.ndim > 1:
             mask = mask.all(axis=tuple(range(1, mask.ndim)))
-    elif task == "va":
-        mask = np.all(label > -2, axis=1)  # -5 marks unannotated frames
     else:
-        mask = np.all(label.reshape(n, -1) >= 0, axis=1)  # -1 marks invalid expr / AU rows
+        mask = np.all(label.reshape(n, -1) != single(task).invalid, axis=1)  # the release's invalid marker
     if mask.shape != (n,):
         raise ValueError(f"{task}_valid has shape {mask.shape}, expected ({n},)")
     return mask
@@ -513,28 +501,21 @@ def write_run_plots(run_dir: str | Path, *, metrics: Mapping[str, Any] | None = 
         metrics = load("metrics.json", _read_json) or {}
     config = _read_json_quietly(run_dir / "config.json")
     task = metrics.get("task") or config.get("task")
-    if task not in (*TASKS, "mtl"):
+    if task not in TASKS:
         _warn(run_dir, f"unknown task {task!r} in metrics.json / config.json; only learning curves are drawn")
     tasks = run_tasks(task)
     history = load("history.csv", read_history)
     outputs = load("val_outputs.npz", _read_outputs) if tasks else None
 
-    # Only plots whose inputs were read get a builder; missing inputs were reported once above.
+    # Only plots whose inputs were read get drawn; missing inputs were reported once above.
     best_epoch = _number(metrics.get("best_epoch"))
+    inputs = {"outputs": outputs, "metrics": metrics or None}
     builders: dict[str, Callable[[], Figure]] = {}
     if history is not None:
         builders["learning_curves.png"] = lambda: plot_learning_curves(history, best_epoch)
-    if outputs is not None and "va" in tasks:
-        builders["va_hist2d.png"] = lambda: plot_va_hist2d(outputs, metrics)
-        builders["timeline_va.png"] = lambda: plot_timeline_va(outputs)
-    if outputs is not None and "expr" in tasks:
-        builders["expr_confusion.png"] = lambda: plot_expr_confusion(outputs, metrics)
-        builders["timeline_expr.png"] = lambda: plot_timeline_expr(outputs)
-    if "au" in tasks:
-        if metrics:
-            builders["au_f1.png"] = lambda: plot_au_f1(metrics)
-        if outputs is not None:
-            builders["timeline_au.png"] = lambda: plot_timeline_au(outputs)
+    for name, (needs, draw) in PLOT_KINDS.items():
+        if all(inputs[n] is not None for n in needs):
+            builders[name] = lambda draw=draw: draw(outputs, metrics)
 
     written: list[Path] = []
     for name in expected_plots(task):
@@ -551,6 +532,31 @@ def write_run_plots(run_dir: str | Path, *, metrics: Mapping[str, Any] | None = 
     return written
 
 
+# The plots a task can declare (Task.plots): the run files each cannot do without ("outputs" =
+# val_outputs.npz, "metrics" = metrics.json) and how it is drawn from (outputs, metrics).
+PLOT_KINDS: dict[str, tuple[tuple[str, ...], Callable[[Any, Any], Figure]]] = {
+    "va_hist2d.png": (("outputs",), lambda o, m: plot_va_hist2d(o, m)),
+    "timeline_va.png": (("outputs",), lambda o, m: plot_timeline_va(o)),
+    "expr_confusion.png": (("outputs",), lambda o, m: plot_expr_confusion(o, m)),
+    "timeline_expr.png": (("outputs",), lambda o, m: plot_timeline_expr(o)),
+    "au_f1.png": (("metrics",), lambda o, m: plot_au_f1(m)),
+    "timeline_au.png": (("outputs",), lambda o, m: plot_timeline_au(o)),
+}
+
+
+def try_write_run_plots(run_dir: str | Path, log: Callable[[str], None] | None = None) -> list[Path]:
+    """``write_run_plots`` for callers that finished a run (train-head, ablate, cv, ensemble): a plotting
+    problem (matplotlib missing, a bug) costs the pictures and one log line, never the run."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PlotWarning)
+            return write_run_plots(run_dir)
+    except Exception as exc:  # the run is complete without pictures
+        if log is not None:
+            log(f"plots skipped ({type(exc).__name__}: {exc})")
+        return []
+
+
 def _read_json_quietly(path: Path) -> dict[str, Any]:
     # config.json only supplies the task when metrics.json lacks it; its absence is not worth a warning.
     try:
@@ -561,5 +567,5 @@ def _read_json_quietly(path: Path) -> dict[str, Any]:
 
 __all__ = [
     "PLOT_CAPTIONS", "PlotWarning", "expected_plots", "expr_confusion", "read_history", "run_tasks",
-    "timeline_videos", "write_run_plots",
+    "timeline_videos", "try_write_run_plots", "write_run_plots",
 ]

@@ -52,6 +52,17 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     return cls(**kwargs)
 
 
+def jsonable(value: Any) -> Any:
+    """``value`` with numpy scalars and arrays turned into plain numbers and lists (metrics, states)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if hasattr(value, "tolist") and hasattr(value, "dtype"):  # numpy arrays and scalars
+        return value.tolist()
+    return value
+
+
 def read_json(path: str | Path) -> Any:
     with open(path) as fh:
         return json.load(fh)

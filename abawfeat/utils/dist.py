@@ -1,13 +1,9 @@
-"""torchrun support: rank and world size from the environment, and one shared way to split work."""
+"""torchrun support: rank and world size from the environment, and the process group."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -32,11 +28,6 @@ def dist_info() -> DistInfo:
         world_size=int(os.environ.get("WORLD_SIZE", "1")),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
     )
-
-
-def shard(items: Sequence[T], info: DistInfo) -> list[T]:
-    """Round-robin split of an ordered list: rank r gets items r, r + W, r + 2W, ... (deterministic)."""
-    return list(items[info.rank :: info.world_size])
 
 
 def init_process_group(info: DistInfo) -> bool:

@@ -11,7 +11,9 @@ plots, reports, cache parts, published checkpoints, training states) is written 
   ``kill -9``;
 - the rename replaces the target in one step; until then the previous file, if any, is untouched;
 - on any failure the temporary file is removed; "no space left on device" (ENOSPC, EDQUOT) becomes a
-  ``DiskFullError`` naming the file, never a traceback.
+  ``DiskFullError`` naming the file, never a traceback. So does a failure that leaves the device with less
+  than 1 MiB free while the temporary file exists: some writers lose the errno on the way (torch.save
+  reports "unexpected pos" from its zip writer on a full device).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import errno
 import json
 import os
 import secrets
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,16 @@ def is_disk_full(exc: BaseException) -> bool:
             return True
         current = current.__cause__ or current.__context__
     return False
+
+
+_NEARLY_FULL = 1 << 20  # bytes: less than this left beside a failed write means the write filled the device
+
+
+def _device_full(tmp: Path) -> bool:
+    try:
+        return shutil.disk_usage(tmp.parent).free < _NEARLY_FULL
+    except OSError:
+        return False
 
 
 def temporary_path(path: Path) -> Path:
@@ -86,11 +99,16 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], *, durable: bo
         if durable:
             fsync_path(path.parent)
     except BaseException as exc:
+        # Some writers lose the ENOSPC on the way (torch.save: "unexpected pos ..." from its zip writer);
+        # a device left with (almost) no free space while the temporary file exists tells the same story.
+        full = is_disk_full(exc) or (tmp is not None and not isinstance(exc, KeyboardInterrupt)
+                                     and _device_full(tmp))
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-        if is_disk_full(exc):
+        if full:
             kept = "its previous content is kept" if path.exists() else "nothing was written there"
-            raise DiskFullError(f"{path}: no space left on the device while writing it; {kept}") from None
+            message = f"{path}: no space left on the device while writing it; {kept}"
+            raise DiskFullError(message, path) from None
         raise
     return path
 

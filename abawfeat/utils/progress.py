@@ -1,4 +1,8 @@
-"""Rich progress bars with rate and ETA, written to stderr so stdout stays machine-readable (--json)."""
+"""Rich progress bars with rate and ETA, written to stderr so stdout stays machine-readable (--json).
+
+Descriptions and warnings carry user text (video names, paths), so nothing here interprets rich markup: the
+style is set on the column or the Text, never inside the string.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, markup=False, emoji=False, highlight=False)
 
 
 class RateColumn(ProgressColumn):
@@ -38,7 +42,7 @@ def make_progress(unit: str = "frames", disable: bool | None = None) -> Progress
     if disable is None:
         disable = os.environ.get("ABAWFEAT_NO_PROGRESS") == "1"
     return Progress(
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TaskProgressColumn(),
@@ -53,12 +57,12 @@ def make_progress(unit: str = "frames", disable: bool | None = None) -> Progress
 
 
 def warn(message: str) -> None:
-    """One-line warning on stderr (yellow)."""
-    err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+    """One-line warning on stderr (yellow label, the message verbatim)."""
+    err_console.print(Text.assemble(("warning:", "yellow"), " ", message), soft_wrap=True)
 
 
 def loud_warning(message: str) -> None:
     """A warning that must not be missed (e.g. --random-init): boxed and red."""
-    err_console.rule("[bold red]WARNING")
-    err_console.print(f"[bold red]{message}[/bold red]", highlight=False, soft_wrap=True)
+    err_console.rule(Text("WARNING", style="bold red"))
+    err_console.print(Text(message, style="bold red"), soft_wrap=True)
     err_console.rule(style="red")

@@ -15,19 +15,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from abawfeat.data.names import source_video
+
 # Extensions looked for, in order of preference when one video has several files (the release uses the first
 # two; the others are what users' own copies come as).
 VIDEO_SUFFIXES: tuple[str, ...] = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm")
-PAIR_SUFFIXES: tuple[str, ...] = ("_left", "_right")
 _MAX_DEPTH = 8  # deep enough for any release layout; bounds a walk that a symlink loop could make endless
-
-
-def source_name(video: str) -> str:
-    """The source video's name: ``X`` for ``X_left`` / ``X_right``, the name itself otherwise."""
-    for suffix in PAIR_SUFFIXES:
-        if video.endswith(suffix) and len(video) > len(suffix):
-            return video[: -len(suffix)]
-    return video
 
 
 @dataclass
@@ -46,7 +39,7 @@ class SourceIndex:
         """The file for ``video``: its own name first, then its pair's source name (``X`` for ``X_left``)."""
         if video in self.files:
             return self.files[video]
-        return self.files.get(source_name(video))
+        return self.files.get(source_video(video))
 
 
 def find_source_videos(root: str | Path, skip: Iterable[str | Path] = ()) -> SourceIndex:
