@@ -226,3 +226,45 @@ def test_offline_says_where_to_put_the_files(name: str, tmp_path: Path,
     hub = tmp_path / "weights" / "huggingface"
     with pytest.raises(CheckpointError, match=f"put config.json.*in {hub}/me--mine"):
         build_encoder(name, weights="me/mine")
+
+
+def test_hub_checkpoint_is_fetched_file_by_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A named checkpoint through the one resolver, from a local HTTP server standing in for the hub: the
+    config first, the optional preprocessor config skipped when the server has none (404), model.safetensors
+    missing so its alternative pytorch_model.bin is fetched; then the folder is complete and used offline."""
+    import functools
+    import http.server
+    import threading
+
+    import transformers
+
+    from abawfeat.encoders import speech
+
+    repo = tmp_path / "server" / "me" / "tiny" / "resolve" / "main"
+    repo.mkdir(parents=True)
+    config = transformers.HubertConfig(**SIZES["tiny"])
+    torch.manual_seed(3)
+    model = transformers.HubertModel(config).eval()
+    config.save_pretrained(repo)
+    torch.save(model.state_dict(), repo / "pytorch_model.bin")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "server"))
+    handler.log_message = lambda *a: None  # type: ignore[method-assign]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(speech, "_HUB", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setenv("ABAWFEAT_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("ABAWFEAT_OFFLINE", raising=False)
+    try:
+        enc = build_encoder("hubert", weights="me/tiny", layer=3)
+    finally:
+        server.shutdown()
+    folder = hub_folder("me/tiny")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "pytorch_model.bin",
+                                                         "pytorch_model.bin.sha256"]
+    assert enc.weights_source == "named:me/tiny" and enc.provenance()["config"]["weights"] == "me/tiny"
+    x = torch.from_numpy(speechlike(1.0))[None]
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x)[0], model(x, output_hidden_states=True).hidden_states[3])
+    monkeypatch.setenv("ABAWFEAT_OFFLINE", "1")
+    again = build_encoder("hubert", weights="me/tiny", layer=3)  # cached: no network needed
+    assert again.weights_sha256 == enc.weights_sha256

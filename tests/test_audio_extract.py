@@ -295,7 +295,7 @@ def test_options_that_do_not_apply(tree: Path, tmp_path: Path) -> None:
     for key, value in (("window_ms", "400"), ("layer", "3")):
         face = ExtractConfig(backbone="ddamfn", data=tree, out=tmp_path / "f.h5", random_init=True,
                              encoder_options={key: value})
-        with pytest.raises(ConfigError, match=f"encoder 'ddamfn' has no option {key} \\(options: .*num_class"):
+        with pytest.raises(ConfigError, match=f"encoder 'ddamfn' has no option {key} \\(options: .*seed"):
             run_extraction(face)
 
 
