@@ -38,13 +38,20 @@ def run(x: np.ndarray, block: int, forward, chunk: int, context: int) -> tuple[n
 
 
 def reference_segments(x: np.ndarray, forward, chunk: int, context: int) -> np.ndarray:
-    """The definition, written out directly: segment k keeps outputs [kC, (k+1)C) from its own input."""
+    """The definition, written out directly: segment k keeps outputs [kC, (k+1)C) from its own input, the
+    audio of outputs [kC - O, (k+1)C + O) clipped at the track; where that runs past the track's last
+    output in a track of at least C + 2O outputs, the audio of the track's last C + 2O outputs."""
     n_out = G.n_outputs(len(x))
+    full = chunk + 2 * context
     rows = []
     for j in range(n_out):
         k = j // chunk
-        s0 = max(0, G.hop * (k * chunk - context))
-        s1 = min(len(x), G.hop * ((k + 1) * chunk + context - 1) + G.receptive_field)
+        if (k + 1) * chunk + context > n_out >= full:
+            s0 = G.hop * (n_out - full)
+            s1 = s0 + G.hop * (full - 1) + G.receptive_field
+        else:
+            s0 = max(0, G.hop * (k * chunk - context))
+            s1 = min(len(x), G.hop * ((k + 1) * chunk + context - 1) + G.receptive_field)
         rows.append(forward(x[s0:s1])[j - s0 // G.hop])
     return np.array(rows).reshape(-1, 2)
 
@@ -64,6 +71,29 @@ def test_segments_do_not_depend_on_how_the_track_was_decoded(block: int) -> None
     x = np.random.default_rng(1).standard_normal(16_000 * 5 + 77).astype(np.float32)
     out, _ = run(x, block, segment_forward, chunk=60, context=15)
     np.testing.assert_array_equal(out, reference_segments(x, segment_forward, 60, 15))
+
+
+@pytest.mark.parametrize("block", [333, 16_000])
+def test_tracks_longer_than_a_segment_run_two_segment_shapes(block: int) -> None:
+    """Whatever a track's length, once it holds a full segment: the first segment (C + O outputs) and full
+    ones (C + 2 O), the last included; shorter tracks are one or two segments clipped at their end."""
+    chunk, context = 60, 15
+    first, full = G.hop * (chunk + context - 1) + G.receptive_field, G.hop * (chunk + 2 * context - 1) + 400
+    for n_out in (60, 61, 89, 90, 91, 119, 120, 121, 179, 180, 181, 250, 359):
+        n = G.hop * (n_out - 1) + G.receptive_field + int(n_out) % 7 * 41  # trailing samples of no output
+        x = np.random.default_rng(n_out).standard_normal(n).astype(np.float32)
+        lengths: list[int] = []
+
+        def forward(s: np.ndarray, lengths: list[int] = lengths) -> np.ndarray:
+            lengths.append(len(s))
+            return segment_forward(s)
+
+        out, _ = run(x, block, forward, chunk, context)
+        np.testing.assert_array_equal(out, reference_segments(x, segment_forward, chunk, context))
+        if n_out >= chunk + 2 * context:
+            assert set(lengths) <= {first, full} and lengths[-1] == full, (n_out, lengths)
+        if n_out <= chunk:
+            assert lengths == [n]
 
 
 def test_a_track_of_at_most_one_chunk_is_one_segment() -> None:

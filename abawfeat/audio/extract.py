@@ -376,10 +376,11 @@ class _Run:
 def release_freed_memory() -> None:
     """Hand memory freed by the last segment back to the system (glibc's ``malloc_trim``; elsewhere a no-op).
 
-    Segments of a new length (each video's last one) make oneDNN and the allocator place their large
-    activations elsewhere, and glibc keeps the freed space: without this, resident memory grew by 40-80 MB
-    per new segment length, so with the number of videos; with it, it stays flat (measured: 16 segments of
-    mixed lengths, wav2vec2-base bf16)."""
+    Segments of a new length make oneDNN and the allocator place their large activations elsewhere, and
+    glibc keeps the freed space: without this, resident memory grew by 40-80 MB per new segment length
+    (measured: 16 segments of mixed lengths, wav2vec2-base bf16, when each video's last segment had a length
+    of its own). Tracks longer than a segment now run two shapes only (abawfeat/audio/stream.py); tracks
+    shorter than that still bring lengths of their own."""
     global _malloc_trim
     if _malloc_trim is None:
         try:

@@ -10,11 +10,16 @@ audio around it was fed in. Feeding a 15-minute track at once would need memory 
 (and is far longer than the <= 16 s crops these models were trained on). So outputs are computed segment by
 segment, on a grid fixed in the track's own sample numbers: segment k *keeps* outputs
 ``[k C, (k + 1) C)`` and is fed the audio of those outputs plus ``O`` outputs of context on each side (clipped
-at the track's ends), whose outputs are dropped. ``C`` and ``O`` are the encoder's ``chunk_s`` and
-``context_s`` (20 s and 2 s by default). A frame's features therefore depend only on the track and these two
-numbers: not on how the track was decoded into blocks, not on where a run stopped or resumed, not on the
-video's length. A track of at most ``C`` outputs is one segment: exactly a one-shot pass.
-Memory is bounded by one segment (C + 2 O seconds) plus one decoded block.
+at the track's start), whose outputs are dropped; the last one keeps ``[k C, N)`` (N outputs in the track).
+A segment whose context would run past the track's last output is instead fed the audio of the track's
+last C + 2 O outputs, when the track holds that many: full length, ending with the track. So every track
+longer than a segment runs the same two shapes (the first segment, C + O outputs, and full ones, C + 2 O),
+and a video of a new length brings no new shape; only tracks shorter than C + 2 O outputs are cut.
+``C`` and ``O`` are the encoder's ``chunk_s`` and ``context_s`` (20 s and 2 s by default). A frame's features
+therefore depend only on the track and these two numbers: not on how the track was decoded into blocks, not
+on where a run stopped or resumed. A track of at most ``C`` outputs is one segment: exactly a one-shot pass.
+Memory is bounded by two segments of samples (the last segment reaches back C + 2 O outputs from the end)
+plus one decoded block, and one segment's activations.
 
 **Pooling.** A crop frame shown at time t gets the mean of the outputs centred inside
 ``[t - w / 2, t + w / 2]`` (w = ``window_ms``, both ends included). A frame whose window holds no output
@@ -26,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -79,15 +85,23 @@ def encode_stream(
     if chunk < 1 or context < 0:
         raise ValueError(f"chunk must be >= 1 and context >= 0 outputs, got {chunk} and {context}")
     hop, rf = geometry.hop, geometry.receptive_field
+    full = chunk + 2 * context  # outputs fed to a full segment
     buf = np.zeros(0, np.float32)
     buf_start = 0  # track sample number of buf[0]
     total = 0
     k = 0
 
     def bounds(k: int, n_total: int | None) -> tuple[int, int]:
+        if n_total is not None:
+            n_out = geometry.n_outputs(n_total)
+            if (k + 1) * chunk + context > n_out >= full:  # context past the end: the track's last segment
+                s0 = hop * (n_out - full)
+                return s0, s0 + hop * (full - 1) + rf
         s0 = max(0, hop * (k * chunk - context))
         s1 = hop * ((k + 1) * chunk + context - 1) + rf
         return s0, (s1 if n_total is None else min(s1, n_total))
+
+    done: list[Any] = [None, None]  # (s0, s1) and outputs of the last forward pass
 
     def run(k: int, n_total: int | None) -> tuple[int, np.ndarray] | None:
         nonlocal buf, buf_start
@@ -97,14 +111,17 @@ def encode_stream(
         last = (k + 1) * chunk if n_total is None else min((k + 1) * chunk, geometry.n_outputs(n_total))
         out = None
         if last > first and len(x) >= rf:
-            y = forward(x)
+            # The last two segments of a track can both be its last C + 2 O outputs: encoded once.
+            y = done[1] if done[0] == (s0, s1) else forward(x)
+            done[:] = [(s0, s1), y]
             expected = geometry.n_outputs(len(x))
             if len(y) != expected:
                 raise RuntimeError(f"the encoder gave {len(y)} outputs for {len(x)} samples, not {expected}")
             lo = first - s0 // hop
             out = (first, y[lo : lo + (last - first)])
-        # The next segment starts O outputs before its first kept output: drop what lies before.
-        keep_from = max(0, hop * ((k + 1) * chunk - context))
+        # The next segment starts O outputs before its first kept output, or, at the end of the track, C + 2 O
+        # outputs before the track's last (N > (k + 1) C): drop what lies before the earlier of the two.
+        keep_from = max(0, hop * (k * chunk + 1 - 2 * context))
         if keep_from > buf_start:
             buf = buf[keep_from - buf_start :]
             buf_start = keep_from
