@@ -180,7 +180,7 @@ def test_bad_checkpoints_are_one_line(tmp_path: Path) -> None:
         "not a checkpoint folder": ("wav2vec2", tmp_path),
         "no such weights file": ("wav2vec2", tmp_path / "nothing" / "here.bin"),
     }
-    cases["a folder holding config.json and model.safetensors .or pytorch_model.bin., not a single file"] = (
+    cases["a folder holding config.json and model.safetensors .or pytorch_model.bin., not one file"] = (
         "hubert", tmp_path / "hubert" / "config.json.bak")
     (tmp_path / "hubert" / "config.json.bak").write_text("{}")
     for match, (name, path) in cases.items():

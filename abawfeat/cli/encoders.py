@@ -38,15 +38,15 @@ def encoders_command(
     from rich.table import Table
 
     table = Table(title="Encoders", title_justify="left")
-    for column in ("name", "modality", "dim", "input", "mean / std", "resize", "default weights", "logits"):
+    for column in ("name", "dim", "input", "mean / std", "resize", "default weights", "logits"):
         table.add_column(column, overflow="fold", no_wrap=column != "default weights")
     for info in infos:
         audio = info.modality == "audio"  # input_size is then the sample rate, and nothing is normalised
         table.add_row(
             info.name,
-            info.modality,
             str(info.feature_dim),
-            f"{info.input_size / 1000:g} kHz" if audio else str(info.input_size),
+            # The modality, then what it reads: crops of this size, or audio at this sample rate.
+            f"audio\n{info.input_size / 1000:g} kHz" if audio else f"{info.modality}\n{info.input_size} px",
             "-" if audio else f"{_fmt(info.mean)}\n{_fmt(info.std)}",
             info.interpolation,
             info.weights,
