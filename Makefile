@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   := demo
 
-.PHONY: install demo test lint bench clean-demo
+.PHONY: install demo demo-beyond test lint bench clean-demo
 
 $(BIN)/abawfeat: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,13 @@ demo: install
 		--cache $(DEMO)/cache/ddamfn.h5 --out $(DEMO)/runs/au-lstm --stride 8 --batch-size 32 --pos-weight \
 		--epochs 10 --seed 0
 	$(BIN)/abawfeat evaluate $(DEMO)/runs/au-lstm
+
+# Each addition beyond the seed paper (trunks, fusion, smoothing, cross-validation, ensembles) on the demo
+# data; needs `make demo` first. The README's "What each addition does on the demo" comes from here.
+demo-beyond: install
+	test -f $(DEMO)/cache/clip.h5 || $(BIN)/abawfeat extract --backbone clip --random-init --data $(DEMO)/data \
+		--out $(DEMO)/cache/clip.h5
+	$(BIN)/abawfeat ablate pipelines/demo-beyond.toml
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -174,17 +174,23 @@ def tune(
         ok = np.asarray(valid[t], dtype=bool)
         if not ok.any():
             continue
-        chosen: list[Filter] = []
-        for cols in result.groups(t):
-            raw = scores[:, cols]
-            best, best_value = NONE, spec.smoothing_objective(raw, labels[t], ok, cols)
-            for name, windows in candidates.items():
-                for window in windows:
-                    f = Filter(name, int(window))
-                    value = spec.smoothing_objective(per_video(offsets, raw, f), labels[t], ok, cols)
-                    if value > best_value + 1e-12:
-                        best, best_value = f, value
-            chosen.append(best)
+        # Every filter acts on each output column on its own, so each candidate filters all the task's
+        # columns in one pass and each group is scored on its own columns of the result.
+        # The objectives see the labelled frames only, selected once per candidate.
+        groups = result.groups(t)
+        labelled = np.asarray(labels[t])[ok]
+        raw = np.asarray(scores)[ok]
+        best = [NONE] * len(groups)
+        best_value = [spec.smoothing_objective(raw[:, cols], labelled, cols) for cols in groups]
+        for name, windows in candidates.items():
+            for window in windows:
+                f = Filter(name, int(window))
+                smoothed = per_video(offsets, scores, f)[ok]
+                for g, cols in enumerate(groups):
+                    value = spec.smoothing_objective(smoothed[:, cols], labelled, cols)
+                    if value > best_value[g] + 1e-12:
+                        best[g], best_value[g] = f, value
+        chosen = best
         result.filters[t] = chosen
         if spec.tunes_thresholds:
             smoothed = result.apply(offsets, {t: scores})[t]

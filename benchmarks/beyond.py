@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -77,16 +76,20 @@ def smoothing(scale: float) -> dict[str, Any]:
             "chosen": [f.as_dict() for f in s.filters["au"]]}
 
 
+# Runs a command and prints the peak resident memory of that command alone: ru_maxrss of RUSAGE_CHILDREN is
+# the largest of all children so far, so each measured command gets a fresh parent of its own.
+_PEAK = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+
+
 def _timed(cmd: list[str], cwd: Path) -> tuple[float, float]:
     """(wall seconds, peak RSS in MB) of a command run as a child process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     print("  $", " ".join(cmd), file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   env={**os.environ, "ABAWFEAT_NO_PROGRESS": "1"})
+    res = subprocess.run([sys.executable, "-c", _PEAK, *cmd], check=True, cwd=cwd, capture_output=True,
+                         text=True, env={**os.environ, "ABAWFEAT_NO_PROGRESS": "1"})
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return wall, max(peak, before) / 1024
+    return wall, int(res.stdout.strip().splitlines()[-1]) / 1024
 
 
 def cv_and_fusion(tmp: Path, scale: float, epochs: int) -> dict[str, Any]:

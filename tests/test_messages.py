@@ -49,3 +49,23 @@ def test_the_clis_consoles_do_not_interpret_strings() -> None:
         with c.capture() as captured:
             c.print(TRICKY, soft_wrap=True)
         assert captured.get() == TRICKY + "\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "names"),
+    [(["train-head", "--bogus[x]"], ["abawfeat train-head", "--bogus[x]"]),
+     (["nosuch"], ["nosuch"]),
+     (["train-head", "--epochs", "abc"], ["--epochs", "integer"]),
+     (["predict"], ["abawfeat predict", "run_dir"])],
+)
+def test_a_mistyped_command_line_is_one_line(argv: list[str], names: list[str]) -> None:
+    # The real entry point (typer's CliRunner would bypass main()), so this is what a user sees.
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "abawfeat", *argv], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2 and res.stdout == ""
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert all(n in lines[0] for n in names) and "--help" in lines[0]

@@ -77,6 +77,27 @@ def test_smoothing_helps_noisy_frame_level_predictions_and_is_tuned_per_output()
     assert Smoothing.from_json(json.loads(json.dumps(s.to_json()))).filters == s.filters
 
 
+def test_each_output_gets_the_filter_a_search_of_its_own_would_choose() -> None:
+    # tune() filters all outputs of a task at once and scores each on its own column and labelled frames;
+    # a search per AU column over the same candidates, written out here, must choose the same.
+    rng = np.random.default_rng(4)
+    offsets = np.array([0, 70, 160, 300])
+    labels = (rng.random((300, 12)) < 0.3).astype(np.int64)
+    labels = np.repeat(labels[::5], 5, axis=0)  # events of five frames
+    scores = np.clip(0.3 + 0.3 * labels + rng.normal(0, rng.uniform(0.05, 0.5, 12), (300, 12)), 0, 1)
+    valid = rng.random(300) > 0.2
+    candidates = {"mean": (3, 9), "median": (5,), "gaussian": (9, 25)}
+    s = tune(offsets, {"au": scores}, {"au": labels}, {"au": valid}, candidates=candidates)
+    options = [Filter("mean", 1)] + [Filter(k, w) for k, ws in candidates.items() for w in ws]
+    for j in range(12):
+        values = [metrics.best_binary_f1(per_video(offsets, scores[:, [j]], f)[valid, 0], labels[valid, j])
+                  for f in options]
+        assert s.filters["au"][j] == options[int(np.argmax(values))]  # first of the best: ties to none
+    smoothed = s.apply(offsets, {"au": scores})["au"]
+    np.testing.assert_array_equal(s.au_thresholds, metrics.tune_au_thresholds(smoothed, labels, valid=valid))
+    assert len({f for f in s.filters["au"]}) > 1  # the outputs did not all get the same filter
+
+
 def test_the_fast_f1_search_is_within_its_grid_of_the_exact_one() -> None:
     rng = np.random.default_rng(2)
     for _ in range(5):

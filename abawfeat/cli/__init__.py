@@ -52,5 +52,41 @@ def _register() -> None:
 _register()
 
 
+def _usage_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """The exception classes of command-line mistakes and of Ctrl-C aborts: typer's own (recent typer
+    versions carry their own click) and click's (older ones raise those)."""
+    errors: list[type[BaseException]] = [typer.TyperException]
+    aborts: list[type[BaseException]] = [typer.Abort]
+    try:
+        import click
+    except ImportError:
+        pass
+    else:
+        errors.append(click.ClickException)
+        aborts.append(click.exceptions.Abort)
+    return tuple(errors), tuple(aborts)
+
+
 def main() -> None:
-    app()
+    """Run the CLI; a mistyped command line is one line too (click's usage box would be several)."""
+    import sys
+
+    errors, aborts = _usage_errors()
+    try:
+        code = app(standalone_mode=False)
+    except errors as exc:
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `abawfeat` or a group alone: its help, as always
+            exc.show()  # type: ignore[attr-defined]
+            sys.exit(getattr(exc, "exit_code", 2))
+        from abawfeat.cli._common import error_line
+
+        message = exc.format_message()  # type: ignore[attr-defined]
+        if ctx is not None:
+            message = f"{ctx.command_path}: {message} (see {ctx.command_path} --help)"
+        error_line(message)
+        sys.exit(getattr(exc, "exit_code", 2))
+    except aborts:
+        sys.stderr.write("aborted\n")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

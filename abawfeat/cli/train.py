@@ -50,10 +50,11 @@ def _print_metrics(metrics: dict[str, Any], title: str) -> None:
         table.add_row("smoothing", Text(json.dumps({k: v for k, v in metrics["smoothing"].items()
                                                     if k != "tuned_on"})))
     console.print(table)
-    if metrics.get("tuned_on") == "val":
-        from abawfeat.train.finish import OPTIMISTIC
+    from abawfeat.train.finish import optimistic_note
 
-        err_console.print(f"note: {OPTIMISTIC}", highlight=False, markup=False, soft_wrap=True)
+    note = optimistic_note(metrics)
+    if note:
+        err_console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command("train-head")

@@ -4,6 +4,12 @@ Every face is drawn procedurally from a hidden per-frame state of action-unit in
 read off that same state: AU bits are intensities above a threshold, the expression is the segment that
 produced the intensities, valence/arousal are a smooth function of them. So a model that reads the pixels
 can recover the labels, and one that does not, cannot; that is what makes the demo a test of the pipeline.
+State and labels have the temporal structure of Aff-Wild2's labels, timed in seconds at each video's frame
+rate: expressions hold for seconds and change through a short ambiguous blend; AUs are events of about
+0.5-3 s, in the pairs real faces move together; valence and arousal drift slowly. Only the labels carry the
+annotators' imprecision (AU onsets and offsets shifted by a few frames per event, the expression switch
+somewhere inside the blend, valence/arousal lagging the face and smoothed like a joystick's trace); the
+pixels show the state itself.
 The release's quirks (missing crops, ``_left``/``_right`` pairs, invalid markers, crops past the last
 annotated frame, CRLF files, no final newline) are injected at configured rates, and the counts the
 generator decided are written to ``synth_manifest.json`` as ground truth for the reader.
@@ -90,14 +96,22 @@ class SynthConfig:
     two_task_fraction: float = 0.3
     pair_fraction: float = 0.1  # fraction of videos that are halves of _left/_right pairs
     batch2_fraction: float = 0.15  # source videos whose crops sit in cropped_aligned_new_50_vids/
-    # Labels: segments of expressions; EXPR frequencies default to the release's train imbalance.
+    # Labels, timed in seconds at each video's frame rate (the rate in its name, 30 fps without one).
+    # EXPR frequencies default to the release's train imbalance (Neutral and Other dominate).
     expr_weights: tuple[float, ...] = (0.30, 0.03, 0.02, 0.015, 0.16, 0.135, 0.055, 0.285)
-    segment_frames: int = 50  # mean expression segment length (0.5x..1.5x)
-    transition_frames: int = 9  # width of the onset/offset ramp between segments
-    au_event_rate: float = 0.05  # per AU, fraction of frames with an extra AU event outside expressions,
-    # so AUs are not a mere function of the expression class
-    au_threshold: float = 0.5  # AU bit = intensity above this
-    va_noise: float = 0.05  # std of the smooth VA noise that the pixels do not show
+    expr_hold_seconds: float = 3.0  # median time an expression holds (log-normal, 0.4x..3x)
+    expr_change_seconds: float = 0.5  # median ambiguous stretch between two expressions: the face blends
+    # from one to the next, and the annotator's switch falls somewhere inside it
+    au_event_seconds: float = 1.0  # median AU event outside expressions (log-normal, 0.5x..3x)
+    au_event_rate: float = 0.05  # per AU on average, fraction of frames in events outside expressions, so
+    # AUs are not a mere function of the expression class
+    au_threshold: float = 0.5  # the face shows an AU while its intensity is above this
+    au_jitter_seconds: float = 0.07  # std of the annotator's shift of each AU onset and offset (~2 frames)
+    va_lag_seconds: float = 0.4  # mean reaction delay of the VA trace behind the face (per video
+    # 0.5x..1.5x); the joystick's inertia below adds to the lag a model sees
+    va_smooth_seconds: float = 0.3  # time constant of the joystick's inertia (a causal low-pass)
+    va_noise: float = 0.05  # std of the slow VA component that the pixels do not show
+    va_drift_seconds: float = 1.5  # its time scale
     # Release quirks, at known rates.
     missing_crop_rate: float = 0.03  # annotated frames with valid labels but no jpg (in runs)
     missing_crop_run: int = 6  # mean run length of missing crops
@@ -151,9 +165,15 @@ class SynthConfig:
             raise ConfigError(f"synth: noise_std must be in [0, 50], got {self.noise_std}")
         if not 1 <= self.jpeg_quality <= 95:
             raise ConfigError(f"synth: jpeg_quality must be in 1..95, got {self.jpeg_quality}")
-        for name in ("segment_frames", "transition_frames", "missing_crop_run", "invalid_run"):
+        for name in ("missing_crop_run", "invalid_run"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"synth: {name} must be at least 1")
+        for name in ("expr_hold_seconds", "expr_change_seconds", "au_event_seconds", "va_drift_seconds"):
+            if not 0.0 < getattr(self, name) <= 600.0:
+                raise ConfigError(f"synth: {name} must be in (0, 600], got {getattr(self, name)}")
+        for name in ("au_jitter_seconds", "va_lag_seconds", "va_smooth_seconds"):
+            if not 0.0 <= getattr(self, name) <= 10.0:
+                raise ConfigError(f"synth: {name} must be in [0, 10], got {getattr(self, name)}")
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -229,14 +249,26 @@ def _smooth_noise(rng: np.random.Generator, n: int, sigma: float) -> np.ndarray:
     return np.convolve(x, kernel, mode="valid")[:n]
 
 
-def _box_smooth(x: np.ndarray, width: int) -> np.ndarray:
-    """Moving average along time (edges repeated): turns steps into linear onset/offset ramps."""
-    if width <= 1:
-        return x
-    left, right = width // 2, width - 1 - width // 2
-    padded = np.concatenate([np.repeat(x[:1], left, axis=0), x, np.repeat(x[-1:], right, axis=0)])
-    csum = np.cumsum(np.concatenate([np.zeros((1, x.shape[1])), padded]), axis=0)
-    return (csum[width:] - csum[:-width]) / width
+_FPS_IN_NAME = re.compile(r"^\d+-(\d+)-\d+x\d+")
+_DEFAULT_FPS = 30  # most of the release's videos; names like ``video47`` state no rate
+
+
+def video_fps(name: str) -> int:
+    """The frame rate a synthetic video's name states (``12-30-1280x720`` and its ``_left``/``_right`` halves:
+    30), or 30 for a name that states none (``video47``). Its labels are timed at this rate."""
+    m = _FPS_IN_NAME.match(name)
+    return int(m.group(1)) if m else _DEFAULT_FPS
+
+
+def _log_normal(rng: np.random.Generator, median: float, lo: float, hi: float, sigma: float = 0.5) -> float:
+    """A duration around ``median`` (log-normal, as durations of behaviour are), kept in median * [lo, hi]."""
+    return median * float(np.clip(math.exp(sigma * rng.standard_normal()), lo, hi))
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of the runs of True in a 1-d mask, end exclusive."""
+    d = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
+    return list(zip(np.flatnonzero(d == 1).tolist(), np.flatnonzero(d == -1).tolist(), strict=True))
 
 
 def _segment_target(rng: np.random.Generator, expr: int) -> np.ndarray:
@@ -260,37 +292,145 @@ def _segment_target(rng: np.random.Generator, expr: int) -> np.ndarray:
     return target
 
 
-def _latent(rng: np.random.Generator, n: int, cfg: SynthConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """State [n, D], expression [n] and valence/arousal [n, 2] of one face over n frames."""
+def _expression_track(
+    rng: np.random.Generator, n: int, fps: float, cfg: SynthConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Expression segments over n frames: the face's intensities [n, D], the affect offset the face does not
+    show [n, 2] (both blended across each change), and the annotator's expression label [n]."""
     weights = np.asarray(cfg.expr_weights, dtype=np.float64)
     weights = weights / weights.sum()
-    d = len(STATE_NAMES)
-    target = np.zeros((n, d))
-    expr = np.zeros(n, dtype=np.int64)
-    offset = np.zeros((n, 2))
+    starts: list[int] = []
+    classes: list[int] = []
+    values: list[np.ndarray] = []
     pos = 0
     while pos < n:
-        length = max(2 * cfg.transition_frames, int(round(cfg.segment_frames * rng.uniform(0.5, 1.5))))
+        length = max(1, round(fps * _log_normal(rng, cfg.expr_hold_seconds, 0.4, 3.0)))
+        if not starts:  # the video starts somewhere inside its first expression
+            length = max(1, math.ceil(length * rng.random()))
         c = int(rng.choice(len(EXPR_CLASSES), p=weights))
-        target[pos : pos + length] = _segment_target(rng, c)
-        expr[pos : pos + length] = c
-        offset[pos : pos + length] = rng.normal(0.0, 0.08, 2)  # what the face does not show
+        starts.append(pos)
+        classes.append(c)
+        values.append(np.concatenate([_segment_target(rng, c), rng.normal(0.0, 0.08, 2)]))
         pos += length
-    # Independent single-AU events (talking, blinking-like tightening ...), so AUs co-vary imperfectly.
-    events = np.zeros((n, d))
-    for j in range(len(AU_NAMES)):
-        mask = _runs_mask(rng, n, int(round(cfg.au_event_rate * n)), 20)
-        if mask.any():
-            events[mask, j] = rng.uniform(0.65, 1.0)
-    state = np.maximum(_box_smooth(target, cfg.transition_frames), _box_smooth(events, cfg.transition_frames))
-    wobble = np.stack([_smooth_noise(rng, n, 6.0) for _ in range(d)], axis=1)
-    state = np.clip(state + 0.04 * wobble, 0.0, 1.0)
-    lin = state @ _VA_WEIGHTS.T + _box_smooth(offset, 2 * cfg.transition_frames + 1)
+    ends = [*starts[1:], n]
+    seg = np.repeat(np.arange(len(starts)), np.diff([*starts, n]))
+    table = np.stack(values)
+    face = table[seg]
+    label = np.asarray(classes, dtype=np.int64)[seg]
+    for i in range(1, len(starts)):
+        # The ambiguous stretch: the face blends linearly from one expression to the next, centred on the
+        # change; no wider than either neighbour, so that stretches never overlap.
+        b = starts[i]
+        width = round(fps * _log_normal(rng, cfg.expr_change_seconds, 0.5, 2.0, sigma=0.3))
+        width = min(width, b - starts[i - 1], ends[i] - b)
+        if width < 2:
+            continue
+        lo = b - width // 2
+        alpha = ((np.arange(width) + 0.5) / width)[:, None]
+        face[lo : lo + width] = (1 - alpha) * table[i - 1] + alpha * table[i]
+        # The annotator switches somewhere inside it, not where the face is exactly half-way.
+        switch = lo + int(rng.integers(0, width + 1))
+        label[lo:switch] = classes[i - 1]
+        label[switch : lo + width] = classes[i]
+    d = len(STATE_NAMES)
+    return face[:, :d], face[:, d:], label
+
+
+# AU events outside expressions, as (AUs that move together, relative frequency). Real faces move some AUs
+# together, and Aff-Wild2's labels show it: the cheeks rise with most smiles (AU6 with AU12), the jaw drops
+# with parted lips (AU25 with AU26, as in talking), the inner and outer brows rise together (AU1 with AU2).
+# Each also occurs alone, less often; the other AUs occur alone.
+_AU_EVENT_KINDS: tuple[tuple[tuple[str, ...], float], ...] = (
+    (("AU12", "AU6"), 1.0), (("AU12",), 0.4), (("AU6",), 0.2),
+    (("AU25", "AU26"), 1.0), (("AU25",), 0.5), (("AU26",), 0.2),
+    (("AU1", "AU2"), 1.0), (("AU1",), 0.3), (("AU2",), 0.2),
+    (("AU4",), 0.8), (("AU4", "AU7"), 0.4), (("AU7",), 0.8),
+    (("AU10",), 1.0), (("AU15",), 1.0), (("AU23",), 1.0), (("AU24",), 1.0),
+)
+_AU_RAMP_SECONDS = 0.2  # an AU's onset (rest to apex) and offset take about this long
+_AU_PARTNER_SECONDS = 0.15  # AUs that move together start and stop up to this far apart
+
+
+def _au_events(rng: np.random.Generator, n: int, fps: float, cfg: SynthConfig) -> np.ndarray:
+    """Intensities [n, D] of AU events outside expressions: each kind of event arrives as a renewal process
+    whose events cover its share of ``au_event_rate``; an event is a trapezoid (onset, apex, offset)."""
+    events = np.zeros((n, len(STATE_NAMES)))
+    ramp = max(1.0, _AU_RAMP_SECONDS * fps)
+    per_au = sum(rel * len(aus) for aus, rel in _AU_EVENT_KINDS) / len(AU_NAMES)
+    mean_len = fps * cfg.au_event_seconds * math.exp(0.5**2 / 2)  # mean of the log-normal, near enough
+    frames = np.arange(n, dtype=np.float64)
+    for aus, rel in _AU_EVENT_KINDS:
+        duty = cfg.au_event_rate * rel / per_au
+        if duty <= 0:
+            continue
+        mean_gap = mean_len * (1 - duty) / duty
+        t = rng.exponential(mean_gap) - mean_len  # an event may be under way when the video starts
+        while t < n:
+            length = fps * _log_normal(rng, cfg.au_event_seconds, 0.5, 3.0)
+            for k, au in enumerate(aus):
+                lag = rng.uniform(0.0, _AU_PARTNER_SECONDS * fps) if k else 0.0
+                stop = rng.uniform(-1.0, 1.0) * _AU_PARTNER_SECONDS * fps if k else 0.0
+                # Above threshold from about t + lag to t + length + stop (the 0.5 crossing sits mid-ramp).
+                a, b = t + lag - ramp / 2, t + length + stop + ramp / 2
+                lo, hi = max(0, math.floor(a)), min(n, math.ceil(b) + 1)
+                if lo >= hi:
+                    continue
+                x = frames[lo:hi]
+                shape = np.clip(np.minimum(x - a, b - x) / ramp, 0.0, 1.0) * rng.uniform(0.65, 1.0)
+                col = events[lo:hi, _IDX[au]]
+                np.maximum(col, shape, out=col)
+            t += length + rng.exponential(mean_gap)
+    return events
+
+
+def _annotate_events(rng: np.random.Generator, shown: np.ndarray, sd: float) -> np.ndarray:
+    """AU labels [n, 12] as an annotator marks the events the face shows [n, 12]: each onset and offset
+    shifted by a few frames (Gaussian, ``sd`` frames, at most 3 sd); an event is never lost (at least half
+    of it stays) and where the video cuts an event, that end is not moved."""
+    n = len(shown)
+    out = np.zeros(shown.shape, dtype=np.int64)
+    for j in range(shown.shape[1]):
+        for s, e in _runs(shown[:, j]):
+            shift = np.clip(np.round(rng.normal(0.0, sd, 2)), -3 * sd, 3 * sd).astype(int)
+            s2 = s if s == 0 else s + int(shift[0])
+            e2 = e if e == n else e + int(shift[1])
+            e2 = max(e2, s2 + max(1, (e - s + 1) // 2))
+            out[max(0, s2) : min(n, e2), j] = 1
+    return out
+
+
+def _joystick(x: np.ndarray, delay: int, tau: float) -> np.ndarray:
+    """What a joystick annotator traces of x [n, k]: late by ``delay`` frames and low-passed by the stick's
+    inertia (a causal first-order lag of ``tau`` frames), starting at rest on x's first value."""
+    kernel = np.exp(-np.arange(max(1, math.ceil(6 * tau))) / tau) if tau > 0 else np.ones(1)
+    kernel /= kernel.sum()
+    pad = delay + len(kernel) - 1
+    out = np.empty_like(x)
+    for j in range(x.shape[1]):
+        padded = np.concatenate([np.full(pad, x[0, j]), x[: len(x) - delay, j] if delay else x[:, j]])
+        out[:, j] = np.convolve(padded, kernel, mode="valid")[: len(x)]
+    return out
+
+
+def _latent(
+    rng: np.random.Generator, n: int, fps: float, cfg: SynthConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """State [n, D] that the pixels show, and the labels an annotator gives it: expression [n], AU bits
+    [n, 12] and valence/arousal [n, 2]."""
+    face, hidden_affect, expr = _expression_track(rng, n, fps, cfg)
+    clean = np.maximum(face, _au_events(rng, n, fps, cfg))
+    au = _annotate_events(rng, clean[:, : len(AU_NAMES)] > cfg.au_threshold, cfg.au_jitter_seconds * fps)
+    # Small slow variation of every intensity (the face is never perfectly still); the AU labels follow the
+    # events, not this, as an annotator marks an event once rather than each flicker around the threshold.
+    wobble = np.stack([_smooth_noise(rng, n, 0.2 * fps) for _ in range(len(STATE_NAMES))], axis=1)
+    state = np.clip(clean + 0.04 * wobble, 0.0, 1.0)
+    lin = state @ _VA_WEIGHTS.T + hidden_affect
     lin[:, 1] += _AROUSAL_BIAS
-    va = np.tanh(1.3 * lin)
-    va += cfg.va_noise * np.stack([_smooth_noise(rng, n, 10.0), _smooth_noise(rng, n, 10.0)], axis=1)
-    va += rng.normal(0.0, 0.01, (n, 2))
-    return state.astype(np.float32), expr, np.clip(va, -1.0, 1.0)
+    drift = np.stack([_smooth_noise(rng, n, cfg.va_drift_seconds * fps) for _ in range(2)], axis=1)
+    felt = np.tanh(1.3 * lin) + cfg.va_noise * drift
+    delay = round(fps * cfg.va_lag_seconds * rng.uniform(0.5, 1.5))
+    va = _joystick(felt, delay, cfg.va_smooth_seconds * fps)
+    return state.astype(np.float32), expr, au, np.clip(va, -1.0, 1.0)
 
 
 def _video_names(rng: np.random.Generator, n_sources: int) -> list[str]:
@@ -398,7 +538,7 @@ def plan(cfg: SynthConfig) -> list[VideoPlan]:
         vrng = _rng(cfg.seed, 1, v.index)
         n = v.n_frames
         n_extra = extra.get(v.index, 0)
-        state, expr, va = _latent(vrng, n + n_extra, cfg)
+        state, expr, au, va = _latent(vrng, n + n_extra, video_fps(v.name), cfg)
         v.state = state
         v.va = va.astype(np.float32)
         has_crop = ~_runs_mask(vrng, n, n_missing[v.index], cfg.missing_crop_run)
@@ -419,7 +559,7 @@ def plan(cfg: SynthConfig) -> list[VideoPlan]:
                 lab = expr[:n].copy()
                 lab[invalid] = single("expr").invalid
             else:
-                lab = (state[:n, : len(AU_NAMES)] > cfg.au_threshold).astype(np.int64)
+                lab = au[:n].copy()
                 lab[invalid] = single("au").invalid
             v.labels[task] = lab
     return videos

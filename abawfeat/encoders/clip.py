@@ -22,6 +22,7 @@ open_clip is imported only when a CLIP encoder is described or built.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,9 +168,17 @@ class CLIPEncoder(Encoder):
         _check_model_name(config.clip_model)
         oc = _open_clip()
         if config.random_init:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(config.seed)
-                model = oc.create_model(config.clip_model, pretrained=None)
+            # open_clip logs "No pretrained weights loaded ... initialized randomly" on the root logger; our
+            # own loud --random-init warning has already said so (and that it is for tests and demos).
+            quiet = logging.Filter()
+            quiet.filter = lambda record: "No pretrained weights loaded" not in record.getMessage()  # type: ignore[method-assign]
+            logging.getLogger().addFilter(quiet)
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(config.seed)
+                    model = oc.create_model(config.clip_model, pretrained=None)
+            finally:
+                logging.getLogger().removeFilter(quiet)
             self.weights_source = RANDOM_INIT
             self.weights_sha256 = RANDOM_INIT
             self.quick_gelu = False

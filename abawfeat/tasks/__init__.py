@@ -110,10 +110,10 @@ class Task:
         them. The default scores the decisions at the task's fixed rule."""
         return self.decision_metrics(self.decide(scores), labels, valid), None
 
-    def smoothing_objective(self, scores: np.ndarray, labels: np.ndarray, valid: np.ndarray,
-                            columns: list[int]) -> float:
-        """What smoothing maximises for the outputs ``columns`` (``scores`` holds just those columns): the
-        task's metric restricted to them (abawfeat.smoothing)."""
+    def smoothing_objective(self, scores: np.ndarray, labels: np.ndarray, columns: list[int]) -> float:
+        """What smoothing maximises for the outputs ``columns``: the task's metric restricted to them
+        (abawfeat.smoothing). ``scores`` holds just those columns and ``labels`` all the task's; both hold
+        only the frames labelled for the task."""
         raise NotImplementedError
 
     # ----------------------------------------------------------------------------- submission files

@@ -70,12 +70,11 @@ class AUTask(Task):
         result.update(metrics.au_metrics_tuned(scores, labels, thresholds, valid=valid))
         return result, thresholds
 
-    def smoothing_objective(self, scores: np.ndarray, labels: np.ndarray, valid: np.ndarray,
-                            columns: list[int]) -> float:
+    def smoothing_objective(self, scores: np.ndarray, labels: np.ndarray, columns: list[int]) -> float:
         # The AU's F1 at its best threshold, as f1_au_opt scores it (on a fine grid: fast enough to try
         # every filter; the final thresholds are tuned exactly on the chosen smoothing).
         (j,) = columns
-        return metrics.best_binary_f1(scores[valid, 0], labels[valid, j])
+        return metrics.best_binary_f1(scores[:, 0], labels[:, j])
 
     def format_rows(self, decisions: np.ndarray) -> list[str]:
         return [",".join(map(str, r)) for r in decisions.tolist()]

@@ -60,10 +60,9 @@ class ExprTask(Task):
                          valid: np.ndarray | None = None) -> dict[str, Any]:
         return metrics.expr_metrics(decisions, np.asarray(labels).reshape(-1), valid)
 
-    def smoothing_objective(self, scores: np.ndarray, labels: np.ndarray, valid: np.ndarray,
-                            columns: list[int]) -> float:
+    def smoothing_objective(self, scores: np.ndarray, labels: np.ndarray, columns: list[int]) -> float:
         decisions = self.decide(scores)
-        return float(metrics.expr_metrics(decisions, np.asarray(labels).reshape(-1), valid)["f1_expr"])
+        return float(metrics.expr_metrics(decisions, np.asarray(labels).reshape(-1))["f1_expr"])
 
     def format_rows(self, decisions: np.ndarray) -> list[str]:
         return [str(c) for c in decisions.tolist()]

@@ -60,10 +60,9 @@ class VATask(Task):
                          valid: np.ndarray | None = None) -> dict[str, Any]:
         return metrics.va_metrics(decisions, labels, valid)
 
-    def smoothing_objective(self, scores: np.ndarray, labels: np.ndarray, valid: np.ndarray,
-                            columns: list[int]) -> float:
+    def smoothing_objective(self, scores: np.ndarray, labels: np.ndarray, columns: list[int]) -> float:
         (j,) = columns
-        return metrics.ccc(np.clip(scores[valid, 0], -1.0, 1.0), labels[valid, j])
+        return metrics.ccc(np.clip(scores[:, 0], -1.0, 1.0), labels[:, j])
 
     def format_rows(self, decisions: np.ndarray) -> list[str]:
         return [f"{v:.6f},{a:.6f}" for v, a in decisions.tolist()]

@@ -24,8 +24,14 @@ from abawfeat.utils.io import write_json
 
 TUNE_ON = ("val", "holdout")
 # Shown beside numbers tuned on the frames they score.
-OPTIMISTIC = ("AU thresholds and smoothing are tuned on the validation frames they are scored on, which "
-              "flatters the score; --tune-on holdout tunes them on held-out training videos instead")
+def optimistic_note(metrics: Mapping[str, Any]) -> str | None:
+    """The line shown beside metrics tuned on the frames they are scored on (None when they are not)."""
+    if metrics.get("tuned_on") != "val":
+        return None
+    what = "AU thresholds and smoothing are" if "smoothing" in metrics else (
+        "AU thresholds are" if "f1_au_opt" in metrics else "smoothing is")
+    return (f"{what} tuned on the validation frames they are scored on, which flatters the score; "
+            "--tune-on holdout tunes on held-out training videos instead")
 
 
 def read_timeline(path: Path, data: SequenceSet, tasks: Sequence[str]) -> dict[str, np.ndarray]:
@@ -101,5 +107,5 @@ def read_smoothing(run_dir: str | Path) -> Smoothing | None:
         raise RunError(f"{path}: not a smoothing record ({type(exc).__name__}: {exc})") from None
 
 
-__all__ = ["OPTIMISTIC", "TUNE_ON", "final_metrics", "read_smoothing", "read_timeline", "summarize_folds",
-           "tune_decisions", "write_smoothing"]
+__all__ = ["TUNE_ON", "final_metrics", "optimistic_note", "read_smoothing", "read_timeline",
+           "summarize_folds", "tune_decisions", "write_smoothing"]

@@ -1,9 +1,10 @@
 """Temporal convolutional network: dilated residual convolutions, causal or centred.
 
-Levels of residual blocks, each two dilated 1-D convolutions (ReLU, dropout) plus the block's input, the
-dilation doubling per level, so the receptive field grows exponentially with depth while the cost grows
-linearly. The receptive field is finite and declared (``Context``), which is what windowed inference uses:
-once a window is longer than it, every frame past the first field gets its full context.
+A frame-wise projection to the channel width, then levels of residual blocks, each two dilated 1-D
+convolutions (ReLU, dropout) plus the block's input, the dilation doubling per level, so the receptive
+field grows exponentially with depth while the cost grows linearly. The receptive field is finite and
+declared (``Context``), which is what windowed inference uses: once a window is longer than it, every frame
+past the first field gets its full context.
 """
 
 from __future__ import annotations
@@ -26,15 +27,12 @@ class TCNConfig(TrunkConfig):
 
 
 class _Level(nn.Module):
-    def __init__(
-        self, in_ch: int, out_ch: int, kernel: int, dilation: int, causal: bool, dropout: float
-    ) -> None:
+    def __init__(self, width: int, kernel: int, dilation: int, causal: bool, dropout: float) -> None:
         super().__init__()
         span = (kernel - 1) * dilation
         self.pad = (span, 0) if causal else (span // 2, span - span // 2)
-        self.conv1 = nn.Conv1d(in_ch, out_ch, kernel, dilation=dilation)
-        self.conv2 = nn.Conv1d(out_ch, out_ch, kernel, dilation=dilation)
-        self.skip = nn.Conv1d(in_ch, out_ch, 1) if in_ch != out_ch else None
+        self.conv1 = nn.Conv1d(width, width, kernel, dilation=dilation)
+        self.conv2 = nn.Conv1d(width, width, kernel, dilation=dilation)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, keep: Tensor | None) -> Tensor:
@@ -44,7 +42,7 @@ class _Level(nn.Module):
         h = self.drop(F.relu(self.conv1(F.pad(h, self.pad))))
         h = h if keep is None else h * keep
         h = self.drop(F.relu(self.conv2(F.pad(h, self.pad))))
-        return F.relu(h + (x if self.skip is None else self.skip(x)))
+        return F.relu(h + x)
 
 
 @TRUNKS.register("tcn")
@@ -61,9 +59,11 @@ class TCNTrunk(Trunk):
         if config.kernel < 2 or config.kernel % 2 == 0:
             raise ConfigError(f"tcn: kernel must be an odd number >= 3, got {config.kernel}")
         self.drop = nn.Dropout(config.dropout)
+        # A frame-wise projection to the channel width first: the levels then all work at that width, and
+        # the first level's convolutions cost what the others' do instead of scaling with the input size.
+        self.input = nn.Linear(in_dim, config.hidden)
         self.levels = nn.ModuleList(
-            _Level(in_dim if i == 0 else config.hidden, config.hidden, config.kernel, 2**i,
-                   not config.bidirectional, config.dropout)
+            _Level(config.hidden, config.kernel, 2**i, not config.bidirectional, config.dropout)
             for i in range(config.layers)
         )
         self.out_dim = config.hidden
@@ -78,7 +78,7 @@ class TCNTrunk(Trunk):
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         keep = None if mask is None or bool(mask.all()) else mask[:, None, :].to(x.dtype)
-        h = self.drop(x).transpose(1, 2)  # [B, D, T]
+        h = self.input(self.drop(x)).transpose(1, 2)  # [B, hidden, T]
         for level in self.levels:
             h = level(h, keep if keep is None else keep.to(h.dtype))
         return self.drop(h.transpose(1, 2))
