@@ -24,7 +24,6 @@ encode different bytes; the decoded content and timestamps stay the same.)
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from abawfeat.data.names import source_video
+from abawfeat.data.synth import video_fps
 from abawfeat.utils.io import atomic_write
 
 VIDEO_DIRS: dict[str, str] = {"cropped_aligned": "videos/batch1",
@@ -40,16 +40,10 @@ VIDEO_DIRS: dict[str, str] = {"cropped_aligned": "videos/batch1",
 MP4_AUDIO_RATE = 48_000
 AVI_AUDIO_RATE = 44_100
 VFR_TIME_BASE = Fraction(1, 1000)  # millisecond timestamps for the variable-frame-rate video
-_FPS_IN_NAME = re.compile(r"^\d+-(\d+)-\d+x\d+$")
 
 
 def _rng(seed: int, *stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, *stream])
-
-
-def _fps_of(name: str) -> int:
-    match = _FPS_IN_NAME.match(name)
-    return int(match.group(1)) if match else 30
 
 
 def plan_sources(videos: Sequence[Any], seed: int) -> list[dict[str, Any]]:
@@ -65,7 +59,7 @@ def plan_sources(videos: Sequence[Any], seed: int) -> list[dict[str, Any]]:
         # The video runs to its last annotated frame or its last crop, whichever comes later.
         n_frames = max(max(int(v.n_frames), int(v.crop_frames.max()) if len(v.crop_frames) else 0)
                        for v in halves)
-        plans.append({"name": name, "videos": [v.name for v in halves], "fps": _fps_of(name),
+        plans.append({"name": name, "videos": [v.name for v in halves], "fps": video_fps(name),
                       "frames": n_frames, "vfr": False, "container": "mp4", "audio": "normal",
                       "dir": VIDEO_DIRS.get(halves[0].crop_dir, "videos/batch1")})
     singles = [i for i, p in enumerate(plans) if len(p["videos"]) == 1]
