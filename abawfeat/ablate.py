@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import math
 import os
 import re
@@ -388,9 +389,7 @@ def _ensemble_cells(recipe: Recipe, cells: list[Cell], out: Path, say: Callable[
             if ens.members:
                 chosen = [c for label in ens.members for c in candidates if c.row.label == label]
             else:
-                key = task(t).select_metric
-                chosen = sorted(candidates, key=lambda c, key=key: -float(c.metrics.get(key, -math.inf)))
-                chosen = chosen[: ens.best]
+                chosen = _best_models(candidates, task(t).select_metric, ens.best)
             if not chosen:
                 cell.status, cell.error = "failed", "no trained member run"
                 say(f"{name}: FAILED: {cell.error}")
@@ -421,6 +420,32 @@ def _ensemble_cells(recipe: Recipe, cells: list[Cell], out: Path, say: Callable[
                 say(f"{name}: FAILED: {exc}")
             cell.seconds = time.perf_counter() - t0
     return made
+
+
+def _best_models(candidates: list[Cell], key: str, n: int) -> list[Cell]:
+    """The ``n`` best distinct trained models by ``key``. An ensemble averages its members' raw outputs, so
+    runs rank by their unsmoothed score, and two rows that trained the same model (they differ only in how
+    they smooth) count once."""
+
+    def raw(c: Cell) -> float:
+        scores = (c.metrics or {}).get("unsmoothed") or c.metrics or {}
+        value = scores.get(key)
+        return float(value) if isinstance(value, (int, float)) else -math.inf
+
+    def model(c: Cell) -> str:
+        if c.config is None:
+            return str(c.run_dir)
+        trained = {k: v for k, v in to_dict(c.config).items()
+                   if k not in RUN_ONLY_SETTINGS and k != "smooth"}
+        return json.dumps(trained, sort_keys=True, default=str)
+
+    chosen: list[Cell] = []
+    seen: set[str] = set()
+    for c in sorted(candidates, key=lambda c: -raw(c)):
+        if model(c) not in seen and len(chosen) < n:
+            seen.add(model(c))
+            chosen.append(c)
+    return chosen
 
 
 def auto_jobs(cells: list[Cell]) -> int:

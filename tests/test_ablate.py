@@ -225,3 +225,23 @@ def test_cli_ablate_prints_the_table(world: World, tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["ablate", str(recipe(tmp_path, world, epochs=1)), "--dry-run"])
     assert res.exit_code == 0, res.output
     assert "would train" in res.output and "Architecture" in res.output
+
+
+def test_an_ensemble_of_the_best_rows_takes_distinct_models_by_their_raw_scores() -> None:
+    from abawfeat.ablate import Cell, Row, _best_models
+    from abawfeat.train import TrainConfig
+
+    def cell(label: str, raw: float, smoothed: float | None = None, **options: object) -> Cell:
+        row = Row(label, ("fake",), "lstm", ("va",), None, {})
+        config = TrainConfig(task="va", head="lstm", cache=("c.h5",), out=f"runs/{label}", **options)
+        metrics = {"ccc_va": raw} if smoothed is None else {"ccc_va": smoothed, "unsmoothed": {"ccc_va": raw}}
+        return Cell(row=row, task="va", config=config, metrics=metrics)
+
+    plain = cell("plain", 0.50)
+    smoothed = cell("smoothed", 0.50, smoothed=0.70, smooth="auto")  # the same model as plain, smoothed
+    other = cell("other", 0.45, seed=1)
+    # Tuned on held-out training videos: trained on fewer videos, so a model of its own.
+    holdout = cell("holdout", 0.40, smoothed=0.90, smooth="auto", tune_on="holdout")
+    chosen = _best_models([smoothed, holdout, other, plain], "ccc_va", 3)
+    assert [c.row.label for c in chosen] in (["smoothed", "other", "holdout"], ["plain", "other", "holdout"])
+    assert len({c.config.seed for c in chosen[:2]}) == 2
