@@ -31,7 +31,7 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -443,6 +443,38 @@ class CacheWriter:
             shutil.rmtree(self.parts, ignore_errors=True)
 
 
+# -------------------------------------------------------------------------------------------- modality
+
+
+class RowWords(NamedTuple):
+    """How messages speak of a cache's rows, by what the encoder read."""
+
+    rows: str  # what the rows are
+    missing: str  # what a frame without a row lacks
+    bad: str  # what bad_frames lists
+
+
+_ROW_WORDS = {
+    "face": RowWords("crops", "without a crop", "bad frames"),
+    "audio": RowWords("frames with audio", "without audio", "frames without audio"),
+}
+
+
+def modality_of(record: Any) -> str:
+    """"face" or "audio": what a cache's rows come from, read from its provenance or fingerprint (the audio
+    encoders record ``preprocessing.modality``; face caches, older than that, do not)."""
+    pre = record.get("preprocessing") if isinstance(record, dict) else None
+    return str(pre.get("modality", "face")) if isinstance(pre, dict) else "face"
+
+
+def row_words(modalities: Iterable[str]) -> RowWords:
+    """The words for the rows of caches of these modalities (fused caches of several: rows of any cache)."""
+    kinds = set(modalities) or {"face"}
+    if len(kinds) == 1 and next(iter(kinds)) in _ROW_WORDS:
+        return _ROW_WORDS[kinds.pop()]
+    return RowWords("rows", "in no cache", "frames without a row")
+
+
 # --------------------------------------------------------------------------------------------------- reader
 
 
@@ -483,6 +515,11 @@ class FeatureCache:
     @property
     def format_version(self) -> int:
         return int(self.provenance["format_version"])
+
+    @property
+    def modality(self) -> str:
+        """"face" (rows are crops) or "audio" (rows are crop frames with audio); see ``modality_of``."""
+        return modality_of(self.provenance)
 
     @property
     def has_checksums(self) -> bool:
@@ -618,6 +655,7 @@ def cache_info(path: str | Path) -> dict[str, Any]:
             "path": str(path),
             "size_bytes": path.stat().st_size,
             "encoder": cache.encoder,
+            "modality": cache.modality,
             "feature_dim": cache.feature_dim,
             "dtype": str(cache.dtype),
             "videos": len(per_video),

@@ -163,17 +163,27 @@ def run_extraction(config: ExtractConfig, encoder: Encoder | None = None) -> Ext
     """Extract features for every video with crops (or ``config.videos``) into the cache; resumable.
 
     ``encoder`` overrides building one from the config (for callers that already hold one); it is moved to
-    the device, and with bf16/fp16 its parameters are set to require grad (see _prepare_model)."""
+    the device, and with bf16/fp16 its parameters are set to require grad (see _prepare_model).
+
+    Audio encoders (``Encoder.modality == "audio"``) share everything up to the cache lock, then run the loop
+    over source videos of abawfeat/audio/extract.py instead of the crop loop, into a cache of the same
+    schema."""
     import torch
 
     from abawfeat.utils import dist
     from abawfeat.utils.device import autocast_dtype, resolve_device
 
     validate_config(config)
+    run_locked = _run_locked
+    if _modality(config, encoder) == "audio":
+        from abawfeat.audio.extract import check_audio_config, run_audio_locked
+
+        check_audio_config(config)
+        run_locked = run_audio_locked
     info = dist.dist_info()
     distributed = dist.init_process_group(info)
     device = resolve_device(config.device)
-    if config.batch_size is None:
+    if config.batch_size is None and run_locked is _run_locked:
         config = dataclasses.replace(config, batch_size=32 if device.type == "cpu" else 128)
     if autocast_dtype(config.precision) == torch.float16 and device.type == "cpu":
         raise ConfigError("--precision fp16 needs CUDA; on CPU use bf16 or fp32")
@@ -196,7 +206,7 @@ def run_extraction(config: ExtractConfig, encoder: Encoder | None = None) -> Ext
     if not _agree(distributed, refused is None):  # every rank stops at once when rank 0 was refused
         raise refused or CacheError(f"{out}: rank 0 could not lock the cache; see its message")
     try:
-        result = _run_locked(config, dataset, out, lock, encoder, info, distributed, device)
+        result = run_locked(config, dataset, out, lock, encoder, info, distributed, device)
     finally:
         if lock is not None:
             release_lock(lock)
@@ -276,6 +286,13 @@ def _run_locked(config: ExtractConfig, dataset: AffWild2, out: Path, lock: int |
     if info.is_main and out.exists():
         result.file_size = out.stat().st_size
     return result
+
+
+def _modality(config: ExtractConfig, encoder: Encoder | None) -> str:
+    """What the encoder reads (``Encoder.modality``): "face" crops (this module's loop) or "audio"."""
+    from abawfeat.encoders import ENCODERS
+
+    return str((encoder if encoder is not None else ENCODERS.get(config.backbone)).modality)
 
 
 def _is_disk_full(exc: BaseException) -> bool:
@@ -717,6 +734,9 @@ def calibrate_encoder(encoder: Encoder, dataset: AffWild2, videos: Sequence[str]
 
 def format_summary(result: ExtractResult, max_bad: int = 20) -> list[str]:
     """The closing summary, one line each."""
+    own = getattr(result, "summary_lines", None)  # a modality's result may word its own (audio: coverage)
+    if own is not None:
+        return list(own(max_bad))
     size_mb = result.file_size / 1e6
     lines = [
         f"{result.out}: {result.videos_done} videos extracted, {result.videos_skipped} already complete "

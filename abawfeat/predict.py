@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from abawfeat.cache import modality_of, row_words
 from abawfeat.errors import ConfigError
 from abawfeat.tasks import single, task_names
 from abawfeat.train.evaluate import CacheOverride
@@ -39,6 +40,9 @@ class PredictResult:
     videos: dict[str, int]  # task -> number of videos in its file
     frames: dict[str, int]  # task -> number of rows (frames) in its file
     frames_without_crop: dict[str, int]  # task -> rows whose value came from fill_missing
+    # What those frames lack, for messages: "without a crop", "without audio" (an audio cache alone) or "in no
+    # cache" (fused caches of both modalities).
+    missing: str = "without a crop"
 
 
 def output_paths(out: str | Path, run_task: str) -> dict[str, Path]:
@@ -102,7 +106,8 @@ def predict(
         timeline = {t: per_video(seqs.tl_offsets, v, Filter("mean", window)) for t, v in timeline.items()}
     _, _, has_crop = seqs.timeline_frames()
 
-    result = PredictResult(files={}, videos={}, frames={}, frames_without_crop={})
+    missing = row_words(modality_of(c.get("fingerprint")) for c in record.caches).missing
+    result = PredictResult(files={}, videos={}, frames={}, frames_without_crop={}, missing=missing)
     for t, path in paths.items():
         spec = single(t)
         thresholds = au_thresholds if spec.tunes_thresholds else None

@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("abawfeat.metrics", "abawfeat.losses", "abawfeat.tasks"),
     ("abawfeat.data", "abawfeat.submission", "abawfeat.reference"),
     ("abawfeat.encoders", "abawfeat.cache", "abawfeat.trunks", "abawfeat.audio"),
-    ("abawfeat.heads", "abawfeat.extract", "abawfeat.smoothing"),
+    ("abawfeat.heads", "abawfeat.extract", "abawfeat.audio.extract", "abawfeat.smoothing"),
     ("abawfeat.train",),
     ("abawfeat.finetune", "abawfeat.predict", "abawfeat.ensemble", "abawfeat.cv"),
     ("abawfeat.report",),

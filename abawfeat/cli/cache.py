@@ -20,21 +20,23 @@ def info(
     file: Path = typer.Argument(..., help="Cache file (.h5)."),
     as_json: bool = typer.Option(False, "--json", help="Print everything as JSON on stdout."),
 ) -> None:
-    """Provenance, videos, frames, feature size, dtype, size on disk and bad frames of a cache."""
-    from abawfeat.cache import cache_info
+    """Provenance, videos, frames, feature size, dtype, size on disk and bad frames (audio caches: crop
+    frames without audio) of a cache."""
+    from abawfeat.cache import cache_info, row_words
 
     summary = cache_info(file)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
     prov = summary["provenance"]
+    bad = row_words([summary["modality"]]).bad  # audio caches list the crop frames without audio there
     lines = [
         f"file            {summary['path']} ({summary['size_bytes'] / 1e6:,.1f} MB)",
-        f"encoder         {summary['encoder']}  weights {prov.get('weights_sha256')}",
+        f"encoder         {summary['encoder']} ({summary['modality']})  weights {prov.get('weights_sha256')}",
         f"features        {summary['feature_dim']}-d {summary['dtype']}, computed in {prov.get('precision')}",
         f"videos          {summary['videos']}",
         f"frames          {summary['frames']:,}",
-        f"bad frames      {summary['bad_frames']}",
+        f"{bad:<15} {summary['bad_frames']}",
         f"preprocessing   {json.dumps(prov.get('preprocessing'))}",
         f"calibration     {json.dumps(prov.get('calibration'))}",
         f"text classes    {summary['text_classes']}",
@@ -47,7 +49,7 @@ def info(
         if row["bad_frames"]:
             shown = ", ".join(str(f) for f in row["bad_frames"][:10])
             more = " ..." if len(row["bad_frames"]) > 10 else ""
-            lines.append(f"  bad frames in {row['video']}: {shown}{more}")
+            lines.append(f"  {bad} in {row['video']}: {shown}{more}")
     for line in lines:
         console.print(line, highlight=False, soft_wrap=True)
 

@@ -19,8 +19,8 @@ def _fmt(values: tuple[float, ...]) -> str:
 def encoders_command(
     as_json: bool = typer.Option(False, "--json", help="Print the registry as JSON on stdout."),
 ) -> None:
-    """List the registered encoders (feature size, input size, normalisation, weights, options) and every
-    encoder's named weights."""
+    """List the registered encoders (modality: face crops or audio, feature size, input, normalisation,
+    weights, options) and every encoder's named weights."""
     # Imported here, not at module level: torch and open_clip would slow down every `abawfeat --help`.
     from abawfeat.encoders import list_encoders, list_named_weights
     from abawfeat.encoders.weights import cached_path
@@ -41,11 +41,13 @@ def encoders_command(
     for column in ("name", "dim", "input", "mean / std", "resize", "default weights", "logits"):
         table.add_column(column, overflow="fold", no_wrap=column != "default weights")
     for info in infos:
+        audio = info.modality == "audio"  # input_size is then the sample rate, and nothing is normalised
         table.add_row(
             info.name,
             str(info.feature_dim),
-            str(info.input_size),
-            f"{_fmt(info.mean)}\n{_fmt(info.std)}",
+            # The modality, then what it reads: crops of this size, or audio at this sample rate.
+            f"audio\n{info.input_size / 1000:g} kHz" if audio else f"{info.modality}\n{info.input_size} px",
+            "-" if audio else f"{_fmt(info.mean)}\n{_fmt(info.std)}",
             info.interpolation,
             info.weights,
             str(len(info.logit_names)) if info.logit_names else "-",

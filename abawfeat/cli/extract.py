@@ -8,14 +8,15 @@ import typer
 
 from abawfeat.cli import app
 from abawfeat.cli._common import console, guarded
-from abawfeat.cli._encoder_opts import encoder_opt_option, encoder_opts
+from abawfeat.cli._encoder_opts import encoder_opt_option, encoder_opts, option_flag
 
 
 @app.command("extract")
 @guarded
 def extract(
     backbone: str = typer.Option(
-        ..., "--backbone", help="Encoder, e.g. ddamfn or clip (`abawfeat encoders`)."
+        ..., "--backbone", help="Encoder, e.g. ddamfn or clip (faces), wav2vec2, hubert or wavlm (audio); "
+        "`abawfeat encoders` lists them."
     ),
     data: Path = typer.Option(..., "--data", help="Aff-Wild2 root (annotations folder and crop folders)."),
     out: Path | None = typer.Option(
@@ -28,6 +29,9 @@ def extract(
         False, "--random-init", help="Random weights, calibrated on dataset frames: demos and tests only."
     ),
     encoder_opt: list[str] | None = encoder_opt_option(),
+    layer: str | None = option_flag("--layer"),
+    layers: str | None = option_flag("--layers"),
+    window_ms: str | None = option_flag("--window-ms"),
     # Old spellings of encoder options, kept working (hidden): each prints what it now means.
     clip_model: str | None = typer.Option(None, "--clip-model", hidden=True),
     clip_pretrained: str | None = typer.Option(None, "--clip-pretrained", hidden=True),
@@ -51,6 +55,9 @@ def extract(
 ) -> None:
     """Extract per-frame features of every video with crops (train, val, test) into one HDF5 cache.
 
+    Face encoders read the crops; audio encoders read the source videos' audio track and pool it around each
+    crop frame's timestamp (docs/audio.md).
+
     Resumable: re-running skips complete videos, and `kill -9` loses only the videos in flight. Runs under
     `torchrun --nproc-per-node N -m abawfeat extract ...` with the videos split across ranks."""
     from abawfeat.extract import ExtractConfig, format_summary, run_extraction
@@ -61,7 +68,7 @@ def extract(
         "--clip-model": ("clip_model", clip_model),
         "--clip-pretrained": ("clip_pretrained", clip_pretrained),
         "--trust-pickle": ("trust_pickle", "true" if trust_pickle else None),
-    })
+    }, {"--layer": layer, "--layers": layers, "--window-ms": window_ms})
     config = ExtractConfig(
         backbone=backbone, data=data, out=out, weights=weights,
         random_init=random_init, encoder_options=options, precision=precision, batch_size=batch_size,

@@ -24,6 +24,9 @@ def synth(
     workers: int = typer.Option(0, "--workers", min=0,
                                 help="Render processes; 0 = one per CPU core. Does not change the output."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary rows as JSON on stdout."),
+    videos_with_audio: bool = typer.Option(
+        False, "--videos-with-audio", help="Also write the source videos (.mp4/.avi) with a voice that "
+        "follows valence and arousal: the input of the audio encoders (docs/audio.md)."),
 ) -> None:
     """Render a synthetic Aff-Wild2 tree (annotations, 112 x 112 crops, test lists, sample files) whose
     faces are driven by their labels, with the release's quirks at known rates; writes
@@ -31,7 +34,7 @@ def synth(
     from abawfeat.data.synth import SynthConfig, generate
     from abawfeat.utils.progress import make_progress
 
-    cfg = SynthConfig(videos=videos, frames=frames, seed=seed)
+    cfg = SynthConfig(videos=videos, frames=frames, seed=seed, videos_with_audio=videos_with_audio)
     cfg.validate()
     n_workers = workers or (os.cpu_count() or 1)
     start = time.perf_counter()
@@ -47,8 +50,10 @@ def synth(
         typer.echo(json.dumps(manifest["summary"], indent=2))
         return
     crops = sum(v["crops"] for v in manifest["videos"])
-    console.print(f"wrote {out}: {len(manifest['videos'])} videos, {crops:,} crops in {seconds:.1f} s",
-                  highlight=False, soft_wrap=True)
+    sources = manifest.get("sources", [])
+    with_sources = f", {len(sources)} source videos" if sources else ""
+    console.print(f"wrote {out}: {len(manifest['videos'])} videos, {crops:,} crops{with_sources} in "
+                  f"{seconds:.1f} s", highlight=False, soft_wrap=True)
     console.print(f"{'task':<5} {'split':<6} {'videos':>6} {'frames':>9} {'valid':>9} {'usable':>9}",
                   highlight=False)
     for row in manifest["summary"]:

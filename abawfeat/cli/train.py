@@ -311,7 +311,7 @@ def predict_command(
     result = predict(run_dir, split, out, smooth, data, cache, overwrite=overwrite)
     for task, path in result.files.items():
         console.print(f"{path}: {task}, {result.videos[task]} videos, {result.frames[task]:,} frames "
-                      f"({result.frames_without_crop[task]:,} without a crop, filled)", highlight=False)
+                      f"({result.frames_without_crop[task]:,} {result.missing}, filled)", highlight=False)
 
 
 @app.command("ablate")

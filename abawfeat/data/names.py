@@ -1,5 +1,5 @@
-"""The two naming rules every command shares (docs/data.md, "Names"): which video names abawfeat accepts,
-and which file names in a crop folder are crops.
+"""The naming rules every command shares (docs/data.md, "Names"): which video names abawfeat accepts,
+which file names in a crop folder are crops, and which source video a ``_left``/``_right`` video comes from.
 
 Both are decided here once, so that ``data summary``, ``extract``, stage two and ``predict`` can never
 disagree: the reader (``abawfeat.data.affwild2``) applies them when it lists folders, the cache writer
@@ -14,6 +14,8 @@ MAX_FRAME = 2**31 - 1
 # Anything else (Thumbs.db, desktop.ini, a .png preview, notes.txt) is ignored, as are hidden files.
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 _DIGITS = frozenset("0123456789")
+# A video named X_left or X_right is one of the two people of the release's source video X.
+PAIR_SUFFIXES: tuple[str, ...] = ("_left", "_right")
 
 
 def crop_file_name(frame: int) -> str:
@@ -85,3 +87,12 @@ def video_name_problem(name: str) -> str | None:
 
 
 __all__ = ["JPEG_SUFFIXES", "MAX_FRAME", "crop_file_name", "crop_frame", "is_jpeg_name", "video_name_problem"]
+
+
+def source_video(video: str) -> str:
+    """The source video a video's frames come from: ``X`` for ``X_left`` / ``X_right`` (the two people of one
+    video share its scene, its audio track and often its mood), the name itself otherwise."""
+    for suffix in PAIR_SUFFIXES:
+        if video.endswith(suffix) and len(video) > len(suffix):
+            return video[: -len(suffix)]
+    return video

@@ -287,9 +287,10 @@ def load_split(
             n = plan[t][video][0]
             if n == 0 and split == "test":
                 # Not in the organisers' sample file: up to the last crop (or undecodable crop) we know of.
-                n = _last_crop(caches[0], video, row_frames_list[v])
+                # Any cache's bad frames count too (an audio cache lists the crop frames without audio there).
+                n = max(_last_crop(c, video, row_frames_list[v]) for c in caches)
                 if n == 0:
-                    raise CacheError(f"{cache.path}: test video {video!r} has no crop and no sample-file "
+                    raise CacheError(f"{caches[0].path}: test video {video!r} has no crop and no sample-file "
                                      "entry; its frame count is unknown")
                 guessed.add(video)
             task_frames[t][v] = n

@@ -132,6 +132,8 @@ class SynthConfig:
     identity_strength: float = 0.5
     noise_std: float = 5.0  # per-pixel Gaussian noise on 0..255
     jpeg_quality: int = 90  # fixed so that files are byte-identical across runs
+    # Also write the source videos with sound (abawfeat/data/synth_av.py): the audio modality's input.
+    videos_with_audio: bool = False
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field."""
@@ -192,6 +194,9 @@ class VideoPlan:
     background: tuple[int, int, int, int, int, int]  # shared by the two halves of a pair (same scene)
     labels: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     valid: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    # float32 [n_frames + extra, 2]: valence/arousal of every frame, labelled or not (the voices of the source
+    # videos follow it, abawfeat/data/synth_av.py)
+    va: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 2), np.float32))
 
 
 def _rng(seed: int, *stream: int) -> np.random.Generator:
@@ -535,6 +540,7 @@ def plan(cfg: SynthConfig) -> list[VideoPlan]:
         n_extra = extra.get(v.index, 0)
         state, expr, au, va = _latent(vrng, n + n_extra, video_fps(v.name), cfg)
         v.state = state
+        v.va = va.astype(np.float32)
         has_crop = ~_runs_mask(vrng, n, n_missing[v.index], cfg.missing_crop_run)
         n_tail = min(tail.get(v.index, 0), n - 1)
         if n_tail:
@@ -904,6 +910,9 @@ _CROP_NAME = re.compile(r"^\d{5}\.jpg$")
 def _owned_files(out: Path, manifest: dict[str, Any]) -> list[Path]:
     """Every file under ``out`` if all were written by synth (per the old manifest); else raise."""
     names = {v["name"] for v in manifest.get("videos", [])}
+    # Source videos (--videos-with-audio; the provisional manifest lists them too) and the temporaries of an
+    # interrupted write of one.
+    sources = {tuple(s["file"].split("/")) for s in manifest.get("sources", [])}
     ann = manifest.get("annotations_dir", ANNOTATIONS_DIR)
     task_dirs = {t.folders[0] for t in single_tasks()}
     samples = {SAMPLE_FILE_NAME.format(tag=t.sample_tag) for t in single_tasks()}
@@ -922,6 +931,8 @@ def _owned_files(out: Path, manifest: dict[str, Any]) -> list[Path]:
                 and _CROP_NAME.match(parts[2]) is not None)
             or (len(parts) == 2 and parts[0] == TEST_LISTS_DIR and parts[1] in test_lists)
             or (len(parts) == 2 and parts[0] == SAMPLES_DIR and parts[1] in samples)
+            or parts in sources
+            or (parts[:-1] + (_untemp(parts[-1]),)) in sources
         )
         if not ok:
             raise ConfigError(
@@ -930,6 +941,12 @@ def _owned_files(out: Path, manifest: dict[str, Any]) -> list[Path]:
             )
         owned.append(path)
     return owned
+
+
+def _untemp(name: str) -> str:
+    """``x.mp4`` for atomic_write's temporary ``.x.mp4.<pid>.<hex>.tmp``, else the name itself."""
+    match = re.fullmatch(r"\.(.+)\.\d+\.[0-9a-f]+\.tmp", name)
+    return match.group(1) if match else name
 
 
 def _prepare_out(out: Path) -> None:
@@ -976,8 +993,16 @@ def generate(
     out = Path(out)
     videos = plan(cfg)
     _prepare_out(out)
+    source_plans: list[dict[str, Any]] = []
+    if cfg.videos_with_audio:
+        from abawfeat.data.synth_av import plan_sources
+
+        source_plans = plan_sources(videos, cfg.seed)
     # A provisional manifest first: a crashed run still leaves a tree that a re-run recognises and replaces.
-    write_json(out / MANIFEST_NAME, _manifest(cfg, videos, {}, complete=False))
+    provisional = _manifest(cfg, videos, {}, complete=False)
+    if source_plans:
+        provisional["sources"] = [{"file": p["file"]} for p in source_plans]
+    write_json(out / MANIFEST_NAME, provisional)
 
     rng = _rng(cfg.seed, 3)
     ann_files = [
@@ -1030,6 +1055,10 @@ def generate(
                     on_progress(done, total)
 
     manifest = _manifest(cfg, videos, files, complete=True)
+    if source_plans:
+        from abawfeat.data.synth_av import write_source_videos
+
+        manifest["sources"] = write_source_videos(source_plans, videos, out, cfg.seed, workers=workers)
     write_json(out / MANIFEST_NAME, manifest)
     return manifest
 

@@ -1,12 +1,13 @@
 """The encoder contract and its registry: everything encoder-specific lives behind it.
 
 An encoder is an image network that turns normalised face crops into one feature vector per frame (and, for
-classifiers such as DDAMFN, logits). Like open_clip, weights and their preprocessing travel together: every
-encoder owns its ``transform`` and reports it in ``provenance()``, so a cache can never pair features with
-the wrong normalisation. Like timm, encoders are registered by name with a decorator and one parametrised
-test covers every registered encoder (tests/test_encoders.py). Nothing outside an encoder's own module
-knows which encoder it is: extraction, fine-tuning and the CLI go through this contract only, so a new
-encoder is one file plus its import (docs/encoders.md).
+classifiers such as DDAMFN, logits); a speech encoder does the same from the video's sound (``modality``).
+Like open_clip, weights and their preprocessing travel together: every encoder owns its ``transform`` and
+reports it in ``provenance()``, so a cache can never pair features with the wrong normalisation. Like timm,
+encoders are registered by name with a decorator and one parametrised test covers every registered encoder
+(tests/test_encoders.py). Nothing outside an encoder's own module knows which encoder it is: extraction,
+fine-tuning and the CLI go through this contract only, so a new encoder is one file plus its import
+(docs/encoders.md).
 
 Contract:
     config_class: a dataclass with at least ``random_init``, ``seed`` and the field named by
@@ -15,12 +16,15 @@ Contract:
     forward(x [B, 3, S, S] normalised) -> (features [B, D], logits [B, C] | None); embed(x) -> [B, D]
     transform: picklable ImageTransform, PIL image -> normalised [3, S, S] float32     (preprocessing)
     named_weights(config) -> {name: NamedWeights}; resolve_weights(spec)               (weights)
+    weights_folder: CheckpointFolder | None (weights that are folders of files, e.g. Hugging Face's)
     needs_calibration, calibrate(images [N, 3, S, S])                                 (random init)
     blocks() -> [Block] in forward order; forward_train(x, outputs); save_weights(path) (fine-tuning)
     auxiliary_outputs: names forward_train can return besides the features (DDAMFN: attention maps)
     provenance() -> JSON-ready dict; text_embeddings() -> (prompts, [C, D]) | None
     describe() -> EncoderInfo (defaults, without building or loading weights)
     smoke_options() -> dict (a fast, offline build for the test suite)
+    modality: "face" (all of the above) or "audio": speech encoders read 16 kHz audio instead of crops, and
+        extraction runs the audio loop for them (their side of the contract: abawfeat/encoders/speech.py)
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from abawfeat.encoders.weights import NamedWeights, ResolvedWeights, resolve_weights
+from abawfeat.encoders.weights import CheckpointFolder, NamedWeights, ResolvedWeights, resolve_weights
 from abawfeat.errors import ConfigError
 from abawfeat.utils.configs import to_dict
 from abawfeat.utils.registry import Registry
@@ -175,6 +179,7 @@ class EncoderInfo:
     weights: str  # default weights and where they come from
     logit_names: tuple[str, ...] | None
     summary: str
+    modality: str = "face"  # what the encoder reads: "face" crops or the "audio" track
     # The encoder's own options (--encoder-opt key=value; not the generic random_init, seed and weights), as
     # "type = default"; filled by list_encoders.
     options: dict[str, str] = field(default_factory=dict)
@@ -200,6 +205,9 @@ class Encoder(nn.Module):
     # The config field that ``--weights`` sets: a weights file or one of ``named_weights``. DDAMFN's is
     # ``weights``; CLIP's keeps its historical name ``clip_pretrained`` (caches record it).
     weights_field: ClassVar[str] = "weights"
+    # Set when the weights are a folder of files (a Hugging Face checkpoint) rather than one file: its layout,
+    # which the one resolver then uses for local folders and named checkpoints alike (speech encoders).
+    weights_folder: ClassVar[CheckpointFolder | None] = None
     # Whether random-init weights need ``calibrate`` on dataset frames before their features mean anything
     # (DDAMFN's batch norms do; CLIP's layer norms do not). Extraction and fine-tuning calibrate when it is
     # declared, and the registry refuses a class whose declaration and ``calibrate`` disagree.
@@ -210,6 +218,9 @@ class Encoder(nn.Module):
     # Whether extraction compiles this encoder by default on large runs (ExtractConfig.compile = None):
     # only where it was measured to pay (DDAMFN: 1.4-1.7x its eager speed on CPU). CLIP ran slower compiled.
     compile_by_default: ClassVar[bool] = False
+    # What the encoder reads, and so which stage-one loop runs it: "face" crops (abawfeat/extract.py) or the
+    # "audio" track of the source videos (abawfeat/audio/extract.py).
+    modality: ClassVar[str] = "face"
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -259,7 +270,7 @@ class Encoder(nn.Module):
         """``spec`` (a file or one of ``named_weights(self.config)``) as a local file: the one resolver
         (abawfeat/encoders/weights.py) with its user cache, checksums, downloads and offline message."""
         return resolve_weights(spec, self.name, type(self).named_weights(self.config), verify=verify,
-                               what=what)
+                               what=what, folder=type(self).weights_folder)
 
     def note(self, message: str) -> None:
         """Say something unusual about these weights once (a warning line) and keep it for the provenance."""

@@ -10,6 +10,13 @@ into a file the same way for all of them:
    name with several addresses (open_clip's alternative file names) tries them in order;
 4. no network (or ``ABAWFEAT_OFFLINE=1``) -> a CheckpointError saying exactly where to put the file by hand.
 
+Some weights are a folder rather than one file: a Hugging Face checkpoint is ``config.json`` (and often
+``preprocessor_config.json``) beside ``model.safetensors`` or ``pytorch_model.bin``. An encoder whose weights
+are such folders declares their layout (``CheckpointFolder``, ``Encoder.weights_folder``); then a folder (or a
+file in it) is accepted as a local checkpoint, identified by its weights file's sha256, and a named checkpoint
+is the folder ``$ABAWFEAT_HOME/weights/<folder>/``: its other files are fetched from the address of the
+weights file's folder before the weights file itself, so a folder whose weights file is there is complete.
+
 Checksums: GitHub publishes the git blob id (SHA-1 over ``b"blob <size>\\0" + content``) of every file in a
 repository, so a downloaded checkpoint can be verified before anybody has computed its sha256 here. Where
 neither is known, ``verify`` (a strict load by the caller) must pass, and the sha256 is recorded next to the
@@ -60,9 +67,39 @@ class NamedWeights:
 
 
 @dataclass(frozen=True)
+class CheckpointFolder:
+    """The layout of weights that are a folder of files (the Hugging Face one), declared by the encoder."""
+
+    weights: tuple[str, ...]  # names of the weights file, preferred first; one of them must be there
+    required: tuple[str, ...] = ()  # files that must sit beside it (config.json)
+    optional: tuple[str, ...] = ()  # files used when present (preprocessor_config.json), fetched if published
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (*self.weights, *self.required, *self.optional)
+
+    def weights_file(self, folder: Path) -> Path | None:
+        return next((folder / n for n in self.weights if (folder / n).is_file()), None)
+
+    def complete(self, folder: Path) -> bool:
+        return self.weights_file(folder) is not None and all((folder / n).is_file() for n in self.required)
+
+    def describe(self, optional: bool = True) -> str:
+        """The files, as the messages name them: "config.json, preprocessor_config.json (if published) and
+        model.safetensors (or pytorch_model.bin)"; without the optional ones when ``optional`` is False."""
+        parts = [*self.required, *(f"{n} (if published)" for n in self.optional if optional)]
+        weights = self.weights[0]
+        if len(self.weights) > 1:
+            weights += f" (or {' or '.join(self.weights[1:])})"
+        return f"{', '.join(parts)} and {weights}" if parts else weights
+
+
+@dataclass(frozen=True)
 class ResolvedWeights:
-    path: Path
-    source: str  # "named:<name>" or "file:<file name>"; no directories, so it survives moving the file
+    path: Path  # the weights file (for a CheckpointFolder: the one inside the folder)
+    # "named:<name>", "file:<file name>" or "dir:<folder name>"; no parent directories, so it survives moving
+    # the weights
+    source: str
     sha256: str
     named: NamedWeights | None = None
 
@@ -143,6 +180,20 @@ def download(url: str, target: Path, *, check: Callable[[Path], None] | None = N
     atomic_write(target, write, durable=True)
 
 
+def _download_beside(url: str, folder: Path, layout: CheckpointFolder) -> None:
+    """The files of a checkpoint folder other than its weights, from the folder of the weights' address:
+    required ones must download; an optional one the server does not have (HTTP 404) is skipped."""
+    base = url.rsplit("/", 1)[0]
+    for name in (*layout.required, *layout.optional):
+        if (folder / name).is_file():
+            continue
+        try:
+            download(f"{base}/{name}", folder / name)
+        except urllib.error.HTTPError as exc:
+            if exc.code != 404 or name not in layout.optional:
+                raise
+
+
 def resolve_weights(
     spec: str,
     encoder: str,
@@ -150,16 +201,27 @@ def resolve_weights(
     *,
     verify: Callable[[Path], None] | None = None,
     what: str | None = None,
+    folder: CheckpointFolder | None = None,
 ) -> ResolvedWeights:
     """A local file, or one of ``named`` (the encoder's declared weights) from the user cache or the network;
     see the module docstring. ``what`` names the weights in messages (default: the encoder's name; CLIP
-    says which model).
+    says which model). ``folder``: the encoder's weights are checkpoint folders of this layout.
 
     ``verify(path)`` is the caller's strict load; it must raise ``CheckpointError`` for an unusable file and
     is run on every download before the file enters the cache.
     """
     what = what or encoder
     path = Path(spec).expanduser()
+    if folder is not None and (path.is_dir() or path.is_file()):
+        if path.is_file():
+            if path.name not in folder.names:
+                files = folder.describe(False)
+                raise CheckpointError(f"{path}: {what} weights are a folder holding {files}, not one file")
+            path = path.parent
+        weights_file = folder.weights_file(path)
+        if weights_file is None or not folder.complete(path):
+            raise CheckpointError(f"{path}: not a checkpoint folder (it needs {folder.describe(False)})")
+        return ResolvedWeights(path=weights_file, source=f"dir:{path.name}", sha256=file_sha256(weights_file))
     if path.is_file():
         return ResolvedWeights(path=path, source=f"file:{path.name}", sha256=file_sha256(path))
     if spec not in named:
@@ -172,7 +234,7 @@ def resolve_weights(
     source = f"named:{weights.name}"
     candidates = sources(weights)
     for _, target in candidates:
-        if target.is_file():
+        if target.is_file() and (folder is None or folder.complete(target.parent)):
             problem = checksum_problem(target, weights)
             if problem is not None:
                 raise CheckpointError(
@@ -186,6 +248,8 @@ def resolve_weights(
         raise CheckpointError(f"{what} weights {weights.name} have no known download address: put the file "
                               f"at {target}, or pass a checkpoint file")
     manual = f"put the file at {target} (source: {url})"
+    if folder is not None:
+        manual = f"put {folder.describe()} from {url.rsplit('/', 1)[0]} in {target.parent}"
     if offline():
         raise CheckpointError(f"{what} weights {weights.name} cannot be downloaded here (ABAWFEAT_OFFLINE is "
                               f"set): {manual}")
@@ -211,6 +275,8 @@ def resolve_weights(
         if not url_i:
             continue
         try:
+            if folder is not None:  # the other files first: a weights file then marks a complete folder
+                _download_beside(url_i, target_i.parent, folder)
             download(url_i, target_i, check=checker(url_i, target_i))
             return ResolvedWeights(path=target_i, source=source, sha256=file_sha256(target_i), named=weights)
         except OSError as exc:  # no network, a dead address, HTTP 404 for an alternative file name

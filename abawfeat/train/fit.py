@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from abawfeat.cache import row_words
 from abawfeat.data.batches import WindowSource
 from abawfeat.data.sequences import load_split, make_windows, split_videos
 from abawfeat.errors import ConfigError, RunError
@@ -169,7 +170,8 @@ def _fit(cfg: TrainConfig, run: RunDir, log: Callable[[str], None] | None) -> Fi
         cache_refs = [{"path": str(c.path), "encoder": e, "fingerprint": f, "dtype": str(c.dtype)}
                       for c, e, f in zip(caches, encoders, fingerprints, strict=True)]
         in_dim = int(train_set.feature_dim)
-    say(f"train: {len(train_set.videos)} videos, {train_set.n_rows:,} crops; "
+        rows = row_words(c.modality for c in caches).rows  # crops, or frames with audio for an audio cache
+    say(f"train: {len(train_set.videos)} videos, {train_set.n_rows:,} {rows}; "
         f"val: {len(val_set.videos)} videos, {val_set.n_timeline:,} frames"
         + (f"; tuning on {len(held)} held-out training videos" if held else ""))
 
@@ -188,7 +190,7 @@ def _fit(cfg: TrainConfig, run: RunDir, log: Callable[[str], None] | None) -> Fi
     # -- windows and batch sources (index arrays computed once).
     train_windows = make_windows(train_set.row_offsets, res.window, res.stride, keep=train_set.row_weight())
     if len(train_windows) == 0:
-        raise ConfigError(f"{cfg.data}: no training crop carries a {'/'.join(tasks)} label in "
+        raise ConfigError(f"{cfg.data}: none of the training {rows} carries a {'/'.join(tasks)} label in "
                           f"{', '.join(c['path'] for c in cache_refs)}")
     train_source = WindowSource(train_set, train_windows, tasks, res.batch_size, shuffle=True, seed=cfg.seed)
     val_source = WindowSource(val_set, make_windows(val_set.row_offsets, res.infer_window, res.infer_stride),

@@ -14,15 +14,13 @@ from typing import Any
 
 import numpy as np
 
+from abawfeat.data.names import source_video
 from abawfeat.errors import ConfigError
 
 
 def video_group(video: str) -> str:
-    """The source video of an annotation video (``_left``/``_right``: the two people of one video)."""
-    for suffix in ("_left", "_right"):
-        if video.endswith(suffix):
-            return video[: -len(suffix)]
-    return video
+    """The group a video is split with: its source video (``_left``/``_right``: two people, one video)."""
+    return source_video(video)
 
 
 def holdout_videos(videos: Sequence[str], fraction: float, seed: int) -> list[str]:
