@@ -21,10 +21,10 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 
     from abawfeat.data.affwild2 import AffWild2
     from abawfeat.encoders.base import Encoder
+
+R = TypeVar("R")
 
 
 @dataclass
@@ -220,8 +222,6 @@ def run_extraction(config: ExtractConfig, encoder: Encoder | None = None) -> Ext
 def _run_locked(config: ExtractConfig, dataset: AffWild2, out: Path, lock: int | None,
                 encoder: Encoder | None, info: Any, distributed: bool, device: torch.device) -> ExtractResult:
     """The run once rank 0 holds the cache lock (``lock``): dataset, encoder, provenance, writer, loop."""
-    from abawfeat.utils.device import seed_everything
-    from abawfeat.utils.progress import loud_warning
 
     # 2. Dataset: every video with crops, train, validation and test alike.
     all_videos = sorted(dataset.videos_with_crops())
@@ -232,18 +232,7 @@ def _run_locked(config: ExtractConfig, dataset: AffWild2, out: Path, lock: int |
     # 3. Encoder. A random-init encoder is drawn from a fixed seed and calibrated (when it declares that it
     # needs it) on frames picked from the whole dataset, so a resumed run (or another rank) rebuilds exactly
     # the same network.
-    if config.random_init and info.is_main:
-        loud_warning(
-            f"--random-init: {config.backbone} gets RANDOM weights (seed {config.seed}), calibrated on "
-            "dataset frames where it needs it. Its features mean nothing about affect; use it for demos and "
-            "tests only. This is recorded in the cache's provenance."
-        )
-    if encoder is None:
-        from abawfeat.encoders import build_encoder
-
-        seed_everything(config.seed)
-        encoder = build_encoder(config.backbone, **encoder_options(config))
-    encoder = encoder.eval()
+    encoder = prepare_encoder(config, encoder, info, "calibrated on dataset frames where it needs it")
     calibration_source = None
     if config.random_init and encoder.needs_calibration:
         calibration_source = calibrate_encoder(encoder, dataset, all_videos, config.calibration_frames)
@@ -270,19 +259,8 @@ def _run_locked(config: ExtractConfig, dataset: AffWild2, out: Path, lock: int |
     # 4. Writer: rank 0 (holding the lock) checks the existing cache first; the other ranks open it only if
     # that succeeded, so a refused run never leaves a rank waiting.
     writer = CacheWriter(out, provenance, lock=info.is_main, consolidate_on_exit=info.is_main, held_lock=lock)
-    try:
-        _enter_writer(writer, info, distributed)
-        try:
-            result = _extract_videos(config, dataset, encoder, writer, selected, out, device, info,
-                                     distributed)
-        except BaseException:
-            writer.__exit__(*sys.exc_info())  # Ctrl-C consolidates completed videos; other errors keep parts
-            raise
-        writer.__exit__(None, None, None)
-    except (DiskFullError, OSError) as exc:
-        if isinstance(exc, DiskFullError) or _is_disk_full(exc):
-            raise _disk_full(exc, out, len(writer.done_videos())) from None
-        raise
+    result = write_cache(writer, info, distributed, lambda: _extract_videos(
+        config, dataset, encoder, writer, selected, out, device, info, distributed))
     if info.is_main and out.exists():
         result.file_size = out.stat().st_size
     return result
@@ -764,6 +742,47 @@ def _try_enter(writer: CacheWriter) -> Exception | None:
         return None
     except Exception as exc:
         return exc
+
+
+def prepare_encoder(
+    config: ExtractConfig, encoder: Encoder | None, info: Any, random_note: str = ""
+) -> Encoder:
+    """The run's encoder in eval mode: the caller's, or built from the config, seeded so that a resumed run
+    (or another rank) builds the very same one. A random-init run says so loudly first (``random_note``:
+    what the run then does to the random network, e.g. calibration)."""
+    from abawfeat.utils.device import seed_everything
+    from abawfeat.utils.progress import loud_warning
+
+    if config.random_init and info.is_main:
+        loud_warning(
+            f"--random-init: {config.backbone} gets RANDOM weights (seed {config.seed})"
+            f"{', ' + random_note if random_note else ''}. Its features mean nothing about affect; use it "
+            "for demos and tests only. This is recorded in the cache's provenance."
+        )
+    if encoder is None:
+        from abawfeat.encoders import build_encoder
+
+        seed_everything(config.seed)
+        encoder = build_encoder(config.backbone, **encoder_options(config))
+    return encoder.eval()
+
+
+def write_cache(writer: CacheWriter, info: Any, distributed: bool, fill: Callable[[], R]) -> R:
+    """Open ``writer`` on every rank, run ``fill`` (the extraction loop) and close it: Ctrl-C consolidates
+    the completed videos, other errors keep them as parts, and a full disk is one line saying what is kept."""
+    try:
+        _enter_writer(writer, info, distributed)
+        try:
+            result = fill()
+        except BaseException:
+            writer.__exit__(*sys.exc_info())
+            raise
+        writer.__exit__(None, None, None)
+    except (DiskFullError, OSError) as exc:
+        if isinstance(exc, DiskFullError) or _is_disk_full(exc):
+            raise _disk_full(exc, writer.path, len(writer.done_videos())) from None
+        raise
+    return result
 
 
 def _enter_writer(writer: CacheWriter, info: Any, distributed: bool) -> None:

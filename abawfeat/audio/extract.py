@@ -19,7 +19,6 @@ share one source video, which is decoded and encoded once for both.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from abawfeat.audio.decode import SAMPLE_RATE, AudioStream, probe, video_frame_t
 from abawfeat.audio.stream import FrameGeometry, WindowPooler, encode_stream, window_of
 from abawfeat.cache import CacheWriter, make_provenance
 from abawfeat.data.sources import SourceIndex, find_source_videos
-from abawfeat.errors import ConfigError, DataError, DiskFullError
+from abawfeat.errors import ConfigError, DataError
 from abawfeat.extract import ExtractConfig, ExtractResult
 from abawfeat.utils.configs import to_dict
 
@@ -120,9 +119,8 @@ def run_audio_locked(config: ExtractConfig, dataset: AffWild2, out: Path, lock: 
                      device: torch.device) -> AudioExtractResult:
     """The audio run once rank 0 holds the cache lock (abawfeat/extract.py ``run_extraction`` takes it):
     source videos, encoder, provenance, writer, loop."""
-    from abawfeat.extract import _disk_full, _enter_writer, _is_disk_full, encoder_options, select_videos
-    from abawfeat.utils.device import seed_everything
-    from abawfeat.utils.progress import loud_warning, warn
+    from abawfeat.extract import prepare_encoder, select_videos, write_cache
+    from abawfeat.utils.progress import warn
 
     # 2. Dataset, and the source videos that carry the audio.
     all_videos = sorted(dataset.videos_with_crops())
@@ -141,18 +139,7 @@ def run_audio_locked(config: ExtractConfig, dataset: AffWild2, out: Path, lock: 
                      f"{', '.join(str(p) for p in paths[1:])})")
 
     # 3. Encoder: seeded when random, so a resumed run (or another rank) builds the very same one.
-    if config.random_init and info.is_main:
-        loud_warning(
-            f"--random-init: {config.backbone} gets RANDOM weights (seed {config.seed}). Its features mean "
-            "nothing about affect; use it for demos and tests only. This is recorded in the cache's "
-            "provenance."
-        )
-    if encoder is None:
-        from abawfeat.encoders import build_encoder
-
-        seed_everything(config.seed)
-        encoder = build_encoder(config.backbone, **encoder_options(config))
-    encoder = encoder.eval()
+    encoder = prepare_encoder(config, encoder, info)
     enc_prov = dict(encoder.provenance())
     enc_prov["preprocessing"] = {**enc_prov["preprocessing"],
                                  "alignment": alignment_record(encoder.config.window_ms)}
@@ -163,19 +150,8 @@ def run_audio_locked(config: ExtractConfig, dataset: AffWild2, out: Path, lock: 
 
     # 4. Writer: rank 0 (holding the lock) checks an existing cache first (see abawfeat/extract.py).
     writer = CacheWriter(out, provenance, lock=info.is_main, consolidate_on_exit=info.is_main, held_lock=lock)
-    try:
-        _enter_writer(writer, info, distributed)
-        try:
-            result = _extract(config, dataset, sources, encoder, writer, selected, out, device, info,
-                              distributed)
-        except BaseException:
-            writer.__exit__(*sys.exc_info())  # Ctrl-C consolidates completed videos; other errors keep parts
-            raise
-        writer.__exit__(None, None, None)
-    except (DiskFullError, OSError) as exc:
-        if isinstance(exc, DiskFullError) or _is_disk_full(exc):
-            raise _disk_full(exc, out, len(writer.done_videos())) from None
-        raise
+    result = write_cache(writer, info, distributed, lambda: _extract(
+        config, dataset, sources, encoder, writer, selected, out, device, info, distributed))
     result.window_ms = float(encoder.config.window_ms)
     if info.is_main and out.exists():
         result.file_size = out.stat().st_size
