@@ -1,14 +1,17 @@
 """Stage one: run a frozen encoder over every face crop once and write the HDF5 feature cache.
 
-``run_extraction(config)`` reads top to bottom: the cache lock (first, so a second run into the same cache
-is refused at once), dataset, encoder (calibrated when it declares so for random init), provenance, cache
-writer (resume), the videos left to do, one streaming loop, consolidation. Nothing here knows which encoder
-runs: options reach it through the encoder contract (``encoder_options``, ``--encoder-opt key=value``).
+``run_extraction(config)`` is the entry for every encoder: it takes the cache lock, then runs this module's
+face loop, or the audio loop (abawfeat/audio/extract.py) for an encoder whose ``modality`` is audio; what
+the two share is in abawfeat/stage_one.py. The face run reads top to bottom: the cache lock (first, so a
+second run into the same cache is refused at once), dataset, encoder (calibrated when it declares so for
+random init), provenance, cache writer (resume), the videos left to do, one streaming loop, consolidation.
+Nothing here knows which encoder runs: options reach it through the encoder contract (``encoder_options``,
+``--encoder-opt key=value``).
 
-The loop decodes JPEGs in DataLoader workers, batches across video boundaries (a full batch whatever the video
-lengths), and hands each video to the writer as soon as its last frame is through, so memory stays bounded by
-the longest video whatever the dataset size. Under torchrun each rank takes a share of the videos and writes
-its own parts; rank 0 consolidates them into one file (see abawfeat/cache.py for why this survives
+The loop decodes JPEGs in DataLoader workers, batches across video boundaries (a full batch whatever the
+video lengths), and hands each video to the writer as soon as its last frame is through, so memory stays
+bounded by the longest video whatever the dataset size. Under torchrun each rank takes a share of the videos
+and writes its own parts; rank 0 consolidates them into one file (see abawfeat/cache.py for why this survives
 ``kill -9``).
 """
 
@@ -19,101 +22,41 @@ import dataclasses
 import hashlib
 import math
 import os
-import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from abawfeat.cache import (
-    FEATURE_DTYPES,
     CacheWriter,
     acquire_lock,
-    default_cache_path,
     make_provenance,
-    parts_dir,
     release_lock,
 )
-from abawfeat.errors import CacheError, ConfigError, DataError, DiskFullError
+from abawfeat.errors import CacheError, ConfigError, DataError
+from abawfeat.stage_one import (
+    ExtractConfig,
+    ExtractResult,
+    agree,
+    balance_videos,
+    disk_full_error,
+    open_dataset,
+    prepare_encoder,
+    resolve_output,
+    select_videos,
+    validate_config,
+    write_cache,
+)
 from abawfeat.utils.configs import to_dict
-from abawfeat.utils.device import PRECISIONS
+from abawfeat.utils.io import is_disk_full
 
 if TYPE_CHECKING:
     import torch
 
     from abawfeat.data.affwild2 import AffWild2
     from abawfeat.encoders.base import Encoder
-
-R = TypeVar("R")
-
-
-@dataclass
-class ExtractConfig:
-    """Everything one extraction needs; saved (as ``extract_config``) in the cache's provenance."""
-
-    backbone: str  # registered encoder name: ddamfn, clip, ...
-    data: Path  # Aff-Wild2 root; its folder name names the dataset in the default output path
-    out: Path | None = None  # default: cache/<dataset name>/<backbone>.h5
-    weights: str | None = None  # a path or a published name; None = the encoder's default
-    random_init: bool = False  # no weights: seeded init (+ calibration where the encoder declares it)
-    # The encoder's own options (``--encoder-opt key=value``): fields of its config dataclass, as values or
-    # as text typed by the field's type (``abawfeat encoders`` lists them), e.g. {"clip_model": "ViT-B-16"}.
-    encoder_options: dict[str, Any] = field(default_factory=dict)
-    precision: str = "fp32"  # compute precision; bf16 is ~2x fp32's speed on CPUs with AVX-512 BF16
-    # Frames per forward pass, filled across video boundaries. None = 32 on CPU, where DDAMFN's activations
-    # then stay in cache (compiled fp32 forward: 3.1x the naive baseline at batch 32 against 2.2x at 64, in
-    # one exploratory run; benchmarks/extract.py measures the default end to end), 128 on a GPU.
-    batch_size: int | None = None
-    workers: int = 2  # DataLoader processes decoding JPEGs; 0 decodes in the main process
-    device: str = "auto"  # auto | cpu | cuda[:N]
-    videos: tuple[str, ...] = ()  # only these videos (default: every video with crops)
-    dtype: str = "float16"  # stored feature dtype; float16 halves the cache with ~5e-4 relative error
-    # torch.compile the encoder (inductor, weights frozen into the graph): DDAMFN runs ~3x (fp32) to ~5.4x
-    # (bf16) the naive eager speed on CPU, end to end (benchmarks/extract.py), after a one-off 30-60 s
-    # compile. None = auto: on for encoders that gain from it (``Encoder.compile_by_default``) when the
-    # videos asked for hold at least AUTO_COMPILE_MIN_FRAMES crops, where the compile pays for itself. The
-    # decision depends on the videos asked for, not on what is left to do, so a resumed run computes exactly
-    # as the run it continues.
-    compile: bool | None = None
-    seed: int = 0  # random-init weights are drawn from this seed
-    calibration_frames: int = 256  # random-init: frames (spread over the whole dataset) for BN statistics
-    progress: bool = True  # show the rich progress bar (rank 0 only)
-
-
-@dataclass
-class ExtractResult:
-    """What one run did (``format_summary`` turns it into the closing summary)."""
-
-    out: Path
-    backbone: str
-    videos_total: int  # videos asked for
-    videos_done: int  # extracted in this run (all ranks)
-    videos_skipped: int  # already complete in the cache
-    frames: int  # frames written in this run
-    bad_frames: dict[str, list[tuple[int, str]]] = field(default_factory=dict)  # video -> (frame, reason)
-    seconds: float = 0.0  # the streaming loop (decode, encode, write), this rank
-    warmup_frames: int = 0  # frames of the first batch, which also pays for worker start-up and compiling
-    warmup_seconds: float = 0.0
-    file_size: int = 0
-    random_init: bool = False
-    compiled: bool = False  # the encoder ran under torch.compile (and did not fall back to eager)
-
-    @property
-    def frames_per_second(self) -> float:
-        return self.frames / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def steady_frames_per_second(self) -> float:
-        """Throughput after the first batch: what a long extraction runs at, compile time amortised."""
-        seconds = self.seconds - self.warmup_seconds
-        return (self.frames - self.warmup_frames) / seconds if seconds > 0 else 0.0
-
-    @property
-    def n_bad_frames(self) -> int:
-        return sum(len(v) for v in self.bad_frames.values())
 
 
 # Below this many crops an eager run finishes before torch.compile would have paid for itself (DDAMFN: ~40 s
@@ -126,36 +69,6 @@ def resolve_compile(config: ExtractConfig, encoder: Encoder, n_frames: int) -> b
     if config.compile is not None:
         return config.compile
     return bool(encoder.compile_by_default) and n_frames >= AUTO_COMPILE_MIN_FRAMES
-
-
-def encoder_options(config: ExtractConfig) -> dict[str, Any]:
-    """Keyword options for ``build_encoder``: the generic choices and the encoder's own options, only those
-    the user set (each encoder keeps its defaults); see ``abawfeat.encoders.encoder_options``."""
-    from abawfeat.encoders import encoder_options as options_for
-
-    return options_for(config.backbone, weights=config.weights, random_init=config.random_init,
-                       seed=config.seed, options=config.encoder_options)
-
-
-def validate_config(config: ExtractConfig) -> None:
-    if config.batch_size is not None and config.batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, not {config.batch_size}")
-    if config.workers < 0:
-        raise ConfigError(f"--workers must be 0 or more, not {config.workers}")
-    if config.dtype not in FEATURE_DTYPES:
-        raise ConfigError(f"--dtype {config.dtype!r}: use one of {', '.join(FEATURE_DTYPES)}")
-    if config.precision not in PRECISIONS:
-        raise ConfigError(f"--precision {config.precision!r}: use one of {', '.join(PRECISIONS)}")
-    if config.random_init and config.weights is not None:
-        raise ConfigError("--random-init and --weights exclude each other")
-    if not isinstance(config.encoder_options, dict):
-        raise ConfigError("encoder_options must be a dict of the encoder's options")
-    if config.calibration_frames < 1:
-        raise ConfigError(f"calibration_frames must be at least 1, not {config.calibration_frames}")
-
-
-def resolve_output(config: ExtractConfig, dataset_name: str) -> Path:
-    return Path(config.out) if config.out is not None else default_cache_path(dataset_name, config.backbone)
 
 
 # ------------------------------------------------------------------------------------------ the stage-one run
@@ -203,9 +116,9 @@ def run_extraction(config: ExtractConfig, encoder: Encoder | None = None) -> Ext
         except CacheError as exc:  # another extraction holds it
             refused = exc
         except OSError as exc:  # a full disk (the pid hint), a folder that cannot be written...
-            refused = _disk_full(exc, out, None) if _is_disk_full(exc) else CacheError(
+            refused = disk_full_error(exc, out, None) if is_disk_full(exc) else CacheError(
                 f"{out}: cannot lock the cache ({exc.strerror or exc})")
-    if not _agree(distributed, refused is None):  # every rank stops at once when rank 0 was refused
+    if not agree(distributed, refused is None):  # every rank stops at once when rank 0 was refused
         raise refused or CacheError(f"{out}: rank 0 could not lock the cache; see its message")
     try:
         result = run_locked(config, dataset, out, lock, encoder, info, distributed, device)
@@ -273,23 +186,6 @@ def _modality(config: ExtractConfig, encoder: Encoder | None) -> str:
     return str((encoder if encoder is not None else ENCODERS.get(config.backbone)).modality)
 
 
-def _is_disk_full(exc: BaseException) -> bool:
-    from abawfeat.utils.io import is_disk_full
-
-    return is_disk_full(exc)
-
-
-def _disk_full(exc: BaseException, out: Path, kept: int | None) -> DiskFullError:
-    """One line for a full disk during extraction: the file being written, and what is kept (``kept``
-    complete videos; None before this run could look at the cache, which it then left as it was)."""
-    where = getattr(exc, "path", None) or getattr(exc, "filename", None) or out
-    where_kept = f"({out} and {parts_dir(out)})"
-    what = f"the cache as it was {where_kept}" if kept is None else (
-        f"the {kept} complete videos already in the cache {where_kept}")
-    return DiskFullError(f"{where}: no space left on the device while writing it; kept: {what}; free some "
-                         "space and re-run the same command to resume", where)
-
-
 def _extract_videos(
     config: ExtractConfig,
     dataset: AffWild2,
@@ -305,7 +201,7 @@ def _extract_videos(
 
     # Every rank must see the same "done" set before any rank writes, or the shares would differ.
     done = writer.done_videos()
-    _agree(distributed, True)
+    agree(distributed, True)
     pending = [v for v in selected if v not in done]
     frames_of = {v: np.asarray(dataset.crop_frames(v), dtype=np.int32) for v in pending}
     mine = balance_videos(pending, [len(frames_of[v]) for v in pending], info.rank, info.world_size)
@@ -639,40 +535,6 @@ def collate_crops(items: list[tuple[int, Any, str]]) -> tuple[np.ndarray, Any, l
 # ----------------------------------------------------------------------------------------- helpers (public)
 
 
-def open_dataset(root: str | Path) -> AffWild2:
-    from abawfeat.data.affwild2 import AffWild2
-
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(root, "data root does not exist or is not a folder")
-    return AffWild2(root)
-
-
-def select_videos(all_videos: Sequence[str], wanted: Sequence[str], root: str | Path) -> list[str]:
-    if not wanted:
-        return list(all_videos)
-    known = set(all_videos)
-    unknown = [v for v in wanted if v not in known]
-    if unknown:
-        raise ConfigError(f"--videos: {', '.join(unknown)} not found among the crop folders under {root}")
-    return sorted(set(wanted))
-
-
-def balance_videos(videos: Sequence[str], n_frames: Sequence[int], rank: int, world_size: int) -> list[str]:
-    """This rank's share: longest videos first, each to the least-loaded rank (ties to the lowest rank), so
-    ranks finish together even though video lengths vary from a few hundred to tens of thousands of frames.
-    Deterministic, and returned in name order."""
-    if world_size <= 1:
-        return list(videos)
-    load = [0] * world_size
-    share: list[list[str]] = [[] for _ in range(world_size)]
-    for n, video in sorted(zip(n_frames, videos, strict=True), key=lambda t: (-t[0], t[1])):
-        r = min(range(world_size), key=lambda k: (load[k], k))
-        load[r] += n
-        share[r].append(video)
-    return sorted(share[rank])
-
-
 def calibration_frames(dataset: AffWild2, videos: Sequence[str], n: int) -> list[tuple[str, int]]:
     """``n`` (video, frame) pairs at a fixed stride over all crops of the sorted videos: the same frames
     whatever ``--videos`` asks for and whatever is left to do, so resumed runs calibrate identically."""
@@ -734,80 +596,6 @@ def format_summary(result: ExtractResult, max_bad: int = 20) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------- helpers (private)
-
-
-def _try_enter(writer: CacheWriter) -> Exception | None:
-    try:
-        writer.__enter__()
-        return None
-    except Exception as exc:
-        return exc
-
-
-def prepare_encoder(
-    config: ExtractConfig, encoder: Encoder | None, info: Any, random_note: str = ""
-) -> Encoder:
-    """The run's encoder in eval mode: the caller's, or built from the config, seeded so that a resumed run
-    (or another rank) builds the very same one. A random-init run says so loudly first (``random_note``:
-    what the run then does to the random network, e.g. calibration)."""
-    from abawfeat.utils.device import seed_everything
-    from abawfeat.utils.progress import loud_warning
-
-    if config.random_init and info.is_main:
-        loud_warning(
-            f"--random-init: {config.backbone} gets RANDOM weights (seed {config.seed})"
-            f"{', ' + random_note if random_note else ''}. Its features mean nothing about affect; use it "
-            "for demos and tests only. This is recorded in the cache's provenance."
-        )
-    if encoder is None:
-        from abawfeat.encoders import build_encoder
-
-        seed_everything(config.seed)
-        encoder = build_encoder(config.backbone, **encoder_options(config))
-    return encoder.eval()
-
-
-def write_cache(writer: CacheWriter, info: Any, distributed: bool, fill: Callable[[], R]) -> R:
-    """Open ``writer`` on every rank, run ``fill`` (the extraction loop) and close it: Ctrl-C consolidates
-    the completed videos, other errors keep them as parts, and a full disk is one line saying what is kept."""
-    try:
-        _enter_writer(writer, info, distributed)
-        try:
-            result = fill()
-        except BaseException:
-            writer.__exit__(*sys.exc_info())
-            raise
-        writer.__exit__(None, None, None)
-    except (DiskFullError, OSError) as exc:
-        if isinstance(exc, DiskFullError) or _is_disk_full(exc):
-            raise _disk_full(exc, writer.path, len(writer.done_videos())) from None
-        raise
-    return result
-
-
-def _enter_writer(writer: CacheWriter, info: Any, distributed: bool) -> None:
-    """Open the writer on every rank, rank 0 (lock, checks, parts folder) first; raise on any failure."""
-    error = _try_enter(writer) if info.is_main else None
-    if not _agree(distributed, error is None):
-        raise error or CacheError(f"{writer.path}: rank 0 could not open the cache; see its message")
-    if not info.is_main:
-        error = _try_enter(writer)
-    if not _agree(distributed, error is None):
-        if error is None:
-            writer.__exit__(CacheError, None, None)  # release the lock, keep what exists
-        raise error or CacheError(f"{writer.path}: another rank could not open the cache; see its message")
-
-
-def _agree(distributed: bool, ok: bool) -> bool:
-    """True when every rank reports ok (a barrier that also carries failure); trivially ``ok`` alone."""
-    if not distributed:
-        return ok
-    import torch
-    import torch.distributed as tdist
-
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
-    tdist.all_reduce(flag, op=tdist.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 def _broadcast_state(module: Any) -> None:

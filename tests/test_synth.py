@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from abawfeat.cli import app
 from abawfeat.constants import AU_NAMES, EXPR_CLASSES, SPLIT_DIRS
-from abawfeat.data import synth
+from abawfeat.data import names, synth
 from abawfeat.data.synth import (
     ANNOTATIONS_DIR,
     CROP_DIRS,
@@ -259,9 +259,9 @@ def planned() -> list[synth.VideoPlan]:
 
 
 def test_video_fps_comes_from_the_name() -> None:
-    assert synth.video_fps("12-30-1280x720") == 30
-    assert synth.video_fps("7-60-640x360_left") == 60
-    assert synth.video_fps("video47") == 30
+    assert names.video_fps("12-30-1280x720") == 30
+    assert names.video_fps("7-60-640x360_left") == 60
+    assert names.video_fps("video47") == 30
 
 
 def test_au_labels_are_events_of_half_a_second_to_seconds(planned: list[synth.VideoPlan]) -> None:

@@ -31,7 +31,7 @@ from abawfeat.audio.stream import FrameGeometry, WindowPooler, encode_stream, wi
 from abawfeat.cache import CacheWriter, make_provenance
 from abawfeat.data.sources import SourceIndex, find_source_videos
 from abawfeat.errors import ConfigError, DataError
-from abawfeat.extract import ExtractConfig, ExtractResult
+from abawfeat.stage_one import ExtractConfig, ExtractResult
 from abawfeat.utils.configs import to_dict
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ def run_audio_locked(config: ExtractConfig, dataset: AffWild2, out: Path, lock: 
                      device: torch.device) -> AudioExtractResult:
     """The audio run once rank 0 holds the cache lock (abawfeat/extract.py ``run_extraction`` takes it):
     source videos, encoder, provenance, writer, loop."""
-    from abawfeat.extract import prepare_encoder, select_videos, write_cache
+    from abawfeat.stage_one import prepare_encoder, select_videos, write_cache
     from abawfeat.utils.progress import warn
 
     # 2. Dataset, and the source videos that carry the audio.
@@ -172,12 +172,12 @@ def _extract(
 ) -> AudioExtractResult:
     import torch
 
-    from abawfeat.extract import _agree, balance_videos
+    from abawfeat.stage_one import agree, balance_videos
     from abawfeat.utils.device import autocast
     from abawfeat.utils.progress import make_progress
 
     done = writer.done_videos()
-    _agree(distributed, True)  # every rank sees the same "done" set before any writes
+    agree(distributed, True)  # every rank sees the same "done" set before any writes
     pending = [v for v in selected if v not in done]
     # One unit of work per source file: the halves of a pair share it. Videos without a file are units alone.
     groups: dict[str, list[str]] = {}

@@ -1,9 +1,11 @@
 """The stage-two options, declared once: ``train-head``, ``cv`` and ``finetune`` take them (Annotated
 types; each command lists the ones it takes), and ``train_config`` turns their values into a
-``TrainConfig`` (imported lazily, so that ``--help`` never loads torch)."""
+``TrainConfig`` (imported lazily, so that ``--help`` never loads torch); ``print_metrics`` shows a run's
+metrics."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -80,3 +82,42 @@ def require(unless: str = "", **values: Any) -> None:
     missing = [f"--{name.replace('_', '-')}" for name, value in values.items() if value is None]
     if missing:
         raise ConfigError(f"{', '.join(missing)} required" + (f" (unless {unless})" if unless else ""))
+
+
+def print_metrics(metrics: dict[str, Any], title: str) -> None:
+    """A run's metrics as one table (the tasks' metrics, per-item groups, unsmoothed scores, the smoothing),
+    and the note when they were tuned on the frames they are scored on."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from abawfeat.cli._common import console, err_console
+    from abawfeat.tasks import run_task_names, single_tasks, task
+
+    main = dict.fromkeys(k for n in run_task_names() for k in task(n).metric_keys)
+    groups = [k for t in single_tasks() for k in t.per_item_keys.values()]
+    table = Table(title=Text(title), title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("task", "split", "best_epoch"):
+        if key in metrics:
+            table.add_row(key, Text(str(metrics[key])))
+    for key in main:
+        if key in metrics:
+            table.add_row(key, f"{metrics[key]:.4f}")
+    for group in groups:
+        if group in metrics:
+            values = ", ".join(f"{k} {v:.3f}" for k, v in metrics[group].items())
+            table.add_row(group, Text(values))
+    raw = metrics.get("unsmoothed") or {}
+    for key in main:
+        if key in raw:
+            table.add_row(f"{key} (unsmoothed)", f"{raw[key]:.4f}")
+    if "smoothing" in metrics:
+        table.add_row("smoothing", Text(json.dumps({k: v for k, v in metrics["smoothing"].items()
+                                                    if k != "tuned_on"})))
+    console.print(table)
+    from abawfeat.train.finish import optimistic_note
+
+    note = optimistic_note(metrics)
+    if note:
+        err_console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)

@@ -125,10 +125,9 @@ def run_finetune_command(train: Any, *, resume: Path | None, augment: bool, **op
 
 def _print_metrics(run_dir: Path) -> None:
     """Metrics of a finished run, printed once (rank 0 under torchrun)."""
-    from abawfeat.cli.train import _print_metrics as print_table
     from abawfeat.utils.dist import dist_info
 
     path = Path(run_dir) / "metrics.json"
     if dist_info().is_main and path.is_file():
         metrics = json.loads(path.read_text())
-        print_table(metrics, f"{run_dir}: validation, best epoch {metrics['best_epoch']}")
+        st.print_metrics(metrics, f"{run_dir}: validation, best epoch {metrics['best_epoch']}")

@@ -22,41 +22,6 @@ def _log(message: str) -> None:
     err_console.print(message, highlight=False, soft_wrap=True)
 
 
-def _print_metrics(metrics: dict[str, Any], title: str) -> None:
-    from rich.table import Table
-
-    from abawfeat.tasks import run_task_names, single_tasks, task
-
-    main = dict.fromkeys(k for n in run_task_names() for k in task(n).metric_keys)
-    groups = [k for t in single_tasks() for k in t.per_item_keys.values()]
-    table = Table(title=Text(title), title_justify="left")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key in ("task", "split", "best_epoch"):
-        if key in metrics:
-            table.add_row(key, Text(str(metrics[key])))
-    for key in main:
-        if key in metrics:
-            table.add_row(key, f"{metrics[key]:.4f}")
-    for group in groups:
-        if group in metrics:
-            values = ", ".join(f"{k} {v:.3f}" for k, v in metrics[group].items())
-            table.add_row(group, Text(values))
-    raw = metrics.get("unsmoothed") or {}
-    for key in main:
-        if key in raw:
-            table.add_row(f"{key} (unsmoothed)", f"{raw[key]:.4f}")
-    if "smoothing" in metrics:
-        table.add_row("smoothing", Text(json.dumps({k: v for k, v in metrics["smoothing"].items()
-                                                    if k != "tuned_on"})))
-    console.print(table)
-    from abawfeat.train.finish import optimistic_note
-
-    note = optimistic_note(metrics)
-    if note:
-        err_console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
-
-
 @app.command("train-head")
 @guarded
 def train_head(
@@ -180,7 +145,7 @@ def _finish(run_dir: Path, metrics: dict[str, Any], plots: bool) -> None:
         from abawfeat.report.plots import try_write_run_plots
 
         try_write_run_plots(run_dir, log=_log)
-    _print_metrics(metrics, f"{run_dir}: validation, best epoch {metrics['best_epoch']}")
+    st.print_metrics(metrics, f"{run_dir}: validation, best epoch {metrics['best_epoch']}")
 
 
 @app.command("cv")
@@ -240,7 +205,7 @@ def cv_command(
         for fold in result.folds:
             if not (fold / "plots").is_dir():
                 try_write_run_plots(fold, log=_log)
-    _print_metrics(result.metrics, f"{result.run_dir}: {folds}-fold cross-validation (mean over folds)")
+    st.print_metrics(result.metrics, f"{result.run_dir}: {folds}-fold cross-validation (mean over folds)")
     spread = result.metrics.get("spread") or {}
     if spread:
         console.print(Text("spread (std over folds): " + ", ".join(f"{k} {v:.4f}" for k, v in spread.items()
@@ -268,7 +233,7 @@ def ensemble_command(
     result = build_ensemble(cfg, log=_log, overwrite=overwrite)
     for t, w in result.weights.items():
         console.print(Text(f"{t} weights: " + ", ".join(f"{x:.2f}" for x in w)))
-    _print_metrics(result.metrics, f"{result.run_dir}: validation")
+    st.print_metrics(result.metrics, f"{result.run_dir}: validation")
 
 
 @app.command("evaluate")
@@ -288,7 +253,7 @@ def evaluate_command(
     if as_json:
         typer.echo(json.dumps(metrics, indent=2))
     else:
-        _print_metrics(metrics, f"{run_dir}: {split}")
+        st.print_metrics(metrics, f"{run_dir}: {split}")
 
 
 @app.command("predict")

@@ -1,5 +1,6 @@
 """The naming rules every command shares (docs/data.md, "Names"): which video names abawfeat accepts,
-which file names in a crop folder are crops, and which source video a ``_left``/``_right`` video comes from.
+which file names in a crop folder are crops, which source video a ``_left``/``_right`` video comes from, and
+the frame rate a video's name states.
 
 Both are decided here once, so that ``data summary``, ``extract``, stage two and ``predict`` can never
 disagree: the reader (``abawfeat.data.affwild2``) applies them when it lists folders, the cache writer
@@ -8,12 +9,17 @@ re-checks video names, and the submission writer's row format is what the video 
 
 from __future__ import annotations
 
+import re
+
 # Largest frame number the cache can hold (frames are int32 there and in every array of stage two).
 MAX_FRAME = 2**31 - 1
 # Files with these suffixes (any case) in a crop folder are meant as crops: each must have a crop name.
 # Anything else (Thumbs.db, desktop.ini, a .png preview, notes.txt) is ignored, as are hidden files.
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 _DIGITS = frozenset("0123456789")
+# The release's video names state the frame rate: ``<id>-<fps>-<width>x<height>`` (``12-30-1280x720``).
+_FPS_IN_NAME = re.compile(r"^\d+-(\d+)-\d+x\d+")
+DEFAULT_FPS = 30  # most of the release's videos; names like ``video47`` state no rate
 # A video named X_left or X_right is one of the two people of the release's source video X.
 PAIR_SUFFIXES: tuple[str, ...] = ("_left", "_right")
 
@@ -86,9 +92,6 @@ def video_name_problem(name: str) -> str | None:
     return None
 
 
-__all__ = ["JPEG_SUFFIXES", "MAX_FRAME", "crop_file_name", "crop_frame", "is_jpeg_name", "video_name_problem"]
-
-
 def source_video(video: str) -> str:
     """The source video a video's frames come from: ``X`` for ``X_left`` / ``X_right`` (the two people of one
     video share its scene, its audio track and often its mood), the name itself otherwise."""
@@ -96,3 +99,14 @@ def source_video(video: str) -> str:
         if video.endswith(suffix) and len(video) > len(suffix):
             return video[: -len(suffix)]
     return video
+
+
+def video_fps(name: str) -> int:
+    """The frame rate a video's name states (``12-30-1280x720`` and its ``_left``/``_right`` halves: 30), or
+    ``DEFAULT_FPS`` for a name that states none (``video47``)."""
+    m = _FPS_IN_NAME.match(name)
+    return int(m.group(1)) if m else DEFAULT_FPS
+
+
+__all__ = ["DEFAULT_FPS", "JPEG_SUFFIXES", "MAX_FRAME", "PAIR_SUFFIXES", "crop_file_name", "crop_frame",
+           "is_jpeg_name", "source_video", "video_fps", "video_name_problem"]

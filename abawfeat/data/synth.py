@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from abawfeat.constants import AU_NAMES, EXPR_CLASSES, SPLIT_DIRS, SPLITS
+from abawfeat.data.names import video_fps
 from abawfeat.errors import ConfigError
 from abawfeat.tasks import single, single_task_names, single_tasks
 from abawfeat.utils.configs import read_json, to_dict
@@ -247,17 +248,6 @@ def _smooth_noise(rng: np.random.Generator, n: int, sigma: float) -> np.ndarray:
     kernel = np.exp(-0.5 * (t / max(sigma, 1e-6)) ** 2)
     kernel /= math.sqrt(float(np.sum(kernel**2)))
     return np.convolve(x, kernel, mode="valid")[:n]
-
-
-_FPS_IN_NAME = re.compile(r"^\d+-(\d+)-\d+x\d+")
-_DEFAULT_FPS = 30  # most of the release's videos; names like ``video47`` state no rate
-
-
-def video_fps(name: str) -> int:
-    """The frame rate a synthetic video's name states (``12-30-1280x720`` and its ``_left``/``_right`` halves:
-    30), or 30 for a name that states none (``video47``). Its labels are timed at this rate."""
-    m = _FPS_IN_NAME.match(name)
-    return int(m.group(1)) if m else _DEFAULT_FPS
 
 
 def _log_normal(rng: np.random.Generator, median: float, lo: float, hi: float, sigma: float = 0.5) -> float:

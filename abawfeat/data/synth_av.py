@@ -31,8 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from abawfeat.data.names import source_video
-from abawfeat.data.synth import video_fps
+from abawfeat.data.names import source_video, video_fps
 from abawfeat.utils.io import atomic_write
 
 VIDEO_DIRS: dict[str, str] = {"cropped_aligned": "videos/batch1",
