@@ -48,7 +48,7 @@ from abawfeat.data.batches import Batch, WindowSource
 from abawfeat.data.frames import AugmentConfig, FrameSource, FrameWindows, load_frames_split
 from abawfeat.data.sequences import make_windows
 from abawfeat.encoders.base import ATTENTION_MAPS, ENCODERS, Block, Encoder, encoder_options, make_config
-from abawfeat.errors import AbawfeatError, CheckpointError, ConfigError
+from abawfeat.errors import AbawfeatError, CheckpointError, ConfigError, RunError
 from abawfeat.tasks import single, task, task_names
 from abawfeat.train.config import (
     Resolved,
@@ -63,10 +63,14 @@ from abawfeat.train.inference import Evaluation, evaluate_set
 from abawfeat.train.loop import run_epochs
 from abawfeat.train.objectives import Objective, build_objective, loss_weights
 from abawfeat.train.rundir import (
+    METRICS_FILE,
+    STATE_FILE,
+    RunDir,
     RunRecord,
     architecture_label,
     load_versioned,
     metrics_record,
+    open_run_dir,
     save_checkpoint,
     write_history,
     write_val_outputs,
@@ -78,7 +82,6 @@ from abawfeat.utils.io import torch_save, write_json
 
 SCHEDULES = ("cosine", "constant")
 DEFAULT_BACKBONE = "ddamfn"  # the encoder fine-tuned when a config names none
-STATE_FILE = "train_state.pt"
 STATE_FORMAT = "abawfeat-finetune-state"
 STATE_VERSION = 1
 # Auxiliary model output (not a task): the attention heads' maps, for the attention-diversity loss. Only
@@ -560,11 +563,12 @@ def _task_objectives(cfg: FinetuneConfig, head: nn.Module, tasks: Sequence[str],
     return {cfg.train.task: build_objective(objective_name(cfg.train), head, tasks, weights)}
 
 
-def run_finetune(cfg: FinetuneConfig, *, resume: bool = False, stop_after_epochs: int | None = None,
-                 log: Callable[[str], None] | None = None) -> Path:
+def run_finetune(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False,
+                 stop_after_epochs: int | None = None, log: Callable[[str], None] | None = None) -> Path:
     """Train an encoder + head end to end and write the run directory ``cfg.train.out``; returns it.
 
     ``resume``: continue the run in ``cfg.train.out`` from its last finished epoch (``train_state.pt``).
+    ``overwrite``: replace a run there, once the new one is complete (as ``train-head --overwrite``).
     ``stop_after_epochs``: stop after that many epochs of this invocation (a job with a time limit), to be
     continued with ``resume``. Works under torchrun (one process per device).
     """
@@ -573,10 +577,13 @@ def run_finetune(cfg: FinetuneConfig, *, resume: bool = False, stop_after_epochs
     validate_finetune(cfg)
     if stop_after_epochs is not None and stop_after_epochs < 1:
         raise ConfigError(f"stop_after_epochs must be >= 1, got {stop_after_epochs}")
+    if stop_after_epochs is not None and overwrite:
+        # The replacement is built beside the old run; stopped early, it could not be resumed by its name.
+        raise ConfigError("stop_after_epochs cannot be combined with overwrite; train into another --out")
     info = dist.dist_info()
     distributed = dist.init_process_group(info)
     try:
-        return _run(cfg, info, distributed, resume, stop_after_epochs, log)
+        return _FinetuneRun(cfg, info, distributed, log).run(resume, overwrite, stop_after_epochs)
     finally:
         if distributed:
             import torch.distributed as tdist
@@ -585,136 +592,185 @@ def run_finetune(cfg: FinetuneConfig, *, resume: bool = False, stop_after_epochs
                 tdist.destroy_process_group()
 
 
-def _run(cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool, resume: bool,
-         stop_after_epochs: int | None, log: Callable[[str], None] | None) -> Path:
-    from abawfeat.encoders import build_encoder
-    from abawfeat.extract import calibrate_encoder, open_dataset
-    from abawfeat.heads import head_to_dict
-    from abawfeat.utils.progress import loud_warning
+class _FinetuneRun:
+    """One end-to-end run. ``run`` reads in the order the run goes: the run directory, the model and data,
+    the optimisation, an interrupted run's state, the run record, the loop, the completion mark."""
 
-    def say(message: str) -> None:
-        if log is not None and info.is_main:
-            log(message)
+    def __init__(self, cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool,
+                 log: Callable[[str], None] | None) -> None:
+        self.cfg, self.tcfg = cfg, cfg.train
+        self.info, self.distributed, self.log = info, distributed, log
+        self.tasks = task_names(cfg.train.task)
+        self.select = task(cfg.train.task).select_metric
+        self.device = resolve_device(cfg.train.device)
+        self.best_record: dict[str, Any] = {}
 
-    tcfg = cfg.train
-    out = Path(tcfg.out)
-    tasks = task_names(tcfg.task)
-    select = task(tcfg.task).select_metric
-    device = resolve_device(tcfg.device)
-    state = load_state(out) if resume else None
-    if not resume and (out / STATE_FILE).exists():
-        raise ConfigError(f"{out}: holds an end-to-end run already; continue it with --resume {out} "
-                          "or choose another --out")
+    def say(self, message: str) -> None:
+        if self.log is not None and self.info.is_main:
+            self.log(message)
 
-    # -- encoder first (published weights, or seeded random init): its blocks decide whether --unfreeze-from
-    # makes sense, which is said before any data is read.
-    if cfg.random_init and info.is_main:
-        loud_warning(f"--random-init: {tcfg.backbone} starts from RANDOM weights (seed {tcfg.seed}), "
-                     "calibrated on dataset frames where it needs it; use it for demos and tests only.")
-    encoder = build_encoder(tcfg.backbone, **_encoder_options(cfg))
-    block_index([b.name for b in encoder.blocks()], cfg.unfreeze_from, tcfg.backbone)
-    weights_file = encoder.weights_filename()
-
-    # -- data: stage two's split with crops as rows; windows exactly as stage two makes them.
-    data = open_dataset(tcfg.data)
-    train_set, train_dirs = load_frames_split(data, tasks, "train")
-    val_set, val_dirs = load_frames_split(data, tasks, "val")
-    say(f"train: {len(train_set.videos)} videos, {train_set.n_rows:,} crops; "
-        f"val: {len(val_set.videos)} videos, {val_set.n_timeline:,} frames")
-
-    # -- model: the encoder (random init calibrated as `extract` does, where it needs it) + head.
-    seed_everything(tcfg.seed)
-    calibration = None
-    if cfg.random_init and encoder.needs_calibration and state is None:
-        calibration = calibrate_encoder(encoder, data, data.videos_with_crops(), cfg.calibration_frames)
-    start_provenance = dict(encoder.provenance())
-    head = build_head_for(tcfg, int(encoder.feature_dim))
-    aux = (ATTENTION_KEY,) if cfg.attention_diversity else ()
-    model = FinetuneModel(encoder, head, unfreeze_from=cfg.unfreeze_from, freeze_bn=cfg.freeze_bn,
-                          aux_outputs=aux, channels_last=cfg.channels_last).to(device)
-    res = _resolved(cfg, head, device)
-    precision = res.precision
-
-    transform = encoder.transform
-    if head.config.normalize and state is None:
-        # Stage two standardises with the training features' statistics; here those of the starting
-        # backbone on a fixed spread of training crops (all of them would cost an epoch of inference).
-        picks = _spread(train_set.n_rows, cfg.stats_frames)
-        subset = FrameWindows(train_set, train_dirs, picks[:, None], (), transform)
-        emb = embed_rows(model, subset, batch_size=cfg.eval_batch_size, device=device, precision="fp32",
-                         workers=0, info=info)
-        head.set_feature_stats(torch.from_numpy(emb.mean(axis=0)), torch.from_numpy(emb.std(axis=0)))
-
-    train_windows = make_windows(train_set.row_offsets, res.window, res.stride, keep=train_set.row_weight())
-    if len(train_windows) == 0:
-        raise ConfigError(f"{tcfg.data}: no training crop carries a {'/'.join(tasks)} label")
-    source = FrameSource(
-        FrameWindows(train_set, train_dirs, train_windows, tasks, transform, cfg.augment),
-        batch_size=res.batch_size, grad_accum=cfg.grad_accum, seed=tcfg.seed, world_size=info.world_size,
-        rank=info.rank, workers=cfg.workers, pin_memory=device.type == "cuda",
-    )
-    val_rows = FrameWindows(val_set, val_dirs, np.arange(val_set.n_rows)[:, None], (), transform)
-
-    # -- objectives (stage two's), optimiser with two learning rates, schedule, fp16 scaler.
-    weights = loss_weights(objective_name(tcfg), tcfg.class_weights, tcfg.pos_weight, train_set,
-                           tasks).to(device)
-    objective = build_objective(objective_name(tcfg), head, tasks, weights)
-    step_loss = StepLoss(_task_objectives(cfg, head, tasks, weights), tasks,
-                         cfg.diversity_weight if cfg.attention_diversity else 0.0, info.world_size)
-    backbone_params = model.backbone_parameters()
-    optimizer = torch.optim.AdamW(
-        [{"params": backbone_params, "lr": cfg.backbone_lr, "name": "backbone"},
-         {"params": list(head.parameters()), "lr": tcfg.lr, "name": "head"}],
-        weight_decay=tcfg.weight_decay,
-    )
-    total_steps = tcfg.epochs * len(source)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, cfg.warmup, cfg.schedule))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-    # -- state of an interrupted run: weights, optimiser, schedule, scaler, RNG, history, best.
-    start_epoch, history, best_value = 1, [], -math.inf
-    best_record: dict[str, Any] = {}
-    if state is not None:
+    def run(self, resume: bool, overwrite: bool, stop_after_epochs: int | None) -> Path:
+        run = self.open_run(resume, overwrite)
+        self.out = run.path
         try:
-            model.load_state_dict(state["model"])
+            state = load_state(run.path) if resume else None
+            self.build(state)
+            self.optimisation()
+            start_epoch, history, best = self.restore(state)
+            self.parallel()
+            if self.info.is_main:
+                self.write_record()
+            history = self.train(start_epoch, history, best, stop_after_epochs)
+            return self.finish(run, history)
+        except BaseException:
+            if self.info.is_main:
+                run.abandon()  # a replacement that failed is removed; the run it would replace is kept
+            raise
+
+    # -- the run directory: rank 0 decides (never destroying a complete run), every rank follows.
+    def open_run(self, resume: bool, overwrite: bool) -> RunDir:
+        out = Path(self.tcfg.out)
+        run: RunDir | None = None
+        error: AbawfeatError | None = None
+        if self.info.is_main:
+            try:
+                run = open_run_dir(out, overwrite=overwrite, resume=resume)
+            except AbawfeatError as exc:
+                error = exc
+        # Every rank learns rank 0's decision: where the run writes, or the line that refused it.
+        mine = ("refused", str(error)) if error is not None else ("path", str(run.path)) if run else None
+        kind, value = _gather_objects(mine, self.info)[0]
+        if error is not None:
+            raise error
+        if kind == "refused":
+            raise RunError(value)
+        return run or RunDir(target=out, path=Path(value), resume=resume)
+
+    # -- the encoder first (published weights, or seeded random init): its blocks decide whether
+    # --unfreeze-from makes sense, which is said before any data is read. Then the data (stage two's split
+    # with crops as rows, windows exactly as stage two makes them), the model, the head's input statistics.
+    def build(self, state: Mapping[str, Any] | None) -> None:
+        from abawfeat.encoders import build_encoder
+        from abawfeat.extract import calibrate_encoder, open_dataset
+        from abawfeat.utils.progress import loud_warning
+
+        cfg, tcfg = self.cfg, self.tcfg
+        if cfg.random_init and self.info.is_main:
+            loud_warning(f"--random-init: {tcfg.backbone} starts from RANDOM weights (seed {tcfg.seed}), "
+                         "calibrated on dataset frames where it needs it; use it for demos and tests only.")
+        encoder = build_encoder(tcfg.backbone, **_encoder_options(cfg))
+        block_index([b.name for b in encoder.blocks()], cfg.unfreeze_from, tcfg.backbone)
+        self.weights_file = encoder.weights_filename()
+
+        data = open_dataset(tcfg.data)
+        self.train_set, train_dirs = load_frames_split(data, self.tasks, "train")
+        self.val_set, val_dirs = load_frames_split(data, self.tasks, "val")
+        self.say(f"train: {len(self.train_set.videos)} videos, {self.train_set.n_rows:,} crops; "
+                 f"val: {len(self.val_set.videos)} videos, {self.val_set.n_timeline:,} frames")
+
+        seed_everything(tcfg.seed)
+        calibration = None
+        if cfg.random_init and encoder.needs_calibration and state is None:
+            calibration = calibrate_encoder(encoder, data, data.videos_with_crops(), cfg.calibration_frames)
+        self.start_provenance = dict(encoder.provenance())
+        if calibration is not None:
+            self.start_provenance["calibration"] = {"encoder": self.start_provenance.get("calibration"),
+                                                    "frames": calibration}
+        self.head = build_head_for(tcfg, int(encoder.feature_dim))
+        aux = (ATTENTION_KEY,) if cfg.attention_diversity else ()
+        self.model = FinetuneModel(encoder, self.head, unfreeze_from=cfg.unfreeze_from,
+                                   freeze_bn=cfg.freeze_bn, aux_outputs=aux,
+                                   channels_last=cfg.channels_last).to(self.device)
+        self.res = _resolved(cfg, self.head, self.device)
+        self.transform = encoder.transform
+        if self.head.config.normalize and state is None:
+            # Stage two standardises with the training features' statistics; here those of the starting
+            # backbone on a fixed spread of training crops (all of them would cost an epoch of inference).
+            picks = _spread(self.train_set.n_rows, cfg.stats_frames)
+            subset = FrameWindows(self.train_set, train_dirs, picks[:, None], (), self.transform)
+            emb = embed_rows(self.model, subset, batch_size=cfg.eval_batch_size, device=self.device,
+                             precision="fp32", workers=0, info=self.info)
+            self.head.set_feature_stats(torch.from_numpy(emb.mean(axis=0)), torch.from_numpy(emb.std(axis=0)))
+
+        windows = make_windows(self.train_set.row_offsets, self.res.window, self.res.stride,
+                               keep=self.train_set.row_weight())
+        if len(windows) == 0:
+            raise ConfigError(f"{tcfg.data}: no training crop carries a {'/'.join(self.tasks)} label")
+        self.source = FrameSource(
+            FrameWindows(self.train_set, train_dirs, windows, self.tasks, self.transform, cfg.augment),
+            batch_size=self.res.batch_size, grad_accum=cfg.grad_accum, seed=tcfg.seed,
+            world_size=self.info.world_size, rank=self.info.rank, workers=cfg.workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        self.val_rows = FrameWindows(self.val_set, val_dirs, np.arange(self.val_set.n_rows)[:, None], (),
+                                     self.transform)
+
+    # -- stage two's objectives, an optimiser with two learning rates, the schedule, the fp16 scaler.
+    def optimisation(self) -> None:
+        cfg, tcfg = self.cfg, self.tcfg
+        self.weights = loss_weights(objective_name(tcfg), tcfg.class_weights, tcfg.pos_weight, self.train_set,
+                                    self.tasks).to(self.device)
+        self.objective = build_objective(objective_name(tcfg), self.head, self.tasks, self.weights)
+        step_loss = StepLoss(_task_objectives(cfg, self.head, self.tasks, self.weights), self.tasks,
+                             cfg.diversity_weight if cfg.attention_diversity else 0.0, self.info.world_size)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": self.model.backbone_parameters(), "lr": cfg.backbone_lr, "name": "backbone"},
+             {"params": list(self.head.parameters()), "lr": tcfg.lr, "name": "head"}],
+            weight_decay=tcfg.weight_decay,
+        )
+        total_steps = tcfg.epochs * len(self.source)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(total_steps, cfg.warmup, cfg.schedule))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.res.precision == "fp16")
+        self.stepper = Stepper(self.optimizer, self.scheduler, self.scaler, step_loss, self.device,
+                               self.res.precision, tcfg.grad_clip, self.distributed)
+
+    # -- an interrupted run's state: weights, optimiser, schedule, scaler, RNG, history, best so far.
+    def restore(self, state: Mapping[str, Any] | None) -> tuple[int, list[dict[str, Any]], float]:
+        if state is None:
+            return 1, [], -math.inf
+        try:
+            self.model.load_state_dict(state["model"])
         except RuntimeError as exc:
-            raise CheckpointError(f"{out / STATE_FILE}: weights do not fit this model ({exc})") from None
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+            raise CheckpointError(f"{self.out / STATE_FILE}: weights do not fit this model ({exc})") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch = int(state["epoch"]) + 1
-        history = list(state["history"])
-        best_value = float(state["best"]["value"])
-        best_record = dict(state["best"])
-        start_provenance = dict(state.get("start_provenance", start_provenance))
+            self.scaler.load_state_dict(state["scaler"])
+        self.stepper.steps_done = int(self.scheduler.last_epoch)
+        self.best_record = dict(state["best"])
+        self.start_provenance = dict(state.get("start_provenance", self.start_provenance))
         rng = state["rng"]
-        if len(rng) == info.world_size:
-            _set_rng_state(rng[info.rank])
-        elif info.is_main:
+        if len(rng) == self.info.world_size:
+            _set_rng_state(rng[self.info.rank])
+        elif self.info.is_main:
             from abawfeat.utils.progress import warn
 
-            warn(f"{out}: resumed on {info.world_size} process(es) after {len(rng)}; the global batch and "
-                 "random streams change, so the result will differ from an uninterrupted run")
-        say(f"resuming {out} after epoch {start_epoch - 1}")
+            warn(f"{self.out}: resumed on {self.info.world_size} process(es) after {len(rng)}; the global "
+                 "batch and random streams change, so the result will differ from an uninterrupted run")
+        start_epoch = int(state["epoch"]) + 1
+        self.say(f"resuming {self.out} after epoch {start_epoch - 1}")
+        return start_epoch, list(state["history"]), float(state["best"]["value"])
 
-    ddp_model: nn.Module = model
-    if distributed:
+    def parallel(self) -> None:
+        self.ddp_model: nn.Module = self.model
+        if not self.distributed:
+            return
         from torch.nn.parallel import DistributedDataParallel
 
-        if device.type == "cuda" and cfg.sync_bn and not cfg.freeze_bn:
+        model: nn.Module = self.model
+        if self.device.type == "cuda" and self.cfg.sync_bn and not self.cfg.freeze_bn:
             # SyncBatchNorm makes train-mode statistics those of the global batch, as on one device.
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        ids = [device.index] if device.type == "cuda" else None
-        ddp_model = DistributedDataParallel(model, device_ids=ids)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.ddp_model = DistributedDataParallel(model, device_ids=ids)
 
-    # -- run directory: config first (rank 0); metrics.json, the completion mark, comes last.
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").unlink(missing_ok=True)
-        if calibration is not None:
-            start_provenance["calibration"] = {"encoder": start_provenance.get("calibration"),
-                                               "frames": calibration}
+    # -- the run record first (rank 0); metrics.json, the completion mark, comes last.
+    def write_record(self) -> None:
+        from abawfeat.heads import head_to_dict
+
+        cfg, tcfg, inner = self.cfg, self.tcfg, unwrap(self.ddp_model)
+        self.out.mkdir(parents=True, exist_ok=True)
         record = RunRecord(
             kind="finetune", task=tcfg.task, trunk=tcfg.head, objective=objective_name(tcfg),
             label=architecture_label([tcfg.backbone], tcfg.head, tcfg.task, "finetune"),
@@ -722,114 +778,119 @@ def _run(cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool, resume: bo
             # encoder's weights file, with the same --encoder-opt) makes one whose fingerprint checkpoint.pt
             # records.
             caches=[{"path": None, "encoder": tcfg.backbone,
-                     "fingerprint": best_record.get("fingerprint"), "dtype": None}],
+                     "fingerprint": self.best_record.get("fingerprint"), "dtype": None}],
             dataset={"root": str(tcfg.data), "name": dataset_name(tcfg.data)},
-            train=to_dict(tcfg), resolved=to_dict(res), head=head_to_dict(head),
-            loss_weights=weights.as_json(),
+            train=to_dict(tcfg), resolved=to_dict(self.res), head=head_to_dict(self.head),
+            loss_weights=self.weights.as_json(),
             extra={
-                "finetune": to_dict(cfg), "unfreeze_from": unwrap(ddp_model).trainable_blocks[0],
-                "backbone_start": start_provenance,
-                "blocks": {"trainable": list(unwrap(ddp_model).trainable_blocks),
-                           "frozen": list(unwrap(ddp_model).frozen_blocks)},
-                "world_size": info.world_size,
-                "global_batch": res.batch_size * cfg.grad_accum * info.world_size,
-                "published_checkpoint": weights_file if cfg.save_published else None,
+                "finetune": to_dict(cfg), "unfreeze_from": inner.trainable_blocks[0],
+                "backbone_start": self.start_provenance,
+                "blocks": {"trainable": list(inner.trainable_blocks), "frozen": list(inner.frozen_blocks)},
+                "world_size": self.info.world_size,
+                "global_batch": self.res.batch_size * cfg.grad_accum * self.info.world_size,
+                "published_checkpoint": self.weights_file if cfg.save_published else None,
             },
         )
-        record.write(out)
+        record.write(self.out)
 
-    stepper = Stepper(optimizer, scheduler, scaler, step_loss, device, precision, tcfg.grad_clip,
-                      distributed, steps_done=int(scheduler.last_epoch))
-
-    def validate(m: nn.Module) -> Evaluation:
-        inner = unwrap(m)
+    # -- stage two's loop; only the step differs (micro-batches, DDP, scaler, schedule).
+    def train(self, start_epoch: int, history: list[dict[str, Any]], best: float,
+              stop_after_epochs: int | None) -> list[dict[str, Any]]:
+        stop = None if stop_after_epochs is None else start_epoch + stop_after_epochs - 1
         try:
-            emb = embed_rows(inner, val_rows, batch_size=cfg.eval_batch_size, device=device,
-                             precision=precision, workers=cfg.workers, info=info)
+            return run_epochs(
+                self.ddp_model, self.source, self.validate, step=self.stepper, epochs=self.tcfg.epochs,
+                select=self.select, start_epoch=start_epoch, stop_epoch=stop, history=history, best=best,
+                on_best=self.on_best, on_epoch=self.on_epoch, reduce_mean=self.reduce_mean, log=self.say,
+            )
         except RuntimeError as exc:
             if not _is_out_of_memory(exc):
                 raise
-            raise ConfigError(f"out of memory on {device} embedding {cfg.eval_batch_size} validation crops "
-                              "at once: lower --eval-batch-size") from None
-        # The head is scored exactly as stage two scores a head on a cache holding these features.
-        feats = dataclasses.replace(val_set, features=emb)
-        windows = make_windows(feats.row_offsets, res.infer_window, res.infer_stride)
-        val_source = WindowSource(feats, windows, tasks, res.infer_batch_size, shuffle=False)
-        return evaluate_set(inner.head, feats, tcfg.task, val_source, device, precision, objective,
-                            fill=tcfg.fill)
+            res = self.res
+            raise ConfigError(
+                f"out of memory on {self.device} for a micro-batch of {res.batch_size} x {res.window} "
+                f"frame(s) ({res.batch_size * res.window} images of {self.transform.size}x"
+                f"{self.transform.size}): lower --batch-size, or keep the global batch with --grad-accum"
+            ) from None
 
-    def on_best(epoch: int, ev: Evaluation) -> None:
-        best_record.update(value=float(ev.metrics.get(select, math.nan)), epoch=epoch,
-                           metrics=jsonable(ev.metrics))
-        if not info.is_main:
+    def validate(self, m: nn.Module) -> Evaluation:
+        inner, res = unwrap(m), self.res
+        try:
+            emb = embed_rows(inner, self.val_rows, batch_size=self.cfg.eval_batch_size, device=self.device,
+                             precision=res.precision, workers=self.cfg.workers, info=self.info)
+        except RuntimeError as exc:
+            if not _is_out_of_memory(exc):
+                raise
+            raise ConfigError(f"out of memory on {self.device} embedding {self.cfg.eval_batch_size} "
+                              "validation crops at once: lower --eval-batch-size") from None
+        # The head is scored exactly as stage two scores a head on a cache holding these features.
+        feats = dataclasses.replace(self.val_set, features=emb)
+        windows = make_windows(feats.row_offsets, res.infer_window, res.infer_stride)
+        val_source = WindowSource(feats, windows, self.tasks, res.infer_batch_size, shuffle=False)
+        return evaluate_set(inner.head, feats, self.tcfg.task, val_source, self.device, res.precision,
+                            self.objective, fill=self.tcfg.fill)
+
+    def on_best(self, epoch: int, ev: Evaluation) -> None:
+        self.best_record.update(value=float(ev.metrics.get(self.select, math.nan)), epoch=epoch,
+                                metrics=jsonable(ev.metrics))
+        if not self.info.is_main:
             return
-        inner = unwrap(ddp_model)
+        inner, out, published = unwrap(self.ddp_model), self.out, self.cfg.save_published
         fingerprint: dict[str, Any] = {}
-        if cfg.save_published:
-            saved = inner.encoder.save_weights(out / weights_file, step=stepper.steps_done)
-            fingerprint = expected_fingerprint(cfg, saved, precision)
-        best_record["fingerprint"] = fingerprint
+        if published:
+            saved = inner.encoder.save_weights(out / self.weights_file, step=self.stepper.steps_done)
+            fingerprint = expected_fingerprint(self.cfg, saved, self.res.precision)
+        self.best_record["fingerprint"] = fingerprint
         save_checkpoint(out / "checkpoint.pt", inner.head, [fingerprint], ev.au_thresholds, epoch,
                         {"metrics": jsonable(ev.metrics), "kind": "finetune",
-                         "backbone_weights": weights_file if cfg.save_published else None})
-        write_val_outputs(out / "val_outputs.npz", val_set, ev.timeline)
+                         "backbone_weights": self.weights_file if published else None})
+        write_val_outputs(out / "val_outputs.npz", self.val_set, ev.timeline)
 
-    def on_epoch(epoch: int, rows: list[dict[str, Any]], best: float) -> None:
-        rngs = _gather_objects(_rng_state(), info)
-        if not info.is_main:
+    def on_epoch(self, epoch: int, rows: list[dict[str, Any]], best: float) -> None:
+        rngs = _gather_objects(_rng_state(), self.info)
+        if not self.info.is_main:
             return
-        write_history(out / "history.csv", rows)
-        torch_save(out / STATE_FILE, {
-            "format": STATE_FORMAT, "version": STATE_VERSION, "epoch": epoch, "steps": stepper.steps_done,
-            "model": {k: v.detach().cpu() for k, v in unwrap(ddp_model).state_dict().items()},
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None, "rng": rngs,
-            "history": rows, "best": dict(best_record, value=best), "world_size": info.world_size,
-            "start_provenance": jsonable(start_provenance), "package_version": __version__,
+        write_history(self.out / "history.csv", rows)
+        torch_save(self.out / STATE_FILE, {
+            "format": STATE_FORMAT, "version": STATE_VERSION, "epoch": epoch,
+            "steps": self.stepper.steps_done,
+            "model": {k: v.detach().cpu() for k, v in unwrap(self.ddp_model).state_dict().items()},
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None, "rng": rngs,
+            "history": rows, "best": dict(self.best_record, value=best), "world_size": self.info.world_size,
+            "start_provenance": jsonable(self.start_provenance), "package_version": __version__,
         })
 
-    def reduce_mean(value: float) -> float:
-        if not distributed:
+    def reduce_mean(self, value: float) -> float:
+        if not self.distributed:
             return value
         import torch.distributed as tdist
 
-        t = torch.tensor([value], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+        on = self.device if self.device.type == "cuda" else "cpu"
+        t = torch.tensor([value], dtype=torch.float64, device=on)
         tdist.all_reduce(t)
-        return float(t.item()) / info.world_size
+        return float(t.item()) / self.info.world_size
 
-    stop = None if stop_after_epochs is None else start_epoch + stop_after_epochs - 1
-    try:
-        # Stage two's loop; only the step differs (micro-batches, DDP, scaler, schedule).
-        history = run_epochs(
-            ddp_model, source, validate, step=stepper, epochs=tcfg.epochs, select=select,
-            start_epoch=start_epoch, stop_epoch=stop, history=history, best=best_value, on_best=on_best,
-            on_epoch=on_epoch, reduce_mean=reduce_mean, log=say,
-        )
-    except RuntimeError as exc:
-        if not _is_out_of_memory(exc):
-            raise
-        images = res.batch_size * res.window
-        raise ConfigError(
-            f"out of memory on {device} for a micro-batch of {res.batch_size} x {res.window} frame(s) "
-            f"({images} images of {transform.size}x{transform.size}): lower --batch-size, or keep the global "
-            "batch with --grad-accum"
-        ) from None
+    # -- complete only once every epoch ran: the fingerprint into the record, then metrics.json, then the
+    # run takes its place (a replaced run goes only now).
+    def finish(self, run: RunDir, history: list[dict[str, Any]]) -> Path:
+        finished = bool(history) and int(history[-1]["epoch"]) >= self.tcfg.epochs
+        if self.info.is_main and finished:
+            if not self.best_record.get("metrics"):
+                raise ConfigError(f"{run.target}: no epoch produced a finite {self.select} (diverged?); "
+                                  "try a lower --lr / --backbone-lr")
+            record = RunRecord.read(self.out)
+            record.caches[0]["fingerprint"] = self.best_record.get("fingerprint")
+            record.write(self.out)
+            result = metrics_record(self.tcfg.task, "val", int(self.best_record["epoch"]),
+                                    self.best_record["metrics"])
+            write_json(self.out / METRICS_FILE, result)  # last: its presence marks a complete run
+            run.commit(keep_state=True)  # train_state.pt stays: the final weights, optimiser and RNG
+        if self.distributed:
+            import torch.distributed as tdist
 
-    finished = bool(history) and int(history[-1]["epoch"]) >= tcfg.epochs
-    if info.is_main and finished:
-        if not best_record.get("metrics"):
-            raise ConfigError(f"{out}: no epoch produced a finite {select} (diverged?); "
-                              "try a lower --lr / --backbone-lr")
-        record = RunRecord.read(out)
-        record.caches[0]["fingerprint"] = best_record.get("fingerprint")
-        record.write(out)
-        result = metrics_record(tcfg.task, "val", int(best_record["epoch"]), best_record["metrics"])
-        write_json(out / "metrics.json", result)  # last: its presence marks a complete run
-    if distributed:
-        import torch.distributed as tdist
-
-        tdist.barrier()
-    return out
+            tdist.barrier()
+        return run.target
 
 
 def resume_finetune(run_dir: str | Path, *, stop_after_epochs: int | None = None,

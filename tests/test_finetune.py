@@ -27,7 +27,7 @@ from abawfeat.data.frames import AugmentConfig, FrameSource, FrameWindows, epoch
 from abawfeat.data.synth import SynthConfig, generate
 from abawfeat.encoders import build_encoder, load_ddamfn_net
 from abawfeat.encoders.ddamfn import BLOCKS, DDAMFNEncoder
-from abawfeat.errors import CheckpointError, ConfigError, DataError
+from abawfeat.errors import CheckpointError, ConfigError, DataError, RunError
 from abawfeat.finetune import (
     ATTENTION_KEY,
     STATE_FILE,
@@ -239,8 +239,14 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(root: Path, tmp
     straight = run_finetune(config(root, tmp_path / "straight", **kw))
     interrupted = run_finetune(config(root, tmp_path / "resumed", **kw), stop_after_epochs=1)
     assert not (interrupted / "metrics.json").exists()
-    with pytest.raises(ConfigError, match="--resume"):
+    with pytest.raises(RunError, match="--resume"):
         run_finetune(config(root, interrupted, **kw))  # never silently restarts over a run
+    before = {f.name: f.read_bytes() for f in straight.iterdir() if f.is_file()}
+    with pytest.raises(RunError, match="complete run .*--overwrite"):
+        run_finetune(config(root, straight, **kw))  # nor over a complete one
+    assert {f.name: f.read_bytes() for f in straight.iterdir() if f.is_file()} == before
+    with pytest.raises(ConfigError, match="overwrite"):
+        run_finetune(config(root, straight, **kw), overwrite=True, stop_after_epochs=1)
     result = CliRunner().invoke(app, ["train-head", "--resume", str(interrupted)])
     assert result.exit_code == 0, result.output
     resumed = interrupted
@@ -255,6 +261,11 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(root: Path, tmp
     drop = ("seconds",)
     rows = [[{k: v for k, v in r.items() if k not in drop} for r in s["history"]] for s in (a, b)]
     assert rows[0] == rows[1]
+
+    # --overwrite: the new run (one epoch) takes the old one's place once complete, and only then.
+    replaced = run_finetune(config(root, straight, **{**kw, "epochs": 1}), overwrite=True)
+    assert replaced == straight and json.loads((straight / "config.json").read_text())["train"]["epochs"] == 1
+    assert (straight / "metrics.json").is_file() and not list(tmp_path.glob(".straight.*"))
 
 
 def test_two_processes_agree_with_one(root: Path, tmp_path: Path) -> None:

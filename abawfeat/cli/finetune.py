@@ -84,6 +84,7 @@ def finetune_command(
         64, "--eval-batch-size", help="Images per forward pass at evaluation."
     ),
     plots: st.Plots = True,
+    overwrite: st.Overwrite = False,
     resume: Path | None = typer.Option(
         None, "--resume", help="Continue this interrupted run (all options come from its config.json)."
     ),
@@ -106,11 +107,12 @@ def finetune_command(
         encoder_options=encoder_opts(encoder_opt, {}), unfreeze_from=unfreeze_from, backbone_lr=backbone_lr,
         schedule=schedule, warmup=warmup, grad_accum=grad_accum, freeze_bn=freeze_bn,
         attention_diversity=attention_diversity, diversity_weight=diversity_weight, augment=augment,
-        workers=workers, eval_batch_size=eval_batch_size,
+        workers=workers, eval_batch_size=eval_batch_size, overwrite=overwrite,
     )
 
 
-def run_finetune_command(train: Any, *, resume: Path | None, augment: bool, **options: Any) -> None:
+def run_finetune_command(train: Any, *, resume: Path | None, augment: bool, overwrite: bool = False,
+                         **options: Any) -> None:
     """Run (or, with ``resume``, continue) a fine-tuning run from parsed options and print its metrics:
     ``train`` is the stage-two TrainConfig, ``options`` the FinetuneConfig fields."""
     from abawfeat.data.frames import AugmentConfig
@@ -120,7 +122,7 @@ def run_finetune_command(train: Any, *, resume: Path | None, augment: bool, **op
         _print_metrics(resume_finetune(resume, log=_log))
         return
     config = FinetuneConfig(train=train, augment=AugmentConfig(enabled=augment), **options)
-    _print_metrics(run_finetune(config, log=_log))
+    _print_metrics(run_finetune(config, overwrite=overwrite, log=_log))
 
 
 def _print_metrics(run_dir: Path) -> None:

@@ -125,7 +125,7 @@ def train_head(
 
         options = encoder_opts(None, {"--trust-pickle": ("trust_pickle", "true" if trust_pickle else None)})
         run_finetune_command(config, resume=None, augment=augment, encoder_options=options,
-                             **finetune_options)
+                             overwrite=overwrite, **finetune_options)
         return
     defaults = {"unfreeze_from": None, "weights": None, "random_init": False, "backbone_lr": 1e-4,
                 "schedule": "cosine", "warmup": 0.05, "grad_accum": 1, "freeze_bn": False,

@@ -246,10 +246,12 @@ class RunDir:
     def staged(self) -> bool:
         return self.path != self.target
 
-    def commit(self) -> Path:
+    def commit(self, keep_state: bool = False) -> Path:
         """Make the finished run the one at ``target``: swap a staged run in, removing the one it replaces
-        only after the new one is in place; drop the resume state."""
-        (self.path / STATE_FILE).unlink(missing_ok=True)
+        only after the new one is in place; drop the resume state unless ``keep_state`` (fine-tuning keeps
+        it: the final encoder, optimiser and random state)."""
+        if not keep_state:
+            (self.path / STATE_FILE).unlink(missing_ok=True)
         if not self.staged:
             return self.target
         old = self.target.with_name(f".{self.target.name}.replaced-{os.getpid()}")
