@@ -22,7 +22,6 @@ from abawfeat.errors import ConfigError
 from abawfeat.tasks import single, task_names
 from abawfeat.train.evaluate import Inference, infer_run, weighted_average
 from abawfeat.train.finish import final_metrics, tune_decisions, write_smoothing
-from abawfeat.train.inference import score_timeline
 from abawfeat.train.rundir import (
     METRICS_FILE,
     OUTPUTS_FILE,
@@ -150,20 +149,32 @@ def average(members: Sequence[Inference], task_name: str, weights: np.ndarray) -
 def select_weights(members: Sequence[Inference], data: Any, task_name: str,
                    rounds: int = SELECTION_ROUNDS) -> np.ndarray:
     """Ensemble selection with replacement: ``rounds`` greedy steps, each adding the member whose addition
-    gives the best selection metric of ``task_name`` on validation (thresholds tuned there, as the run's
-    own). Ties go to the earlier member; weights are the counts divided by the rounds."""
+    gives the best value of the task's selection metric on validation. The metric is computed as smoothing
+    tunes it (``Task.smoothing_objective`` averaged over the task's output groups: the mean CCC, the macro
+    F1, the mean per-AU F1 at each AU's best threshold on a fine grid), which is the selection metric
+    without an exact threshold search per candidate. Ties go to the earlier member; weights are the counts
+    divided by the rounds."""
+    from abawfeat.smoothing import Smoothing
+
+    spec = single(task_name)
+    ok = np.asarray(data.valid[task_name], dtype=bool)
+    labels = np.asarray(data.labels[task_name])[ok]
+    groups = Smoothing().groups(task_name)
+
+    def value(scores: np.ndarray) -> float:
+        kept = scores[ok]
+        return float(np.mean([spec.smoothing_objective(kept[:, g], labels, g) for g in groups]))
+
     counts = np.zeros(len(members))
-    key = single(task_name).select_metric
     running = None
     for _ in range(rounds):
         best, best_value = 0, -np.inf
+        n = counts.sum() + 1
         for i, m in enumerate(members):
             candidate = m.timeline[task_name] if running is None else running + m.timeline[task_name]
-            n = counts.sum() + 1
-            metrics, _ = score_timeline(data, {task_name: candidate / n}, None, task_name)
-            value = float(metrics[key])
-            if value > best_value + 1e-12:
-                best, best_value = i, value
+            v = value(candidate / n)
+            if v > best_value + 1e-12:
+                best, best_value = i, v
         counts[best] += 1
         chosen = members[best].timeline[task_name]
         running = chosen if running is None else running + chosen

@@ -210,3 +210,29 @@ weights = "tuned"
     # Run again: every cell is complete, nothing is retrained or rebuilt.
     again = run_ablation(recipe, jobs=1)
     assert {c.status for c in again.cells} == {"skipped"}
+
+
+def test_tuned_weights_favour_the_member_that_helps() -> None:
+    # Two members on one video: a good one and one that is pure noise. Ensemble selection starts from the
+    # better member and adds the noise only where it helps the selection metric (CCC also rewards matching
+    # the labels' spread, so a step or two may).
+    from types import SimpleNamespace
+
+    from abawfeat.data.sequences import SequenceSet
+    from abawfeat.ensemble import select_weights
+
+    rng = np.random.default_rng(3)
+    n = 600
+    va = np.stack([np.sin(np.arange(n) / 30), np.cos(np.arange(n) / 45)], 1) * 0.6
+    data = SequenceSet(split="val", tasks=("va",), videos=["v"], features=np.zeros((0, 1), np.float16),
+                       row_offsets=np.zeros(2, np.int64), row_frames=np.zeros(0, np.int32),
+                       tl_offsets=np.array([0, n]), row_to_tl=np.zeros(0, np.int64),
+                       labels={"va": va}, valid={"va": np.ones(n, bool)})
+    good = SimpleNamespace(timeline={"va": va + rng.normal(0, 0.2, va.shape)})
+    noise = SimpleNamespace(timeline={"va": rng.normal(0, 0.5, va.shape)})
+    weights = select_weights([noise, good], data, "va")
+    assert weights[1] >= 0.9 and weights.sum() == pytest.approx(1.0)
+    # Two good members with independent errors: averaging them beats either, so both get weight.
+    other = SimpleNamespace(timeline={"va": va + rng.normal(0, 0.2, va.shape)})
+    weights = select_weights([good, other], data, "va")
+    assert 0.3 < weights[0] < 0.7 and weights.sum() == pytest.approx(1.0)
