@@ -14,7 +14,6 @@ trained when ``cv`` runs again; complete folds with the same settings are kept.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from abawfeat.train.rundir import (
     read_record_or_none,
     run_state,
 )
-from abawfeat.utils.configs import jsonable, to_dict
+from abawfeat.utils.configs import jsonable, read_json, to_dict
 from abawfeat.utils.io import write_json
 
 SUMMARY_FILE = "summary.json"
@@ -66,7 +65,7 @@ def run_cv(cfg: TrainConfig, folds: int, log: Callable[[str], None] | None = Non
         validate_config(f)
     if _check_out(out, fold_cfgs) and all(run_is_complete(f.out, f) for f in fold_cfgs):
         say(f"{out}: the cross-validation is complete with these settings; nothing to do")
-        metrics = json.loads((out / METRICS_FILE).read_text())
+        metrics = read_json(out / METRICS_FILE)
         return CVResult(run_dir=out, metrics=metrics, folds=[Path(f.out) for f in fold_cfgs])
     out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -80,9 +79,9 @@ def run_cv(cfg: TrainConfig, folds: int, log: Callable[[str], None] | None = Non
             fit(f, log=lambda m, name=name: say(f"{name}: {m}"), resume=resume,
                 overwrite=run_state(f.out) in ("complete", "incomplete") and not resume)
         results.append(RunRecord.read(f.out))
-    from abawfeat.train.evaluate import evaluate
-
-    fold_metrics = [evaluate(f.out, "val") for f in fold_cfgs]
+    # Each fold's own validation metrics (its held-out videos, at its best epoch, smoothed as it tunes):
+    # what `evaluate FOLD` prints, written by the fold's run.
+    fold_metrics = [read_json(Path(f.out) / METRICS_FILE) for f in fold_cfgs]
     summary = summarize_folds(fold_metrics)
     pooled, timeline = out_of_fold([f.out for f in fold_cfgs])
     thresholds, smoothing = tune_decisions(pooled, timeline, cfg.task, cfg.smooth == "auto", "out-of-fold")
