@@ -67,6 +67,8 @@ from abawfeat.train.rundir import (
     architecture_label,
     load_versioned,
     metrics_record,
+    open_run_dir,
+    run_state,
     save_checkpoint,
     write_history,
     write_val_outputs,
@@ -601,10 +603,11 @@ def _run(cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool, resume: bo
     tasks = task_names(tcfg.task)
     select = task(tcfg.task).select_metric
     device = resolve_device(tcfg.device)
+    if not resume and not (run_state(out) == "incomplete" and not (out / STATE_FILE).exists()):
+        # Before the encoder loads: never over a complete run, an interrupted one that --resume continues,
+        # a file or a folder that is not a run (one interrupted before its first epoch has nothing to keep).
+        open_run_dir(out, can_overwrite=False)
     state = load_state(out) if resume else None
-    if not resume and (out / STATE_FILE).exists():
-        raise ConfigError(f"{out}: holds an end-to-end run already; continue it with --resume {out} "
-                          "or choose another --out")
 
     # -- encoder first (published weights, or seeded random init): its blocks decide whether --unfreeze-from
     # makes sense, which is said before any data is read.
@@ -711,7 +714,6 @@ def _run(cfg: FinetuneConfig, info: dist.DistInfo, distributed: bool, resume: bo
     # -- run directory: config first (rank 0); metrics.json, the completion mark, comes last.
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").unlink(missing_ok=True)
         if calibration is not None:
             start_provenance["calibration"] = {"encoder": start_provenance.get("calibration"),
                                                "frames": calibration}

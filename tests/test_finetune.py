@@ -27,7 +27,7 @@ from abawfeat.data.frames import AugmentConfig, FrameSource, FrameWindows, epoch
 from abawfeat.data.synth import SynthConfig, generate
 from abawfeat.encoders import build_encoder, load_ddamfn_net
 from abawfeat.encoders.ddamfn import BLOCKS, DDAMFNEncoder
-from abawfeat.errors import CheckpointError, ConfigError, DataError
+from abawfeat.errors import CheckpointError, ConfigError, DataError, RunError
 from abawfeat.finetune import (
     ATTENTION_KEY,
     STATE_FILE,
@@ -239,7 +239,7 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(root: Path, tmp
     straight = run_finetune(config(root, tmp_path / "straight", **kw))
     interrupted = run_finetune(config(root, tmp_path / "resumed", **kw), stop_after_epochs=1)
     assert not (interrupted / "metrics.json").exists()
-    with pytest.raises(ConfigError, match="--resume"):
+    with pytest.raises(RunError, match="--resume"):
         run_finetune(config(root, interrupted, **kw))  # never silently restarts over a run
     result = CliRunner().invoke(app, ["train-head", "--resume", str(interrupted)])
     assert result.exit_code == 0, result.output
