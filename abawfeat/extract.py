@@ -40,6 +40,7 @@ from abawfeat.cache import (
 from abawfeat.errors import CacheError, ConfigError, DataError, DiskFullError
 from abawfeat.utils.configs import to_dict
 from abawfeat.utils.device import PRECISIONS
+from abawfeat.utils.io import file_in_the_way
 
 if TYPE_CHECKING:
     import torch
@@ -156,6 +157,21 @@ def resolve_output(config: ExtractConfig, dataset_name: str) -> Path:
     return Path(config.out) if config.out is not None else default_cache_path(dataset_name, config.backbone)
 
 
+def check_output(out: Path) -> None:
+    """Refuse, before the lock (whose file would land beside it), an output that is not a cache to create or
+    add to: a folder, a path under a file, an existing file that is not HDF5 (a checkpoint, a run's file)."""
+    import h5py
+
+    if out.is_dir():
+        raise CacheError(f"--out {out}: is a folder; --out names the cache file to write (.h5)")
+    blocker = file_in_the_way(out.parent)
+    if blocker is not None:
+        raise CacheError(f"--out {out}: {blocker} is a file, not a folder")
+    if out.is_file() and not h5py.is_hdf5(out):
+        raise CacheError(f"{out}: exists and is not an HDF5 cache; extract never writes over other files (a "
+                         "checkpoint, a run's file); choose another --out")
+
+
 # ------------------------------------------------------------------------------------------ the stage-one run
 
 
@@ -193,6 +209,7 @@ def run_extraction(config: ExtractConfig, encoder: Encoder | None = None) -> Ext
     # annotations folder; its name names the default output.)
     dataset = open_dataset(config.data)
     out = resolve_output(config, dataset.name)
+    check_output(out)
     lock: int | None = None
     refused: Exception | None = None
     if info.is_main:
