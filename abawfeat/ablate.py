@@ -45,7 +45,7 @@ from abawfeat.train.fit import RUN_ONLY_SETTINGS, fit, run_is_complete
 from abawfeat.train.objectives import OBJECTIVES
 from abawfeat.train.rundir import run_state
 from abawfeat.utils.configs import read_json, to_dict
-from abawfeat.utils.io import atomic_write, atomic_write_text
+from abawfeat.utils.io import atomic_write, atomic_write_text, file_in_the_way
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -242,11 +242,12 @@ def load_recipe(path: str | Path) -> Recipe:
         path=path, name=str(grid.get("name", path.stem)), title=str(grid.get("title", path.stem)),
         data=str(grid.get("data", "")), out=str(grid.get("out", "")), caches=dict(caches),
         defaults=defaults, task_defaults=task_defaults, rows=rows,
-        ensembles=_ensembles(path, raw.get("ensembles", []), rows),
+        ensembles=_ensembles(path, raw.get("ensembles", []), rows, defaults, task_defaults),
     )
 
 
-def _ensembles(path: Path, raw: Any, rows: list[Row]) -> list[EnsembleRow]:
+def _ensembles(path: Path, raw: Any, rows: list[Row], defaults: Mapping[str, Any] = {},
+               task_defaults: Mapping[str, Mapping[str, Any]] = {}) -> list[EnsembleRow]:
     if not isinstance(raw, list):
         raise ConfigError(f"{path}: [[ensembles]] must be a list of tables")
     out: list[EnsembleRow] = []
@@ -278,6 +279,11 @@ def _ensembles(path: Path, raw: Any, rows: list[Row]) -> list[EnsembleRow]:
         tasks = tuple(entry["tasks"])
         if not tasks or any(t not in run_task_names() for t in tasks):
             raise ConfigError(f"{where}: key 'tasks' must list tasks among {', '.join(run_task_names())}")
+        for member in members:
+            row = next(r for r in rows if r.label == member)
+            if any({**defaults, **task_defaults.get(t, {}), **row.options}.get("folds") for t in tasks):
+                raise ConfigError(f"{where}: member {member!r} is a cross-validated row (folds): it has no "
+                                  "validation scores of its own to average; name rows without folds")
         weights, smooth = str(entry.get("weights", "equal")), str(entry.get("smooth", "none"))
         if weights not in ("equal", "tuned") or smooth not in ("none", "auto"):
             raise ConfigError(f"{where}: weights is equal or tuned, smooth none or auto")
@@ -340,6 +346,11 @@ def run_ablation(
     recipe = load_recipe(recipe_path)
     cells = plan_cells(recipe, data, out)
     out_dir = Path(out or recipe.out)
+    blocker = file_in_the_way(out_dir)
+    if blocker is not None:
+        where = f"--out {out_dir}" if out else f"{recipe.path}: [grid] out {str(out_dir)!r}"
+        raise ConfigError(f"{where}: {blocker} is a file, not a folder; the grid's runs and tables go in a "
+                          "folder (choose another --out)")
     todo: list[tuple[str, Cell]] = []
     for i, cell in enumerate(cells, start=1):
         name = f"[{i}/{len(cells)}] {cell.row.label} {cell.task}"
