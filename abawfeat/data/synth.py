@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 
 from abawfeat.constants import AU_NAMES, EXPR_CLASSES, SPLIT_DIRS, SPLITS
-from abawfeat.errors import ConfigError
+from abawfeat.errors import ConfigError, DiskFullError
 from abawfeat.tasks import single, single_task_names, single_tasks
 from abawfeat.utils.configs import read_json, to_dict
-from abawfeat.utils.io import write_json
+from abawfeat.utils.io import atomic_write_bytes, is_disk_full, write_json
 
 # Folder and file names of the 8th ABAW release; the reader accepts older spellings, we write the newest.
 ANNOTATIONS_DIR = "8th_ABAW_Annotations"
@@ -897,7 +897,7 @@ def _render_video(job: dict[str, Any]) -> int:
         img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=job["jpeg_quality"])
-        (out / f"{int(k):05d}.jpg").write_bytes(buf.getvalue())
+        atomic_write_bytes(out / f"{int(k):05d}.jpg", buf.getvalue())
     return len(frames)
 
 
@@ -993,6 +993,20 @@ def generate(
     out = Path(out)
     videos = plan(cfg)
     _prepare_out(out)
+    try:
+        return _write_tree(cfg, videos, out, workers, on_progress)
+    except DiskFullError as exc:
+        raise DiskFullError(f"{exc}; the synthetic tree in {out} is incomplete: run synth again once there "
+                            "is space (it replaces an incomplete tree)", exc.path) from None
+    except OSError as exc:  # a folder that could not be made on a full device
+        if not is_disk_full(exc):
+            raise
+        raise DiskFullError(f"{out}: no space left on the device while writing the synthetic tree; it is "
+                            "incomplete: run synth again once there is space", out) from None
+
+
+def _write_tree(cfg: SynthConfig, videos: list[VideoPlan], out: Path, workers: int,
+                on_progress: Callable[[int, int], None] | None) -> dict[str, Any]:
     source_plans: list[dict[str, Any]] = []
     if cfg.videos_with_audio:
         from abawfeat.data.synth_av import plan_sources
@@ -1014,17 +1028,13 @@ def generate(
              "no_final_newline": _pick_files(rng, rels, cfg.no_final_newline_fraction)}
     crlf, no_nl = set(files["crlf"]), set(files["no_final_newline"])
     for v, task, rel in ann_files:
-        path = out / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(_annotation_text(task, v.labels[task], rel in crlf, rel not in no_nl))
-    (out / TEST_LISTS_DIR).mkdir(exist_ok=True)
-    (out / SAMPLES_DIR).mkdir(exist_ok=True)
+        atomic_write_bytes(out / rel, _annotation_text(task, v.labels[task], rel in crlf, rel not in no_nl))
     for task in single_task_names():
         tests = sorted((v for v in videos if v.split == "test" and task in v.tasks), key=lambda v: v.name)
-        (out / TEST_LISTS_DIR / single(task).test_list_file).write_bytes(
-            "".join(f"{v.name}\n" for v in tests).encode("ascii"))
-        (out / SAMPLES_DIR / SAMPLE_FILE_NAME.format(tag=single(task).sample_tag)).write_bytes(
-            _sample_text(task, tests))
+        atomic_write_bytes(out / TEST_LISTS_DIR / single(task).test_list_file,
+                           "".join(f"{v.name}\n" for v in tests).encode("ascii"))
+        atomic_write_bytes(out / SAMPLES_DIR / SAMPLE_FILE_NAME.format(tag=single(task).sample_tag),
+                           _sample_text(task, tests))
 
     jobs = [
         {"seed": cfg.seed, "index": v.index, "background": v.background, "state": v.state,
