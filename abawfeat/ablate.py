@@ -45,7 +45,7 @@ from abawfeat.train.fit import RUN_ONLY_SETTINGS, fit, run_is_complete
 from abawfeat.train.objectives import OBJECTIVES
 from abawfeat.train.rundir import run_state
 from abawfeat.utils.configs import read_json, to_dict
-from abawfeat.utils.io import atomic_write, atomic_write_text
+from abawfeat.utils.io import atomic_write, atomic_write_text, file_in_the_way
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -242,11 +242,12 @@ def load_recipe(path: str | Path) -> Recipe:
         path=path, name=str(grid.get("name", path.stem)), title=str(grid.get("title", path.stem)),
         data=str(grid.get("data", "")), out=str(grid.get("out", "")), caches=dict(caches),
         defaults=defaults, task_defaults=task_defaults, rows=rows,
-        ensembles=_ensembles(path, raw.get("ensembles", []), rows),
+        ensembles=_ensembles(path, raw.get("ensembles", []), rows, defaults, task_defaults),
     )
 
 
-def _ensembles(path: Path, raw: Any, rows: list[Row]) -> list[EnsembleRow]:
+def _ensembles(path: Path, raw: Any, rows: list[Row], defaults: Mapping[str, Any] = {},
+               task_defaults: Mapping[str, Mapping[str, Any]] = {}) -> list[EnsembleRow]:
     if not isinstance(raw, list):
         raise ConfigError(f"{path}: [[ensembles]] must be a list of tables")
     out: list[EnsembleRow] = []
@@ -278,6 +279,11 @@ def _ensembles(path: Path, raw: Any, rows: list[Row]) -> list[EnsembleRow]:
         tasks = tuple(entry["tasks"])
         if not tasks or any(t not in run_task_names() for t in tasks):
             raise ConfigError(f"{where}: key 'tasks' must list tasks among {', '.join(run_task_names())}")
+        for member in members:
+            row = next(r for r in rows if r.label == member)
+            if any({**defaults, **task_defaults.get(t, {}), **row.options}.get("folds") for t in tasks):
+                raise ConfigError(f"{where}: member {member!r} is a cross-validated row (folds): it has no "
+                                  "validation scores of its own to average; name rows without folds")
         weights, smooth = str(entry.get("weights", "equal")), str(entry.get("smooth", "none"))
         if weights not in ("equal", "tuned") or smooth not in ("none", "auto"):
             raise ConfigError(f"{where}: weights is equal or tuned, smooth none or auto")
@@ -340,6 +346,11 @@ def run_ablation(
     recipe = load_recipe(recipe_path)
     cells = plan_cells(recipe, data, out)
     out_dir = Path(out or recipe.out)
+    blocker = file_in_the_way(out_dir)
+    if blocker is not None:
+        where = f"--out {out_dir}" if out else f"{recipe.path}: [grid] out {str(out_dir)!r}"
+        raise ConfigError(f"{where}: {blocker} is a file, not a folder; the grid's runs and tables go in a "
+                          "folder (choose another --out)")
     todo: list[tuple[str, Cell]] = []
     for i, cell in enumerate(cells, start=1):
         name = f"[{i}/{len(cells)}] {cell.row.label} {cell.task}"
@@ -354,6 +365,7 @@ def run_ablation(
             say(f"{name}: would {verb} {cell.run_dir}")
         else:
             todo.append((name, cell))
+    _claim_cells(out_dir, recipe, [cell for _, cell in todo if cell.mode != "new"], dry_run)
     if jobs == 0:
         jobs = auto_jobs([cell for _, cell in todo])
         if len(todo) > 1:
@@ -369,6 +381,61 @@ def run_ablation(
     table = results_table(recipe, cells)
     files = {} if dry_run else write_results(recipe, cells, table, out_dir, say)
     return AblationResult(recipe=recipe, cells=cells, table=table, files=files)
+
+
+GRID_FILE = "grid-runs.json"  # the run directories this grid trained, relative to its out folder
+
+
+def _claim_cells(out: Path, recipe: Recipe, reused: list[Cell], dry_run: bool) -> None:
+    """Refuse, before anything trains, to retrain or rebuild a run this grid did not make (a user's own
+    ``train-head --out`` that happens to sit where a cell goes would be replaced), then record every cell's
+    folder as the grid's. ``reused``: the row cells that resume or retrain an existing run."""
+    ensembles = [Cell(row=e, task=t, config=None, out=str(out / slug(e.label) / t))
+                 for e in recipe.ensembles for t in e.tasks]
+    owned = _owned_runs(out)
+    for cell in [*reused, *ensembles]:
+        if run_state(cell.run_dir) in ("missing", "empty") or _relative(out, cell) in owned:
+            continue
+        if cell.config is not None and cell.mode == "resume":
+            continue  # an interrupted run of exactly this cell's settings: continuing it loses nothing
+        raise ConfigError(f"{cell.run_dir}: holds a run this grid did not train (it is not in "
+                          f"{out / GRID_FILE}); the grid would replace it: move it, or choose another out")
+    if dry_run:
+        return
+    from abawfeat.utils.io import write_json
+
+    planned = {_relative(out, c) for c in ensembles} | {
+        str(Path(slug(r.label)) / t) for r in recipe.rows for t in r.tasks}
+    if planned <= owned and (out / GRID_FILE).is_file():
+        return  # nothing new to record (a grid re-run to refresh its tables writes nothing here)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / GRID_FILE, {"format": "abawfeat-grid", "version": 1, "runs": sorted(owned | planned)})
+
+
+def _relative(out: Path, cell: Cell) -> str:
+    return str(cell.run_dir.relative_to(out))
+
+
+def _owned_runs(out: Path) -> set[str]:
+    """The cells a grid in ``out`` made: its GRID_FILE, or for a grid written before that file existed, the
+    run folders its results.md lists."""
+    record = out / GRID_FILE
+    if record.is_file():
+        runs = read_json(record).get("runs")
+        if not isinstance(runs, list):
+            raise ConfigError(f"{record}: 'runs' is not a list of run folders")
+        return {str(r) for r in runs}
+    legacy = out / "results.md"
+    if not legacy.is_file():
+        return set()
+    listed = re.findall(r"\| `([^`]+)` \|", legacy.read_text(encoding="utf-8", errors="replace"))
+    owned = set()
+    for path in listed:
+        try:
+            owned.add(str(Path(path).relative_to(out)))
+        except ValueError:
+            continue
+    return owned
 
 
 def _ensemble_cells(recipe: Recipe, cells: list[Cell], out: Path, say: Callable[[str], None],

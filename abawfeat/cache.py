@@ -925,7 +925,9 @@ def _open_h5(path: Path) -> Any:
         # and HDF5's own locks fail on some network filesystems.
         return h5py.File(path, "r", locking=False)
     except OSError as exc:
-        raise CacheError(f"{path}: not a readable HDF5 file ({exc})") from None
+        # h5py's message may run over several lines (a time stamp, the file descriptor): its first one.
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise CacheError(f"{path}: not a readable HDF5 file ({first})") from None
 
 
 def _write_video_group(

@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 
 from abawfeat.data.sequences import SequenceSet
-from abawfeat.errors import ConfigError
+from abawfeat.errors import ConfigError, DiskFullError
 from abawfeat.train.config import TrainConfig, validate_config
 from abawfeat.train.finish import summarize_folds, tune_decisions, write_smoothing
-from abawfeat.train.fit import fit, run_is_complete
+from abawfeat.train.fit import RUN_ONLY_SETTINGS, fit, run_is_complete
 from abawfeat.train.rundir import (
     METRICS_FILE,
     RunRecord,
@@ -34,6 +34,7 @@ from abawfeat.train.rundir import (
     metrics_record,
     open_run_dir,
     read_record_or_none,
+    run_digest,
     run_state,
 )
 from abawfeat.utils.configs import jsonable, read_json, to_dict
@@ -88,7 +89,8 @@ def run_cv(cfg: TrainConfig, folds: int, log: Callable[[str], None] | None = Non
     first = results[0]
     label = architecture_label(first.encoders, cfg.head, cfg.task, fusion=cfg.fusion)
     members = [{"path": str(Path(f.out).resolve()), "relative": os.path.relpath(f.out, out), "label": r.label,
-                "weights": {}} for f, r in zip(fold_cfgs, results, strict=True)]
+                "weights": {}, "record_sha256": run_digest(f.out)}
+               for f, r in zip(fold_cfgs, results, strict=True)]
     record = RunRecord(
         kind="cv", task=cfg.task, trunk=cfg.head, objective=first.objective,
         label=f"{label} ({folds}-fold CV)",
@@ -97,11 +99,15 @@ def run_cv(cfg: TrainConfig, folds: int, log: Callable[[str], None] | None = Non
         extra={"folds": folds, "members": members,
                "au_thresholds": None if thresholds is None else [float(x) for x in thresholds]},
     )
-    record.write(out)
-    write_smoothing(out, smoothing)
-    write_json(out / SUMMARY_FILE, jsonable({"task": cfg.task, "folds": folds, **summary}))
     result = metrics_record(cfg.task, "cv", None, summary)
-    write_json(out / METRICS_FILE, jsonable(result))  # last: it marks the cross-validation complete
+    try:
+        record.write(out)
+        write_smoothing(out, smoothing)
+        write_json(out / SUMMARY_FILE, jsonable({"task": cfg.task, "folds": folds, **summary}))
+        write_json(out / METRICS_FILE, jsonable(result))  # last: it marks the cross-validation complete
+    except DiskFullError as exc:
+        raise DiskFullError(f"{exc}; the {folds} folds are complete and kept: run the same cv again once "
+                            "there is space", exc.path) from None
     return CVResult(run_dir=out, metrics=jsonable(result), folds=[Path(f.out) for f in fold_cfgs])
 
 
@@ -128,15 +134,19 @@ def out_of_fold(folds: list[str]) -> tuple[SequenceSet, dict[str, np.ndarray]]:
 
 def _check_out(out: Path, folds: list[TrainConfig]) -> bool:
     """``out`` is new, or a cross-validation run of these settings (complete, or with folds to finish).
-    Returns whether it is a complete one."""
+    Returns whether it is a complete one. Folds already there that were trained with other settings (an
+    earlier cross-validation, interrupted before its record was written) are refused, never retrained over."""
     state = run_state(out)
     if state in ("missing", "empty"):
+        open_run_dir(out, can_overwrite=False, can_resume=False)  # refuses a path under a file
         return False
     record = read_record_or_none(out)
     if record is None or record.kind != "cv":
-        if state == "foreign" and all(p.name.startswith("fold-") for p in out.iterdir()):
+        if state == "foreign" and out.is_dir() and all(p.name.startswith("fold-") for p in out.iterdir()):
+            _check_folds(folds)
             return False  # folds of an interrupted cross-validation, before its record was written
-        open_run_dir(out)  # refuses with the one line that fits what is there
+        # cv has no --overwrite or --resume: a run of another kind is refused, naming only another --out.
+        open_run_dir(out, can_overwrite=False, can_resume=False)
         return False
     wanted = dict(to_dict(dataclasses.replace(folds[0], fold=0, out=str(out))))
     stored = dict(record.train)
@@ -145,7 +155,23 @@ def _check_out(out: Path, folds: list[TrainConfig]) -> bool:
     if differ:
         raise ConfigError(f"{out}: holds a cross-validation run with other settings ({', '.join(differ)}); "
                           "choose another --out")
+    _check_folds(folds)
     return state == "complete"
+
+
+def _check_folds(folds: list[TrainConfig]) -> None:
+    """Every fold directory already there holds a run of these settings (complete or interrupted)."""
+    for f in folds:
+        if run_state(f.out) not in ("complete", "incomplete"):
+            continue
+        record = read_record_or_none(f.out)
+        stored = dict(record.train) if record is not None else {}
+        wanted = to_dict(f)
+        differ = sorted(k for k in set(wanted) | set(stored)
+                        if k not in RUN_ONLY_SETTINGS and wanted.get(k) != stored.get(k))
+        if differ:
+            raise ConfigError(f"{f.out}: a fold trained with other settings ({', '.join(differ)}) by an "
+                              "earlier cross-validation; it is kept: choose another --out")
 
 
 __all__ = ["SUMMARY_FILE", "CVResult", "fold_dir", "run_cv"]

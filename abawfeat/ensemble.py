@@ -29,7 +29,10 @@ from abawfeat.train.rundir import (
     metrics_record,
     on_disk_full,
     open_run_dir,
+    read_record_or_none,
     require_complete,
+    run_digest,
+    run_state,
     write_val_outputs,
 )
 from abawfeat.utils.configs import jsonable, to_dict
@@ -71,7 +74,14 @@ def build_ensemble(cfg: EnsembleConfig, log: Callable[[str], None] | None = None
         raise ConfigError("--out is required: the ensemble's run directory")
     records = [require_complete(r) for r in cfg.runs]
     _check_agreement(cfg.runs, records)
-    run = open_run_dir(cfg.out, overwrite=overwrite)
+    _check_out_is_no_member(cfg.out, cfg.runs)
+    # An ensemble interrupted while it was written holds nothing that building it again would not make:
+    # the same command rebuilds it (beside it, swapped in once complete).
+    previous = read_record_or_none(cfg.out) if run_state(cfg.out) == "incomplete" else None
+    if previous is not None and previous.kind == "ensemble":
+        say(f"{cfg.out}: an interrupted ensemble; building it again")
+        overwrite = True
+    run = open_run_dir(cfg.out, overwrite=overwrite, can_resume=False)
     try:
         return on_disk_full(run, lambda: _build(cfg, records, run, say))
     except BaseException:
@@ -79,8 +89,24 @@ def build_ensemble(cfg: EnsembleConfig, log: Callable[[str], None] | None = None
         raise
 
 
+def _check_out_is_no_member(out: str, runs: Sequence[str]) -> None:
+    """``--out`` may not be a member, hold one or lie inside one (even with --overwrite: the ensemble would
+    replace what it averages, or write into a member's run)."""
+    target = Path(out).resolve()
+    for run in runs:
+        member = Path(run).resolve()
+        how = ("is" if member == target else "holds" if target in member.parents
+               else "is inside" if member in target.parents else None)
+        if how:
+            raise ConfigError(f"--out {out}: {how} {run}, a member of the ensemble; choose another --out")
+
+
 def _check_agreement(paths: Sequence[str], records: Sequence[RunRecord]) -> None:
     """The members must be runs of one task on one dataset, validated on the same videos."""
+    for path, record in zip(paths, records, strict=True):
+        if record.kind == "cv":
+            raise ConfigError(f"{path}: a cross-validation run has no validation scores of its own; "
+                              "ensemble its folds, or use it for test predictions")
     first = records[0]
     for path, record in zip(paths[1:], records[1:], strict=True):
         if record.task != first.task:
@@ -93,10 +119,6 @@ def _check_agreement(paths: Sequence[str], records: Sequence[RunRecord]) -> None
         if folds != (first.train.get("folds"), first.train.get("fold")):
             raise ConfigError(f"{path}: validated on other videos than {paths[0]} (another cross-validation "
                               "fold): an ensemble needs one validation split")
-    for path, record in zip(paths, records, strict=True):
-        if record.kind == "cv":
-            raise ConfigError(f"{path}: a cross-validation run has no validation scores of its own; "
-                              "ensemble its folds, or use it for test predictions")
 
 
 def _build(
@@ -126,7 +148,8 @@ def _build(
             "ensemble": to_dict(cfg),
             "members": [{"path": str(Path(p).resolve()), "relative": os.path.relpath(Path(p).resolve(),
                                                                                      run.target.resolve()),
-                         "label": r.label, "weights": {t: float(weights[t][i]) for t in tasks}}
+                         "label": r.label, "weights": {t: float(weights[t][i]) for t in tasks},
+                         "record_sha256": run_digest(p)}
                         for i, (p, r) in enumerate(zip(cfg.runs, records, strict=True))],
             "au_thresholds": None if thresholds is None else [float(x) for x in thresholds],
         },

@@ -41,6 +41,7 @@ from abawfeat.stage_one import (
     ExtractResult,
     agree,
     balance_videos,
+    check_output,
     disk_full_error,
     open_dataset,
     prepare_encoder,
@@ -108,6 +109,7 @@ def run_extraction(config: ExtractConfig, encoder: Encoder | None = None) -> Ext
     # annotations folder; its name names the default output.)
     dataset = open_dataset(config.data)
     out = resolve_output(config, dataset.name)
+    check_output(out)
     lock: int | None = None
     refused: Exception | None = None
     if info.is_main:

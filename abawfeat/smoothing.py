@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from abawfeat.errors import ConfigError
-from abawfeat.tasks import single
+from abawfeat.tasks import single, single_task_names
 
 FILTERS = ("mean", "median", "gaussian")
 # Windows tried when tuning, in frames (odd). Median filters cost O(window) per frame, so they stop at the
@@ -140,12 +140,33 @@ class Smoothing:
                 "holdout_videos": list(self.holdout_videos)}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Smoothing:
-        filters = {t: [Filter(d["filter"], int(d["window"])) for d in fs]
-                   for t, fs in dict(data.get("filters") or {}).items()}
-        return cls(filters=filters, au_thresholds=data.get("au_thresholds"),
-                   tuned_on=str(data.get("tuned_on", "val")),
-                   holdout_videos=list(data.get("holdout_videos", [])))
+    def from_json(cls, data: Any) -> Smoothing:
+        """The smoothing ``to_json`` wrote; ValueError saying what is wrong for anything else (a smoothing
+        silently read as none would report unsmoothed scores as the run's)."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("filters"), Mapping):
+            raise ValueError("expected a JSON object with 'filters' (per task, one filter per output group)")
+        filters: dict[str, list[Filter]] = {}
+        for t, fs in data["filters"].items():
+            if t not in single_task_names():
+                raise ValueError(f"filters for {t!r}, which is not a task")
+            groups = len(cls().groups(t))
+            if not isinstance(fs, list) or len(fs) != groups or not all(isinstance(d, Mapping) for d in fs):
+                raise ValueError(f"{t}: expected a list of {groups} filter(s), got {fs!r}")
+            try:
+                filters[t] = [Filter(str(d["filter"]), d["window"]) for d in fs]
+            except KeyError as exc:
+                raise ValueError(f"{t}: a filter without {exc}") from None
+            except ConfigError as exc:
+                raise ValueError(f"{t}: {exc}") from None
+        thresholds = data.get("au_thresholds")
+        if thresholds is not None and (not isinstance(thresholds, list) or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in thresholds)):
+            raise ValueError(f"au_thresholds: expected a list of numbers, got {thresholds!r}")
+        holdout = data.get("holdout_videos", [])
+        if not isinstance(holdout, list):
+            raise ValueError(f"holdout_videos: expected a list, got {holdout!r}")
+        return cls(filters=filters, au_thresholds=thresholds, tuned_on=str(data.get("tuned_on", "val")),
+                   holdout_videos=[str(v) for v in holdout])
 
     def describe(self) -> dict[str, Any]:
         """What metrics.json and `evaluate --json` show under ``smoothing``: per task and output group."""

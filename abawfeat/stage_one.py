@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from abawfeat.cache import FEATURE_DTYPES, CacheWriter, default_cache_path, parts_dir
 from abawfeat.errors import CacheError, ConfigError, DataError, DiskFullError
 from abawfeat.utils.device import PRECISIONS
-from abawfeat.utils.io import is_disk_full
+from abawfeat.utils.io import file_in_the_way, is_disk_full
 
 if TYPE_CHECKING:
     from abawfeat.data.affwild2 import AffWild2
@@ -118,6 +118,21 @@ def validate_config(config: ExtractConfig) -> None:
 
 def resolve_output(config: ExtractConfig, dataset_name: str) -> Path:
     return Path(config.out) if config.out is not None else default_cache_path(dataset_name, config.backbone)
+
+
+def check_output(out: Path) -> None:
+    """Refuse, before the lock (whose file would land beside it), an output that is not a cache to create or
+    add to: a folder, a path under a file, an existing file that is not HDF5 (a checkpoint, a run's file)."""
+    import h5py
+
+    if out.is_dir():
+        raise CacheError(f"--out {out}: is a folder; --out names the cache file to write (.h5)")
+    blocker = file_in_the_way(out.parent)
+    if blocker is not None:
+        raise CacheError(f"--out {out}: {blocker} is a file, not a folder")
+    if out.is_file() and not h5py.is_hdf5(out):
+        raise CacheError(f"{out}: exists and is not an HDF5 cache; extract never writes over other files (a "
+                         "checkpoint, a run's file); choose another --out")
 
 
 def disk_full_error(exc: BaseException, out: Path, kept: int | None) -> DiskFullError:
@@ -239,6 +254,6 @@ def agree(distributed: bool, ok: bool) -> bool:
     return bool(flag.item())
 
 
-__all__ = ["ExtractConfig", "ExtractResult", "agree", "balance_videos", "disk_full_error", "encoder_options",
-           "enter_writer", "open_dataset", "prepare_encoder", "resolve_output", "select_videos",
-           "validate_config", "write_cache"]
+__all__ = ["ExtractConfig", "ExtractResult", "agree", "balance_videos", "check_output", "disk_full_error",
+           "encoder_options", "enter_writer", "open_dataset", "prepare_encoder", "resolve_output",
+           "select_videos", "validate_config", "write_cache"]

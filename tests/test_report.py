@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from abawfeat.cli import app
 from abawfeat.constants import AU_NAMES, EXPR_CLASSES
-from abawfeat.errors import DataError
+from abawfeat.errors import ConfigError, DataError
 from abawfeat.reference import TABLE3_COLUMNS, load_published
 from abawfeat.report import PlotWarning, build_report, expected_plots, write_run_plots
 from abawfeat.report.html import DECIMALS
@@ -423,6 +423,24 @@ def test_build_report_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"empty/metrics\.json"):
         build_report([tmp_path / "empty"], tmp_path / "r.html")
     assert not (tmp_path / "r.html").exists()
+
+
+def test_out_replaces_an_earlier_report_and_nothing_else(tmp_path: Path) -> None:
+    run = make_run(tmp_path, "seed1", "va", "ddamfn", "lstm", 0.4, outputs=False)
+    with pytest.warns(PlotWarning):
+        first = build_report([run], tmp_path / "r.html").read_text()
+    assert '<meta name="generator" content="abawfeat ' in first
+    # A report written before the generator tag is recognised by its footer, and replaced.
+    (tmp_path / "old.html").write_text(first.replace('<meta name="generator"', '<meta name="x-old"'))
+    build_report([run], tmp_path / "old.html")
+    assert '<meta name="generator"' in (tmp_path / "old.html").read_text()
+    for name, content in (("mine.html", "<!DOCTYPE html>\n<p>my page</p>\n"), ("metrics.json", "{}\n")):
+        (tmp_path / name).write_text(content)
+        with pytest.raises(ConfigError, match=f"--out .*{name}: exists and is not an abawfeat report"):
+            build_report([run], tmp_path / name)
+        assert (tmp_path / name).read_text() == content
+    with pytest.raises(ConfigError, match="is a folder"):
+        build_report([run], tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -25,6 +25,7 @@ import io
 import math
 import os
 import re
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +35,10 @@ import numpy as np
 
 from abawfeat.constants import AU_NAMES, EXPR_CLASSES, SPLIT_DIRS, SPLITS
 from abawfeat.data.names import video_fps
-from abawfeat.errors import ConfigError
+from abawfeat.errors import ConfigError, DiskFullError
 from abawfeat.tasks import single, single_task_names, single_tasks
 from abawfeat.utils.configs import read_json, to_dict
-from abawfeat.utils.io import write_json
+from abawfeat.utils.io import atomic_write_bytes, is_disk_full, process_alive, write_json
 
 # Folder and file names of the 8th ABAW release; the reader accepts older spellings, we write the newest.
 ANNOTATIONS_DIR = "8th_ABAW_Annotations"
@@ -887,7 +888,7 @@ def _render_video(job: dict[str, Any]) -> int:
         img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=job["jpeg_quality"])
-        (out / f"{int(k):05d}.jpg").write_bytes(buf.getvalue())
+        atomic_write_bytes(out / f"{int(k):05d}.jpg", buf.getvalue())
     return len(frames)
 
 
@@ -939,13 +940,15 @@ def _untemp(name: str) -> str:
     return match.group(1) if match else name
 
 
-def _prepare_out(out: Path) -> None:
-    """Accept a new or empty directory, or replace a previous synth tree; never touch anything else."""
+def _prepare_out(out: Path) -> Path:
+    """Where the tree is written: ``out`` itself when it is new or empty; a staging folder beside it when it
+    holds a previous synth tree, which is swapped in once complete (a run that fails, on a full disk or
+    otherwise, leaves the previous tree as it was). Anything else is refused, untouched."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: --out exists and is not a directory")
     if not out.exists() or not any(out.iterdir()):
         out.mkdir(parents=True, exist_ok=True)
-        return
+        return out
     manifest_path = out / MANIFEST_NAME
     try:
         old = read_json(manifest_path) if manifest_path.is_file() else None
@@ -956,11 +959,23 @@ def _prepare_out(out: Path) -> None:
             f"{out}: --out is not empty and is not a previous synth tree (no {MANIFEST_NAME}); "
             "choose an empty or new directory"
         )
-    for path in _owned_files(out, old):
-        path.unlink()
-    for dirpath, _dirs, _files in sorted(os.walk(out, topdown=False)):
-        if Path(dirpath) != out and not any(Path(dirpath).iterdir()):
-            Path(dirpath).rmdir()
+    _owned_files(out, old)  # refuses a tree holding a file synth did not write
+    for stale in out.parent.glob(f".{out.name}.synth-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not (pid.isdigit() and process_alive(int(pid))):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = out.with_name(f".{out.name}.synth-new-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    return staging
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Put the complete new tree in place of the previous one: two renames, then the old tree goes."""
+    old = out.with_name(f".{out.name}.synth-old-{os.getpid()}")
+    os.replace(out, old)
+    os.replace(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _pick_files(rng: np.random.Generator, paths: list[str], fraction: float) -> list[str]:
@@ -982,7 +997,29 @@ def generate(
     """
     out = Path(out)
     videos = plan(cfg)
-    _prepare_out(out)
+    target = _prepare_out(out)
+    kept = (f"the previous synthetic tree in {out} is kept" if target != out else
+            f"the synthetic tree in {out} is incomplete: run synth again once there is space (it replaces "
+            "an incomplete tree)")
+    try:
+        manifest = _write_tree(cfg, videos, target, workers, on_progress)
+    except BaseException as exc:
+        if target != out:
+            shutil.rmtree(target, ignore_errors=True)
+        if isinstance(exc, DiskFullError):
+            where = str(exc).replace(str(target), str(out))
+            raise DiskFullError(f"{where}; {kept}", out) from None
+        if isinstance(exc, OSError) and is_disk_full(exc):  # a folder that could not be made
+            raise DiskFullError(f"{out}: no space left on the device while writing the synthetic tree; "
+                                f"{kept}", out) from None
+        raise
+    if target != out:
+        _swap_in(target, out)
+    return manifest
+
+
+def _write_tree(cfg: SynthConfig, videos: list[VideoPlan], out: Path, workers: int,
+                on_progress: Callable[[int, int], None] | None) -> dict[str, Any]:
     source_plans: list[dict[str, Any]] = []
     if cfg.videos_with_audio:
         from abawfeat.data.synth_av import plan_sources
@@ -1004,17 +1041,13 @@ def generate(
              "no_final_newline": _pick_files(rng, rels, cfg.no_final_newline_fraction)}
     crlf, no_nl = set(files["crlf"]), set(files["no_final_newline"])
     for v, task, rel in ann_files:
-        path = out / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(_annotation_text(task, v.labels[task], rel in crlf, rel not in no_nl))
-    (out / TEST_LISTS_DIR).mkdir(exist_ok=True)
-    (out / SAMPLES_DIR).mkdir(exist_ok=True)
+        atomic_write_bytes(out / rel, _annotation_text(task, v.labels[task], rel in crlf, rel not in no_nl))
     for task in single_task_names():
         tests = sorted((v for v in videos if v.split == "test" and task in v.tasks), key=lambda v: v.name)
-        (out / TEST_LISTS_DIR / single(task).test_list_file).write_bytes(
-            "".join(f"{v.name}\n" for v in tests).encode("ascii"))
-        (out / SAMPLES_DIR / SAMPLE_FILE_NAME.format(tag=single(task).sample_tag)).write_bytes(
-            _sample_text(task, tests))
+        atomic_write_bytes(out / TEST_LISTS_DIR / single(task).test_list_file,
+                           "".join(f"{v.name}\n" for v in tests).encode("ascii"))
+        atomic_write_bytes(out / SAMPLES_DIR / SAMPLE_FILE_NAME.format(tag=single(task).sample_tag),
+                           _sample_text(task, tests))
 
     jobs = [
         {"seed": cfg.seed, "index": v.index, "background": v.background, "state": v.state,

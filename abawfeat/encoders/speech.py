@@ -264,7 +264,8 @@ class SpeechEncoder(Encoder):
 
     def __init__(self, config: SpeechConfig) -> None:
         if config.size not in SIZES:
-            raise ConfigError(f"size {config.size!r}: use one of {', '.join(SIZES)}")
+            raise ConfigError(f"encoder {self.name!r} option size={config.size!r} (--encoder-opt): use one "
+                              f"of {', '.join(SIZES)}")
         if config.random_init and config.weights is not None:
             raise ConfigError("--random-init and --weights exclude each other")
         for name in ("chunk_s", "context_s"):

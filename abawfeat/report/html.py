@@ -24,7 +24,7 @@ from abawfeat.reference import TABLE3_COLUMNS, PublishedResult, load_published
 from abawfeat.report.plots import PLOT_CAPTIONS, PLOTS_DIR, write_run_plots
 from abawfeat.tasks import run_task_names, single_tasks, task
 from abawfeat.train.rundir import RunRecord
-from abawfeat.utils.io import atomic_write_text
+from abawfeat.utils.io import atomic_write_text, file_in_the_way
 
 DECIMALS = 3
 COLUMN_HEADERS: dict[str, str] = {
@@ -362,6 +362,12 @@ footer { margin-top: 40px; font-size: 12px; color: var(--muted); }
 """.strip()
 
 
+# How a report this module wrote is recognised, so that --out replaces an earlier report and nothing else:
+# the generator tag (in the first lines), or, in reports written before it, the closing footer.
+_GENERATOR = '<meta name="generator" content="abawfeat '
+_FOOTER = "How to read this report: docs/reports.md in the abawfeat repository."
+
+
 def render_report(runs: Sequence[Run], published: Sequence[PublishedResult], title: str) -> str:
     """The report as one HTML string (no file access except reading the runs' plot PNGs)."""
     when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -372,6 +378,7 @@ def render_report(runs: Sequence[Run], published: Sequence[PublishedResult], tit
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f'{_GENERATOR}{_e(__version__)}">',
         f"<title>{_e(title)}</title>",
         f"<style>\n{_CSS}\n</style></head><body><main>",
         f"<h1>{_e(title)}</h1>",
@@ -383,10 +390,34 @@ def render_report(runs: Sequence[Run], published: Sequence[PublishedResult], tit
         "<h2 style=\"margin-top:28px\">Runs</h2>",
         f'<ol class="index">{index}</ol>',
         *(_run_section(run) for run in runs),
-        '<footer>How to read this report: docs/reports.md in the abawfeat repository.</footer>',
+        f"<footer>{_FOOTER}</footer>",
         "</main></body></html>",
         "",
     ])
+
+
+def check_output(out: Path) -> None:
+    """Refuse an ``--out`` that would land on anything but an earlier abawfeat report: a folder, a run's
+    file, a cache, a page of the user's."""
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: is a folder; --out names the HTML file to write")
+    blocker = file_in_the_way(out.parent)
+    if blocker is not None:
+        raise ConfigError(f"--out {out}: {blocker} is a file, not a folder")
+    if out.exists() and not _is_report(out):
+        raise ConfigError(f"--out {out}: exists and is not an abawfeat report; report never writes over "
+                          "other files (a run's metrics.json, a cache, your page): choose another --out")
+
+
+def _is_report(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+            fh.seek(max(0, path.stat().st_size - 4096))
+            tail = fh.read()
+    except OSError:
+        return False
+    return head.startswith(b"<!DOCTYPE html>") and (_GENERATOR.encode() in head or _FOOTER.encode() in tail)
 
 
 def build_report(
@@ -401,6 +432,7 @@ def build_report(
     Runs without plots get them first (``write_run_plots``) unless ``make_missing_plots`` is false.
     Raises ``DataError`` naming the path for a missing run directory, a missing or invalid metrics.json.
     """
+    check_output(Path(out))
     unique: list[Path] = []
     seen: set[Path] = set()
     for run_dir in run_dirs:

@@ -7,6 +7,7 @@ timeline by the official protocol with the run's own AU thresholds.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from abawfeat.train.rundir import (
     metrics_record,
     open_caches,
     require_complete,
+    run_digest,
 )
 from abawfeat.train.splits import run_split
 from abawfeat.utils.device import resolve_device
@@ -126,15 +128,35 @@ MEMBER_KINDS = ("ensemble", "cv")
 
 def member_dirs(run_dir: str | Path, record: RunRecord) -> list[tuple[Path, dict[str, float]]]:
     """The member runs of an ensemble or cross-validation run, with their per-task weights. Paths are kept
-    relative to the run (so the folder can move), with the absolute path as a fallback."""
+    relative to the run (so the folder can move), with the absolute path as a fallback. A member that is
+    gone, or that changed since the run was built from it (retrained, replaced), is refused in one line:
+    the stored weights and thresholds were tuned on the member as it was."""
     out = []
     for m in record.extra.get("members") or []:
-        here = Path(run_dir) / str(m.get("relative", ""))
+        here = Path(os.path.normpath(Path(run_dir) / str(m.get("relative", ""))))
         path = here if m.get("relative") and here.is_dir() else Path(str(m.get("path")))
+        if not path.is_dir():
+            raise RunError(f"{run_dir}: its member {here if m.get('relative') else path} is gone (nor at "
+                           f"{m.get('path')}); {_rebuild(record.kind)}")
+        stored = m.get("record_sha256")
+        # A damaged or interrupted member is said as such (its own line) before it is compared.
+        if stored and require_complete(path) and run_digest(path) != stored:
+            raise RunError(f"{run_dir}: its member {path} changed after the {_noun(record.kind)} was built "
+                           f"(retrained or replaced); {_rebuild(record.kind)}")
         out.append((path, {str(k): float(v) for k, v in dict(m.get("weights") or {}).items()}))
     if not out:
         raise RunError(f"{Path(run_dir) / 'config.json'}: a {record.kind} run without members")
     return out
+
+
+def _noun(kind: str) -> str:
+    return "cross-validation" if kind == "cv" else kind
+
+
+def _rebuild(kind: str) -> str:
+    if kind == "cv":
+        return "run `abawfeat cv` again into a new --out"
+    return "build the ensemble again with `abawfeat ensemble ... --overwrite`"
 
 
 def infer_members(

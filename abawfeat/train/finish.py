@@ -99,12 +99,20 @@ def read_smoothing(run_dir: str | Path) -> Smoothing | None:
         return None
     import json
 
-    try:
-        return Smoothing.from_json(json.loads(path.read_text(encoding="utf-8")))
-    except (ValueError, KeyError, TypeError) as exc:
-        from abawfeat.errors import RunError
+    from abawfeat.errors import RunError
 
-        raise RunError(f"{path}: not a smoothing record ({type(exc).__name__}: {exc})") from None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise RunError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise RunError(f"{path}: not a smoothing record (not UTF-8 text)") from None
+    except ValueError as exc:
+        raise RunError(f"{path}: not a smoothing record (not valid JSON: {exc})") from None
+    try:
+        return Smoothing.from_json(data)
+    except ValueError as exc:
+        raise RunError(f"{path}: not a smoothing record ({exc})") from None
 
 
 __all__ = ["TUNE_ON", "final_metrics", "optimistic_note", "read_smoothing", "read_timeline",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -38,7 +39,7 @@ from abawfeat.errors import CheckpointError, RunError
 from abawfeat.heads import Head, head_from_dict, head_to_dict, upgrade_v1
 from abawfeat.tasks import single, task_names
 from abawfeat.utils.configs import to_dict
-from abawfeat.utils.io import atomic_write, torch_save, write_json
+from abawfeat.utils.io import atomic_write, file_in_the_way, process_alive, torch_save, write_json
 
 RUN_FORMAT = "abawfeat-run"
 RUN_VERSION = 2
@@ -214,12 +215,35 @@ def require_complete(run_dir: str | Path) -> RunRecord:
         raise RunError(f"{path}: not a run directory (no {CONFIG_FILE})")
     record = RunRecord.read(path)
     if state == "incomplete":
-        raise RunError(f"{path}: the run is incomplete (no {METRICS_FILE}: it was interrupted"
-                       f"{_last_epoch_note(path)}); continue it with `--resume {path}`, or train it again")
+        raise RunError(f"{path}: {_incomplete(record.kind, path)}")
     missing = [f for f in RUN_KINDS[record.kind] if not (path / f).is_file()]
     if missing:
         raise RunError(f"{path}: a {record.kind} run is missing {', '.join(missing)}")
     return record
+
+
+def _incomplete(kind: str, path: Path) -> str:
+    """What an interrupted run of ``kind`` is, and the command that finishes it: a head or fine-tuning run
+    resumes; an ensemble or a cross-validation is finished by running its own command again."""
+    if kind == "ensemble":
+        return (f"the ensemble is incomplete (no {METRICS_FILE}: building it was interrupted); build it "
+                f"again with `abawfeat ensemble` and the same runs, --out {path}")
+    if kind == "cv":
+        return (f"the cross-validation is incomplete (no {METRICS_FILE}: it was interrupted); run the same "
+                "`abawfeat cv` command again to finish it (complete folds are kept)")
+    return (f"the run is incomplete (no {METRICS_FILE}: it was interrupted{_last_epoch_note(path)}); "
+            f"continue it with `--resume {path}`, or train it again")
+
+
+def run_digest(run_dir: str | Path) -> str:
+    """SHA-256 of a complete run's record and metrics (config.json, metrics.json): what an ensemble or a
+    cross-validation keeps of each member, to notice a member retrained or replaced after it was built (its
+    averaged weights and tuned thresholds would no longer fit)."""
+    digest = hashlib.sha256()
+    for name in (CONFIG_FILE, METRICS_FILE):
+        digest.update((Path(run_dir) / name).read_bytes())
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 def _last_epoch_note(path: Path) -> str:
@@ -266,7 +290,8 @@ class RunDir:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
-def open_run_dir(out: str | Path, *, overwrite: bool = False, resume: bool = False) -> RunDir:
+def open_run_dir(out: str | Path, *, overwrite: bool = False, resume: bool = False,
+                 can_overwrite: bool = True, can_resume: bool = True) -> RunDir:
     """Decide where a new run writes, without ever destroying a complete run.
 
     - nothing (or an empty folder) at ``out``: the run is written there;
@@ -274,10 +299,16 @@ def open_run_dir(out: str | Path, *, overwrite: bool = False, resume: bool = Fal
       and swapped in only once complete (a run that dies leaves the old one untouched);
     - an interrupted run: ``resume`` continues it in place; ``overwrite`` starts over beside it;
       otherwise refused with a line saying both;
-    - anything else (a file, a folder that is not a run): refused.
+    - anything else (a file, a folder that is not a run, a path under a file): refused.
+
+    ``can_overwrite`` / ``can_resume``: whether the calling command has ``--overwrite`` / ``--resume``; a
+    refusal offers only the options the command has.
     """
     target = Path(out)
     state = run_state(target)
+    blocker = file_in_the_way(target) if state == "missing" else None
+    if blocker is not None:
+        raise RunError(f"{target}: {blocker} is a file, not a folder; choose another --out")
     for stale in target.parent.glob(f".{target.name}.replaced-*") if target.parent.is_dir() else []:
         if state == "missing":
             raise RunError(f"{target}: a replacement was interrupted; the previous run is in {stale}")
@@ -298,28 +329,21 @@ def open_run_dir(out: str | Path, *, overwrite: bool = False, resume: bool = Fal
     if not overwrite:
         if state == "complete":
             record = _describe(target)
-            raise RunError(f"{target}: holds a complete run{record}; pass --overwrite to replace it once the "
-                           "new run is complete, or choose another --out")
+            offer = ("pass --overwrite to replace it once the new run is complete, or " if can_overwrite
+                     else "")
+            raise RunError(f"{target}: holds a complete run{record}; {offer}choose another --out")
+        ways = (["continue it with --resume"] if can_resume else []) + (
+            ["start over with --overwrite"] if can_overwrite else ["choose another --out"])
         raise RunError(f"{target}: holds an interrupted run (no {METRICS_FILE}{_last_epoch_note(target)}); "
-                       f"continue it with --resume, or start over with --overwrite")
+                       f"{', or '.join(ways)}")
     for stale in target.parent.glob(f".{target.name}.new-*"):
         # A replacement whose process is gone (killed): nothing will ever swap it in.
         pid = stale.name.rsplit("-", 1)[-1]
-        if not (pid.isdigit() and _alive(int(pid))):
+        if not (pid.isdigit() and process_alive(int(pid))):
             shutil.rmtree(stale, ignore_errors=True)
     staging = target.with_name(f".{target.name}.new-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     return RunDir(target=target, path=staging)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _describe(path: Path) -> str:
@@ -561,6 +585,7 @@ def on_disk_full(target: RunDir, write: Callable[[], Any]) -> Any:
 
 __all__ = ["CHECKPOINT_FILE", "CONFIG_FILE", "HISTORY_FILE", "METRICS_FILE", "OUTPUTS_FILE", "RUN_KINDS",
            "STATE_FILE", "LoadedRun", "RunDir", "RunRecord", "architecture_label", "check_fingerprints",
+           "run_digest",
            "load_checkpoint", "load_run", "load_state", "load_versioned", "metrics_record", "on_disk_full",
            "open_caches", "open_run_dir", "read_record_or_none", "require_complete", "run_matches",
            "run_state", "save_checkpoint", "save_state", "write_history", "write_val_outputs"]

@@ -113,6 +113,28 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], *, durable: bo
     return path
 
 
+def file_in_the_way(path: str | Path) -> Path | None:
+    """The file (not a folder) at ``path`` or at one of its parents that would stop ``path`` from being
+    created as a folder (a run directory under ``runs/va/metrics.json``); None when there is none. Commands
+    check it before any work, so that it is one line naming the file, not an error from deep inside."""
+    for where in (Path(path), *Path(path).parents):
+        if where.exists() or where.is_symlink():
+            return None if where.is_dir() else where
+    return None
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs (one of another user's counts): a staging folder named after a
+    live process is still being written; one named after a dead process is left over from a kill."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = False) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data), durable=durable)
 
@@ -139,5 +161,5 @@ def torch_save(path: str | Path, payload: Any, *, durable: bool = True) -> Path:
     return atomic_write(path, lambda tmp: torch.save(payload, tmp), durable=durable)
 
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "fsync_path", "is_disk_full",
-           "temporary_path", "torch_save", "write_json"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "file_in_the_way", "fsync_path",
+           "is_disk_full", "process_alive", "temporary_path", "torch_save", "write_json"]

@@ -22,7 +22,23 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import DATA, KILLED, KILLED_EPOCHS, RUNS, TRAIN, FullDisk, run_cli, subprocess_env
+from .helpers import (
+    CACHE,
+    CV,
+    DATA,
+    ENS,
+    FUSED,
+    GRID,
+    KILLED,
+    KILLED_CV,
+    KILLED_EPOCHS,
+    RUNS,
+    TRAIN,
+    VA2,
+    FullDisk,
+    run_cli,
+    subprocess_env,
+)
 
 
 @pytest.fixture(scope="session")
@@ -83,10 +99,125 @@ def killed_run(world: Path) -> Path:
     return run
 
 
+@pytest.fixture(scope="session")
+def new_world(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The newer commands' world (about 15 s): a copy of the world whose synthetic tree also has its source
+    videos with sound (the same crops and labels), a wav2vec2 cache of them (``--encoder-opt size=tiny``),
+    a second VA run with tuned smoothing (``runs/va2``), an ensemble of the two VA runs (``runs/ens``), a
+    2-fold cross-validation (``runs/cv``) and a VA run on the DDAMFN and audio caches fused
+    (``runs/fused``)."""
+    import torch
+
+    from abawfeat.data.synth import SynthConfig, generate
+
+    root = tmp_path_factory.mktemp("faults-new-world") / "w"
+    shutil.copytree(world, root, symlinks=True, ignore=shutil.ignore_patterns("killed"))
+    generate(SynthConfig(videos=6, frames=10, seed=0, videos_with_audio=True), root / DATA)
+    before, threads = Path.cwd(), torch.get_num_threads()
+    os.chdir(root)
+    try:
+        steps = [
+            ["extract", "--backbone", "wav2vec2", "--random-init", "--encoder-opt", "size=tiny", "--data",
+             DATA, "--workers", "0", "--device", "cpu"],
+            ["train-head", "--task", "va", "--data", DATA, "--out", VA2, "--seed", "1", "--smooth", "auto",
+             *TRAIN],
+            ["ensemble", RUNS["va"], VA2, "--out", ENS, "--smooth", "auto"],
+            ["cv", "--folds", "2", "--task", "va", "--data", DATA, "--out", CV, *TRAIN],
+            ["train-head", "--task", "va", "--data", DATA, "--cache", CACHE, "--cache",
+             f"cache/{DATA}/wav2vec2.h5", "--out", FUSED, "--smooth", "auto", *TRAIN],
+        ]
+        for argv in steps:
+            outcome = run_cli(argv)
+            assert outcome.exit_code == 0, (argv, outcome.stdout, outcome.stderr)
+    finally:
+        os.chdir(before)
+        torch.set_num_threads(threads)
+    return root
+
+
+def _kill_when(argv: list[str], cwd: Path, done: Path, what: str) -> None:
+    """Start ``python -m abawfeat *argv`` in ``cwd`` and SIGKILL it as soon as ``done`` exists."""
+    proc = subprocess.Popen([sys.executable, "-m", "abawfeat", *argv], cwd=cwd, env=subprocess_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while not done.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                err = proc.stderr.read().decode() if proc.stderr and proc.poll() is not None else ""
+                raise AssertionError(f"{what} ended or stalled before {done} existed: {err}")
+            time.sleep(0.01)
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+# One-frame batches make an epoch of these last tens of milliseconds: a fold or a cell lasts about a second,
+# so that the kill lands after the first one and long before the second ends.
+SLOW = ("--epochs", "30", "--batch-size", "1", "--no-plots", "--threads", "1", "--device", "cpu")
+
+
+@pytest.fixture(scope="session")
+def killed_cv(new_world: Path) -> Path:
+    """``abawfeat cv --folds 2`` killed with SIGKILL once its first fold is complete (a real process, a real
+    kill): fold-0 complete, fold-1 absent or interrupted, no record of the cross-validation itself."""
+    run = new_world / KILLED_CV
+    _kill_when(["cv", "--folds", "2", "--task", "va", "--data", DATA, "--out", KILLED_CV, *SLOW], new_world,
+               run / "fold-0" / "metrics.json", "cv")
+    assert not (run / "metrics.json").exists()
+    return run
+
+
+KILLED_GRID_RECIPE = f"""[grid]
+out = "{GRID}"
+data = "{DATA}"
+[defaults]
+epochs = 30
+batch_size = 1
+plots = false
+threads = 1
+device = "cpu"
+[[rows]]
+label = "FC a"
+backbone = "ddamfn"
+head = "fc"
+tasks = ["va"]
+[[rows]]
+label = "FC b"
+backbone = "ddamfn"
+head = "fc"
+tasks = ["va"]
+lr = 0.002
+[[ensembles]]
+label = "Both"
+tasks = ["va"]
+members = ["FC a", "FC b"]
+"""
+
+
+@pytest.fixture(scope="session")
+def killed_grid(new_world: Path) -> Path:
+    """``abawfeat ablate grid.toml`` (two rows and an ensemble of them) killed with SIGKILL once its first
+    cell is complete."""
+    (new_world / "grid.toml").write_text(KILLED_GRID_RECIPE)
+    grid = new_world / GRID
+    _kill_when(["ablate", "grid.toml", "--jobs", "1"], new_world, grid / "fc-a" / "va" / "metrics.json",
+               "ablate")
+    assert not (grid / "results.md").exists()
+    return grid
+
+
 def copy_world(world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private copy of the world, made the current directory for the case."""
     root = tmp_path / "ws"
     shutil.copytree(world, root, symlinks=True)
+    # Ensembles and cross-validations also name their members by absolute path (their fallback when the
+    # relative one is gone): point those into the copy, so that a case never reaches the world's runs.
+    for record in root.rglob("config.json"):
+        text = record.read_text()
+        if f"{world}{os.sep}" in text:
+            record.write_text(text.replace(f"{world}{os.sep}", f"{root}{os.sep}"))
     monkeypatch.chdir(root)
     return root
 

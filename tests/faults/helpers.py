@@ -33,6 +33,11 @@ CACHE = f"cache/{DATA}/ddamfn.h5"
 RUNS = {"va": "runs/va", "au": "runs/au"}
 KILLED = "runs/killed"
 KILLED_EPOCHS = 150  # of the killed run: it dies after its second epoch
+# The newer commands' world (conftest.new_world): the world plus sound, an audio cache and runs of every kind.
+AUDIO_CACHE = f"cache/{DATA}/wav2vec2.h5"
+VA2, ENS, CV, FUSED = "runs/va2", "runs/ens", "runs/cv", "runs/fused"
+KILLED_CV = "runs/cvk"  # a cross-validation killed after its first fold (conftest.killed_cv)
+GRID = "grid"  # an ablation grid killed after its first cell (conftest.killed_grid), recipe grid.toml
 TRAIN = ("--epochs", "2", "--no-plots", "--threads", "1", "--device", "cpu")
 ANN = f"{DATA}/8th_ABAW_Annotations"
 CROPS = f"{DATA}/cropped_aligned"
@@ -176,11 +181,14 @@ class Case:
     fix: str | None = None
     disk_full_after: int | None = None  # simulate a full device after this many successful atomic writes
     killed: bool = False  # needs the killed run
+    fixtures: tuple[str, ...] = ()  # other session fixtures to build into the world first (killed_cv, ...)
     subprocess: bool = False
     check: Callable[[Path, Outcome], None] | None = None  # extra assertions on success
 
 
-FIELDS = {"data": DATA, "cache": CACHE, "run_va": RUNS["va"], "run_au": RUNS["au"], "killed": KILLED}
+FIELDS = {"data": DATA, "cache": CACHE, "run_va": RUNS["va"], "run_au": RUNS["au"], "killed": KILLED,
+          "audio_cache": AUDIO_CACHE, "va2": VA2, "ens": ENS, "cv": CV, "fused": FUSED,
+          "killed_cv": KILLED_CV, "grid": GRID}
 
 
 def expected_to_fail(reason: str | None) -> list[Any]:
