@@ -107,7 +107,7 @@ class SequenceSet:
         return self.features[:, sum(self.groups):] > 0.5
 
     def feature_stats(
-        self, rows: np.ndarray | None = None, chunk: int = 16384
+        self, rows: np.ndarray | None = None, chunk: int = 4096
     ) -> tuple[np.ndarray, np.ndarray]:
         """Per-dimension mean and std over ``rows`` (all rows by default), accumulated in float64 by chunk so
         no float32 copy of the whole array is ever made. Fused caches: each cache's columns over the rows

@@ -112,8 +112,10 @@ class Head(nn.Module):
             # A cache that lacks a frame contributes its training mean (0 after standardising), and its
             # availability column says so: the trunk sees the mask, never a silent zero feature.
             n = sum(groups)
-            present = x[..., n:]
-            x[..., :n].mul_(torch.repeat_interleave(present, torch.tensor(groups, device=x.device), dim=-1))
+            start = 0
+            for c, width in enumerate(groups):  # in place, group by group: no mask as wide as the features
+                x[..., start : start + width].mul_(x[..., n + c : n + c + 1])
+                start += width
         return x
 
     def represent(self, features: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -228,7 +228,10 @@ def resolve(cfg: TrainConfig, head: Head, device: Any) -> Resolved:
     heavy = temporal or head.name == "contrastive"
     precision = ("bf16" if heavy else "fp32") if cfg.precision == "auto" else cfg.precision
     batch = cfg.batch_size or DEFAULT_BATCH[temporal]
-    infer_batch = max(batch, 8192 // infer_window)
+    # Inference batches of about 8k frames at least: a temporal batch counts windows, a frame-wise one
+    # frames (its inference windows are FRAMEWISE_INFER_WINDOW frames long). Each batch makes float32
+    # copies of its rows, so counting a frame-wise batch in windows would hold 256x its rows at once.
+    infer_batch = max(batch, 8192 // infer_window) if temporal else max(batch, 8192) // infer_window
     return Resolved(
         objective=objective_name(cfg), head_name=head.name, temporal=temporal, window=window,
         stride=stride, infer_window=infer_window, infer_stride=min(infer_stride, infer_window),
