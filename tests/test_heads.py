@@ -202,3 +202,24 @@ def test_version_1_checkpoints_load_as_todays_heads(tmp_path: Path) -> None:
     torch.testing.assert_close(loaded(x, None)["au"], head.eval()(x, None)["au"], rtol=0, atol=0)
     converted, _ = upgrade_v1({"name": "contrastive", "config": {"trunk": "fc", "hidden": 0}}, {})
     assert converted["config"]["trunk_config"]["hidden"] == 512  # the paper's FC 512 default of version 1
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_transformer_cpu_attention_equals_pytorchs_kernel(causal: bool) -> None:
+    """The written-out attention used on CPU gives PyTorch's fused kernel's outputs and gradients, with a
+    causal mask or with padded keys (bidirectional windows that end early)."""
+    from torch.nn import functional as F
+
+    from abawfeat.trunks.transformer import _attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 10, 8, requires_grad=True) for _ in range(3))
+    lengths = torch.tensor([10, 6, 1])
+    keys = None if causal else (torch.arange(10)[None, :] < lengths[:, None])[:, None, None, :]
+    ours = _attention(q, k, v, keys, causal, 0.0)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=keys, is_causal=causal and keys is None)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad((ours * ref.detach()).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * ref.detach()).sum(), (q, k, v))
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)

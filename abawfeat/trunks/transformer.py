@@ -43,11 +43,30 @@ class _Block(nn.Module):
     def forward(self, x: Tensor, attn_mask: Tensor | None, causal: bool) -> Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           is_causal=causal and attn_mask is None,
-                                           dropout_p=self.p if self.training else 0.0)
+        dropout = self.p if self.training else 0.0
+        if q.is_cuda:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                               is_causal=causal and attn_mask is None, dropout_p=dropout)
+        else:
+            a = _attention(q, k, v, attn_mask, causal, dropout)
         x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, t, d)))
         return x + self.drop(self.ffn(self.norm2(x)))
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, keys: Tensor | None, causal: bool, dropout: float) -> Tensor:
+    """Attention written out (softmax in float32). On CPU, for windows of tens of frames, this is several
+    times faster to train than PyTorch's fused CPU kernel, whose backward pass dominated an epoch
+    (docs/performance.md); on CUDA the fused kernel is used."""
+    scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    if causal:
+        t = q.shape[-2]
+        scores = scores.masked_fill(~torch.ones(t, t, dtype=torch.bool, device=q.device).tril(), -math.inf)
+    if keys is not None:
+        scores = scores.masked_fill(~keys, -math.inf)
+    weights = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    if dropout:
+        weights = F.dropout(weights, dropout)
+    return weights @ v
 
 
 @TRUNKS.register("transformer")
