@@ -268,3 +268,20 @@ def test_hub_checkpoint_is_fetched_file_by_file(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setenv("ABAWFEAT_OFFLINE", "1")
     again = build_encoder("hubert", weights="me/tiny", layer=3)  # cached: no network needed
     assert again.weights_sha256 == enc.weights_sha256
+
+
+@pytest.mark.parametrize(("channels", "kernel", "stride", "bias"),
+                         [(1, 10, 5, False), (1, 10, 5, True), (6, 3, 2, False), (6, 2, 2, True)])
+def test_front_end_convolution_as_a_matrix_product_equals_conv1d(channels: int, kernel: int, stride: int,
+                                                                  bias: bool) -> None:
+    """The front end's convolutions (the first, from the waveform, and the channel-mixing ones) run as one
+    matrix product: the same outputs as torch's conv1d, channel-major like it."""
+    from abawfeat.encoders.speech import _MatmulConv1d
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(channels, 7, kernel, stride=stride, bias=bias)
+    x = torch.randn(2, channels, 203)
+    with torch.no_grad():
+        ours = _MatmulConv1d(conv)(x)
+        torch.testing.assert_close(ours, conv(x), rtol=1e-5, atol=1e-5)
+    assert ours.is_contiguous()

@@ -222,10 +222,10 @@ class _TrackGroupNorm(nn.Module):
 
 
 class _MatmulConv1d(nn.Module):
-    """A front-end convolution (512 -> 512 channels, kernel 2-3, stride 2) as one matrix product over the
-    unfolded input: the same arithmetic in another summation order (fp32: 7e-7 relative difference), and in
-    bf16 ~1.3x oneDNN's conv1d on this CPU, where these layers are most of the encoder's time. It shares the
-    convolution's parameters."""
+    """A front-end convolution (the first, 1 -> 512 channels with kernel 10 and stride 5, and the 512 -> 512
+    ones with kernel 2-3 and stride 2) as one matrix product over the unfolded input: the same arithmetic in
+    another summation order, and in bf16 faster than oneDNN's conv1d on CPU, whose output also needs a
+    layout conversion (docs/performance.md). It shares the convolution's parameters."""
 
     def __init__(self, conv: nn.Conv1d) -> None:
         super().__init__()
@@ -236,11 +236,13 @@ class _MatmulConv1d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
         kernel, stride = int(conv.kernel_size[0]), int(conv.stride[0])
-        patches = x.unfold(2, kernel, stride)  # [B, C, T', k]
-        b, c, t, _ = patches.shape
-        patches = patches.permute(0, 2, 1, 3).reshape(b, t, c * kernel)  # channel-major, as the weight
-        out = torch.nn.functional.linear(patches, conv.weight.reshape(conv.out_channels, -1), conv.bias)
-        return out.transpose(1, 2)
+        b, c, _ = x.shape
+        # [B, C, T', k] -> [B, C k, T'] (channel-major rows, as the weight's columns), so that
+        # [C_out, C k] @ [B, C k, T'] writes the output channel-major, the layout the norms after it read.
+        patches = x.unfold(2, kernel, stride).transpose(2, 3)
+        patches = patches.reshape(b, c * kernel, patches.shape[-1])
+        out = torch.matmul(conv.weight.reshape(conv.out_channels, -1), patches)
+        return out if conv.bias is None else out.add_(conv.bias[:, None].to(out.dtype))
 
 
 class SpeechEncoder(Encoder):
@@ -313,10 +315,10 @@ class SpeechEncoder(Encoder):
         self.layers = parse_layers(config.layer, config.layers, self.n_layers)
         self._model_config = _config_summary(model_config)
         self.model = _truncate(model, max(self.layers)).eval()
-        for layer in self.model.feature_extractor.conv_layers[1:]:
-            layer.conv = _MatmulConv1d(layer.conv)
         first = self.model.feature_extractor.conv_layers[0]
         self._conv0: nn.Conv1d = first.conv
+        for layer in self.model.feature_extractor.conv_layers:
+            layer.conv = _MatmulConv1d(layer.conv)
         self._group_norm: _TrackGroupNorm | None = None
         if isinstance(getattr(first, "layer_norm", None), nn.GroupNorm):
             self._group_norm = first.layer_norm = _TrackGroupNorm(first.layer_norm)
@@ -395,7 +397,10 @@ class SpeechEncoder(Encoder):
         weight = conv.weight.detach().float()
         channels = int(conv.out_channels)
         total, w1, w2 = 0, 0.0, 0.0
-        c1, c2 = np.zeros(channels, np.float64), np.zeros(channels, np.float64)
+        # The convolution is linear, so its per-channel sums follow from the input patches' sums: sum_t h_ct
+        # = w_c . sum_t p_t and sum_t h_ct^2 = w_c' (sum_t p_t p_t') w_c, with p_t the k samples of output t.
+        # A k x k moment matrix per block instead of every output of every channel.
+        s1, s2 = np.zeros(kernel, np.float64), np.zeros((kernel, kernel), np.float64)
         count = 0
         carry = np.zeros(0, np.float32)
         for block in blocks:
@@ -411,13 +416,15 @@ class SpeechEncoder(Encoder):
                 carry = buf
                 continue
             m = (len(buf) - kernel) // stride + 1
-            x = torch.from_numpy(np.ascontiguousarray(buf[: stride * (m - 1) + kernel])).to(weight.device)
-            with torch.autocast(weight.device.type, enabled=False):
-                h = torch.nn.functional.conv1d(x[None, None], weight, stride=stride)[0].double()
-            c1 += h.sum(dim=1).cpu().numpy()
-            c2 += (h * h).sum(dim=1).cpu().numpy()
+            used = buf[: stride * (m - 1) + kernel]
+            patches = np.lib.stride_tricks.sliding_window_view(used, kernel)[::stride].astype(np.float64)
+            s1 += patches.sum(axis=0)
+            s2 += patches.T @ patches
             count += m
             carry = buf[stride * m :]
+        w = weight.double().reshape(channels, kernel).cpu().numpy()
+        c1 = w @ s1
+        c2 = np.einsum("ck,kl,cl->c", w, s2, w)
         mean = w1 / total if total else 0.0
         var = max(w2 / total - mean * mean, 0.0) if total else 0.0
         if norm is None or count == 0:
