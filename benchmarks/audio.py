@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from heads import peak_mb  # benchmarks/heads.py
 from perfdoc import DOC, write_section  # benchmarks/perfdoc.py (scripts run from benchmarks/)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,20 +106,6 @@ def make_tree(root: Path, name: str, seconds: float) -> Path:
 # ------------------------------------------------------------------------------------ measurements (child)
 
 
-def own_peak_mb() -> float:
-    """This process's peak RSS. VmHWM belongs to the address space exec made; ru_maxrss does not: Linux
-    carries the parent's peak into a forked child's, so every child would report at least this script's own
-    peak (it writes the long test video)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     from abawfeat.extract import ExtractConfig, run_extraction
 
@@ -129,7 +115,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     result = run_extraction(config)
     wall = time.perf_counter() - start
-    peak = own_peak_mb()
+    # VmHWM belongs to the address space exec made; ru_maxrss would carry this script's own peak (it
+    # writes the long video) into every child.
+    peak = peak_mb()
     return {"audio_seconds": result.audio_seconds, "seconds": result.seconds,
             "decode_seconds": result.decode_seconds, "wall_seconds": wall, "rows": result.frames,
             "rss_mb": peak, "file_mb": result.file_size / 1e6}
