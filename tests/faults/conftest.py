@@ -75,26 +75,12 @@ def killed_run(world: Path) -> Path:
     make an epoch last tens of milliseconds, so that the kill lands after two epochs and long before the
     last (a resumed run then finishes the rest in seconds)."""
     run = world / KILLED
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "abawfeat", "train-head", "--task", "va", "--data", DATA, "--out", KILLED,
-         "--epochs", str(KILLED_EPOCHS), "--batch-size", "1", "--no-plots", "--threads", "1", "--device",
-         "cpu"],
-        cwd=world, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
     history = run / "history.csv"
-    try:
-        deadline = time.monotonic() + 180
-        # Two finished epochs (a header and two rows): the run has something to resume from.
-        while not (history.is_file() and len(history.read_text().splitlines()) >= 3):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                err = proc.stderr.read().decode() if proc.stderr and proc.poll() is not None else ""
-                raise AssertionError(f"train-head ended or stalled before its second epoch: {err}")
-            time.sleep(0.02)
-    finally:
-        proc.kill()
-        proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
+    # Two finished epochs (a header and two rows): the run has something to resume from.
+    _kill_when(["train-head", "--task", "va", "--data", DATA, "--out", KILLED, "--epochs", str(KILLED_EPOCHS),
+                "--batch-size", "1", "--no-plots", "--threads", "1", "--device", "cpu"], world,
+               lambda: history.is_file() and len(history.read_text().splitlines()) >= 3,
+               "train-head", "its second epoch")
     assert not (run / "metrics.json").exists()
     return run
 
@@ -135,16 +121,20 @@ def new_world(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _kill_when(argv: list[str], cwd: Path, done: Path, what: str) -> None:
-    """Start ``python -m abawfeat *argv`` in ``cwd`` and SIGKILL it as soon as ``done`` exists."""
+def _kill_when(argv: list[str], cwd: Path, done: Path | Callable[[], bool], what: str,
+               moment: str = "") -> None:
+    """Start ``python -m abawfeat *argv`` in ``cwd`` and SIGKILL it as soon as ``done`` exists (a path) or
+    holds (a condition); ``moment`` names it in the failure message."""
+    ready = done.exists if isinstance(done, Path) else done
+    moment = moment or f"{done} existed"
     proc = subprocess.Popen([sys.executable, "-m", "abawfeat", *argv], cwd=cwd, env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 180
-        while not done.exists():
+        while not ready():
             if proc.poll() is not None or time.monotonic() > deadline:
                 err = proc.stderr.read().decode() if proc.stderr and proc.poll() is not None else ""
-                raise AssertionError(f"{what} ended or stalled before {done} existed: {err}")
+                raise AssertionError(f"{what} ended or stalled before {moment}: {err}")
             time.sleep(0.01)
     finally:
         proc.kill()
