@@ -45,7 +45,7 @@ from abawfeat.train.fit import RUN_ONLY_SETTINGS, fit, run_is_complete
 from abawfeat.train.objectives import OBJECTIVES
 from abawfeat.train.rundir import run_state
 from abawfeat.utils.configs import read_json, to_dict
-from abawfeat.utils.io import atomic_write, atomic_write_text, file_in_the_way
+from abawfeat.utils.io import atomic_write, atomic_write_text, file_in_the_way, write_json
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -402,8 +402,6 @@ def _claim_cells(out: Path, recipe: Recipe, reused: list[Cell], dry_run: bool) -
                           f"{out / GRID_FILE}); the grid would replace it: move it, or choose another out")
     if dry_run:
         return
-    from abawfeat.utils.io import write_json
-
     planned = {_relative(out, c) for c in ensembles} | {
         str(Path(slug(r.label)) / t) for r in recipe.rows for t in r.tasks}
     if planned <= owned and (out / GRID_FILE).is_file():
@@ -421,7 +419,12 @@ def _owned_runs(out: Path) -> set[str]:
     run folders its results.md lists."""
     record = out / GRID_FILE
     if record.is_file():
-        runs = read_json(record).get("runs")
+        try:
+            stored = read_json(record)
+        except (OSError, ValueError) as exc:  # ValueError: not UTF-8 or not JSON
+            raise ConfigError(f"{record}: not the grid's list of its runs ({exc}); move it aside to let the "
+                              "grid count the runs its results.md lists") from None
+        runs = stored.get("runs") if isinstance(stored, dict) else None
         if not isinstance(runs, list):
             raise ConfigError(f"{record}: 'runs' is not a list of run folders")
         return {str(r) for r in runs}

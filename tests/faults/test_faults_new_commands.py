@@ -208,6 +208,11 @@ CASES = [
          write_text(RECIPE, recipe("grid"))),
     Case("ablate-cell-onto-a-users-run", ("ablate", RECIPE, "--jobs", "1"), 2, (VA,),
          write_text(RECIPE, recipe(".", label="runs"))),
+    Case("ablate-grid-runs-record-not-json", ("ablate", RECIPE, "--jobs", "1"), 2, ("grid/grid-runs.json",),
+         both(write_text(RECIPE, recipe("grid")), write_text("grid/grid-runs.json", b"\xff{not json"))),
+    Case("ablate-grid-runs-record-a-list", ("ablate", RECIPE, "--jobs", "1"), 2,
+         ("grid/grid-runs.json", "not a list"),
+         both(write_text(RECIPE, recipe("grid")), write_text("grid/grid-runs.json", "[]"))),
     # -- interrupted work (a real kill -9), then the same command again
     Case("cv-killed-between-folds-rerun-finishes",
          ("cv", "--folds", "2", "--task", "va", "--data", DATA, "--out", KILLED_CV, *SLOW), 0, (KILLED_CV,),
