@@ -41,30 +41,35 @@ from .helpers import (
 )
 
 
-@pytest.fixture(scope="session")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shared world's root (a few seconds to build on two idle cores)."""
+def _run_steps(root: Path, steps: list[list[str]]) -> None:
+    """Run each command line in ``root`` (every one must succeed), then restore the working directory and
+    torch's thread count, which the in-process CLI changes."""
     import torch
 
-    from abawfeat.data.synth import SynthConfig, generate
-
-    root = tmp_path_factory.mktemp("faults-world")
-    generate(SynthConfig(videos=6, frames=10, seed=0), root / DATA)  # 57 crops
     before, threads = Path.cwd(), torch.get_num_threads()
     os.chdir(root)
     try:
-        steps = [
-            ["extract", "--backbone", "ddamfn", "--random-init", "--data", DATA, "--workers", "0",
-             "--no-compile", "--device", "cpu"],
-            ["train-head", "--task", "va", "--data", DATA, "--out", RUNS["va"], *TRAIN],
-            ["train-head", "--task", "au", "--data", DATA, "--out", RUNS["au"], *TRAIN],
-        ]
         for argv in steps:
             outcome = run_cli(argv)
             assert outcome.exit_code == 0, (argv, outcome.stdout, outcome.stderr)
     finally:
         os.chdir(before)
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared world's root (a few seconds to build on two idle cores)."""
+    from abawfeat.data.synth import SynthConfig, generate
+
+    root = tmp_path_factory.mktemp("faults-world")
+    generate(SynthConfig(videos=6, frames=10, seed=0), root / DATA)  # 57 crops
+    _run_steps(root, [
+        ["extract", "--backbone", "ddamfn", "--random-init", "--data", DATA, "--workers", "0",
+         "--no-compile", "--device", "cpu"],
+        ["train-head", "--task", "va", "--data", DATA, "--out", RUNS["va"], *TRAIN],
+        ["train-head", "--task", "au", "--data", DATA, "--out", RUNS["au"], *TRAIN],
+    ])
     return root
 
 
@@ -92,32 +97,21 @@ def new_world(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     a second VA run with tuned smoothing (``runs/va2``), an ensemble of the two VA runs (``runs/ens``), a
     2-fold cross-validation (``runs/cv``) and a VA run on the DDAMFN and audio caches fused
     (``runs/fused``)."""
-    import torch
-
     from abawfeat.data.synth import SynthConfig, generate
 
     root = tmp_path_factory.mktemp("faults-new-world") / "w"
     shutil.copytree(world, root, symlinks=True, ignore=shutil.ignore_patterns("killed"))
     generate(SynthConfig(videos=6, frames=10, seed=0, videos_with_audio=True), root / DATA)
-    before, threads = Path.cwd(), torch.get_num_threads()
-    os.chdir(root)
-    try:
-        steps = [
-            ["extract", "--backbone", "wav2vec2", "--random-init", "--encoder-opt", "size=tiny", "--data",
-             DATA, "--workers", "0", "--device", "cpu"],
-            ["train-head", "--task", "va", "--data", DATA, "--out", VA2, "--seed", "1", "--smooth", "auto",
-             *TRAIN],
-            ["ensemble", RUNS["va"], VA2, "--out", ENS, "--smooth", "auto"],
-            ["cv", "--folds", "2", "--task", "va", "--data", DATA, "--out", CV, *TRAIN],
-            ["train-head", "--task", "va", "--data", DATA, "--cache", CACHE, "--cache",
-             f"cache/{DATA}/wav2vec2.h5", "--out", FUSED, "--smooth", "auto", *TRAIN],
-        ]
-        for argv in steps:
-            outcome = run_cli(argv)
-            assert outcome.exit_code == 0, (argv, outcome.stdout, outcome.stderr)
-    finally:
-        os.chdir(before)
-        torch.set_num_threads(threads)
+    _run_steps(root, [
+        ["extract", "--backbone", "wav2vec2", "--random-init", "--encoder-opt", "size=tiny", "--data",
+         DATA, "--workers", "0", "--device", "cpu"],
+        ["train-head", "--task", "va", "--data", DATA, "--out", VA2, "--seed", "1", "--smooth", "auto",
+         *TRAIN],
+        ["ensemble", RUNS["va"], VA2, "--out", ENS, "--smooth", "auto"],
+        ["cv", "--folds", "2", "--task", "va", "--data", DATA, "--out", CV, *TRAIN],
+        ["train-head", "--task", "va", "--data", DATA, "--cache", CACHE, "--cache",
+         f"cache/{DATA}/wav2vec2.h5", "--out", FUSED, "--smooth", "auto", *TRAIN],
+    ])
     return root
 
 
