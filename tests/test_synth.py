@@ -486,6 +486,15 @@ def test_refuses_foreign_directories_and_replaces_its_own(tmp_path: Path) -> Non
     assert on_disk == {v["name"] for v in manifest["videos"]}
     assert len(list((tree / ANNOTATIONS_DIR).rglob("*.txt"))) == sum(
         len(v["tasks"]) for v in manifest["videos"] if v["split"] != "test")
+    # Replacing leaves nothing beside the tree; a replacement killed between its two renames leaves the
+    # previous tree aside, which the next run names instead of writing a new tree where it belongs.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "tree"]
+    before = _tree_hashes(tree)
+    aside = tmp_path / ".tree.replaced-999999"
+    tree.rename(aside)
+    with pytest.raises(ConfigError, match=r"interrupted; the previous tree is in .*\.tree\.replaced-999999"):
+        generate(TINY, tree)
+    assert not tree.exists() and _tree_hashes(aside) == before
 
 
 def test_config_is_validated() -> None:

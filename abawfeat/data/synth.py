@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-import os
 import re
 import shutil
 from collections.abc import Callable, Sequence
@@ -38,7 +37,14 @@ from abawfeat.data.names import video_fps
 from abawfeat.errors import ConfigError, DiskFullError
 from abawfeat.tasks import single, single_task_names, single_tasks
 from abawfeat.utils.configs import read_json, to_dict
-from abawfeat.utils.io import atomic_write_bytes, is_disk_full, process_alive, write_json
+from abawfeat.utils.io import (
+    atomic_write_bytes,
+    interrupted_replacement,
+    is_disk_full,
+    staging_path,
+    swap_in,
+    write_json,
+)
 
 # Folder and file names of the 8th ABAW release; the reader accepts older spellings, we write the newest.
 ANNOTATIONS_DIR = "8th_ABAW_Annotations"
@@ -946,6 +952,10 @@ def _prepare_out(out: Path) -> Path:
     otherwise, leaves the previous tree as it was). Anything else is refused, untouched."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: --out exists and is not a directory")
+    stale = interrupted_replacement(out)
+    if stale is not None:
+        raise ConfigError(f"{out}: replacing the synthetic tree there was interrupted; the previous tree "
+                          f"is in {stale}: move it back, or remove it and run synth again")
     if not out.exists() or not any(out.iterdir()):
         out.mkdir(parents=True, exist_ok=True)
         return out
@@ -960,22 +970,9 @@ def _prepare_out(out: Path) -> Path:
             "choose an empty or new directory"
         )
     _owned_files(out, old)  # refuses a tree holding a file synth did not write
-    for stale in out.parent.glob(f".{out.name}.synth-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if not (pid.isdigit() and process_alive(int(pid))):  # left by a killed run
-            shutil.rmtree(stale, ignore_errors=True)
-    staging = out.with_name(f".{out.name}.synth-new-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = staging_path(out)
     staging.mkdir()
     return staging
-
-
-def _swap_in(staging: Path, out: Path) -> None:
-    """Put the complete new tree in place of the previous one: two renames, then the old tree goes."""
-    old = out.with_name(f".{out.name}.synth-old-{os.getpid()}")
-    os.replace(out, old)
-    os.replace(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _pick_files(rng: np.random.Generator, paths: list[str], fraction: float) -> list[str]:
@@ -1014,7 +1011,7 @@ def generate(
                                 f"{kept}", out) from None
         raise
     if target != out:
-        _swap_in(target, out)
+        swap_in(target, out)
     return manifest
 
 

@@ -23,7 +23,6 @@ import contextlib
 import csv
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +38,15 @@ from abawfeat.errors import CheckpointError, RunError
 from abawfeat.heads import Head, head_from_dict, head_to_dict, upgrade_v1
 from abawfeat.tasks import single, task_names
 from abawfeat.utils.configs import to_dict
-from abawfeat.utils.io import atomic_write, file_in_the_way, process_alive, torch_save, write_json
+from abawfeat.utils.io import (
+    atomic_write,
+    file_in_the_way,
+    interrupted_replacement,
+    staging_path,
+    swap_in,
+    torch_save,
+    write_json,
+)
 
 RUN_FORMAT = "abawfeat-run"
 RUN_VERSION = 2
@@ -278,10 +285,7 @@ class RunDir:
             (self.path / STATE_FILE).unlink(missing_ok=True)
         if not self.staged:
             return self.target
-        old = self.target.with_name(f".{self.target.name}.replaced-{os.getpid()}")
-        os.rename(self.target, old)
-        os.rename(self.path, self.target)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(self.path, self.target)
         return self.target
 
     def abandon(self) -> None:
@@ -309,9 +313,9 @@ def open_run_dir(out: str | Path, *, overwrite: bool = False, resume: bool = Fal
     blocker = file_in_the_way(target) if state == "missing" else None
     if blocker is not None:
         raise RunError(f"{target}: {blocker} is a file, not a folder; choose another --out")
-    for stale in target.parent.glob(f".{target.name}.replaced-*") if target.parent.is_dir() else []:
-        if state == "missing":
-            raise RunError(f"{target}: a replacement was interrupted; the previous run is in {stale}")
+    stale = interrupted_replacement(target)
+    if stale is not None:
+        raise RunError(f"{target}: a replacement was interrupted; the previous run is in {stale}")
     if resume:
         if state != "incomplete":
             what = {"complete": "is complete; nothing to resume", "missing": "does not exist",
@@ -336,14 +340,7 @@ def open_run_dir(out: str | Path, *, overwrite: bool = False, resume: bool = Fal
             ["start over with --overwrite"] if can_overwrite else ["choose another --out"])
         raise RunError(f"{target}: holds an interrupted run (no {METRICS_FILE}{_last_epoch_note(target)}); "
                        f"{', or '.join(ways)}")
-    for stale in target.parent.glob(f".{target.name}.new-*"):
-        # A replacement whose process is gone (killed): nothing will ever swap it in.
-        pid = stale.name.rsplit("-", 1)[-1]
-        if not (pid.isdigit() and process_alive(int(pid))):
-            shutil.rmtree(stale, ignore_errors=True)
-    staging = target.with_name(f".{target.name}.new-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    return RunDir(target=target, path=staging)
+    return RunDir(target=target, path=staging_path(target))
 
 
 def _describe(path: Path) -> str:

@@ -135,6 +135,36 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def staging_path(target: Path) -> Path:
+    """Where a replacement of the folder ``target`` is built before ``swap_in``: ``.NAME.new-PID`` beside it
+    (the same file system, so the swap is two renames). Replacements left by killed processes go first:
+    nothing would ever swap them in."""
+    for stale in target.parent.glob(f".{target.name}.new-*") if target.parent.is_dir() else []:
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not (pid.isdigit() and process_alive(int(pid))):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = target.with_name(f".{target.name}.new-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    return staging
+
+
+def swap_in(staging: Path, target: Path) -> None:
+    """Make the complete folder ``staging`` the one at ``target``: the old one is renamed aside
+    (``.NAME.replaced-PID``), the new one renamed in, then the old one removed. A process killed between
+    the renames leaves ``target`` missing and the old folder aside (``interrupted_replacement``)."""
+    old = target.with_name(f".{target.name}.replaced-{os.getpid()}")
+    os.rename(target, old)
+    os.rename(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def interrupted_replacement(target: Path) -> Path | None:
+    """The previous folder of a missing ``target`` whose ``swap_in`` was killed between its renames."""
+    if target.exists() or not target.parent.is_dir():
+        return None
+    return next(iter(sorted(target.parent.glob(f".{target.name}.replaced-*"))), None)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = False) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data), durable=durable)
 
@@ -162,4 +192,5 @@ def torch_save(path: str | Path, payload: Any, *, durable: bool = True) -> Path:
 
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "file_in_the_way", "fsync_path",
-           "is_disk_full", "process_alive", "temporary_path", "torch_save", "write_json"]
+           "interrupted_replacement", "is_disk_full", "process_alive", "staging_path", "swap_in",
+           "temporary_path", "torch_save", "write_json"]
