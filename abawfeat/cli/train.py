@@ -49,7 +49,7 @@ def train_head(
     dropout: st.Dropout = 0.0,
     trunk_opt: st.TrunkOpt = None,
     device: st.Device = "auto",
-    threads: st.Threads = 0,
+    threads: st.Threads = 1,
     precision: st.Precision = "auto",
     smooth: st.Smooth = "none",
     tune_on: st.TuneOn = "val",
@@ -177,7 +177,7 @@ def cv_command(
     dropout: st.Dropout = 0.0,
     trunk_opt: st.TrunkOpt = None,
     device: st.Device = "auto",
-    threads: st.Threads = 0,
+    threads: st.Threads = 1,
     precision: st.Precision = "auto",
     smooth: st.Smooth = "none",
     tune_on: st.TuneOn = "val",
@@ -287,15 +287,16 @@ def ablate_command(
     out: Path | None = typer.Option(None, "--out", help="Output folder (overrides the recipe's)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be trained or skipped."),
     jobs: int = typer.Option(
-        0, "--jobs", "-j", help="Cells trained at once, each in its own process with cores/jobs threads; "
-        "0 = auto: one per CPU core as memory allows, 1 on a GPU.",
+        0, "--jobs", "-j", help="Cells trained at once, each in its own process on its own configured "
+        "threads (recipe `threads`, default 1): --jobs never changes a number. 0 = auto: as many as the "
+        "cores and memory hold, 1 on a GPU.",
     ),
 ) -> None:
     """Run a grid of train-head runs (complete runs with the same config are skipped) and write
     results.md / results.csv in the seed paper's Table 3 layout, plus report.html."""
     from rich.table import Table
 
-    from abawfeat.ablate import COLUMNS, run_ablation
+    from abawfeat.ablate import COLUMNS, format_cell, run_ablation
 
     result = run_ablation(recipe, str(data) if data else None, str(out) if out else None, log=_log,
                           dry_run=dry_run, jobs=jobs)
@@ -304,7 +305,7 @@ def ablate_command(
     for column in COLUMNS:
         table.add_column(column, justify="right")
     for row in result.table:
-        table.add_row(row["architecture"], *("-" if row[c] is None else f"{row[c]:.3f}" for c in COLUMNS))
+        table.add_row(row["architecture"], *(format_cell(row[c], row.get(f"{c}_std")) for c in COLUMNS))
     console.print(table)
     for path in result.files.values():
         console.print(str(path), highlight=False)

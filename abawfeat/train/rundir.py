@@ -90,6 +90,10 @@ class RunRecord:
     loss_weights: dict[str, Any] = field(default_factory=dict)  # class / positive weights, per task
     extra: dict[str, Any] = field(default_factory=dict)  # kind-specific (fine-tuning config, members)
     package_version: str = __version__
+    # What decides the floats besides the config (threads, torch / oneDNN versions, CPU instruction sets,
+    # CUDA device and determinism flags: utils.environment.float_environment), taken when the record is
+    # first written; {} in records written before it was recorded.
+    environment: dict[str, Any] = field(default_factory=dict)
 
     @property
     def encoders(self) -> list[str]:
@@ -102,7 +106,12 @@ class RunRecord:
     def to_json(self) -> dict[str, Any]:
         return {"format": RUN_FORMAT, "version": RUN_VERSION, **to_dict(self)}
 
-    def write(self, run_dir: str | Path) -> Path:
+    def write(self, run_dir: str | Path, device: Any = None) -> Path:
+        """Write config.json; the environment is taken now (``device``: the run's) unless already set."""
+        if not self.environment:
+            from abawfeat.utils.environment import float_environment
+
+            self.environment = float_environment(device)
         return write_json(Path(run_dir) / CONFIG_FILE, self.to_json())
 
     @classmethod
