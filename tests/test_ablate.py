@@ -347,7 +347,8 @@ def _metric(run: Path, key: str) -> float:
 def test_seeds_train_each_cell_once_per_seed_and_report_mean_and_std(world: World, tmp_path: Path) -> None:
     path = small_recipe(
         tmp_path, world, defaults="seeds = [0, 1, 2]",
-        rows='[[rows]]\nlabel = "FAKE+Fc, seed 7"\nbackbone = "fake"\nhead = "fc"\ntasks = ["va"]\nseed = 7\n',
+        rows='[[rows]]\nlabel = "FAKE+Fc, seed 7"\nbackbone = "fake"\nhead = "fc"\ntasks = ["va"]\n'
+             "seed = 7\n",
         ensembles='[[ensembles]]\nlabel = "Best 2"\ntasks = ["va"]\nbest = 2\n')
     result = run_ablation(path)
     out = tmp_path / "grid"
