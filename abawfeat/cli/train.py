@@ -15,7 +15,7 @@ from rich.text import Text
 
 from abawfeat.cli import _stage_two as st
 from abawfeat.cli import app
-from abawfeat.cli._common import console, err_console, error_line, guarded
+from abawfeat.cli._common import console, err_console, error_line, guarded, warn_line
 
 
 def _log(message: str) -> None:
@@ -313,6 +313,53 @@ def ablate_command(
         for cell in result.failed:
             error_line(f"{cell.row.label} {cell.task}: {cell.error}", label="failed:")
         raise typer.Exit(code=1)
+
+
+@app.command("reproduce")
+@guarded
+def reproduce_command(
+    run_dir: Path = typer.Argument(..., help="A complete run: train-head, cv or ensemble."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Scratch folder for the reproduction (new or empty); default: a temporary one."),
+    keep: bool = typer.Option(False, "--keep", help="Keep the reproduction instead of removing it."),
+) -> None:
+    """Redo a run from its record in a scratch folder (the run itself is only read) and compare every metric
+    of metrics.json exactly; exit 0 when all are equal, 1 when any differs, naming the recorded settings
+    (threads, torch, oneDNN, CPU instruction sets, device, cache fingerprints) that differ from this
+    machine's."""
+    from rich.table import Table
+
+    from abawfeat.reproduce import reproduce_run
+
+    result = reproduce_run(run_dir, out, keep=keep, log=_log)
+    table = Table(title=f"{run_dir}: original vs reproduced ({result.threads or 'default'} thread(s))",
+                  title_justify="left")
+    for column in ("metric", "original", "reproduced", ""):
+        table.add_column(column, overflow="fold")
+    for row in result.rows:
+        mark = "=" if row.equal else "≠"
+        table.add_row(row.key, json.dumps(row.original), json.dumps(row.reproduced), mark)
+    console.print(table)
+    if result.kept:
+        console.print(f"reproduction kept in {result.scratch}", highlight=False)
+    if result.equal:
+        console.print(f"equal: all {len(result.rows)} values of {run_dir / 'metrics.json'} reproduced "
+                      "exactly", highlight=False)
+        for phrase in result.differences:
+            warn_line(f"recorded setting differs, yet the numbers agree: {phrase}")
+        return
+    error_line(f"{run_dir}: {len(result.differing)} of {len(result.rows)} metric values differ",
+               label="differ:")
+    if result.differences:
+        for phrase in result.differences:
+            err_console.print(f"  recorded setting differs from this machine's: {phrase}", highlight=False,
+                              soft_wrap=True)
+    else:
+        err_console.print("  no recorded setting (threads, torch, oneDNN, CPU flags, device, cache "
+                          "fingerprints) differs from this machine's: something the record does not hold "
+                          "changed (OMP or MKL environment variables, the data root's annotations)",
+                          highlight=False, soft_wrap=True)
+    raise typer.Exit(code=1)
 
 
 @app.command("heads")
