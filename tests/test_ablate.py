@@ -179,6 +179,16 @@ def test_shipped_recipes_are_valid_and_reproduce_the_papers_grid() -> None:
     assert {r.label: (r.backbones, r.head) for r in paper.rows}["CLIP+LSTM"] == (("clip",), "lstm")
     demo = load_recipe(PIPELINES / "demo.toml")
     assert demo.caches["ddamfn"] and len(demo.rows) >= 2
+    # The demo tables are measured over five seeds on a pinned thread (README; issue 23).
+    from abawfeat.ablate import cell_options, ensemble_seeds
+
+    beyond = load_recipe(PIPELINES / "demo-beyond.toml")
+    for grid in (demo, beyond):
+        for row in grid.rows:
+            for t in row.tasks:
+                options, seeds = cell_options(grid, row, t)
+                assert seeds == (0, 1, 2, 3, 4) and options["threads"] == 1, (grid.name, row.label, t)
+    assert all(ensemble_seeds(beyond, e, t) == (0, 1, 2, 3, 4) for e in beyond.ensembles for t in e.tasks)
 
 
 # ------------------------------------------------------------------------------------------------- CLI
