@@ -1,13 +1,13 @@
 """``abawfeat reproduce RUN``: redo a run from its record in a scratch directory and compare every metric.
 
 A head run is trained again with its recorded configuration (at the thread count it used), a
-cross-validation trains all its folds again, an ensemble is rebuilt from its members (their inference at the
-ensemble's recorded thread count). Every value of ``metrics.json`` is compared exactly. Where they differ,
-the settings the record carries besides the configuration (``RunRecord.environment``: threads, torch,
-oneDNN, CPU instruction sets, device, determinism flags; the caches' fingerprints; the abawfeat version)
-are compared with this machine's, and those that differ are named. The original run is only read: the
-reproduction goes to a new scratch directory (``--out``, which must be new or empty, never the run or a
-folder inside it), removed afterwards unless ``keep``.
+cross-validation trains all its folds again, an ensemble is rebuilt from its members (each member's
+inference at its own thread count, as ``evaluate`` runs it). Every value of ``metrics.json`` is compared
+exactly. Where they differ, the settings the record carries besides the configuration
+(``RunRecord.environment``: threads, torch, oneDNN, CPU instruction sets, device, determinism flags; the
+caches' fingerprints; the abawfeat version) are compared with this machine's, and those that differ are
+named. The original run is only read: the reproduction goes to a new scratch directory (``--out``, which
+must be new or empty, never the run or a folder around or inside it), removed afterwards unless ``keep``.
 """
 
 from __future__ import annotations
@@ -129,12 +129,8 @@ def _remove(scratch: Path, temporary: Path | None) -> None:
 
 
 def recorded_threads(record: RunRecord) -> int:
-    """The thread count a run used: its configured one, or for ``threads = 0`` the count it recorded."""
-    for value in (record.train.get("threads"), record.resolved.get("threads"),
-                  record.environment.get("threads")):
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return 0
+    """The thread count a run used (``RunRecord.threads``)."""
+    return record.threads
 
 
 def _redo(record: RunRecord, run_dir: Path, scratch: Path, log: Callable[[str], None] | None) -> int:
@@ -144,15 +140,13 @@ def _redo(record: RunRecord, run_dir: Path, scratch: Path, log: Callable[[str], 
     threads = recorded_threads(record)
     if record.kind == "ensemble":
         from abawfeat.ensemble import EnsembleConfig, build_ensemble
-        from abawfeat.utils.device import torch_threads
 
         stored = dict(record.extra.get("ensemble") or {})
         members = [m.get("path") for m in record.extra.get("members") or []]
         runs = tuple(str(p) for p in members if p) or tuple(stored.get("runs") or ())
         cfg = EnsembleConfig(runs=runs, out=str(scratch), weights=str(stored.get("weights", "equal")),
                              smooth=str(stored.get("smooth", "none")), data=str(stored.get("data", "")))
-        with torch_threads(threads):
-            build_ensemble(cfg, log=say)
+        build_ensemble(cfg, log=say)  # its members' inference runs at each member's own thread count
         return threads
     cfg = from_dict(TrainConfig, dict(record.train))
     cfg = dataclasses.replace(cfg, out=str(scratch), plots=False, threads=threads or cfg.threads)

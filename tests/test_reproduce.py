@@ -168,3 +168,21 @@ def test_environment_helpers(tmp_path: Path) -> None:
     assert environment_differences({}, here) == []  # an old record: nothing to compare
     assert recorded_threads(RunRecord("head", "va", "fc", "", "x", train={"threads": 0},
                                       environment={"threads": 3})) == 3
+
+
+def test_evaluate_runs_at_the_runs_own_thread_count(run: Path) -> None:
+    # evaluate prints the numbers the run wrote whatever this process's thread count: inference runs at the
+    # run's recorded count.
+    import torch
+
+    from abawfeat.train import evaluate
+
+    stored = json.loads((run / "metrics.json").read_text())
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        metrics = evaluate(run, "val")
+        assert torch.get_num_threads() == 2  # restored afterwards
+    finally:
+        torch.set_num_threads(before)
+    assert metrics["ccc_va"] == stored["ccc_va"]

@@ -103,6 +103,16 @@ class RunRecord:
     def tasks(self) -> tuple[str, ...]:
         return task_names(self.task)
 
+    @property
+    def threads(self) -> int:
+        """The torch thread count the run used: its configured one, or for ``threads = 0`` the count it
+        recorded; 0 when the record says neither (runs from before threads were recorded)."""
+        recorded = (self.train.get("threads"), self.resolved.get("threads"), self.environment.get("threads"))
+        for value in recorded:
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return 0
+
     def to_json(self) -> dict[str, Any]:
         return {"format": RUN_FORMAT, "version": RUN_VERSION, **to_dict(self)}
 

@@ -320,7 +320,7 @@ CASES = [
     Case("reproduce-cv-is-equal", ("reproduce", CV), 0, ("equal: all",), channel="ok"),
     Case("reproduce-ensemble-is-equal", ("reproduce", ENS), 0, ("equal: all",), channel="ok"),
     Case("reproduce-not-a-run", ("reproduce", DATA), 2, (DATA, "not a run directory")),
-    Case("reproduce-incomplete-cv", ("reproduce", KILLED_CV), 2, (KILLED_CV, "incomplete"),
+    Case("reproduce-killed-cv", ("reproduce", KILLED_CV), 2, (KILLED_CV, "not a run directory"),
          fixtures=("killed_cv",)),
     Case("reproduce-out-onto-the-run", ("reproduce", VA, "--out", VA), 2, (VA, "never over the original")),
     Case("reproduce-out-onto-cache", ("reproduce", VA, "--out", CACHE), 2, (CACHE, "not empty")),
