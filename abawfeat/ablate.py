@@ -368,6 +368,10 @@ def plan_cells(recipe: Recipe, data: str | None = None, out: str | None = None) 
                 raise ConfigError(f"{recipe.path}: row {row.label!r}, task {task}: {where} holds a run "
                                   "trained without seeds; the seeds' runs would go inside it: move it, or "
                                   "choose another out")
+            if seeds is None and where.is_dir() and any(where.glob("seed-*/config.json")):
+                raise ConfigError(f"{recipe.path}: row {row.label!r}, task {task}: {where} holds the runs of "
+                                  "its seeds (seed-<s>); without seeds its one run would land on them: set "
+                                  "seeds again, or choose another out")
             for seed in seeds or (None,):
                 extra = {} if seed is None else {"seed": seed}
                 cfg = TrainConfig(task=task, head=row.head, backbone=backbone, data=str(data), cache=caches,

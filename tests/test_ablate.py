@@ -260,7 +260,8 @@ def test_an_ensemble_of_the_best_rows_takes_distinct_models_by_their_raw_scores(
 # ------------------------------------------------------------------------------- threads and seeds
 
 
-def small_recipe(tmp: Path, world: World, defaults: str = "", rows: str = "", ensembles: str = "") -> Path:
+def small_recipe(tmp: Path, world: World, defaults: str = "", rows: str = "", ensembles: str = "",
+                 epochs: int = 2) -> Path:
     """A grid of seconds: a frame-wise row and a temporal one in fp32 (bf16 LSTMs need AVX-512 BF16)."""
     path = tmp / "small.toml"
     path.write_text(f"""
@@ -274,7 +275,7 @@ out = "{tmp / 'grid'}"
 fake = "{world.cache}"
 
 [defaults]
-epochs = 2
+epochs = {epochs}
 plots = false
 batch_size = 32
 precision = "fp32"
@@ -417,6 +418,24 @@ def test_seeds_beside_a_run_trained_without_them_are_refused(world: World, tmp_p
     run_ablation(path)
     path.write_text(path.read_text().replace('precision = "fp32"', 'precision = "fp32"\nseeds = [0, 1]'))
     with pytest.raises(ConfigError, match=r"fake-fc/va holds a run trained without seeds"):
+        run_ablation(path, dry_run=True)
+
+
+def test_seeds_of_a_cross_validated_row_and_dropping_seeds_again(world: World, tmp_path: Path) -> None:
+    # A cross-validated row with seeds: one cross-validation per seed (its folds inside), averaged.
+    path = small_recipe(tmp_path, world, defaults="seeds = [0, 1]", epochs=1)
+    # Only the Fc row, for VA, cross-validated over two folds.
+    text = path.read_text().replace('tasks = ["va", "au"]', 'tasks = ["va"]\nfolds = 2', 1)
+    path.write_text(text.split('[[rows]]\nlabel = "FAKE+GRU"')[0])
+    result = run_ablation(path)
+    assert not result.failed
+    out = tmp_path / "grid" / "fake-fc" / "va"
+    assert all((out / f"seed-{s}" / f"fold-{f}" / "metrics.json").is_file() for s in (0, 1) for f in (0, 1))
+    values = [_metric(out / f"seed-{s}", "ccc_va") for s in (0, 1)]
+    assert result.table[0]["CCC_VA"] == pytest.approx(sum(values) / 2)
+    assert result.table[0]["CCC_VA_n"] == 2
+    path.write_text(path.read_text().replace("seeds = [0, 1]", ""))
+    with pytest.raises(ConfigError, match=r"fake-fc/va holds the runs of its seeds"):
         run_ablation(path, dry_run=True)
 
 
