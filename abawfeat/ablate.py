@@ -15,12 +15,19 @@ Its shape (see ``pipelines/paper-table3.toml``)::
                                tuned), smooth (none | auto)
 
 Each (row, task) is one run in ``<out>/<row slug>/<task>`` (a cross-validated row: a cross-validation run
-there, its folds inside); ensembles are built once the rows are trained. A run whose directory is complete
-and holds the same configuration (``train.fit.run_is_complete``) is skipped; an interrupted one with the same
-configuration is resumed (``--resume``); one with another configuration is trained again and replaces the
-old run once complete (``--overwrite``). So an interrupted grid resumes where it stopped.
+there, its folds inside); ensembles are built once the rows are trained. ``seeds = [0, 1, 2]`` (in
+[defaults], [defaults.<task>] or a row) makes it one run per seed in ``<out>/<row slug>/<task>/seed-<s>``,
+and one ensemble per seed of its members' runs of that seed; the tables then show each column's mean over
+the seeds with its sample standard deviation and count. A cell's torch thread count is part of its
+configuration (``threads``, default 1): ``--jobs`` decides only how many cells run at once.
+
+A run whose directory is complete and holds the same configuration (``train.fit.run_is_complete``) is
+skipped; an interrupted one with the same configuration is resumed (``--resume``); one with another
+configuration is trained again and replaces the old run once complete (``--overwrite``). So an interrupted
+grid resumes where it stopped.
 ``results.md`` / ``results.csv`` get one row per recipe row and the columns CCC_VA, F1_Expr, F1_AU, F1_AUopt
-(validation, best epoch); ``report.html`` comes from ``abawfeat.report.build_report``.
+(validation, best epoch; results.csv also ``<column>_std`` and ``<column>_n``); ``report.html`` comes from
+``abawfeat.report.build_report``.
 """
 
 from __future__ import annotations
