@@ -443,6 +443,12 @@ def run_ablation(
         jobs = auto_jobs([cell for _, cell in todo])
         if len(todo) > 1:
             say(f"--jobs auto: {jobs} cell(s) at once")
+    cores = os.cpu_count() or 1
+    busiest = max((c.config.threads or cores for _, c in todo), default=1)
+    at_once = min(jobs, len(todo))
+    if at_once * busiest > cores:
+        say(f"note: {at_once} job(s) of up to {busiest} thread(s) each share {cores} core(s): slower, the "
+            "same numbers (a cell's threads are its configuration)")
     if jobs == 1 or len(todo) <= 1:
         for name, cell in todo:
             say(f"{name}: training into {cell.run_dir}")

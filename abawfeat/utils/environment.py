@@ -10,6 +10,7 @@ it runs on (``environment_differences``).
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 from collections.abc import Mapping
@@ -52,6 +53,16 @@ def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> list[str] | None:
     return [f for f in CPU_FLAGS if f in have]
 
 
+def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str | None:
+    """The CPU's model name (informative: instruction sets are what decide the kernels); None if unknown."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    match = re.search(r"^model name\s*:\s*(.*)$", text, flags=re.MULTILINE)
+    return match.group(1).strip() if match else None
+
+
 def onednn_version(config: str | None = None) -> str | None:
     """oneDNN's version as torch was built with it (``torch.__config__.show()``), e.g. ``v3.7.1``; None
     when torch was built without it."""
@@ -78,7 +89,8 @@ def float_environment(device: Any = None) -> dict[str, Any]:
         "mkldnn_enabled": bool(torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()),
         "cpu_capability": _cpu_capability(),
         "cpu_flags": cpu_flags(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model() or platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
         "numpy": str(np.__version__),
         "device": dev.type,
         "deterministic_algorithms": bool(torch.are_deterministic_algorithms_enabled()),
