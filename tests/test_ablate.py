@@ -71,7 +71,8 @@ def test_grid_runs_then_skips_completed_cells_and_writes_table3(world: World, tm
     out = tmp_path / "grid"
     assert (out / "fake-fc" / "va" / "metrics.json").is_file()
     rows = list(csv.reader((out / "results.csv").open()))
-    assert rows[0] == ["architecture", "CCC_VA", "F1_Expr", "F1_AU", "F1_AUopt"]
+    columns = ["CCC_VA", "F1_Expr", "F1_AU", "F1_AUopt"]
+    assert rows[0] == ["architecture", *columns, *(f"{c}_std" for c in columns), *(f"{c}_n" for c in columns)]
     table = {r[0]: r[1:] for r in rows[1:]}
     assert list(table) == ["FAKE+Fc", "FAKE+LSTM"]
     fc_va = json.loads((out / "fake-fc" / "va" / "metrics.json").read_text())
@@ -79,6 +80,8 @@ def test_grid_runs_then_skips_completed_cells_and_writes_table3(world: World, tm
     assert float(table["FAKE+Fc"][0]) == pytest.approx(fc_va["ccc_va"], abs=1e-6)
     assert float(table["FAKE+Fc"][3]) == pytest.approx(fc_au["f1_au_opt"], abs=1e-6)
     assert table["FAKE+Fc"][1] == "" and table["FAKE+LSTM"][0] == ""  # cells no run fills stay empty
+    # No seeds: no spread, and one run in each filled column.
+    assert table["FAKE+Fc"][4:8] == ["", "", "", ""] and table["FAKE+Fc"][8:] == ["1", "0", "1", "1"]
     md = (out / "results.md").read_text()
     assert "| Architecture | CCC_VA | F1_Expr | F1_AU | F1_AUopt |" in md
     assert "| FAKE+LSTM | - |" in md and "DDAMFN+Fc (seed paper)" in md  # ours, then the published row
