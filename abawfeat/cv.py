@@ -98,6 +98,7 @@ def run_cv(cfg: TrainConfig, folds: int, log: Callable[[str], None] | None = Non
         train=to_dict(dataclasses.replace(cfg, folds=folds)),
         extra={"folds": folds, "members": members,
                "au_thresholds": None if thresholds is None else [float(x) for x in thresholds]},
+        environment=dict(first.environment),  # what decided the folds' floats (their thread count, ...)
     )
     result = metrics_record(cfg.task, "cv", None, summary)
     try:

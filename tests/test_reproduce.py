@@ -100,11 +100,21 @@ def test_a_different_number_with_no_recorded_difference_says_so(run: Path, tmp_p
 
 
 def test_cross_validations_and_ensembles_are_reproduced(world: World, run: Path, tmp_path: Path) -> None:
+    import torch
+
     from abawfeat.cv import run_cv
     from abawfeat.ensemble import EnsembleConfig, build_ensemble
 
     cv = tmp_path / "cv"
-    run_cv(config(world, cv, epochs=1), 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_cv(config(world, cv, epochs=1), 2)
+    finally:
+        torch.set_num_threads(before)
+    # The cross-validation's record carries what decided its folds' floats: their one thread.
+    assert RunRecord.read(cv).environment["threads"] == 1
+    assert RunRecord.read(cv / "fold-1").environment["threads"] == 1
     assert reproduce_run(cv).equal
     other = tmp_path / "fc"
     fit(config(world, other, epochs=1))
