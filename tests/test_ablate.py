@@ -311,6 +311,7 @@ def test_jobs_never_change_a_number(world: World, tmp_path: Path) -> None:
     import torch
 
     path = small_recipe(tmp_path, world)
+    path.write_text(path.read_text().replace('tasks = ["va", "au"]', 'tasks = ["va"]'))  # two cells
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -318,7 +319,7 @@ def test_jobs_never_change_a_number(world: World, tmp_path: Path) -> None:
     finally:
         torch.set_num_threads(before)
     parallel = run_ablation(path, out=str(tmp_path / "parallel"), jobs=2)
-    assert [c.status for c in parallel.cells] == ["trained"] * 3
+    assert [c.status for c in parallel.cells] == ["trained"] * 2
     assert (tmp_path / "serial" / "results.csv").read_bytes() == (tmp_path / "parallel" /
                                                                    "results.csv").read_bytes()
     assert parallel.table == serial.table
