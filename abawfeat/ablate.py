@@ -15,12 +15,19 @@ Its shape (see ``pipelines/paper-table3.toml``)::
                                tuned), smooth (none | auto)
 
 Each (row, task) is one run in ``<out>/<row slug>/<task>`` (a cross-validated row: a cross-validation run
-there, its folds inside); ensembles are built once the rows are trained. A run whose directory is complete
-and holds the same configuration (``train.fit.run_is_complete``) is skipped; an interrupted one with the same
-configuration is resumed (``--resume``); one with another configuration is trained again and replaces the
-old run once complete (``--overwrite``). So an interrupted grid resumes where it stopped.
+there, its folds inside); ensembles are built once the rows are trained. ``seeds = [0, 1, 2]`` (in
+[defaults], [defaults.<task>] or a row) makes it one run per seed in ``<out>/<row slug>/<task>/seed-<s>``,
+and one ensemble per seed of its members' runs of that seed; the tables then show each column's mean over
+the seeds with its sample standard deviation and count. A cell's torch thread count is part of its
+configuration (``threads``, default 1): ``--jobs`` decides only how many cells run at once.
+
+A run whose directory is complete and holds the same configuration (``train.fit.run_is_complete``) is
+skipped; an interrupted one with the same configuration is resumed (``--resume``); one with another
+configuration is trained again and replaces the old run once complete (``--overwrite``). So an interrupted
+grid resumes where it stopped.
 ``results.md`` / ``results.csv`` get one row per recipe row and the columns CCC_VA, F1_Expr, F1_AU, F1_AUopt
-(validation, best epoch); ``report.html`` comes from ``abawfeat.report.build_report``.
+(validation, best epoch; results.csv also ``<column>_std`` and ``<column>_n``); ``report.html`` comes from
+``abawfeat.report.build_report``.
 """
 
 from __future__ import annotations
@@ -71,7 +78,7 @@ class Row:
     head: str
     tasks: tuple[str, ...]
     reference: str | None
-    options: dict[str, Any]
+    options: dict[str, Any]  # train-head options, and ``seeds`` (a tuple) when the row sets them
 
 
 @dataclass
@@ -115,6 +122,7 @@ class Cell:
     seconds: float = 0.0
     out: str = ""  # the run directory
     ensemble: Any = None  # EnsembleConfig of an ensemble cell
+    seed: int | None = None  # one of the row's seeds; None for a row without seeds (one run of ``seed``)
 
     @property
     def run_dir(self) -> Path:
@@ -148,10 +156,15 @@ def _check_value(where: str, key: str, value: Any, want: type | tuple[type, ...]
 
 
 def _options(where: str, table: Mapping[str, Any], extra: Mapping[str, type] = {}) -> dict[str, Any]:
-    """Train-head options of a table, type-checked against TrainConfig's defaults."""
+    """Train-head options of a table, type-checked against TrainConfig's defaults, and ``seeds``."""
     out: dict[str, Any] = {}
+    if "seed" in table and "seeds" in table:
+        raise ConfigError(f"{where}: give seed (one run) or seeds (one run per seed), not both")
     for key, value in table.items():
         if key in extra:
+            continue
+        if key == "seeds":
+            out[key] = _seed_list(where, value)
             continue
         if key not in TRAIN_KEYS:
             hint = " (set by the grid)" if key in _MANAGED else ""
@@ -159,6 +172,30 @@ def _options(where: str, table: Mapping[str, Any], extra: Mapping[str, type] = {
                               f"{', '.join(sorted(TRAIN_KEYS))}")
         out[key] = _check_value(where, key, value, TRAIN_KEYS[key])
     return out
+
+
+def _seed_list(where: str, value: Any) -> tuple[int, ...]:
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
+        raise ConfigError(f"{where}: key 'seeds' must be a list of seeds (integers >= 0), got {value!r}")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{where}: key 'seeds' lists a seed twice: {value!r}")
+    return tuple(value)
+
+
+def cell_options(recipe: Recipe, row: Row, task: str) -> tuple[dict[str, Any], tuple[int, ...] | None]:
+    """A (row, task)'s train-head options, the row's over [defaults.<task>] over [defaults], and its seeds:
+    None for one run (of ``seed``), else one run per seed. ``seed`` and ``seeds`` replace each other: the
+    most specific table that sets either decides."""
+    merged: dict[str, Any] = {}
+    for table in (recipe.defaults, recipe.task_defaults.get(task, {}), row.options):
+        if "seed" in table:
+            merged.pop("seeds", None)
+        if "seeds" in table:
+            merged.pop("seed", None)
+        merged.update(table)
+    seeds = merged.pop("seeds", None)
+    return merged, seeds
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -292,6 +329,28 @@ def _ensembles(path: Path, raw: Any, rows: list[Row], defaults: Mapping[str, Any
     return out
 
 
+def seed_dir(cell_dir: Path, seed: int | None) -> Path:
+    """Where a cell's run of ``seed`` goes: the cell's folder itself for a row without seeds."""
+    return cell_dir if seed is None else cell_dir / f"seed-{seed}"
+
+
+def ensemble_seeds(recipe: Recipe, ens: EnsembleRow, task: str) -> tuple[int, ...] | None:
+    """The seeds an ensemble is built for: the seeds its candidate rows (its members, or for best = N every
+    row of the task without folds) train; one ensemble per seed, of the members' runs of that seed (a row
+    without seeds lends its one run to each). None when no candidate has seeds. Candidates with different
+    seeds are refused: an ensemble per seed needs every seeded member to have that seed."""
+    def candidate(r: Row) -> bool:
+        return r.label in ens.members if ens.members else not cell_options(recipe, r, task)[0].get("folds")
+
+    rows = [r for r in recipe.rows if task in r.tasks and candidate(r)]
+    found = {s for r in rows if (s := cell_options(recipe, r, task)[1]) is not None}
+    if len(found) > 1:
+        listed = "; ".join(str(list(s)) for s in sorted(found))
+        raise ConfigError(f"{recipe.path}: ensemble {ens.label!r}, task {task}: its candidate rows train "
+                          f"different seeds ({listed}); give them the same seeds")
+    return next(iter(found)) if found else None
+
+
 def slug(label: str) -> str:
     """A folder name for a row label: ``DDAMFN+LSTM`` -> ``ddamfn-lstm``."""
     return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-") or "row"
@@ -310,14 +369,28 @@ def plan_cells(recipe: Recipe, data: str | None = None, out: str | None = None) 
         caches = tuple(recipe.caches.get(b) or str(default_cache(data, b)) for b in row.backbones)
         backbone = row.backbones[0] if len(row.backbones) == 1 else ""
         for task in row.tasks:
-            options = {**recipe.defaults, **recipe.task_defaults.get(task, {}), **row.options}
-            cfg = TrainConfig(task=task, head=row.head, backbone=backbone, data=str(data), cache=caches,
-                              out=str(Path(out) / slug(row.label) / task), **options)
-            try:
-                validate_config(cfg)
-            except ConfigError as exc:
-                raise ConfigError(f"{recipe.path}: row {row.label!r}, task {task}: {exc}") from None
-            cells.append(Cell(row=row, task=task, config=cfg))
+            options, seeds = cell_options(recipe, row, task)
+            where = Path(out) / slug(row.label) / task
+            if seeds is not None and run_state(where) in ("complete", "incomplete"):
+                raise ConfigError(f"{recipe.path}: row {row.label!r}, task {task}: {where} holds a run "
+                                  "trained without seeds; the seeds' runs would go inside it: move it, or "
+                                  "choose another out")
+            if seeds is None and where.is_dir() and any(where.glob("seed-*/config.json")):
+                raise ConfigError(f"{recipe.path}: row {row.label!r}, task {task}: {where} holds the runs of "
+                                  "its seeds (seed-<s>); without seeds its one run would land on them: set "
+                                  "seeds again, or choose another out")
+            for seed in seeds or (None,):
+                extra = {} if seed is None else {"seed": seed}
+                cfg = TrainConfig(task=task, head=row.head, backbone=backbone, data=str(data), cache=caches,
+                                  out=str(seed_dir(where, seed)), **options, **extra)
+                try:
+                    validate_config(cfg)
+                except ConfigError as exc:
+                    raise ConfigError(f"{recipe.path}: row {row.label!r}, task {task}: {exc}") from None
+                cells.append(Cell(row=row, task=task, config=cfg, seed=seed))
+    for ens in recipe.ensembles:
+        for task in ens.tasks:
+            ensemble_seeds(recipe, ens, task)  # refuses members of different seeds before anything runs
     missing = sorted({p for c in cells for p in c.config.cache if not Path(p).is_file()})
     if missing:
         raise ConfigError(f"{recipe.path}: cache file(s) not found: {', '.join(missing)}; run `abawfeat "
@@ -334,12 +407,12 @@ def run_ablation(
 ) -> AblationResult:
     """Run (or skip) every cell, then write results.md, results.csv and report.html into the grid's out.
 
-    ``jobs`` > 1 trains that many cells at once, each in its own process with ``cpu_count // jobs`` torch
-    threads (unless the recipe sets ``threads``); 0 picks the number (``auto_jobs``). Why: a head's small
-    matrix products scale poorly over threads (an LSTM epoch is 1.2-1.6x faster on two threads than on
-    one, benchmarks/heads.py), while independent runs scale almost linearly, so on a 2-core machine two
-    jobs finish a grid sooner. Each cell's numbers do not depend on ``jobs`` beyond float rounding of the
-    thread count."""
+    ``jobs`` > 1 trains that many cells at once, each in its own process on its configured torch threads
+    (``threads``: the recipe's, else TrainConfig's default of 1); 0 picks the number (``auto_jobs``). Why:
+    a head's small matrix products scale poorly over threads (an LSTM epoch is 1.2-1.6x faster on two
+    threads than on one, benchmarks/heads.py), while independent runs scale almost linearly, so on a 2-core
+    machine two one-thread jobs finish a grid sooner. A cell's numbers never depend on ``jobs``, the load
+    or the memory free at launch: its thread count is part of its configuration."""
     if jobs < 0:
         raise ConfigError(f"--jobs must be at least 1 (or 0 = auto), not {jobs}")
     say = log or (lambda _msg: None)
@@ -370,6 +443,12 @@ def run_ablation(
         jobs = auto_jobs([cell for _, cell in todo])
         if len(todo) > 1:
             say(f"--jobs auto: {jobs} cell(s) at once")
+    cores = os.cpu_count() or 1
+    busiest = max((c.config.threads or cores for _, c in todo), default=1)
+    at_once = min(jobs, len(todo))
+    if at_once * busiest > cores:
+        say(f"note: {at_once} job(s) of up to {busiest} thread(s) each share {cores} core(s): slower, the "
+            "same numbers (a cell's threads are its configuration)")
     if jobs == 1 or len(todo) <= 1:
         for name, cell in todo:
             say(f"{name}: training into {cell.run_dir}")
@@ -390,8 +469,8 @@ def _claim_cells(out: Path, recipe: Recipe, reused: list[Cell], dry_run: bool) -
     """Refuse, before anything trains, to retrain or rebuild a run this grid did not make (a user's own
     ``train-head --out`` that happens to sit where a cell goes would be replaced), then record every cell's
     folder as the grid's. ``reused``: the row cells that resume or retrain an existing run."""
-    ensembles = [Cell(row=e, task=t, config=None, out=str(out / slug(e.label) / t))
-                 for e in recipe.ensembles for t in e.tasks]
+    ensembles = [Cell(row=e, task=t, config=None, out=str(seed_dir(out / slug(e.label) / t, s)), seed=s)
+                 for e in recipe.ensembles for t in e.tasks for s in ensemble_seeds(recipe, e, t) or (None,)]
     owned = _owned_runs(out)
     for cell in [*reused, *ensembles]:
         if run_state(cell.run_dir) in ("missing", "empty") or _relative(out, cell) in owned:
@@ -403,7 +482,8 @@ def _claim_cells(out: Path, recipe: Recipe, reused: list[Cell], dry_run: bool) -
     if dry_run:
         return
     planned = {_relative(out, c) for c in ensembles} | {
-        str(Path(slug(r.label)) / t) for r in recipe.rows for t in r.tasks}
+        str(seed_dir(Path(slug(r.label)) / t, s)) for r in recipe.rows for t in r.tasks
+        for s in cell_options(recipe, r, t)[1] or (None,)}
     if planned <= owned and (out / GRID_FILE).is_file():
         return  # nothing new to record (a grid re-run to refresh its tables writes nothing here)
     out.mkdir(parents=True, exist_ok=True)
@@ -443,84 +523,108 @@ def _owned_runs(out: Path) -> set[str]:
 
 def _ensemble_cells(recipe: Recipe, cells: list[Cell], out: Path, say: Callable[[str], None],
                     dry_run: bool) -> list[Cell]:
-    """Build (or keep) each [[ensembles]] entry's runs from the rows' runs, once those are trained."""
-    from abawfeat.ensemble import EnsembleConfig, build_ensemble
-    from abawfeat.tasks import task
-    from abawfeat.train.rundir import read_record_or_none
-
+    """Build (or keep) each [[ensembles]] entry's runs from the rows' runs, once those are trained: one per
+    seed when its members have seeds (``ensemble_seeds``), of the members' runs of that seed."""
     made: list[Cell] = []
     for ens in recipe.ensembles:
         for t in ens.tasks:
-            cell = Cell(row=ens, task=t, config=None, out=str(out / slug(ens.label) / t))
-            made.append(cell)
-            name = f"{ens.label} {t}"
+            from abawfeat.tasks import task
+
             candidates = [c for c in cells if c.task == t and c.metrics and isinstance(c.row, Row)
                           and not c.row.options.get("folds")]
             if ens.members:
-                chosen = [c for label in ens.members for c in candidates if c.row.label == label]
+                rows = [label for label in ens.members if any(c.row.label == label for c in candidates)]
             else:
-                chosen = _best_models(candidates, task(t).select_metric, ens.best)
-            if not chosen:
-                cell.status, cell.error = "failed", "no trained member run"
-                say(f"{name}: FAILED: {cell.error}")
-                continue
-            cfg = EnsembleConfig(runs=tuple(str(c.run_dir) for c in chosen), out=cell.out,
-                                 weights=ens.weights, smooth=ens.smooth)
-            cell.ensemble = cfg
-            record = read_record_or_none(cell.run_dir)
-            stored = (record.extra.get("ensemble") or {}) if record is not None else {}
-            current = (stored.get("runs") == list(cfg.runs) and stored.get("weights") == cfg.weights
-                       and stored.get("smooth") == cfg.smooth and run_state(cell.run_dir) == "complete"
-                       and all((c.run_dir / "metrics.json").stat().st_mtime
-                               <= (cell.run_dir / "metrics.json").stat().st_mtime for c in chosen))
-            if current:
-                cell.status, cell.metrics = "skipped", read_json(cell.run_dir / "metrics.json")
-                say(f"{name}: already complete in {cell.run_dir}, skipped")
-                continue
-            if dry_run:
-                say(f"{name}: would build an ensemble of {len(chosen)} run(s) into {cell.run_dir}")
-                continue
-            t0 = time.perf_counter()
-            try:
-                result = build_ensemble(cfg, log=lambda m, name=name: say(f"{name}: {m}"),
-                                        overwrite=run_state(cell.run_dir) != "missing")
-                cell.status, cell.metrics = "trained", result.metrics
-            except AbawfeatError as exc:
-                cell.status, cell.error = "failed", str(exc)
-                say(f"{name}: FAILED: {exc}")
-            cell.seconds = time.perf_counter() - t0
+                rows = [c.row.label for c in _best_models(candidates, task(t).select_metric, ens.best)]
+            for seed in ensemble_seeds(recipe, ens, t) or (None,):
+                cell = Cell(row=ens, task=t, config=None, out=str(seed_dir(out / slug(ens.label) / t, seed)),
+                            seed=seed)
+                made.append(cell)
+                name = f"{ens.label} {t}" + ("" if seed is None else f" seed {seed}")
+                chosen = [c for label in rows for c in candidates
+                          if c.row.label == label and c.seed in (seed, None)]
+                _build_ensemble_cell(cell, ens, chosen, name, say, dry_run)
     return made
 
 
+def _build_ensemble_cell(cell: Cell, ens: EnsembleRow, chosen: list[Cell], name: str,
+                         say: Callable[[str], None], dry_run: bool) -> None:
+    from abawfeat.ensemble import EnsembleConfig, build_ensemble
+    from abawfeat.train.rundir import read_record_or_none
+
+    if not chosen:
+        cell.status, cell.error = "failed", "no trained member run"
+        say(f"{name}: FAILED: {cell.error}")
+        return
+    cfg = EnsembleConfig(runs=tuple(str(c.run_dir) for c in chosen), out=cell.out,
+                         weights=ens.weights, smooth=ens.smooth)
+    cell.ensemble = cfg
+    record = read_record_or_none(cell.run_dir)
+    stored = (record.extra.get("ensemble") or {}) if record is not None else {}
+    current = (stored.get("runs") == list(cfg.runs) and stored.get("weights") == cfg.weights
+               and stored.get("smooth") == cfg.smooth and run_state(cell.run_dir) == "complete"
+               and all((c.run_dir / "metrics.json").stat().st_mtime
+                       <= (cell.run_dir / "metrics.json").stat().st_mtime for c in chosen))
+    if current:
+        cell.status, cell.metrics = "skipped", read_json(cell.run_dir / "metrics.json")
+        say(f"{name}: already complete in {cell.run_dir}, skipped")
+        return
+    if dry_run:
+        say(f"{name}: would build an ensemble of {len(chosen)} run(s) into {cell.run_dir}")
+        return
+    t0 = time.perf_counter()
+    try:
+        result = build_ensemble(cfg, log=lambda m, name=name: say(f"{name}: {m}"),
+                                overwrite=run_state(cell.run_dir) != "missing")
+        cell.status, cell.metrics = "trained", result.metrics
+    except AbawfeatError as exc:
+        cell.status, cell.error = "failed", str(exc)
+        say(f"{name}: FAILED: {exc}")
+    cell.seconds = time.perf_counter() - t0
+
+
 def _best_models(candidates: list[Cell], key: str, n: int) -> list[Cell]:
-    """The ``n`` best distinct trained models by ``key``. An ensemble averages its members' raw outputs, so
-    runs rank by their unsmoothed score, and two rows that trained the same model (they differ only in how
-    they smooth) count once."""
+    """The ``n`` best distinct trained models by ``key``, one cell per row. An ensemble averages its
+    members' raw outputs, so rows rank by their unsmoothed score (the mean over their seeds), and two rows
+    that trained the same model (they differ only in how they smooth) count once."""
 
     def raw(c: Cell) -> float:
         scores = (c.metrics or {}).get("unsmoothed") or c.metrics or {}
         value = scores.get(key)
         return float(value) if isinstance(value, (int, float)) else -math.inf
 
-    def model(c: Cell) -> str:
+    groups: dict[str, list[Cell]] = {}
+    for c in candidates:
+        groups.setdefault(c.row.label, []).append(c)
+
+    def model(group: list[Cell]) -> str:
+        c = group[0]
         if c.config is None:
             return str(c.run_dir)
+        seeded = c.seed is not None
         trained = {k: v for k, v in to_dict(c.config).items()
-                   if k not in RUN_ONLY_SETTINGS and k != "smooth"}
+                   if k not in RUN_ONLY_SETTINGS and k != "smooth" and not (seeded and k == "seed")}
+        if seeded:
+            trained["seeds"] = sorted(g.seed for g in group)
         return json.dumps(trained, sort_keys=True, default=str)
+
+    def score(group: list[Cell]) -> float:
+        return math.fsum(raw(c) for c in group) / len(group)
 
     chosen: list[Cell] = []
     seen: set[str] = set()
-    for c in sorted(candidates, key=lambda c: -raw(c)):
-        if model(c) not in seen and len(chosen) < n:
-            seen.add(model(c))
-            chosen.append(c)
+    for group in sorted(groups.values(), key=lambda g: -score(g)):
+        if model(group) not in seen and len(chosen) < n:
+            seen.add(model(group))
+            chosen.append(group[0])
     return chosen
 
 
 def auto_jobs(cells: list[Cell]) -> int:
-    """``--jobs 0``: on CPU, one job per core, as many as the cells and the available memory allow; 1 when
-    any cell trains on a GPU (one device; its heads are far too small to need sharing it).
+    """``--jobs 0``: on CPU, as many jobs as the cores hold cells of their configured thread count (a cell
+    of ``threads = 0`` takes all of them), as the cells and the available memory allow; 1 when any cell
+    trains on a GPU (one device; its heads are far too small to need sharing it). Only how many cells run at
+    once depends on the machine; what each computes does not.
 
     Each job holds its own copy of the caches' features, and training peaks at ~1.3x the feature bytes
     (docs/performance.md), so a job is budgeted 1.5x its cache files' size."""
@@ -530,10 +634,12 @@ def auto_jobs(cells: list[Cell]) -> int:
         return 1
     if any(resolve_device(c.config.device).type != "cpu" for c in cells):
         return 1
+    cores = os.cpu_count() or 1
+    per_cell = max(c.config.threads or cores for c in cells)
     budget = max(1.5 * sum(Path(p).stat().st_size for p in c.config.cache) for c in cells)
     available = available_memory()
     by_memory = int(available // budget) if available and budget else len(cells)
-    return max(1, min(len(cells), os.cpu_count() or 1, by_memory))
+    return max(1, min(len(cells), cores // per_cell, by_memory))
 
 
 def available_memory() -> int:
@@ -596,7 +702,6 @@ def _train_parallel(todo: list[tuple[str, Cell]], jobs: int, say: Callable[[str]
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    threads = max(1, (os.cpu_count() or 1) // jobs)
     order = sorted(todo, key=lambda t: queue_order(t[1].config))
     # spawn, not fork: the parent may already run torch threads, which a forked child would inherit broken.
     # One cell per process (Python >= 3.11): a process that trained a VA cell keeps its freed memory, and the
@@ -607,12 +712,17 @@ def _train_parallel(todo: list[tuple[str, Cell]], jobs: int, say: Callable[[str]
                              initializer=_quiet_worker, **fresh) as pool:
         futures = {}
         for name, cell in order:
-            config = cell.config if cell.config.threads else dataclasses.replace(cell.config, threads=threads)
-            say(f"{name}: queued for {cell.run_dir} ({config.threads} thread(s) per job, {jobs} jobs)")
-            futures[pool.submit(_train_cell, config, name, cell.mode)] = cell
+            # The cell's own thread count (its configuration), whatever the number of jobs: --jobs decides
+            # only how many cells run at once, never what a cell computes.
+            say(f"{name}: queued for {cell.run_dir} ({_threads_text(cell.config)}, {jobs} jobs)")
+            futures[pool.submit(_train_cell, cell.config, name, cell.mode)] = cell
         for future in as_completed(futures):
             cell = futures[future]
             cell.status, cell.metrics, cell.error, cell.seconds = future.result()
+
+
+def _threads_text(config: TrainConfig) -> str:
+    return f"{config.threads} thread(s)" if config.threads else "torch's default threads"
 
 
 def queue_order(config: TrainConfig) -> tuple[int, bool]:
@@ -638,23 +748,46 @@ def _quiet_worker() -> None:
 
 
 def results_table(recipe: Recipe, cells: list[Cell]) -> list[dict[str, Any]]:
-    """One dict per recipe row: architecture and the four Table 3 columns (None where no run fills it)."""
+    """One dict per recipe row: architecture, the four Table 3 columns, and for each column ``<col>_std``
+    and ``<col>_n``. A column's value is the mean over the row's runs that fill it (its seeds; one run for a
+    row without seeds: its value as is), ``_std`` their sample standard deviation (None for fewer than two
+    runs), ``_n`` how many there are (0 and None where no run fills it)."""
     table = []
     for row in [*recipe.rows, *recipe.ensembles]:
         values: dict[str, Any] = {"architecture": row.label}
         for column, (task, key) in COLUMNS.items():
-            values[column] = None
+            found = []
             for cell in cells:
                 if cell.row is row and cell.metrics and cell.task in (task, "mtl"):
                     value = cell.metrics.get(key)
                     if isinstance(value, (int, float)) and math.isfinite(value):
-                        values[column] = float(value)
+                        found.append(float(value))
+            mean, std = mean_std(found)
+            values[column], values[f"{column}_std"], values[f"{column}_n"] = mean, std, len(found)
         table.append(values)
     return table
 
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1); None for no values, std None for one value."""
+    if not values:
+        return None, None
+    if len(values) == 1:
+        return values[0], None
+    import statistics
+
+    return statistics.fmean(values), statistics.stdev(values)
+
+
+def format_cell(value: float | None, std: float | None = None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if std is None else f"{value:.3f} ± {std:.3f}"
+
+
+def row_n(row: Mapping[str, Any]) -> int:
+    """How many runs (seeds) a results row averages: the most any of its columns has."""
+    return max((int(row.get(f"{c}_n") or 0) for c in COLUMNS), default=0)
 
 
 def _references(recipe: Recipe) -> list[tuple[str, dict[str, float | None]]]:
@@ -677,21 +810,35 @@ def _references(recipe: Recipe) -> list[tuple[str, dict[str, float | None]]]:
 
 
 def markdown(recipe: Recipe, cells: list[Cell], table: list[dict[str, Any]]) -> str:
-    header = "| Architecture | " + " | ".join(COLUMNS) + " |"
-    rule = "|---|" + "---:|" * len(COLUMNS)
+    seeded = any(row_n(r) > 1 for r in table)  # a column n, and the mean ± std where a row has seeds
+    header = "| Architecture | " + " | ".join(COLUMNS) + " |" + (" n |" if seeded else "")
+    rule = "|---|" + "---:|" * (len(COLUMNS) + seeded)
     lines = [f"# {recipe.title}", "",
              "Validation split, official protocol (every labelled frame, crop or not), best epoch per run.",
              "F1_AU thresholds every AU at 0.5; F1_AUopt uses one threshold per AU tuned on validation.",
              "Rows with smoothing report the smoothed scores (tuned on validation unless the row tunes on a "
              "held-out part of train: such tuning flatters the score, as AU thresholds do). Cross-validated "
              "rows report the mean over folds of each fold's held-out videos of train+val, a different "
-             "protocol from the validation split.", "", header, rule]
-    lines += [f"| {r['architecture']} | " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in table]
+             "protocol from the validation split."]
+    if seeded:
+        lines.append("Rows trained over several seeds show the mean ± the sample standard deviation over "
+                     "their n seeds (a cell with fewer runs than its row says how many): a difference "
+                     "smaller than the spread is not a difference.")
+    lines += ["", header, rule]
+
+    def cell_text(r: Mapping[str, Any], c: str) -> str:
+        n = int(r.get(f"{c}_n") or 0)
+        fewer = f" (n={n})" if r[c] is not None and n < row_n(r) else ""
+        return format_cell(r[c], r.get(f"{c}_std")) + fewer
+
+    lines += [f"| {r['architecture']} | " + " | ".join(cell_text(r, c) for c in COLUMNS) + " |"
+              + (f" {row_n(r)} |" if seeded else "") for r in table]
     refs = _references(recipe)
     if refs:
         lines += ["", "Published numbers for comparison (abawfeat/reference/published.json):", "", header,
                   rule]
-        lines += [f"| {label} | " + " | ".join(_fmt(v[c]) for c in COLUMNS) + " |" for label, v in refs]
+        lines += [f"| {label} | " + " | ".join(format_cell(v[c]) for c in COLUMNS) + " |"
+                  + (" - |" if seeded else "") for label, v in refs]
     lines += ["", "## Runs", "", "| row | task | run directory | status | best epoch | seconds |",
               "|---|---|---|---|---:|---:|"]
     for c in cells:
@@ -722,7 +869,9 @@ def write_results(
 
     # A typed frame: a column stays Float64 with empty cells where no run fills it, and labels with commas
     # or quotes are quoted as CSV readers expect.
-    frame = pl.DataFrame(table, schema={"architecture": pl.String, **dict.fromkeys(COLUMNS, pl.Float64)})
+    schema = {"architecture": pl.String, **dict.fromkeys(COLUMNS, pl.Float64),
+              **{f"{c}_std": pl.Float64 for c in COLUMNS}, **{f"{c}_n": pl.Int64 for c in COLUMNS}}
+    frame = pl.DataFrame(table, schema=schema)
     atomic_write(files["csv"], lambda tmp: frame.write_csv(tmp, float_precision=6))
     done = [c.run_dir for c in cells if c.metrics]
     if done:
@@ -741,5 +890,5 @@ def write_results(
     return files
 
 
-__all__ = ["COLUMNS", "AblationResult", "Cell", "Recipe", "load_recipe", "plan_cells", "results_table",
-           "run_ablation", "slug"]
+__all__ = ["COLUMNS", "AblationResult", "Cell", "Recipe", "cell_options", "ensemble_seeds", "format_cell",
+           "load_recipe", "mean_std", "plan_cells", "results_table", "run_ablation", "seed_dir", "slug"]

@@ -98,6 +98,7 @@ def run_cv(cfg: TrainConfig, folds: int, log: Callable[[str], None] | None = Non
         train=to_dict(dataclasses.replace(cfg, folds=folds)),
         extra={"folds": folds, "members": members,
                "au_thresholds": None if thresholds is None else [float(x) for x in thresholds]},
+        environment=dict(first.environment),  # what decided the folds' floats (their thread count, ...)
     )
     result = metrics_record(cfg.task, "cv", None, summary)
     try:
@@ -151,7 +152,7 @@ def _check_out(out: Path, folds: list[TrainConfig]) -> bool:
     wanted = dict(to_dict(dataclasses.replace(folds[0], fold=0, out=str(out))))
     stored = dict(record.train)
     differ = sorted(k for k in set(wanted) | set(stored)
-                    if k not in ("out", "threads", "plots", "fold") and wanted.get(k) != stored.get(k))
+                    if k not in (*RUN_ONLY_SETTINGS, "fold") and wanted.get(k) != stored.get(k))
     if differ:
         raise ConfigError(f"{out}: holds a cross-validation run with other settings ({', '.join(differ)}); "
                           "choose another --out")

@@ -77,7 +77,7 @@ from abawfeat.train.rundir import (
 )
 from abawfeat.utils import dist
 from abawfeat.utils.configs import from_dict, jsonable, read_json, to_dict
-from abawfeat.utils.device import autocast, resolve_device, seed_everything
+from abawfeat.utils.device import autocast, resolve_device, seed_everything, torch_threads
 from abawfeat.utils.io import torch_save, write_json
 
 SCHEDULES = ("cosine", "constant")
@@ -583,7 +583,8 @@ def run_finetune(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool =
     info = dist.dist_info()
     distributed = dist.init_process_group(info)
     try:
-        return _FinetuneRun(cfg, info, distributed, log).run(resume, overwrite, stop_after_epochs)
+        with torch_threads(cfg.train.threads):
+            return _FinetuneRun(cfg, info, distributed, log).run(resume, overwrite, stop_after_epochs)
     finally:
         if distributed:
             import torch.distributed as tdist
@@ -791,7 +792,7 @@ class _FinetuneRun:
                 "published_checkpoint": self.weights_file if cfg.save_published else None,
             },
         )
-        record.write(self.out)
+        record.write(self.out, self.device)
 
     # -- stage two's loop; only the step differs (micro-batches, DDP, scaler, schedule).
     def train(self, start_epoch: int, history: list[dict[str, Any]], best: float,

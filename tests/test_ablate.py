@@ -71,7 +71,8 @@ def test_grid_runs_then_skips_completed_cells_and_writes_table3(world: World, tm
     out = tmp_path / "grid"
     assert (out / "fake-fc" / "va" / "metrics.json").is_file()
     rows = list(csv.reader((out / "results.csv").open()))
-    assert rows[0] == ["architecture", "CCC_VA", "F1_Expr", "F1_AU", "F1_AUopt"]
+    columns = ["CCC_VA", "F1_Expr", "F1_AU", "F1_AUopt"]
+    assert rows[0] == ["architecture", *columns, *(f"{c}_std" for c in columns), *(f"{c}_n" for c in columns)]
     table = {r[0]: r[1:] for r in rows[1:]}
     assert list(table) == ["FAKE+Fc", "FAKE+LSTM"]
     fc_va = json.loads((out / "fake-fc" / "va" / "metrics.json").read_text())
@@ -79,6 +80,8 @@ def test_grid_runs_then_skips_completed_cells_and_writes_table3(world: World, tm
     assert float(table["FAKE+Fc"][0]) == pytest.approx(fc_va["ccc_va"], abs=1e-6)
     assert float(table["FAKE+Fc"][3]) == pytest.approx(fc_au["f1_au_opt"], abs=1e-6)
     assert table["FAKE+Fc"][1] == "" and table["FAKE+LSTM"][0] == ""  # cells no run fills stay empty
+    # No seeds: no spread, and one run in each filled column.
+    assert table["FAKE+Fc"][4:8] == ["", "", "", ""] and table["FAKE+Fc"][8:] == ["1", "0", "1", "1"]
     md = (out / "results.md").read_text()
     assert "| Architecture | CCC_VA | F1_Expr | F1_AU | F1_AUopt |" in md
     assert "| FAKE+LSTM | - |" in md and "DDAMFN+Fc (seed paper)" in md  # ours, then the published row
@@ -179,6 +182,16 @@ def test_shipped_recipes_are_valid_and_reproduce_the_papers_grid() -> None:
     assert {r.label: (r.backbones, r.head) for r in paper.rows}["CLIP+LSTM"] == (("clip",), "lstm")
     demo = load_recipe(PIPELINES / "demo.toml")
     assert demo.caches["ddamfn"] and len(demo.rows) >= 2
+    # The demo tables are measured over five seeds on a pinned thread (README; issue 23).
+    from abawfeat.ablate import cell_options, ensemble_seeds
+
+    beyond = load_recipe(PIPELINES / "demo-beyond.toml")
+    for grid in (demo, beyond):
+        for row in grid.rows:
+            for t in row.tasks:
+                options, seeds = cell_options(grid, row, t)
+                assert seeds == (0, 1, 2, 3, 4) and options["threads"] == 1, (grid.name, row.label, t)
+    assert all(ensemble_seeds(beyond, e, t) == (0, 1, 2, 3, 4) for e in beyond.ensembles for t in e.tasks)
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -245,3 +258,196 @@ def test_an_ensemble_of_the_best_rows_takes_distinct_models_by_their_raw_scores(
     chosen = _best_models([smoothed, holdout, other, plain], "ccc_va", 3)
     assert [c.row.label for c in chosen] in (["smoothed", "other", "holdout"], ["plain", "other", "holdout"])
     assert len({c.config.seed for c in chosen[:2]}) == 2
+
+
+# ------------------------------------------------------------------------------- threads and seeds
+
+
+def small_recipe(tmp: Path, world: World, defaults: str = "", rows: str = "", ensembles: str = "",
+                 epochs: int = 2) -> Path:
+    """A grid of seconds: a frame-wise row and a temporal one in fp32 (bf16 LSTMs need AVX-512 BF16)."""
+    path = tmp / "small.toml"
+    path.write_text(f"""
+[grid]
+name = "small"
+title = "Small grid"
+data = "{world.root}"
+out = "{tmp / 'grid'}"
+
+[caches]
+fake = "{world.cache}"
+
+[defaults]
+epochs = {epochs}
+plots = false
+batch_size = 32
+precision = "fp32"
+{defaults}
+
+[[rows]]
+label = "FAKE+Fc"
+backbone = "fake"
+head = "fc"
+tasks = ["va", "au"]
+
+[[rows]]
+label = "FAKE+GRU"
+backbone = "fake"
+head = "gru"
+tasks = ["va"]
+window = 16
+batch_size = 8
+hidden = 16
+{rows}
+{ensembles}
+""")
+    return path
+
+
+def test_jobs_never_change_a_number(world: World, tmp_path: Path) -> None:
+    # The thread count is each cell's configuration (TrainConfig.threads, default 1), never derived from
+    # --jobs or the machine: a grid run serially in a process that has two torch threads and one run on
+    # two jobs give byte-identical tables, and every run records the one thread it used.
+    import torch
+
+    path = small_recipe(tmp_path, world)
+    path.write_text(path.read_text().replace('tasks = ["va", "au"]', 'tasks = ["va"]'))  # two cells
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        serial = run_ablation(path, out=str(tmp_path / "serial"), jobs=1)
+    finally:
+        torch.set_num_threads(before)
+    parallel = run_ablation(path, out=str(tmp_path / "parallel"), jobs=2)
+    assert [c.status for c in parallel.cells] == ["trained"] * 2
+    assert (tmp_path / "serial" / "results.csv").read_bytes() == (tmp_path / "parallel" /
+                                                                   "results.csv").read_bytes()
+    assert parallel.table == serial.table
+    for cell in [*serial.cells, *parallel.cells]:
+        record = json.loads((cell.run_dir / "config.json").read_text())
+        assert record["train"]["threads"] == 1
+        assert record["resolved"]["threads"] == 1
+        assert record["environment"]["threads"] == 1
+        assert record["environment"]["torch"] == torch.__version__
+
+
+def test_a_changed_thread_count_retrains_the_cell(world: World, tmp_path: Path) -> None:
+    # Threads are configuration: a grid asked for another count does not reuse runs of the old one.
+    path = small_recipe(tmp_path, world)
+    cells = load_recipe(path)
+    first = run_ablation(path, dry_run=False)
+    assert [c.status for c in first.cells] == ["trained"] * 3 and cells.rows
+    path.write_text(path.read_text().replace('precision = "fp32"', 'precision = "fp32"\nthreads = 2'))
+    again = run_ablation(path, dry_run=True)
+    assert [c.status for c in again.cells] == ["pending"] * 3  # none skipped as complete
+
+
+def test_auto_jobs_count_each_cells_threads(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                            ) -> None:
+    import abawfeat.ablate as ablate
+
+    monkeypatch.setattr(ablate, "available_memory", lambda: 0)
+    monkeypatch.setattr(ablate.os, "cpu_count", lambda: 4)
+    one = ablate.plan_cells(load_recipe(small_recipe(tmp_path, world)), None, None)
+    assert ablate.auto_jobs(one) == 3  # one thread per cell: the three cells fit on four cores
+    two = ablate.plan_cells(load_recipe(small_recipe(tmp_path, world, defaults="threads = 2")), None, None)
+    assert ablate.auto_jobs(two) == 2  # two threads per cell: two cells at once
+    assert {c.config.threads for c in two} == {2}  # and jobs never touch what a cell computes
+
+
+def _metric(run: Path, key: str) -> float:
+    return float(json.loads((run / "metrics.json").read_text())[key])
+
+
+def test_seeds_train_each_cell_once_per_seed_and_report_mean_and_std(world: World, tmp_path: Path) -> None:
+    path = small_recipe(
+        tmp_path, world, defaults="seeds = [0, 1, 2]",
+        rows='[[rows]]\nlabel = "FAKE+Fc, seed 7"\nbackbone = "fake"\nhead = "fc"\ntasks = ["va"]\n'
+             "seed = 7\n",
+        ensembles='[[ensembles]]\nlabel = "Best 2"\ntasks = ["va"]\nbest = 2\n')
+    result = run_ablation(path)
+    out = tmp_path / "grid"
+    assert not result.failed
+    fc = [out / "fake-fc" / "va" / f"seed-{s}" for s in (0, 1, 2)]
+    values = [_metric(r, "ccc_va") for r in fc]
+    assert [json.loads((r / "config.json").read_text())["train"]["seed"] for r in fc] == [0, 1, 2]
+    assert len(set(values)) == 3  # three seeds, three runs
+    mean = sum(values) / 3
+    std = (sum((v - mean) ** 2 for v in values) / 2) ** 0.5  # sample standard deviation, by hand
+    rows = {r["architecture"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert list(rows["FAKE+Fc"]) == ["architecture", "CCC_VA", "F1_Expr", "F1_AU", "F1_AUopt", "CCC_VA_std",
+                                     "F1_Expr_std", "F1_AU_std", "F1_AUopt_std", "CCC_VA_n", "F1_Expr_n",
+                                     "F1_AU_n", "F1_AUopt_n"]
+    assert float(rows["FAKE+Fc"]["CCC_VA"]) == pytest.approx(mean, abs=1e-6)
+    assert float(rows["FAKE+Fc"]["CCC_VA_std"]) == pytest.approx(std, abs=1e-6)
+    assert rows["FAKE+Fc"]["CCC_VA_n"] == "3" and rows["FAKE+Fc"]["F1_Expr_n"] == "0"
+    # A row that sets seed = 7 overrides the defaults' seeds: one run, in the cell's own folder, no spread.
+    single = out / "fake-fc-seed-7" / "va"
+    assert float(rows["FAKE+Fc, seed 7"]["CCC_VA"]) == pytest.approx(_metric(single, "ccc_va"), abs=1e-6)
+    assert rows["FAKE+Fc, seed 7"]["CCC_VA_std"] == "" and rows["FAKE+Fc, seed 7"]["CCC_VA_n"] == "1"
+    md = (out / "results.md").read_text()
+    assert f"| FAKE+Fc | {mean:.3f} ± {std:.3f} | - |" in md and "| n |" in md
+    # The ensemble is built once per seed, of the two best rows' runs of that seed (the single-seed row
+    # lends its one run to each).
+    ens = [out / "best-2" / "va" / f"seed-{s}" for s in (0, 1, 2)]
+    assert all((e / "metrics.json").is_file() for e in ens)
+    assert rows["Best 2"]["CCC_VA_n"] == "3"
+    members = json.loads((ens[1] / "config.json").read_text())["extra"]["ensemble"]["runs"]
+    assert all(m.endswith("seed-1") or "fake-fc-seed-7" in m for m in members) and len(members) == 2
+    owned = json.loads((out / "grid-runs.json").read_text())["runs"]
+    assert "fake-fc/va/seed-2" in owned and "best-2/va/seed-0" in owned and "fake-fc-seed-7/va" in owned
+    again = run_ablation(path)
+    assert {c.status for c in again.cells} == {"skipped"}
+    assert again.table == result.table
+
+
+@pytest.mark.parametrize("defaults, rows, ensembles, message", [
+    ("seeds = [0, 1]\nseed = 3", "", "", r"\[defaults\]: give seed \(one run\) or seeds"),
+    ('seeds = "0-4"', "", "", r"key 'seeds' must be a list of seeds"),
+    ("seeds = [1, 1]", "", "", r"key 'seeds' lists a seed twice"),
+    ("seeds = []", "", "", r"key 'seeds' must be a list of seeds"),
+    ("seeds = [0, 1]",
+     '[[rows]]\nlabel = "X"\nbackbone = "fake"\nhead = "fc"\ntasks = ["va"]\nseeds = [2, 3]\n',
+     '[[ensembles]]\nlabel = "E"\ntasks = ["va"]\nbest = 2\n',
+     r"ensemble 'E', task va: its candidate rows train different seeds"),
+])
+def test_seed_errors_name_the_file_and_the_key(world: World, tmp_path: Path, defaults: str, rows: str,
+                                               ensembles: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        run_ablation(small_recipe(tmp_path, world, defaults, rows, ensembles), dry_run=True)
+
+
+def test_seeds_beside_a_run_trained_without_them_are_refused(world: World, tmp_path: Path) -> None:
+    path = small_recipe(tmp_path, world)
+    run_ablation(path)
+    path.write_text(path.read_text().replace('precision = "fp32"', 'precision = "fp32"\nseeds = [0, 1]'))
+    with pytest.raises(ConfigError, match=r"fake-fc/va holds a run trained without seeds"):
+        run_ablation(path, dry_run=True)
+
+
+def test_seeds_of_a_cross_validated_row_and_dropping_seeds_again(world: World, tmp_path: Path) -> None:
+    # A cross-validated row with seeds: one cross-validation per seed (its folds inside), averaged.
+    path = small_recipe(tmp_path, world, defaults="seeds = [0, 1]", epochs=1)
+    # Only the Fc row, for VA, cross-validated over two folds.
+    text = path.read_text().replace('tasks = ["va", "au"]', 'tasks = ["va"]\nfolds = 2', 1)
+    path.write_text(text.split('[[rows]]\nlabel = "FAKE+GRU"')[0])
+    result = run_ablation(path)
+    assert not result.failed
+    out = tmp_path / "grid" / "fake-fc" / "va"
+    assert all((out / f"seed-{s}" / f"fold-{f}" / "metrics.json").is_file() for s in (0, 1) for f in (0, 1))
+    values = [_metric(out / f"seed-{s}", "ccc_va") for s in (0, 1)]
+    assert result.table[0]["CCC_VA"] == pytest.approx(sum(values) / 2)
+    assert result.table[0]["CCC_VA_n"] == 2
+    path.write_text(path.read_text().replace("seeds = [0, 1]", ""))
+    with pytest.raises(ConfigError, match=r"fake-fc/va holds the runs of its seeds"):
+        run_ablation(path, dry_run=True)
+
+
+def test_mean_std_by_hand() -> None:
+    from abawfeat.ablate import format_cell, mean_std
+
+    assert mean_std([]) == (None, None)
+    assert mean_std([0.25]) == (0.25, None)
+    mean, std = mean_std([0.1, 0.2, 0.6])
+    assert mean == pytest.approx(0.3) and std == pytest.approx(((0.04 + 0.01 + 0.09) / 2) ** 0.5)
+    assert format_cell(0.3, 0.26458) == "0.300 ± 0.265" and format_cell(None) == "-"

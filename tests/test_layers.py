@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("abawfeat.audio.extract", "abawfeat.train"),
     ("abawfeat.extract",),
     ("abawfeat.finetune", "abawfeat.predict", "abawfeat.ensemble", "abawfeat.cv"),
-    ("abawfeat.report",),
+    ("abawfeat.report", "abawfeat.reproduce"),
     ("abawfeat.ablate",),
     ("abawfeat.cli", "abawfeat.__main__"),
 ]

@@ -4,6 +4,7 @@ contract (docs/architecture.md, "Run directory") with known numbers."""
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import re
@@ -352,19 +353,28 @@ def test_reference_rows_carry_published_numbers_and_split(report: tuple[Path, st
                 assert cell["text"].strip() == "–"
             else:
                 assert float(cell["title"]) == value and not cell["bold"]
-        assert p.source and p.source in text.replace("&#x27;", "'")
-    assert 'class="split test">test' in text
+        assert p.source and p.source in html.unescape(text)
+    assert 'class="split test">test' in text and 'class="split dev">development' in text
 
 
 def test_published_reference_numbers() -> None:
     published = {p.id: p for p in load_published()}
-    assert len(published) == 7
+    assert len(published) == 10
     assert (published["abaw8-baseline"].ccc_va, published["abaw8-baseline"].f1_au_opt) == (0.22, None)
     lstm = published["seed-ddamfn-lstm"]
     assert (lstm.ccc_va, lstm.f1_expr, lstm.f1_au, lstm.f1_au_opt) == (0.479, 0.289, 0.411, 0.451)
     assert published["seed-clip-lstm"].f1_expr == 0.341 and published["seed-clip-fc"].f1_expr == 0.282
     assert published["abaw6-winner-test"].split == "test"
-    assert all(p.split == "validation" for k, p in published.items() if k != "abaw6-winner-test")
+    # The 10th ABAW (2026): Team RAS's VA on its development set, the expression winner and HSEmotion.
+    ras = published["ras-abaw10-va"]
+    assert (ras.split, ras.ccc_va, ras.f1_expr, ras.f1_au) == ("development", 0.658, None, None)
+    assert (published["abaw10-expr-winner"].split, published["abaw10-expr-winner"].f1_expr) == ("validation",
+                                                                                                0.537)
+    hse = published["hsemotion-abaw10"]
+    assert (hse.split, hse.ccc_va, hse.f1_expr, hse.f1_au, hse.f1_au_opt) == ("validation", 0.562, 0.474,
+                                                                              0.547, None)
+    assert all(p.split == "validation" for k, p in published.items()
+               if k not in ("abaw6-winner-test", "ras-abaw10-va"))
 
 
 def test_report_sections_show_config_and_per_item_metrics(report: tuple[Path, str]) -> None:
@@ -476,3 +486,23 @@ def test_cli_report_bad_run_dir_is_one_line_exit_2(tmp_path: Path, problem: str)
     assert len(lines) == 1 and lines[0].startswith("error:"), result.output
     assert ("metrics.json" if problem == "no-metrics" else "does not exist") in lines[0]
     assert "Traceback" not in result.output and not (tmp_path / "r.html").exists()
+
+
+def test_seeds_of_one_cell_are_one_row_with_mean_std_and_ties_marked(tmp_path: Path) -> None:
+    # ablate's layout for a row with seeds: <row>/<task>/seed-<s>. The three LSTM seeds are one row (their
+    # mean and sample std, by hand); the Fc run is less than that spread from it (marked), the GRU run not.
+    seeds = [make_run(tmp_path / "lstm" / "va", f"seed-{s}", "va", "ddamfn", "lstm", base, outputs=False)
+             for s, base in enumerate((0.40, 0.45, 0.50))]
+    fc = make_run(tmp_path, "fc-va", "va", "ddamfn", "fc", 0.43, outputs=False)
+    gru = make_run(tmp_path, "gru-va", "va", "ddamfn", "gru", 0.30, outputs=False)
+    with pytest.warns(PlotWarning):
+        text = build_report([*seeds, fc, gru], tmp_path / "r.html").read_text()
+    rows = {r["label"]: r for r in _parse(text).rows if r["class"] == "run-row"}
+    assert list(rows) == ["DDAMFN+LSTM", "DDAMFN+Fc", "DDAMFN+GRU"]
+    lstm = rows["DDAMFN+LSTM"]["cells"]["ccc_va"]
+    mean = (0.40 + 0.45 + 0.50) / 3 + 0.00061728395
+    assert lstm["bold"] and lstm["text"].startswith(f"{mean:.3f} ± 0.050")
+    assert f"mean {mean!r}"[:12] in lstm["title"] and "over 3 seeds" in lstm["title"]
+    assert "within" in rows["DDAMFN+Fc"]["cells"]["ccc_va"]["class"]  # 0.02 below the best, spread 0.05
+    assert "≈" in rows["DDAMFN+Fc"]["cells"]["ccc_va"]["text"]
+    assert "within" not in rows["DDAMFN+GRU"]["cells"]["ccc_va"]["class"]  # 0.15 below: a difference

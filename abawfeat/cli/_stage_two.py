@@ -49,7 +49,8 @@ TrunkOpt = Annotated[list[str] | None, typer.Option(
     "--trunk-opt", help="Any other trunk option, key=value (repeatable; `abawfeat heads` lists them).")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")]
 Threads = Annotated[int, typer.Option(
-    "--threads", help="CPU threads; 0 = auto (1 for frame-wise heads, else all cores). 1 on a busy machine.")]
+    "--threads", help="Torch CPU threads, part of the run's configuration (the numbers depend on it); 0 = "
+    "this process's default (the cores: machine-dependent).")]
 Precision = Annotated[str, typer.Option(
     "--precision", help="auto (bf16 for temporal trunks and contrastive heads), fp32, bf16, fp16 (CUDA).")]
 Smooth = Annotated[str, typer.Option(

@@ -78,6 +78,7 @@ def finetune_command(
     dropout: st.Dropout = 0.0,
     trunk_opt: st.TrunkOpt = None,
     device: st.Device = "auto",
+    threads: st.Threads = 1,
     precision: st.Precision = "auto",
     workers: int = typer.Option(2, "--workers", help="DataLoader processes decoding crops."),
     eval_batch_size: int = typer.Option(
@@ -100,7 +101,8 @@ def finetune_command(
             class_weights=class_weights, pos_weight=pos_weight, epochs=epochs, seed=seed, lr=lr,
             weight_decay=weight_decay, batch_size=batch_size, window=window, stride=stride,
             infer_stride=infer_stride, hidden=hidden, layers=layers, bidirectional=bidirectional,
-            dropout=dropout, trunk_opt=trunk_opt, device=device, precision=precision, plots=plots,
+            dropout=dropout, trunk_opt=trunk_opt, device=device, threads=threads, precision=precision,
+            plots=plots,
         )
     run_finetune_command(
         train, resume=resume, weights=weights, random_init=random_init,

@@ -15,7 +15,7 @@ from rich.text import Text
 
 from abawfeat.cli import _stage_two as st
 from abawfeat.cli import app
-from abawfeat.cli._common import console, err_console, error_line, guarded
+from abawfeat.cli._common import console, err_console, error_line, guarded, warn_line
 
 
 def _log(message: str) -> None:
@@ -49,7 +49,7 @@ def train_head(
     dropout: st.Dropout = 0.0,
     trunk_opt: st.TrunkOpt = None,
     device: st.Device = "auto",
-    threads: st.Threads = 0,
+    threads: st.Threads = 1,
     precision: st.Precision = "auto",
     smooth: st.Smooth = "none",
     tune_on: st.TuneOn = "val",
@@ -177,7 +177,7 @@ def cv_command(
     dropout: st.Dropout = 0.0,
     trunk_opt: st.TrunkOpt = None,
     device: st.Device = "auto",
-    threads: st.Threads = 0,
+    threads: st.Threads = 1,
     precision: st.Precision = "auto",
     smooth: st.Smooth = "none",
     tune_on: st.TuneOn = "val",
@@ -287,15 +287,16 @@ def ablate_command(
     out: Path | None = typer.Option(None, "--out", help="Output folder (overrides the recipe's)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be trained or skipped."),
     jobs: int = typer.Option(
-        0, "--jobs", "-j", help="Cells trained at once, each in its own process with cores/jobs threads; "
-        "0 = auto: one per CPU core as memory allows, 1 on a GPU.",
+        0, "--jobs", "-j", help="Cells trained at once, each in its own process on its own configured "
+        "threads (recipe `threads`, default 1): --jobs never changes a number. 0 = auto: as many as the "
+        "cores and memory hold, 1 on a GPU.",
     ),
 ) -> None:
     """Run a grid of train-head runs (complete runs with the same config are skipped) and write
     results.md / results.csv in the seed paper's Table 3 layout, plus report.html."""
     from rich.table import Table
 
-    from abawfeat.ablate import COLUMNS, run_ablation
+    from abawfeat.ablate import COLUMNS, format_cell, run_ablation
 
     result = run_ablation(recipe, str(data) if data else None, str(out) if out else None, log=_log,
                           dry_run=dry_run, jobs=jobs)
@@ -304,7 +305,7 @@ def ablate_command(
     for column in COLUMNS:
         table.add_column(column, justify="right")
     for row in result.table:
-        table.add_row(row["architecture"], *("-" if row[c] is None else f"{row[c]:.3f}" for c in COLUMNS))
+        table.add_row(row["architecture"], *(format_cell(row[c], row.get(f"{c}_std")) for c in COLUMNS))
     console.print(table)
     for path in result.files.values():
         console.print(str(path), highlight=False)
@@ -312,6 +313,53 @@ def ablate_command(
         for cell in result.failed:
             error_line(f"{cell.row.label} {cell.task}: {cell.error}", label="failed:")
         raise typer.Exit(code=1)
+
+
+@app.command("reproduce")
+@guarded
+def reproduce_command(
+    run_dir: Path = typer.Argument(..., help="A complete run: train-head, cv or ensemble."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Scratch folder for the reproduction (new or empty); default: a temporary one."),
+    keep: bool = typer.Option(False, "--keep", help="Keep the reproduction instead of removing it."),
+) -> None:
+    """Redo a run from its record in a scratch folder (the run itself is only read) and compare every metric
+    of metrics.json exactly; exit 0 when all are equal, 1 when any differs, naming the recorded settings
+    (threads, torch, oneDNN, CPU instruction sets, device, cache fingerprints) that differ from this
+    machine's."""
+    from rich.table import Table
+
+    from abawfeat.reproduce import reproduce_run
+
+    result = reproduce_run(run_dir, out, keep=keep, log=_log)
+    table = Table(title=f"{run_dir}: original vs reproduced ({result.threads or 'default'} thread(s))",
+                  title_justify="left")
+    for column in ("metric", "original", "reproduced", ""):
+        table.add_column(column, overflow="fold")
+    for row in result.rows:
+        mark = "=" if row.equal else "≠"
+        table.add_row(row.key, json.dumps(row.original), json.dumps(row.reproduced), mark)
+    console.print(table)
+    if result.kept:
+        console.print(f"reproduction kept in {result.scratch}", highlight=False)
+    if result.equal:
+        console.print(f"equal: all {len(result.rows)} values of {run_dir / 'metrics.json'} reproduced "
+                      "exactly", highlight=False)
+        for phrase in result.differences:
+            warn_line(f"recorded setting differs, yet the numbers agree: {phrase}")
+        return
+    error_line(f"{run_dir}: {len(result.differing)} of {len(result.rows)} metric values differ",
+               label="differ:")
+    if result.differences:
+        for phrase in result.differences:
+            err_console.print(f"  recorded setting differs from this machine's: {phrase}", highlight=False,
+                              soft_wrap=True)
+    else:
+        err_console.print("  no recorded setting (threads, torch, oneDNN, CPU flags, device, cache "
+                          "fingerprints) differs from this machine's: something the record does not hold "
+                          "changed (OMP or MKL environment variables, the data root's annotations)",
+                          highlight=False, soft_wrap=True)
+    raise typer.Exit(code=1)
 
 
 @app.command("heads")

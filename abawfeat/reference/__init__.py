@@ -16,7 +16,9 @@ from abawfeat.errors import DataError
 
 # The four Table 3 columns of the seed paper, in its order; the keys match metrics.json.
 TABLE3_COLUMNS: tuple[str, ...] = ("ccc_va", "f1_expr", "f1_au", "f1_au_opt")
-SPLITS: tuple[str, ...] = ("validation", "test")
+# development: a team's own development split (train+val repartitioned), as some report: not the official
+# validation split, so not directly comparable with it either.
+SPLITS: tuple[str, ...] = ("validation", "development", "test")
 _RESOURCE = "published.json"
 
 

@@ -13,6 +13,7 @@ import datetime as _dt
 import html
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +63,9 @@ class Run:
 class Table3Row:
     label: str
     runs: list[Run]
-    values: dict[str, tuple[float, Run]]  # column -> (exact value, run it came from)
+    values: dict[str, tuple[float, Run]]  # column -> (exact value or mean over seeds, a run it came from)
+    # column -> (sample standard deviation, number of runs) where the column averages several seeds' runs
+    spread: dict[str, tuple[float, int]] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -106,28 +109,77 @@ def _finite(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+_SEED_DIR = re.compile(r"seed-\d+")
+
+
+def _replicates(group: Sequence[Run]) -> list[list[Run]]:
+    """Runs of one architecture in units: the runs of one cell over its seeds (directories ``seed-<s>``
+    side by side, as ``ablate`` writes a row with ``seeds``, of one task) form one unit; any other run is a
+    unit of its own."""
+    units: dict[Any, list[Run]] = {}
+    for run in group:
+        seeded = _SEED_DIR.fullmatch(run.path.name) is not None
+        key: Any = (run.task, str(run.path.parent.resolve())) if seeded else run.index
+        units.setdefault(key, []).append(run)
+    return list(units.values())
+
+
+def _unit_name(unit: Sequence[Run]) -> str:
+    first = unit[0].path
+    return f"{first.parent.parent.name}/{first.parent.name}" if len(unit) > 1 else first.name
+
+
 def table3_rows(runs: Sequence[Run]) -> list[Table3Row]:
     """Runs of one architecture merge into one row (a VA run and an AU run of DDAMFN+LSTM fill different
-    columns). When two runs of an architecture would fill the same column, merging would hide one of them,
-    so each of those runs gets its own row, labelled with its directory name."""
+    columns); the runs of one cell over several seeds fill a column with their mean (and spread). When two
+    units of an architecture would fill the same column, merging would hide one of them, so each of those
+    gets its own row, labelled with its directory name."""
+    import statistics
+
     by_label: dict[str, list[Run]] = {}
     for run in runs:
         by_label.setdefault(run.label, []).append(run)
     rows: list[Table3Row] = []
     for label, group in by_label.items():
-        filled = [{c for c in TABLE3_COLUMNS if _finite(r.metrics.get(c)) is not None} for r in group]
-        clash = any(filled[i] & filled[j] for i in range(len(group)) for j in range(i + 1, len(group)))
-        parts = [[r] for r in group] if clash else [group]
+        units = _replicates(group)
+        filled = [{c for c in TABLE3_COLUMNS if any(_finite(r.metrics.get(c)) is not None for r in u)}
+                  for u in units]
+        clash = any(filled[i] & filled[j] for i in range(len(units)) for j in range(i + 1, len(units)))
+        parts = [[u] for u in units] if clash else [units]
         for members in parts:
             values: dict[str, tuple[float, Run]] = {}
-            for run in members:
+            spread: dict[str, tuple[float, int]] = {}
+            for unit in members:
                 for column in TABLE3_COLUMNS:
-                    value = _finite(run.metrics.get(column))
-                    if value is not None:
-                        values[column] = (value, run)
-            name = f"{label} · {members[0].path.name}" if clash else label
-            rows.append(Table3Row(label=name, runs=members, values=values))
+                    found = [(v, r) for r in unit if (v := _finite(r.metrics.get(column))) is not None]
+                    if not found:
+                        continue
+                    numbers = [v for v, _ in found]
+                    mean = numbers[0] if len(numbers) == 1 else statistics.fmean(numbers)
+                    values[column] = (mean, found[0][1])
+                    if len(numbers) > 1:
+                        spread[column] = (statistics.stdev(numbers), len(numbers))
+            name = f"{label} · {_unit_name(members[0])}" if clash else label
+            rows.append(Table3Row(label=name, runs=[r for u in members for r in u], values=values,
+                                  spread=spread))
     return rows
+
+
+def within_spread(rows: Sequence[Table3Row], column: str) -> set[int]:
+    """Indices of the rows whose ``column`` differs from the best row's by less than the spread (the larger
+    of the two rows' standard deviations over seeds): those differences are not differences. Empty when
+    the best row has no rival with a spread to compare."""
+    scored = [(i, row.values[column][0]) for i, row in enumerate(rows) if column in row.values]
+    if not scored:
+        return set()
+    best_i, best = max(scored, key=lambda t: t[1])
+    best_std = rows[best_i].spread.get(column, (0.0, 1))[0]
+    out = set()
+    for i, value in scored:
+        std = max(best_std, rows[i].spread.get(column, (0.0, 1))[0])
+        if i != best_i and std > 0 and best - value < std:
+            out.add(i)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- rendering
@@ -141,16 +193,26 @@ def fmt(value: float) -> str:
     return f"{value:.{DECIMALS}f}"
 
 
-def _num_cell(value: Any, *, bold: bool = False, extra: str = "") -> str:
+def _num_cell(value: Any, *, bold: bool = False, extra: str = "", spread: tuple[float, int] | None = None,
+              tie: bool = False) -> str:
     number = _finite(value)
     if number is None:
         # Not reported (None) or not a finite number: a dash, with what was there on hover.
         hover = "not reported" if value is None else repr(value)
         return f'<td class="num na" title="{_e(hover)}"{extra}>–</td>'
     text = fmt(number)
+    hover = repr(number)
+    if spread is not None:
+        std, n = spread
+        text += f' <span class="sd">± {fmt(std)}</span>'
+        hover = f"mean {number!r} over {n} seeds, sample std {std!r}"
     if bold:
         text = f"<b>{text}</b>"
-    return f'<td class="num{" best" if bold else ""}" title="{_e(repr(number))}"{extra}>{text}</td>'
+    if tie:
+        text += ' <span class="tie">≈</span>'
+        hover += "; differs from the best row by less than the spread"
+    classes = "num" + (" best" if bold else "") + (" within" if tie else "")
+    return f'<td class="{classes}" title="{_e(hover)}"{extra}>{text}</td>'
 
 
 def _table3(rows: Sequence[Table3Row], published: Sequence[PublishedResult]) -> str:
@@ -165,13 +227,15 @@ def _table3(rows: Sequence[Table3Row], published: Sequence[PublishedResult]) -> 
         f"<thead><tr><th>Architecture</th>{head}<th>Split</th><th>Runs / source</th></tr></thead>",
         "<tbody>",
     ]
-    for row in rows:
+    ties = {column: within_spread(rows, column) for column in TABLE3_COLUMNS}
+    for i, row in enumerate(rows):
         cells = []
         for column in TABLE3_COLUMNS:
             if column in row.values:
                 value, run = row.values[column]
                 attrs = f' data-col="{column}" data-run="{_e(run.path)}"'
-                cells.append(_num_cell(value, bold=value == best.get(column), extra=attrs))
+                cells.append(_num_cell(value, bold=value == best.get(column), extra=attrs,
+                                       spread=row.spread.get(column), tie=i in ties[column]))
             else:
                 cells.append(f'<td class="num na" data-col="{column}">–</td>')
         links = ", ".join(f'<a href="#{r.anchor}">{_e(r.path.name)}</a> <span class="tag">{_e(r.task)}</span>'
@@ -181,10 +245,10 @@ def _table3(rows: Sequence[Table3Row], published: Sequence[PublishedResult]) -> 
     if published:
         span = len(TABLE3_COLUMNS) + 3
         out.append(f'<tr class="divider"><td colspan="{span}">Published results, for context (never bold; '
-                   "test-set numbers are not comparable with validation)</td></tr>")
+                   "test-set and development-set numbers are not comparable with validation)</td></tr>")
     for n, ref in enumerate(published, start=1):
         cells = "".join(_num_cell(ref.value(c), extra=f' data-col="{c}"') for c in TABLE3_COLUMNS)
-        split_class = "test" if ref.split == "test" else "val"
+        split_class = {"test": "test", "development": "dev"}.get(ref.split, "val")
         out.append(f'<tr class="ref-row" data-ref="{_e(ref.id)}"><th scope="row">{_e(ref.label)}</th>{cells}'
                    f'<td><span class="split {split_class}">{_e(ref.split)}</span></td>'
                    f'<td class="runs"><a href="#ref-{n}">[{n}]</a></td></tr>')
@@ -325,6 +389,8 @@ table { border-collapse: collapse; }
 .num { font-variant-numeric: tabular-nums; }
 .num.na { color: #a0a8b3; }
 .best b { color: #0d3b85; }
+.sd { color: var(--muted); font-size: 12px; }
+.tie { color: #8a6d00; font-weight: bold; }
 .run-row th { font-weight: 600; }
 tr.divider td { background: var(--bg-alt); color: var(--muted); font-size: 12.5px; font-style: italic;
   padding: 5px 12px; border-bottom: 1px solid var(--line); }
@@ -336,6 +402,7 @@ tr.divider td { background: var(--bg-alt); color: var(--muted); font-size: 12.5p
 .split { font-size: 12px; border-radius: 4px; padding: 1px 6px; }
 .split.val { background: #e6f4ea; color: #1e6b34; }
 .split.test { background: #fdecea; color: #a4281b; }
+.split.dev { background: #fff4e0; color: #8a5300; }
 .sources { font-size: 12.5px; color: var(--muted); padding-left: 22px; margin: 6px 0 0; }
 .sources li { margin: 3px 0; }
 .note { font-style: italic; }
@@ -384,6 +451,7 @@ def render_report(runs: Sequence[Run], published: Sequence[PublishedResult], tit
         f"<h1>{_e(title)}</h1>",
         f'<p class="muted">{len(runs)} run(s) · generated {_e(when)} by abawfeat {_e(__version__)} · '
         "validation metrics at each run's best epoch · bold: best of these runs per column · "
+        "rows over several seeds: mean ± sample std; ≈: less than the spread from the best row · "
         f"numbers rounded to {DECIMALS} decimals, exact value on hover</p>",
         "<h2>Results (Table 3 layout)</h2>",
         _table3(rows, published),

@@ -59,10 +59,13 @@ class TrainConfig:
     dropout: float = 0.0  # on trunk inputs and hidden states
     trunk_opts: dict[str, Any] = field(default_factory=dict)  # any other trunk option (--trunk-opt k=v)
     device: str = "auto"  # auto | cpu | cuda[:N]
-    # CPU threads for torch; 0 = auto: one for a frame-wise trunk with a per-frame objective (its products
-    # are too small to split, docs/performance.md), torch's default (all cores) otherwise. On a machine
-    # shared with other jobs, 1 avoids threads waiting on each other at every op.
-    threads: int = 0
+    # Torch's CPU threads: configuration, like the seed. The order of float sums depends on the count, and
+    # on data of demo size a different order can move a run to other numbers (docs/training.md, "Threads"),
+    # so the count is never derived from the machine's cores or load: 1 by default on every device (a
+    # head's small products gain little from more, docs/performance.md).
+    # 0 = this process's setting (OMP_NUM_THREADS or the cores): faster for temporal trunks on many cores,
+    # but machine-dependent; the count used is recorded in config.json either way (resolved, environment).
+    threads: int = 1
     precision: str = "auto"  # auto (bf16 for temporal trunks and the contrastive head, else fp32) | fp32 |
     # bf16 | fp16 (CUDA)
     grad_clip: float = 1.0  # max gradient norm (recurrent trunks on long windows can spike); 0 = off
@@ -213,6 +216,7 @@ class Resolved:
     precision: str
     device: str
     context: dict[str, Any] = field(default_factory=dict)  # the trunk's declared context (Context.as_dict)
+    threads: int = 0  # torch's CPU threads the run used (TrainConfig.threads, or the process's for 0)
 
 
 def resolve(cfg: TrainConfig, head: Head, device: Any) -> Resolved:
@@ -236,8 +240,14 @@ def resolve(cfg: TrainConfig, head: Head, device: Any) -> Resolved:
         objective=objective_name(cfg), head_name=head.name, temporal=temporal, window=window,
         stride=stride, infer_window=infer_window, infer_stride=min(infer_stride, infer_window),
         batch_size=batch, infer_batch_size=infer_batch, precision=precision, device=str(device),
-        context=context.as_dict(),
+        context=context.as_dict(), threads=_threads_in_use(),
     )
+
+
+def _threads_in_use() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
 
 
 def dataset_name(data_root: str | Path) -> str:

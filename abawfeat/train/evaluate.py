@@ -35,7 +35,7 @@ from abawfeat.train.rundir import (
     run_digest,
 )
 from abawfeat.train.splits import run_split
-from abawfeat.utils.device import resolve_device
+from abawfeat.utils.device import resolve_device, torch_threads
 
 SPLITS = ("train", "val", "test")
 
@@ -114,8 +114,10 @@ def infer_run(
     batch = int(res.get("infer_batch_size", 256))
     precision = str(res.get("precision", "fp32"))
     source = WindowSource(seqs, make_windows(seqs.row_offsets, window, stride), tasks, batch, shuffle=False)
-    scores, _ = infer_rows(head, source.batches(0), seqs.n_rows, tasks, device, precision,
-                           position_weights=inference_weights(head, window))
+    # At the run's own thread count, so that evaluate prints the numbers the run wrote, on any machine.
+    with torch_threads(run.record.threads):
+        scores, _ = infer_rows(head, source.batches(0), seqs.n_rows, tasks, device, precision,
+                               position_weights=inference_weights(head, window))
     timeline = fill_timeline(seqs, scores, str(cfg.get("fill", "interpolate")))
     return Inference(data=seqs, timeline=timeline, au_thresholds=run.au_thresholds, run_task=run.task,
                      best_epoch=run.best_epoch, smoothing=read_smoothing(run_dir),

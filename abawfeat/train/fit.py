@@ -29,7 +29,6 @@ from abawfeat.train.config import (
     dataset_name,
     objective_name,
     resolve,
-    trunk_context,
     validate_config,
 )
 from abawfeat.train.finish import (
@@ -70,11 +69,12 @@ from abawfeat.train.rundir import (
 )
 from abawfeat.train.splits import holdout_videos, run_split
 from abawfeat.utils.configs import from_dict, jsonable, to_dict
-from abawfeat.utils.device import resolve_device, seed_everything
+from abawfeat.utils.device import resolve_device, seed_everything, torch_threads
 from abawfeat.utils.io import write_json
 
-# Settings that do not change what a run learns: a resumed or re-planned run may differ in them.
-RUN_ONLY_SETTINGS = ("out", "threads", "plots")
+# Settings that do not change what a run learns: a resumed or re-planned run may differ in them. Not
+# threads: the order of float sums depends on it, and on small data that moves a run to other numbers.
+RUN_ONLY_SETTINGS = ("out", "plots")
 
 
 @dataclass
@@ -95,19 +95,12 @@ def fit(cfg: TrainConfig, log: Callable[[str], None] | None = None, *, overwrite
     run = open_run_dir(cfg.out, overwrite=overwrite, resume=resume)
     if resume:
         _check_same_settings(run, cfg)
-    threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    elif not trunk_context(cfg).temporal and OBJECTIVES.get(objective_name(cfg)).head == "tasks":
-        # A frame-wise head's products are too small to split over threads (docs/performance.md).
-        torch.set_num_threads(1)
-    try:
-        return on_disk_full(run, lambda: _fit(cfg, run, log))
-    except BaseException:
-        run.abandon()
-        raise
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(cfg.threads):
+        try:
+            return on_disk_full(run, lambda: _fit(cfg, run, log))
+        except BaseException:
+            run.abandon()
+            raise
 
 
 def _check_same_settings(run: RunDir, cfg: TrainConfig) -> None:
@@ -221,7 +214,7 @@ def _fit(cfg: TrainConfig, run: RunDir, log: Callable[[str], None] | None) -> Fi
         best_value, best = float(state["best_value"]), dict(state["best"])
         say(f"resuming {run.target} after epoch {start_epoch - 1}")
     else:
-        record.write(out)
+        record.write(out, device)
 
     def validate(model: nn.Module) -> Evaluation:
         return evaluate_set(model, val_set, cfg.task, val_source, device, res.precision, objective,

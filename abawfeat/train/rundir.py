@@ -90,6 +90,10 @@ class RunRecord:
     loss_weights: dict[str, Any] = field(default_factory=dict)  # class / positive weights, per task
     extra: dict[str, Any] = field(default_factory=dict)  # kind-specific (fine-tuning config, members)
     package_version: str = __version__
+    # What decides the floats besides the config (threads, torch / oneDNN versions, CPU instruction sets,
+    # CUDA device and determinism flags: utils.environment.float_environment), taken when the record is
+    # first written; {} in records written before it was recorded.
+    environment: dict[str, Any] = field(default_factory=dict)
 
     @property
     def encoders(self) -> list[str]:
@@ -99,10 +103,25 @@ class RunRecord:
     def tasks(self) -> tuple[str, ...]:
         return task_names(self.task)
 
+    @property
+    def threads(self) -> int:
+        """The torch thread count the run used: its configured one, or for ``threads = 0`` the count it
+        recorded; 0 when the record says neither (runs from before threads were recorded)."""
+        recorded = (self.train.get("threads"), self.resolved.get("threads"), self.environment.get("threads"))
+        for value in recorded:
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return 0
+
     def to_json(self) -> dict[str, Any]:
         return {"format": RUN_FORMAT, "version": RUN_VERSION, **to_dict(self)}
 
-    def write(self, run_dir: str | Path) -> Path:
+    def write(self, run_dir: str | Path, device: Any = None) -> Path:
+        """Write config.json; the environment is taken now (``device``: the run's) unless already set."""
+        if not self.environment:
+            from abawfeat.utils.environment import float_environment
+
+            self.environment = float_environment(device)
         return write_json(Path(run_dir) / CONFIG_FILE, self.to_json())
 
     @classmethod

@@ -58,6 +58,22 @@ def autocast(device: torch.device, precision: str) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[int]:
+    """Run a block on ``threads`` torch intra-op threads (0: this process's setting, OMP_NUM_THREADS or the
+    cores), restoring the previous count after it; yields the count in use. The count is configuration: the
+    order of float sums depends on it (docs/training.md, "Threads")."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch so that the same seed gives the same numbers on CPU."""
     import torch

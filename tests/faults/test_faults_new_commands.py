@@ -315,6 +315,18 @@ CASES = [
     Case("evaluate-cv-split-train", ("evaluate", CV, "--split", "train"), 2, (CV,)),
     Case("extract-audio-without-source-videos", (*AUDIO_EXTRACT, "--out", "x.h5"), 2,
          (DATA, "no source videos"), _remove(f"{DATA}/videos")),
+    # -- reproduce: the run is only read; the reproduction goes to a scratch folder (issue 23)
+    Case("reproduce-head-run-is-equal", ("reproduce", VA), 0, ("equal: all",), channel="ok"),
+    Case("reproduce-cv-is-equal", ("reproduce", CV), 0, ("equal: all",), channel="ok"),
+    Case("reproduce-ensemble-is-equal", ("reproduce", ENS), 0, ("equal: all",), channel="ok"),
+    Case("reproduce-not-a-run", ("reproduce", DATA), 2, (DATA, "not a run directory")),
+    Case("reproduce-killed-cv", ("reproduce", KILLED_CV), 2, (KILLED_CV, "not a run directory"),
+         fixtures=("killed_cv",)),
+    Case("reproduce-out-onto-the-run", ("reproduce", VA, "--out", VA), 2, (VA, "never over the original")),
+    Case("reproduce-out-onto-cache", ("reproduce", VA, "--out", CACHE), 2, (CACHE, "not empty")),
+    Case("reproduce-brackets-in-run", ("reproduce", "runs/[x]"), 2, ("runs/[x]",)),
+    Case("reproduce-disk-full", ("reproduce", VA, "--out", "runs/new"), 2, ("runs/new", "no space left"),
+         disk_full_after=1),
 ]
 
 
