@@ -252,3 +252,25 @@ def test_multitask_from_a_7th_abaw_multitask_file(world: World, tmp_path: Path) 
     for video, frame in zip(videos[:50], labelled[:50], strict=True):
         assert frame in listed[("val", str(video))]
     assert len(labelled) <= sum(len(v) for (s, _), v in listed.items() if s == "val")
+
+
+def test_auto_precision_follows_the_devices_bf16_kernels(monkeypatch):
+    """auto is bf16 for temporal trunks only where the device computes bf16 natively; an explicit bf16 LSTM on
+    a CPU without bf16 kernels is refused in one line (oneDNN has no such primitive), not a traceback."""
+    import torch
+
+    import abawfeat.utils.device as device_mod
+    from abawfeat.errors import ConfigError
+    from abawfeat.train.config import TrainConfig, build_head_for, resolve
+
+    def resolved(cfg: TrainConfig):
+        return resolve(cfg, build_head_for(cfg, in_dim=8), torch.device("cpu"))
+
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(device_mod, "bf16_native", lambda device, native=native: native)
+        assert resolved(TrainConfig(task="va", head="lstm")).precision == expected
+        assert resolved(TrainConfig(task="va", head="gru")).precision == expected
+        assert resolved(TrainConfig(task="va", head="fc")).precision == "fp32"
+    assert resolved(TrainConfig(task="va", head="gru", precision="bf16")).precision == "bf16"
+    with pytest.raises(ConfigError, match="--precision bf16 with --head lstm"):
+        resolved(TrainConfig(task="va", head="lstm", precision="bf16"))

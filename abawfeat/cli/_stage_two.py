@@ -52,7 +52,8 @@ Threads = Annotated[int, typer.Option(
     "--threads", help="Torch CPU threads, part of the run's configuration (the numbers depend on it); 0 = "
     "this process's default (the cores: machine-dependent).")]
 Precision = Annotated[str, typer.Option(
-    "--precision", help="auto (bf16 for temporal trunks and contrastive heads), fp32, bf16, fp16 (CUDA).")]
+    "--precision", help="auto (bf16 for temporal trunks and contrastive heads on a device with bf16 "
+    "kernels, else fp32), fp32, bf16, fp16 (CUDA).")]
 Smooth = Annotated[str, typer.Option(
     "--smooth", help="auto: tune a temporal filter per output (mean, median or gaussian) after training; "
     "none: off.")]

@@ -66,8 +66,8 @@ class TrainConfig:
     # 0 = this process's setting (OMP_NUM_THREADS or the cores): faster for temporal trunks on many cores,
     # but machine-dependent; the count used is recorded in config.json either way (resolved, environment).
     threads: int = 1
-    precision: str = "auto"  # auto (bf16 for temporal trunks and the contrastive head, else fp32) | fp32 |
-    # bf16 | fp16 (CUDA)
+    precision: str = "auto"  # auto (bf16 for temporal trunks and the contrastive head where the device has
+    # bf16 kernels, else fp32) | fp32 | bf16 | fp16 (CUDA)
     grad_clip: float = 1.0  # max gradient norm (recurrent trunks on long windows can spike); 0 = off
     fill: str = "interpolate"  # how frames without a crop get outputs: interpolate | nearest | previous
     smooth: str = "none"  # none | auto: a temporal filter per output, tuned after training (smoothing.py)
@@ -220,6 +220,10 @@ class Resolved:
 
 
 def resolve(cfg: TrainConfig, head: Head, device: Any) -> Resolved:
+    import torch
+
+    from abawfeat.utils.device import bf16_native
+
     context = head.context()
     temporal = context.temporal
     # Frame-wise trunks need no context: windows of one frame, shuffled frame by frame.
@@ -227,10 +231,17 @@ def resolve(cfg: TrainConfig, head: Head, device: Any) -> Resolved:
     stride = (cfg.stride or window) if temporal else 1
     infer_window = window if temporal else FRAMEWISE_INFER_WINDOW
     infer_stride = (cfg.infer_stride or max(window // 2, 1)) if temporal else infer_window
-    # auto: bf16 where large matmuls dominate (temporal trunks, the contrastive 512-512 projection): about
-    # half the time on CPUs with AVX-512 BF16 (docs/performance.md); frame-wise heads are cheap in fp32.
-    heavy = temporal or head.name == "contrastive"
+    # auto: bf16 where large matmuls dominate (temporal trunks, the contrastive 512-512 projection) and the
+    # device computes bf16 natively: about half the time on CPUs with AVX-512 BF16 (docs/performance.md).
+    # Frame-wise heads are cheap in fp32, and so is everything on a CPU that would only emulate bf16.
+    native = bf16_native(torch.device(str(device)))
+    heavy = (temporal or head.name == "contrastive") and native
     precision = ("bf16" if heavy else "fp32") if cfg.precision == "auto" else cfg.precision
+    if precision == "bf16" and TRUNKS.get(cfg.head).bf16_needs_native and not native:
+        raise ConfigError(
+            f"--precision bf16 with --head {cfg.head}: this CPU has no bf16 kernels (AVX-512 BF16 or AMX), "
+            "which that trunk needs in bf16; use --precision auto or fp32"
+        )
     batch = cfg.batch_size or DEFAULT_BATCH[temporal]
     # Inference batches of about 8k frames at least: a temporal batch counts windows, a frame-wise one
     # frames (its inference windows are FRAMEWISE_INFER_WINDOW frames long). Each batch makes float32

@@ -103,6 +103,9 @@ class Trunk(nn.Module):
     name: ClassVar[str] = ""
     label: ClassVar[str] = ""  # how tables and reports name it, e.g. "LSTM" (the paper's "DDAMFN+LSTM")
     Config: ClassVar[type[TrunkConfig]] = TrunkConfig
+    # True where a CPU bf16 pass needs the CPU's own bf16 kernels (AVX-512 BF16 or AMX): oneDNN has no
+    # emulated bf16 path for some primitives, and asking for one ends in a primitive-descriptor error.
+    bf16_needs_native: ClassVar[bool] = False
 
     def __init__(self, in_dim: int, config: TrunkConfig) -> None:
         super().__init__()

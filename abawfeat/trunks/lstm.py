@@ -14,3 +14,4 @@ class LSTMTrunk(RecurrentTrunk):
 
     label = "LSTM"
     rnn_class = nn.LSTM
+    bf16_needs_native = True  # oneDNN's LSTM primitive has no bf16 kernel on CPUs without AVX-512 BF16

@@ -43,6 +43,20 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def bf16_native(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 in hardware: a CUDA device that supports it, or a CPU whose oneDNN
+    build has bf16 kernels (AVX-512 BF16 or AMX). Elsewhere bf16 is emulated, slower than fp32, and some
+    oneDNN primitives (the LSTM among them) have no bf16 kernel at all, so ``auto`` precision stays fp32."""
+    import torch
+
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch without oneDNN, or one that renamed the probe
+        return False
+
+
 @contextlib.contextmanager
 def autocast(device: torch.device, precision: str) -> Iterator[None]:
     """Mixed precision where asked for. fp16 on CPU is refused (slow and lossy there); bf16 works on both."""
