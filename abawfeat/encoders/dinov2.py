@@ -206,6 +206,8 @@ class DINOv2Encoder(Encoder):
         # A path says where the weights were that day; weights_sha256 says what they are.
         if config["weights"] is not None and self.weights_source.startswith(("dir:", "file:")):
             config["weights"] = self.weights_source
+        if not self.config.random_init:
+            config.pop("size", None)  # the architecture is the checkpoint's (model_config in the provenance)
         return config
 
     def provenance(self) -> dict[str, Any]:

@@ -118,7 +118,12 @@ def infer_num_classes(model_name: str, state: Mapping[str, torch.Tensor]) -> int
 
 def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, model_name: str) -> None:
     """``load_state_dict(strict=True)``; a mismatch is one line naming the file and a few keys."""
-    result = model.load_state_dict(dict(state), strict=False)
+    try:
+        result = model.load_state_dict(dict(state), strict=False)
+    except RuntimeError as exc:  # shapes that differ
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), "")
+        raise CheckpointError(f"{path}: not {model_name} weights ({detail.split(':')[0]}: other shapes); "
+                              "give the model they were trained as with --encoder-opt model=NAME") from None
     problems = []
     if result.missing_keys:
         problems.append(f"{len(result.missing_keys)} missing, e.g. {result.missing_keys[0]}")
@@ -350,6 +355,12 @@ class TimmEncoder(Encoder):
         # Paths say where the weights were; weights_sha256 says what they are.
         if config["weights"] is not None:
             config["weights"] = self.weights_source
+        # What the input became, whichever of the pretrained config, the file and the options said it: the
+        # same computation is then the same provenance (a fine-tuned file extracted with or without options).
+        config["image_size"] = self.transform.size
+        config["interpolation"] = self.transform.interpolation
+        if not self.config.random_init:
+            config.pop("calibration_chunk", None)  # calibration is for random weights only
         return config
 
     def provenance(self) -> dict[str, Any]:
