@@ -228,6 +228,27 @@ def test_dinov2_pools_and_layers_match_the_library(
     assert len(enc.model.encoder.layer) == n  # blocks after the one asked for are dropped
 
 
+def test_dinov2_with_registers_leaves_the_registers_out_of_the_mean(tmp_path: Path) -> None:
+    config = transformers.Dinov2WithRegistersConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        mlp_ratio=2,
+        num_register_tokens=4,
+        patch_size=14,
+    )
+    torch.manual_seed(2)
+    model = transformers.Dinov2WithRegistersModel(config).eval()
+    model.save_pretrained(tmp_path / "registers")
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        out = model(pixel_values=x)
+        cls = build_encoder("dinov2", weights=str(tmp_path / "registers"), image_size=56)(x)[0]
+        mean = build_encoder("dinov2", weights=str(tmp_path / "registers"), image_size=56, pool="mean")(x)[0]
+    torch.testing.assert_close(cls, out.pooler_output)
+    torch.testing.assert_close(mean, out.last_hidden_state[:, 5:].mean(1))  # CLS and 4 registers left out
+
+
 def test_dinov2_resizes_large_crops_once_and_checks_its_options(dino_folder: Path) -> None:
     enc = build_encoder("dinov2", weights=str(dino_folder))
     big = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8))
@@ -538,6 +559,42 @@ def test_hsemotion_va_mtl_outputs_and_the_legacy_pickle_format(
         build_encoder("timm", weights=str(out), model="efficientnet_b0")
     with pytest.raises(CheckpointError, match="already exists"):
         import_hsemotion(hsemotion_files["mtl"], out, model="test_efficientnet")
+
+
+def test_hsemotion_pickles_of_older_timm_layouts_import(tmp_path: Path) -> None:
+    """Older timm pickled modules under paths that no longer exist and kept activation functions as
+    attributes; both are read as inert records, so such a file still converts to the same weights."""
+    model = tiny_timm()
+    model.blocks[0][0].gate_fn = timm.layers.activations.sigmoid  # type: ignore[assignment]
+    old = tmp_path / "enet_old.pt"
+    torch.save(model, old, _use_new_zipfile_serialization=False)  # a raw pickle (GLOBAL names as text)
+    data = old.read_bytes()
+    # The block classes under timm 0.6's module path, which this timm no longer has.
+    renamed = data.replace(b"timm.models._efficientnet_blocks\n", b"timm.models.efficientnet_blocks\n")
+    assert renamed != data
+    old.write_bytes(renamed)
+    record = load_pickled_model(old)
+    assert record.qualified == "timm.models.efficientnet.EfficientNet"
+    out = tmp_path / "old.abawfeat.pt"
+    import_hsemotion(old, out, model="test_efficientnet")
+    enc = build_encoder("timm", weights=str(out))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x)[1], model(x))
+
+
+def test_timm_num_classes_zero_leaves_a_classifier_out(tmp_path: Path) -> None:
+    model = tiny_timm()
+    weights = tmp_path / "tiny.pth"
+    torch.save(model.state_dict(), weights)
+    enc = build_encoder("timm", weights=str(weights), model="test_efficientnet", num_classes=0)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features, logits = enc(x)
+        torch.testing.assert_close(features, model.forward_head(model.forward_features(x), pre_logits=True))
+    assert logits is None and enc.logit_names is None
+    with pytest.raises(CheckpointError, match="has 8 outputs, not num_classes=3"):
+        build_encoder("timm", weights=str(weights), model="test_efficientnet", num_classes=3)
 
 
 class _RunsCommand:

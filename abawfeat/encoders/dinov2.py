@@ -155,7 +155,7 @@ class DINOv2Encoder(Encoder):
         patch = patch[0] if isinstance(patch, (tuple, list)) else int(patch)
         if config.image_size < patch or config.image_size % patch:
             raise ConfigError(f"encoder 'dinov2' option image_size={config.image_size}: use a multiple of "
-                              f"the patch size {patch} (224 = 16 x 14)")
+                              f"the patch size {patch}")
         self.n_layers = int(model_config.num_hidden_layers)
         layer = self.n_layers if config.layer is None else int(config.layer)
         if layer < 0:

@@ -14,7 +14,9 @@ The restricted unpickler resolves nothing but an allow-list:
   instantiates them: each becomes an inert record of the pickled attributes, from which the parameters and
   buffers are read, so no module code runs and classes renamed in later timm versions still read;
 - the tensor rebuild functions of ``torch._utils`` (torch's own loader supplies the storages, in the zip and
-  the legacy formats alike), ``collections.OrderedDict`` and ``builtins.set`` (a module's buffer bookkeeping).
+  the legacy formats alike), ``collections.OrderedDict`` and ``builtins.set`` (a module's buffer bookkeeping);
+- activation functions that older timm modules kept as attributes (``timm...activations.sigmoid``, a few of
+  ``torch.nn.functional``), as inert names that are never called.
 Anything else (``os.system``, ``builtins.eval``, a custom class, ``torch.storage._load_from_bytes``, which
 would unpickle a nested file without restriction) is refused in one line naming the file and the global.
 
@@ -58,6 +60,13 @@ _ALLOWED_FUNCTIONS: dict[tuple[str, str], Any] = {
     ("__builtin__", "set"): set,  # pickle protocol 2 writes Python 2's module name
 }
 _MODULE_NAMESPACES = ("timm.", "torch.nn.modules.")
+# Activation functions older timm versions kept as module attributes (SqueezeExcite's ``gate_fn``): read as
+# inert markers, never called. Elsewhere in timm, only the activation modules' own functions qualify.
+# (``torch.sigmoid`` itself pickles through ``builtins.getattr``, which is never allowed.)
+_ACTIVATION_FUNCTIONS = {
+    ("torch.nn.functional", n)
+    for n in ("relu", "relu6", "silu", "gelu", "sigmoid", "tanh", "hardsigmoid", "hardswish", "mish", "elu")
+}
 
 
 class RefusedGlobal(Exception):
@@ -107,6 +116,24 @@ def _module_record(module: str, name: str) -> type[PickledModule] | None:
     return _RECORDS[qualified]
 
 
+class PickledFunction:
+    """An activation function a pickled module held as an attribute, by name only; not callable."""
+
+    def __init__(self, qualified: str) -> None:
+        self.qualified = qualified
+
+    def __repr__(self) -> str:
+        return f"PickledFunction({self.qualified})"
+
+
+def _activation_function(module: str, name: str) -> PickledFunction | None:
+    timm_activation = module.startswith("timm.") and "activations" in module.split(".")[-1]
+    timm_function = timm_activation and name.isidentifier() and name.islower()
+    if (module, name) in _ACTIVATION_FUNCTIONS or timm_function:
+        return PickledFunction(f"{module}.{name}")
+    return None
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """``pickle.Unpickler`` that resolves the allow-list only (module docstring)."""
 
@@ -114,6 +141,9 @@ class RestrictedUnpickler(pickle.Unpickler):
         allowed = _ALLOWED_FUNCTIONS.get((module, name))
         if allowed is not None:
             return allowed
+        function = _activation_function(module, name)
+        if function is not None:
+            return function
         record = _module_record(module, name)
         if record is None:
             raise RefusedGlobal(module, name)

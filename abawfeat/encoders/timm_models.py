@@ -244,10 +244,14 @@ class TimmEncoder(Encoder):
                                   "--encoder-opt model=NAME")
             held = int(meta["num_classes"]) if meta else infer_num_classes(model_name, state)
             num_classes = held if config.num_classes is None else config.num_classes
-            if num_classes != held:
+            if num_classes not in (held, 0):
                 raise CheckpointError(f"{resolved.path}: its classifier has {held} outputs, not num_classes="
-                                      f"{num_classes}")
+                                      f"{num_classes} (0 leaves the classifier out)")
             model = create_model(model_name, num_classes)
+            if num_classes == 0 and held:  # e.g. an ImageNet head, of no use for affect: no logits
+                clf = classifier_name(model)
+                state = {k: v for k, v in state.items() if not (clf and k.startswith(clf + "."))}
+                meta = dict(meta, logit_names=None) if meta else None
             load_strict(model, state, resolved.path, model_name)
             self.weights_source, self.weights_sha256 = resolved.source, resolved.sha256
         self.model = model.eval()
