@@ -467,6 +467,26 @@ def test_timm_training_checkpoint_and_safetensors_give_the_same_encoder(root: Pa
     )
 
 
+def test_timm_fine_tunes_and_its_saved_file_extracts_without_options(root: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    # fmt: off
+    cli("finetune", "--backbone", "timm", "--random-init", "--encoder-opt", "model=test_efficientnet",
+        "--encoder-opt", "image_size=64", "--unfreeze-from", "blocks.4", "--task", "expr",
+        "--data", str(root), "--out", str(run), "--epochs", "1", "--batch-size", "4", "--workers", "0",
+        "--device", "cpu", "--precision", "fp32", "--no-plots", "--eval-batch-size", "16")
+    # fmt: on
+    blocks = json.loads((run / "config.json").read_text())["extra"]["blocks"]
+    assert blocks["trainable"] == ["blocks.4", "conv_head", "bn2"]
+    assert blocks["frozen"] == ["conv_stem", "bn1", "blocks.0", "blocks.1", "blocks.2", "blocks.3"]
+    cache = tmp_path / "tuned.h5"
+    # The saved file says its model and input size: no --encoder-opt needed, and stage two accepts the cache.
+    cli("extract", "--backbone", "timm", "--weights", str(run / "timm_finetuned.pth"), "--data", str(root),
+        "--out", str(cache), "--workers", "0", "--dtype", "float32")  # fmt: skip
+    again = json.loads(cli("evaluate", str(run), "--cache", str(cache), "--json").stdout)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert again["f1_expr"] == pytest.approx(metrics["f1_expr"], abs=1e-4)
+
+
 def test_timm_weights_errors_are_one_line(tmp_path: Path) -> None:
     weights = tmp_path / "tiny.pth"
     torch.save(tiny_timm().state_dict(), weights)
