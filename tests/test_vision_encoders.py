@@ -144,21 +144,8 @@ def test_dinov2_cache_matches_transformers_on_real_crops(
     root: Path, dino_folder: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "dino.h5"
-    cli(
-        "extract",
-        "--backbone",
-        "dinov2",
-        "--weights",
-        str(dino_folder),
-        "--data",
-        str(root),
-        "--out",
-        str(out),
-        "--workers",
-        "0",
-        "--dtype",
-        "float32",
-    )
+    cli("extract", "--backbone", "dinov2", "--weights", str(dino_folder), "--data", str(root), "--out",
+        str(out), "--workers", "0", "--dtype", "float32")
     feats, logits, prov = cached(out)
     keys, x = batch(root, DINO_PREPROCESS)
     with torch.no_grad():
@@ -171,23 +158,8 @@ def test_dinov2_cache_matches_transformers_on_real_crops(
 
     # bf16: within the documented tolerance of the fp32 library forward.
     bf = tmp_path / "dino-bf16.h5"
-    cli(
-        "extract",
-        "--backbone",
-        "dinov2",
-        "--weights",
-        str(dino_folder),
-        "--data",
-        str(root),
-        "--out",
-        str(bf),
-        "--workers",
-        "0",
-        "--dtype",
-        "float32",
-        "--precision",
-        "bf16",
-    )
+    cli("extract", "--backbone", "dinov2", "--weights", str(dino_folder), "--data", str(root), "--out",
+        str(bf), "--workers", "0", "--dtype", "float32", "--precision", "bf16")
     got = np.stack([cached(bf)[0][k] for k in keys])
     ref = reference.numpy()
     assert (np.linalg.norm(got - ref, axis=1) / np.linalg.norm(ref, axis=1)).max() < BF16_RELATIVE
@@ -267,17 +239,8 @@ def test_dinov2_hub_name_offline_says_where_to_put_the_files(
 ) -> None:
     monkeypatch.setenv("ABAWFEAT_HOME", str(tmp_path))
     monkeypatch.setenv("ABAWFEAT_OFFLINE", "1")
-    message = refused(
-        "extract",
-        "--backbone",
-        "dinov2",
-        "--weights",
-        "facebook/dinov2-large",
-        "--data",
-        str(root),
-        "--out",
-        str(tmp_path / "x.h5"),
-    )
+    message = refused("extract", "--backbone", "dinov2", "--weights", "facebook/dinov2-large", "--data",
+        str(root), "--out", str(tmp_path / "x.h5"))
     folder = tmp_path / "weights" / "huggingface" / "facebook--dinov2-large"
     assert "config.json" in message and "model.safetensors" in message
     assert "https://huggingface.co/facebook/dinov2-large/resolve/main" in message
@@ -287,34 +250,9 @@ def test_dinov2_hub_name_offline_says_where_to_put_the_files(
 def test_dinov2_fine_tunes_and_its_saved_weights_extract(root: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     opts = ["--encoder-opt", "size=tiny", "--encoder-opt", "image_size=56"]
-    cli(
-        "finetune",
-        "--backbone",
-        "dinov2",
-        "--random-init",
-        *opts,
-        "--unfreeze-from",
-        "block1",
-        "--task",
-        "expr",
-        "--data",
-        str(root),
-        "--out",
-        str(run),
-        "--epochs",
-        "1",
-        "--batch-size",
-        "4",
-        "--workers",
-        "0",
-        "--device",
-        "cpu",
-        "--precision",
-        "fp32",
-        "--no-plots",
-        "--eval-batch-size",
-        "16",
-    )
+    cli("finetune", "--backbone", "dinov2", "--random-init", *opts, "--unfreeze-from", "block1", "--task",
+        "expr", "--data", str(root), "--out", str(run), "--epochs", "1", "--batch-size", "4", "--workers",
+        "0", "--device", "cpu", "--precision", "fp32", "--no-plots", "--eval-batch-size", "16")
     info = json.loads((run / "config.json").read_text())
     assert info["extra"]["blocks"] == {"trainable": ["block1", "norm"], "frozen": ["embed", "block0"]}
     saved = run / "dinov2_finetuned.pth"
@@ -328,23 +266,8 @@ def test_dinov2_fine_tunes_and_its_saved_weights_extract(root: Path, tmp_path: P
         before["model.encoder.layer.1.mlp.fc1.weight"], after["model.encoder.layer.1.mlp.fc1.weight"]
     )
     cache = tmp_path / "tuned.h5"
-    cli(
-        "extract",
-        "--backbone",
-        "dinov2",
-        "--weights",
-        str(saved),
-        "--encoder-opt",
-        "image_size=56",
-        "--data",
-        str(root),
-        "--out",
-        str(cache),
-        "--workers",
-        "0",
-        "--dtype",
-        "float32",
-    )
+    cli("extract", "--backbone", "dinov2", "--weights", str(saved), "--encoder-opt", "image_size=56",
+        "--data", str(root), "--out", str(cache), "--workers", "0", "--dtype", "float32")
     again = json.loads(cli("evaluate", str(run), "--cache", str(cache), "--json").stdout)
     metrics = json.loads((run / "metrics.json").read_text())
     assert again["f1_expr"] == pytest.approx(metrics["f1_expr"], abs=1e-4)
@@ -374,23 +297,8 @@ def test_timm_state_dict_cache_matches_timm_forward_and_keeps_logits(root: Path,
     weights = tmp_path / "tiny.pth"
     torch.save(model.state_dict(), weights)
     out = tmp_path / "timm.h5"
-    cli(
-        "extract",
-        "--backbone",
-        "timm",
-        "--encoder-opt",
-        "model=test_efficientnet",
-        "--weights",
-        str(weights),
-        "--data",
-        str(root),
-        "--out",
-        str(out),
-        "--workers",
-        "0",
-        "--dtype",
-        "float32",
-    )
+    cli("extract", "--backbone", "timm", "--encoder-opt", "model=test_efficientnet", "--weights",
+        str(weights), "--data", str(root), "--out", str(out), "--workers", "0", "--dtype", "float32")
     feats, logits, prov = cached(out)
     keys, x = batch(root, timm_reference_transform(model))
     with torch.no_grad():
@@ -410,25 +318,9 @@ def test_timm_state_dict_cache_matches_timm_forward_and_keeps_logits(root: Path,
 
     # bf16 within the documented tolerance.
     bf = tmp_path / "timm-bf16.h5"
-    cli(
-        "extract",
-        "--backbone",
-        "timm",
-        "--encoder-opt",
-        "model=test_efficientnet",
-        "--weights",
-        str(weights),
-        "--data",
-        str(root),
-        "--out",
-        str(bf),
-        "--workers",
-        "0",
-        "--dtype",
-        "float32",
-        "--precision",
-        "bf16",
-    )
+    cli("extract", "--backbone", "timm", "--encoder-opt", "model=test_efficientnet", "--weights",
+        str(weights), "--data", str(root), "--out", str(bf), "--workers", "0", "--dtype", "float32",
+        "--precision", "bf16")
     got = np.stack([cached(bf)[0][k] for k in keys])
     assert (
         np.linalg.norm(got - pre.numpy(), axis=1) / np.linalg.norm(pre.numpy(), axis=1)
@@ -469,19 +361,17 @@ def test_timm_training_checkpoint_and_safetensors_give_the_same_encoder(root: Pa
 
 def test_timm_fine_tunes_and_its_saved_file_extracts_without_options(root: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    # fmt: off
     cli("finetune", "--backbone", "timm", "--random-init", "--encoder-opt", "model=test_efficientnet",
         "--encoder-opt", "image_size=64", "--unfreeze-from", "blocks.4", "--task", "expr",
         "--data", str(root), "--out", str(run), "--epochs", "1", "--batch-size", "4", "--workers", "0",
         "--device", "cpu", "--precision", "fp32", "--no-plots", "--eval-batch-size", "16")
-    # fmt: on
     blocks = json.loads((run / "config.json").read_text())["extra"]["blocks"]
     assert blocks["trainable"] == ["blocks.4", "conv_head", "bn2"]
     assert blocks["frozen"] == ["conv_stem", "bn1", "blocks.0", "blocks.1", "blocks.2", "blocks.3"]
     cache = tmp_path / "tuned.h5"
     # The saved file says its model and input size: no --encoder-opt needed, and stage two accepts the cache.
     cli("extract", "--backbone", "timm", "--weights", str(run / "timm_finetuned.pth"), "--data", str(root),
-        "--out", str(cache), "--workers", "0", "--dtype", "float32")  # fmt: skip
+        "--out", str(cache), "--workers", "0", "--dtype", "float32")
     again = json.loads(cli("evaluate", str(run), "--cache", str(cache), "--json").stdout)
     metrics = json.loads((run / "metrics.json").read_text())
     assert again["f1_expr"] == pytest.approx(metrics["f1_expr"], abs=1e-4)
@@ -532,21 +422,8 @@ def test_hsemotion_import_then_extract_matches_hsemotions_own_procedure(
     shown = cli("weights", "import", "hsemotion", str(hsemotion_files["b0"]), "--out", str(converted)).stdout
     assert "efficientnet_b0" in shown and "8 outputs" in shown and "224 px bilinear" in shown
     out = tmp_path / "hse.h5"
-    cli(
-        "extract",
-        "--backbone",
-        "timm",
-        "--weights",
-        str(converted),
-        "--data",
-        str(root),
-        "--out",
-        str(out),
-        "--workers",
-        "0",
-        "--dtype",
-        "float32",
-    )
+    cli("extract", "--backbone", "timm", "--weights", str(converted), "--data", str(root), "--out", str(out),
+        "--workers", "0", "--dtype", "float32")
     feats, logits, prov = cached(out)
     # HSEmotion's recogniser: Resize((224, 224)), ToTensor, ImageNet Normalize; the pickled model with its
     # classifier replaced by an identity gives the features, the classifier's weights the scores.
@@ -673,55 +550,13 @@ def test_encoders_lists_dinov2_and_timm_and_their_caches_fuse(
     assert {"facebook/dinov2-large", "facebook/dinov2-with-registers-base"} <= names
 
     dino, tm = tmp_path / "dinov2.h5", tmp_path / "timm.h5"
-    cli(
-        "extract",
-        "--backbone",
-        "dinov2",
-        "--weights",
-        str(dino_folder),
-        "--encoder-opt",
-        "image_size=56",
-        "--data",
-        str(root),
-        "--out",
-        str(dino),
-        "--workers",
-        "0",
-    )
-    cli(
-        "extract",
-        "--backbone",
-        "timm",
-        "--random-init",
-        "--encoder-opt",
-        "model=test_efficientnet",
-        "--encoder-opt",
-        "image_size=64",
-        "--data",
-        str(root),
-        "--out",
-        str(tm),
-        "--workers",
-        "0",
-    )
+    cli("extract", "--backbone", "dinov2", "--weights", str(dino_folder), "--encoder-opt", "image_size=56",
+        "--layer", "1", "--data", str(root), "--out", str(dino), "--workers", "0")
+    assert cached(dino)[2]["encoder_provenance"]["layer"] == 1  # --layer is --encoder-opt layer
+    cli("extract", "--backbone", "timm", "--random-init", "--encoder-opt", "model=test_efficientnet",
+        "--encoder-opt", "image_size=64", "--data", str(root), "--out", str(tm), "--workers", "0")
     run = tmp_path / "fused"
-    cli(
-        "train-head",
-        "--task",
-        "expr",
-        "--data",
-        str(root),
-        "--cache",
-        str(dino),
-        "--cache",
-        str(tm),
-        "--fusion",
-        "early",
-        "--out",
-        str(run),
-        "--epochs",
-        "1",
-        "--no-plots",
-    )
+    cli("train-head", "--task", "expr", "--data", str(root), "--cache", str(dino), "--cache", str(tm),
+        "--fusion", "early", "--out", str(run), "--epochs", "1", "--no-plots")
     record = json.loads((run / "config.json").read_text())
     assert [c["encoder"] for c in record["caches"]] == ["dinov2", "timm"]
