@@ -320,8 +320,7 @@ class TimmEncoder(Encoder):
         """The model's top-level modules in order, its stage containers (``blocks``, ``stages``, ...) split
         into one block per stage; top-level parameters (a ViT's class token and position embedding) join the
         first block. The classifier is in no block: it stays frozen, as DDAMFN's does."""
-        clf = classifier_name(self.model) if self.num_classes else None
-        clf = clf or classifier_name(self.model)
+        clf = classifier_name(self.model)
         out: list[Block] = []
 
         def has_params(m: nn.Module) -> bool:
@@ -383,8 +382,7 @@ class TimmEncoder(Encoder):
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
             interpolation="model's",
-            weights="a file: a state dict, a timm checkpoint or `abawfeat weights import hsemotion` output "
-                    "(input size, interpolation, normalisation: the model's pretrained config or the file's)",
+            weights="a file: state dict, timm checkpoint or `weights import hsemotion` output",
             logit_names=None,
             summary=cls.summary,
         )
