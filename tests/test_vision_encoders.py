@@ -390,6 +390,8 @@ def test_timm_weights_errors_are_one_line(tmp_path: Path) -> None:
         build_encoder("timm", random_init=True, model="efficientnet_b99")
     with pytest.raises(ConfigError, match="needs --encoder-opt model=NAME"):
         build_encoder("timm", random_init=True)
+    with pytest.raises(ConfigError, match="test_vit takes 160 x 160 inputs only"):
+        build_encoder("timm", random_init=True, model="test_vit", image_size=224)
     pickled = tmp_path / "whole.pt"
     torch.save(tiny_timm(), pickled)  # a whole pickled model: never unpickled by extract
     with pytest.raises(CheckpointError) as info:

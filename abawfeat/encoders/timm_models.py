@@ -284,6 +284,10 @@ class TimmEncoder(Encoder):
             pre["interpolation"] = self.config.interpolation
         if pre["size"] < 8:
             raise ConfigError(f"{where}: image_size {pre['size']} is too small")
+        fixed = bool(getattr(self.model, "pretrained_cfg", {}).get("fixed_input_size", False))
+        if fixed and int(pre["size"]) != size:
+            raise ConfigError(f"{where} takes {size} x {size} inputs only (its position embeddings are "
+                              f"fixed); drop image_size={pre['size']}")
         transform = ImageTransform(int(pre["size"]), tuple(float(v) for v in pre["mean"]),  # type: ignore[arg-type]
                                    tuple(float(v) for v in pre["std"]),  # type: ignore[arg-type]
                                    str(pre["interpolation"]), "squash")
