@@ -162,7 +162,11 @@ RESTRICTED_PICKLE = types.SimpleNamespace(
 def load_pickled_model(path: Path) -> PickledModule:
     """The record tree of a ``torch.save(model)`` file, through the restricted unpickler."""
     try:
-        obj = torch.load(path, map_location="cpu", pickle_module=RESTRICTED_PICKLE, weights_only=False)
+        with warnings.catch_warnings():
+            # The legacy format records each module class's source, which torch compares with the class it
+            # gets back: ours are inert records without source, so it warns once per class. Nothing to say.
+            warnings.filterwarnings("ignore", message="Couldn't retrieve source code for container")
+            obj = torch.load(path, map_location="cpu", pickle_module=RESTRICTED_PICKLE, weights_only=False)
     except RefusedGlobal as exc:
         raise CheckpointError(f"{path}: refused to unpickle {exc.qualified}: not a timm or torch.nn module "
                               "class nor a tensor (a pickled model holds nothing else); nothing in the "
