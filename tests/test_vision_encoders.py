@@ -497,6 +497,21 @@ def test_timm_num_classes_zero_leaves_a_classifier_out(tmp_path: Path) -> None:
         build_encoder("timm", weights=str(weights), model="test_efficientnet", num_classes=3)
 
 
+def test_hsemotion_published_names_come_from_the_user_cache(
+    hsemotion_files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ABAWFEAT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ABAWFEAT_OFFLINE", "1")
+    target = tmp_path / "home" / "weights" / "hsemotion" / "enet_b0_8_best_afew.pt"
+    out = str(tmp_path / "a.pt")
+    message = refused("weights", "import", "hsemotion", "enet_b0_8_best_afew", "--out", out)
+    assert f"put the file at {target}" in message and "HSE-asavchenko/face-emotion-recognition" in message
+    target.parent.mkdir(parents=True)
+    target.write_bytes(hsemotion_files["b0"].read_bytes())  # put there by hand
+    summary = import_hsemotion("enet_b0_8_best_afew", tmp_path / "a.pt")
+    assert summary["model"] == "efficientnet_b0" and summary["preprocess"]["size"] == 224
+
+
 class _RunsCommand:
     def __init__(self, marker: Path) -> None:
         self.marker = marker

@@ -21,7 +21,9 @@ app.add_typer(weights_app, name="weights")
 def import_command(
     fmt: str = typer.Argument(..., metavar="FORMAT", help="The file's format: hsemotion (HSEmotion / "
                               "EmotiEffLib's pickled timm models, e.g. enet_b0_8_best_afew.pt)."),
-    file: Path = typer.Argument(..., help="The published file."),
+    file: Path = typer.Argument(..., help="The published file, or an HSEmotion model name (enet_b0_8_va_mtl, "
+                                "enet_b2_8, ...): from ~/.cache/abawfeat/weights/hsemotion/, downloaded "
+                                "there when online."),
     out: Path = typer.Option(..., "--out", help="The weights file to write (never overwritten); then "
                              "`abawfeat extract --backbone timm --weights NEW.pt`."),
     model: str = typer.Option(None, "--model", help="The timm model name, when neither the file nor its "

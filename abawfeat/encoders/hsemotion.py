@@ -40,7 +40,7 @@ from torch import nn
 
 from abawfeat.encoders.base import IMAGENET_MEAN, IMAGENET_STD
 from abawfeat.encoders.timm_models import classifier_name, create_model, load_strict, save_timm_weights
-from abawfeat.encoders.weights import file_sha256
+from abawfeat.encoders.weights import NamedWeights, file_sha256, resolve_weights
 from abawfeat.errors import CheckpointError, ConfigError
 from abawfeat.utils.io import file_in_the_way
 
@@ -48,6 +48,16 @@ from abawfeat.utils.io import file_in_the_way
 EXPRESSIONS_8 = ("Anger", "Contempt", "Disgust", "Fear", "Happiness", "Neutral", "Sadness", "Surprise")
 EXPRESSIONS_7 = ("Anger", "Disgust", "Fear", "Happiness", "Neutral", "Sadness", "Surprise")
 VA = ("Valence", "Arousal")
+# The models HSEmotion publishes (its recogniser's model names), fetched by name into
+# $ABAWFEAT_HOME/weights/hsemotion/ when online. Not pinned to a commit (none is known here): the resolver
+# records each file's sha256 beside it on download, and the converted file records it too.
+_HSEMOTION_REPO = "https://github.com/HSE-asavchenko/face-emotion-recognition/raw/main/models/affectnet_emotions"
+PUBLISHED: dict[str, NamedWeights] = {
+    n: NamedWeights(name=n, encoder="hsemotion", filename=f"{n}.pt", url=f"{_HSEMOTION_REPO}/{n}.pt",
+                    description=f"HSEmotion {n}, a pickled timm model (weights import hsemotion {n})",
+                    folder="hsemotion")
+    for n in ("enet_b0_8_best_vgaf", "enet_b0_8_best_afew", "enet_b0_8_va_mtl", "enet_b2_8", "enet_b2_7")
+}
 # File-name stems HSEmotion uses -> timm model names.
 _ARCHITECTURES = {"enet_b0": "efficientnet_b0", "enet_b2": "efficientnet_b2"}
 # Globals a pickled timm model needs besides module classes; nothing else is resolved.
@@ -245,11 +255,15 @@ def output_names(num_classes: int, file_name: str) -> tuple[str, ...]:
 
 def import_hsemotion(src: str | Path, out: str | Path, *, model: str | None = None,
                      image_size: int | None = None) -> dict[str, Any]:
-    """Convert HSEmotion's pickled model ``src`` into the timm weights file ``out`` (never overwritten);
-    return what was written (model, outputs, preprocessing) for the command to print."""
-    src, out = Path(src), Path(out)
+    """Convert HSEmotion's pickled model ``src`` (a file, or one of the ``PUBLISHED`` names: from the user
+    cache, downloaded there when online) into the timm weights file ``out`` (never overwritten); return what
+    was written (model, outputs, preprocessing) for the command to print."""
+    out = Path(out)
+    if not Path(src).is_file() and str(src) in PUBLISHED:
+        src = resolve_weights(str(src), "hsemotion", PUBLISHED, verify=load_pickled_model).path
+    src = Path(src)
     if not src.is_file():
-        raise CheckpointError(f"{src}: no such file")
+        raise CheckpointError(f"{src}: no such file (published names: {', '.join(PUBLISHED)})")
     if out.exists() or out.is_symlink():
         raise CheckpointError(f"{out}: already exists; give another --out (an imported file is never "
                               "overwritten)")
@@ -283,5 +297,5 @@ def import_hsemotion(src: str | Path, out: str | Path, *, model: str | None = No
 # Formats ``abawfeat weights import FORMAT`` knows, each a function (src, out, **options) -> summary.
 IMPORTERS = {"hsemotion": import_hsemotion}
 
-__all__ = ["EXPRESSIONS_7", "EXPRESSIONS_8", "IMPORTERS", "RESTRICTED_PICKLE", "VA", "import_hsemotion",
-           "load_pickled_model", "state_dict_of"]
+__all__ = ["EXPRESSIONS_7", "EXPRESSIONS_8", "IMPORTERS", "PUBLISHED", "RESTRICTED_PICKLE", "VA",
+           "import_hsemotion", "load_pickled_model", "state_dict_of"]
