@@ -238,7 +238,7 @@ def test_hub_checkpoint_is_fetched_file_by_file(tmp_path: Path, monkeypatch: pyt
 
     import transformers
 
-    from abawfeat.encoders import speech
+    from abawfeat.encoders import huggingface
 
     repo = tmp_path / "server" / "me" / "tiny" / "resolve" / "main"
     repo.mkdir(parents=True)
@@ -251,7 +251,7 @@ def test_hub_checkpoint_is_fetched_file_by_file(tmp_path: Path, monkeypatch: pyt
     handler.log_message = lambda *a: None  # type: ignore[method-assign]
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setattr(speech, "_HUB", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setattr(huggingface, "_HUB", f"http://127.0.0.1:{server.server_address[1]}")
     monkeypatch.setenv("ABAWFEAT_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("ABAWFEAT_OFFLINE", raising=False)
     try:

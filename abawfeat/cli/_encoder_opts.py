@@ -26,8 +26,9 @@ def encoder_opt_option() -> Any:
 # encoders' hidden layer and pooling window, docs/audio.md): each forwards its text to --encoder-opt, so an
 # encoder with such an option needs no CLI code, and one without it refuses it as it refuses the option.
 OPTION_FLAGS: dict[str, tuple[str, str]] = {
-    "--layer": ("layer", "Hidden state N to cache (audio encoders: 0 = transformer input; default: the "
-                "middle one). Short for --encoder-opt layer=N."),
+    "--layer": ("layer", "Hidden state N to cache (audio encoders: 0 = transformer input, default: the "
+                "middle one; dinov2: 0 = patch embeddings, default: the last block). Short for "
+                "--encoder-opt layer=N."),
     "--layers": ("layers", "a:b caches the mean of hidden states a to b, both included (audio encoders). "
                  "Short for --encoder-opt layers=a:b."),
     "--window-ms": ("window_ms", "Pooling window centred on each frame's timestamp, in ms (audio encoders; "

@@ -196,6 +196,51 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(net: nn.Module, images: torch.Tensor, chunk: int) -> dict[str, Any]:
+    """Recompute every batch-norm running statistic of ``net`` from ``images`` (normalised [N, 3, S, S]) and
+    return the calibration record for the provenance; ``net`` is left in the mode it was in.
+
+    Why: with default initialisation, in eval mode, the signal of a deep BN network dies and every image gets
+    the same embedding. Train-mode passes with ``momentum=None`` set each BN's running mean and variance to
+    the average over the passes of the batch statistics, which brings the features to life. Deterministic:
+    statistics are reset first, chunks have a fixed size (a last chunk of one frame joins the previous one,
+    since BN needs two), and the result depends only on the weights and frames.
+    """
+    if chunk < 2:
+        raise ConfigError("calibration_chunk must be at least 2 (batch norm needs two frames per pass)")
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    param = next(iter(net.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    images = images.to(device=device, dtype=torch.float32)
+    starts = list(range(0, images.shape[0], chunk))
+    if images.shape[0] - starts[-1] < 2 and len(starts) > 1:
+        starts.pop()
+    bounds = list(zip(starts, starts[1:] + [images.shape[0]], strict=True))
+    momenta = [m.momentum for m in norms]
+    was_training = net.training
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the passes
+        net.train()
+        # Statistics in fp32 whatever autocast the caller runs under: they are part of the weights.
+        with torch.autocast(device_type=device.type, enabled=False):
+            for lo, hi in bounds:
+                net(images[lo:hi])
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        net.train(was_training)
+    return {
+        "method": "batchnorm-recalibration",
+        "frames": int(images.shape[0]),
+        "frames_sha256": tensor_sha256(images),
+        "chunk": chunk,
+        "batch_norms": len(norms),
+    }
+
+
 class Encoder(nn.Module):
     """Base class of every registered encoder; subclasses set the attributes in ``__init__``."""
 

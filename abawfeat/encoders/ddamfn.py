@@ -44,7 +44,7 @@ from abawfeat.encoders.base import (
     Encoder,
     EncoderInfo,
     ImageTransform,
-    tensor_sha256,
+    recalibrate_batchnorm,
 )
 from abawfeat.encoders.weights import NamedWeights
 from abawfeat.errors import CheckpointError, ConfigError
@@ -568,51 +568,19 @@ class DDAMFNEncoder(Encoder):
         ``--weights PATH`` both load it."""
         return save_published_checkpoint(self, path, iteration=step)
 
-    @torch.no_grad()
     def calibrate(self, images: torch.Tensor) -> None:
-        """Recompute every batch-norm running statistic from ``images`` (normalised, [N, 3, 112, 112]).
-
-        Why: with default initialisation, in eval mode, the signal dies through the ~35 blocks and every
-        image gets the same embedding. Train-mode passes with ``momentum=None`` set each BN's running mean
-        and variance to the average over the passes of the batch statistics, which brings the features to
-        life. Deterministic: statistics are reset first, chunks have a fixed size (a last chunk of one frame
-        joins the previous one, since BN needs two), and the result depends only on the weights and frames.
-        """
+        """Recompute every batch-norm running statistic from ``images`` (normalised, [N, 3, 112, 112]): with
+        default initialisation, in eval mode, the signal dies through the ~35 blocks and every image gets the
+        same embedding (``recalibrate_batchnorm``)."""
         if self.weights_sha256 != RANDOM_INIT:
             raise ConfigError("calibrate() recomputes batch-norm statistics of random-init weights only; "
                               f"these are {self.weights_source}")
         if images.ndim != 4 or images.shape[1:] != (3, INPUT_SIZE, INPUT_SIZE) or images.shape[0] < 2:
             raise ConfigError(f"calibrate() needs at least 2 frames of shape "
                               f"[3, {INPUT_SIZE}, {INPUT_SIZE}], got {tuple(images.shape)}")
-        device = self.net.fc.weight.device
-        images = images.to(device=device, dtype=torch.float32)
-        chunk = self.config.calibration_chunk
-        starts = list(range(0, images.shape[0], chunk))
-        if images.shape[0] - starts[-1] < 2 and len(starts) > 1:
-            starts.pop()
-        bounds = list(zip(starts, starts[1:] + [images.shape[0]], strict=True))
-        norms = [m for m in self.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        momenta = [m.momentum for m in norms]
-        was_training = self.training
-        try:
-            for m in norms:
-                m.reset_running_stats()
-                m.momentum = None  # cumulative average over the passes
-            self.net.train()
-            # Statistics in fp32 whatever autocast the caller runs under: they are part of the weights.
-            with torch.autocast(device_type=device.type, enabled=False):
-                for lo, hi in bounds:
-                    self.net(images[lo:hi])
-        finally:
-            for m, momentum in zip(norms, momenta, strict=True):
-                m.momentum = momentum
-            self.train(was_training)
-        self.calibration = {
-            "method": "batchnorm-recalibration",
-            "frames": int(images.shape[0]),
-            "frames_sha256": tensor_sha256(images),
-            "chunk": chunk,
-        }
+        record = recalibrate_batchnorm(self.net, images, self.config.calibration_chunk)
+        record.pop("batch_norms")  # the calibration record DDAMFN caches have always carried
+        self.calibration = record
 
     def provenance_config(self) -> dict[str, Any]:
         # `weights` (a name or a path) is told by weights_source / weights_sha256; trust_pickle is a

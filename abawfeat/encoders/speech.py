@@ -38,7 +38,6 @@ The middle layers of these models carry more about affect than the last, so the 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import re
 from collections.abc import Iterable, Iterator
@@ -51,19 +50,23 @@ import torch
 from torch import nn
 
 from abawfeat.encoders.base import ENCODERS, PROVENANCE_VERSION, RANDOM_INIT, Encoder, EncoderInfo
-from abawfeat.encoders.weights import CheckpointFolder, NamedWeights, weights_dir
+from abawfeat.encoders.huggingface import (
+    CHECKPOINT,
+    CONFIG,
+    PREPROCESSOR,
+    config_summary,
+    hub_folder,
+    hub_named_weights,
+    load_pretrained,
+    read_json,
+    transformers,
+)
+from abawfeat.encoders.weights import NamedWeights
 from abawfeat.errors import CheckpointError, ConfigError
 
 SAMPLE_RATE = 16_000
 HOP = 320  # samples per output: 50 outputs per second
 RECEPTIVE_FIELD = 400  # samples per output (25 ms)
-_CONFIG = "config.json"
-_PREPROCESSOR = "preprocessor_config.json"
-# A Hugging Face checkpoint folder, as the one weights resolver reads and fetches it.
-CHECKPOINT = CheckpointFolder(weights=("model.safetensors", "pytorch_model.bin"), required=(_CONFIG,),
-                              optional=(_PREPROCESSOR,))
-_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_HUB = "https://huggingface.co"
 # Weights a checkpoint may lack without changing a frozen forward pass (SpecAugment's mask vector is used in
 # training only).
 _OPTIONAL_WEIGHTS = ("masked_spec_embed",)
@@ -113,29 +116,6 @@ class _Family:
     known_weights: tuple[str, ...]
 
 
-def _transformers() -> Any:
-    import transformers
-
-    return transformers
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """transformers logs about unused checkpoint weights (pre-training heads) on every load; we check the
-    loading report ourselves, so its chatter is turned down while loading."""
-    logging = _transformers().logging
-    before = logging.get_verbosity()
-    bars = logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()  # its per-load progress bar would break our one-bar output
-    try:
-        yield
-    finally:
-        logging.set_verbosity(before)
-        if bars:
-            logging.enable_progress_bar()
-
-
 def parse_layers(layer: int | None, layers: str | None, n_layers: int) -> tuple[int, ...]:
     """The hidden-state indices to average (see the module docstring); negative N counts from the end."""
     if layer is not None and layers is not None:
@@ -155,36 +135,6 @@ def parse_layers(layer: int | None, layers: str | None, n_layers: int) -> tuple[
     if not 0 <= n <= n_layers:
         raise ConfigError(f"layer {layer}: this model's hidden states are 0..{n_layers}")
     return (n,)
-
-
-# ------------------------------------------------------------------------------------------------ weights
-
-
-def hub_folder(name: str) -> Path:
-    """Where a Hugging Face checkpoint is looked for (and downloaded to)."""
-    return weights_dir() / _hub_weights(name, "").folder
-
-
-def _hub_weights(name: str, encoder: str) -> NamedWeights:
-    """Hugging Face model ``name`` as named weights: its folder's files, from the hub's ``main`` revision."""
-    base = f"{_HUB}/{name}/resolve/main"
-    first, *others = CHECKPOINT.weights
-    return NamedWeights(
-        name=name, encoder=encoder, filename=first, url=f"{base}/{first}",
-        description=f"Hugging Face checkpoint folder ({CHECKPOINT.describe()})",
-        folder=f"huggingface/{name.replace('/', '--')}",
-        alternatives=tuple((f"{base}/{n}", n) for n in others),
-    )
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: not a JSON object")
-    return data
 
 
 # ------------------------------------------------------------------------------------------------ encoder
@@ -279,7 +229,7 @@ class SpeechEncoder(Encoder):
         if not (math.isfinite(config.window_ms) and 20.0 <= config.window_ms <= 60_000.0):
             raise ConfigError(f"window_ms {config.window_ms}: use 20 (one encoder output) to 60000")
         super().__init__(config)
-        tf = _transformers()
+        tf = transformers()
         config_cls = getattr(tf, self.family.config_class)
         model_cls = getattr(tf, self.family.model_class)
         normalize = config.normalize
@@ -300,11 +250,11 @@ class SpeechEncoder(Encoder):
             model_config = model.config
             self.weights_source = resolved.source
             self.weights_sha256 = resolved.sha256
-            if (folder / _PREPROCESSOR).is_file():
-                pre = _read_json(folder / _PREPROCESSOR)
+            if (folder / PREPROCESSOR).is_file():
+                pre = read_json(folder / PREPROCESSOR)
                 rate = pre.get("sampling_rate", SAMPLE_RATE)
                 if rate != SAMPLE_RATE:
-                    raise CheckpointError(f"{folder / _PREPROCESSOR}: sampling_rate {rate}; these encoders "
+                    raise CheckpointError(f"{folder / PREPROCESSOR}: sampling_rate {rate}; these encoders "
                                           f"take {SAMPLE_RATE} Hz audio")
                 if normalize is None:
                     normalize = bool(pre.get("do_normalize", True))
@@ -313,7 +263,7 @@ class SpeechEncoder(Encoder):
         self.normalize = bool(normalize)
         self.n_layers = int(model_config.num_hidden_layers)
         self.layers = parse_layers(config.layer, config.layers, self.n_layers)
-        self._model_config = _config_summary(model_config)
+        self._model_config = config_summary(model_config)
         self.model = _truncate(model, max(self.layers)).eval()
         first = self.model.feature_extractor.conv_layers[0]
         self._conv0: nn.Conv1d = first.conv
@@ -330,23 +280,11 @@ class SpeechEncoder(Encoder):
         self.context = int(round(config.context_s * SAMPLE_RATE / HOP))
 
     def _load(self, model_cls: Any, folder: Path) -> Any:
-        model_type = _read_json(folder / _CONFIG).get("model_type")
+        model_type = read_json(folder / CONFIG).get("model_type")
         if model_type != self.family.model_type:
             raise CheckpointError(f"{folder}: holds a {model_type!r} model, not {self.family.model_type!r} "
                                   f"(use the matching --backbone)")
-        try:
-            with _quiet_transformers():
-                model, info = model_cls.from_pretrained(
-                    str(folder), local_files_only=True, dtype=torch.float32, output_loading_info=True)
-        except Exception as exc:  # noqa: BLE001 - transformers raises OSError/ValueError/... for bad files
-            text = str(exc).strip().splitlines()
-            raise CheckpointError(f"{folder}: not a loadable {self.name} checkpoint ({type(exc).__name__}: "
-                                  f"{text[0][:200] if text else ''})") from None
-        missing = [k for k in info.get("missing_keys", ()) if not any(o in k for o in _OPTIONAL_WEIGHTS)]
-        if missing:
-            raise CheckpointError(f"{folder}: not a complete {self.name} checkpoint ({len(missing)} weights "
-                                  f"missing, e.g. {sorted(missing)[0]})")
-        return model
+        return load_pretrained(model_cls, folder, self.name, _OPTIONAL_WEIGHTS)
 
     # -- the contract
     @property
@@ -487,7 +425,7 @@ class SpeechEncoder(Encoder):
             "logit_names": None,
             "layers": list(self.layers),
             "model_config": self._model_config,
-            "transformers_version": _transformers().__version__,
+            "transformers_version": transformers().__version__,
             "av_version": av.__version__,
         }
 
@@ -503,11 +441,7 @@ class SpeechEncoder(Encoder):
     def named_weights(cls, config: Any | None = None) -> dict[str, NamedWeights]:
         """The family's known Hugging Face checkpoints, and the one ``config`` names if it is another hub
         name (any ``org/name`` works; a folder by that path is used first, by the resolver)."""
-        names = list(cls.family.known_weights)
-        spec = getattr(config, "weights", None)
-        if isinstance(spec, str) and _HUB_NAME.fullmatch(spec) and spec not in names:
-            names.append(spec)
-        return {n: _hub_weights(n, cls.name) for n in names}
+        return hub_named_weights(cls.family.known_weights, getattr(config, "weights", None), cls.name)
 
     @classmethod
     def describe(cls) -> EncoderInfo:
@@ -527,15 +461,6 @@ class SpeechEncoder(Encoder):
     @classmethod
     def smoke_options(cls) -> dict[str, Any]:
         return {"random_init": True, "size": "tiny"}
-
-
-def _config_summary(model_config: Any) -> dict[str, Any]:
-    """The architecture as the provenance records it (the transformers config without bookkeeping)."""
-    data = model_config.to_dict()
-    for key in ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype",
-                "output_hidden_states", "return_dict", "_attn_implementation_autoset"):
-        data.pop(key, None)
-    return json.loads(json.dumps(data, default=str))
 
 
 def _truncate(model: Any, last: int) -> Any:

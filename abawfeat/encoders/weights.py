@@ -73,6 +73,9 @@ class CheckpointFolder:
     weights: tuple[str, ...]  # names of the weights file, preferred first; one of them must be there
     required: tuple[str, ...] = ()  # files that must sit beside it (config.json)
     optional: tuple[str, ...] = ()  # files used when present (preprocessor_config.json), fetched if published
+    # Suffixes of one-file checkpoints the encoder also reads besides folders: its own ``save_weights`` format
+    # (DINOv2's fine-tuned ``.pth``, which carries the model config with the weights).
+    files: tuple[str, ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -213,6 +216,8 @@ def resolve_weights(
     what = what or encoder
     path = Path(spec).expanduser()
     if folder is not None and (path.is_dir() or path.is_file()):
+        if path.is_file() and path.name not in folder.names and path.suffix in folder.files:
+            return ResolvedWeights(path=path, source=f"file:{path.name}", sha256=file_sha256(path))
         if path.is_file():
             if path.name not in folder.names:
                 files = folder.describe(False)
