@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("abawfeat.heads", "abawfeat.stage_one", "abawfeat.smoothing"),
     ("abawfeat.audio.extract", "abawfeat.train"),
     ("abawfeat.extract",),
-    ("abawfeat.finetune", "abawfeat.predict", "abawfeat.ensemble", "abawfeat.cv"),
+    ("abawfeat.finetune", "abawfeat.predict", "abawfeat.ensemble", "abawfeat.cv", "abawfeat.analyze"),
     ("abawfeat.report",),
     ("abawfeat.ablate",),
     ("abawfeat.cli", "abawfeat.__main__"),

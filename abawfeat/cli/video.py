@@ -70,3 +70,40 @@ def assets(
     code = main([action])
     if code:
         raise typer.Exit(code=code)
+
+
+@app.command("analyze")
+@guarded
+def analyze(
+    inputs: list[Path] = typer.Argument(..., help="Video or image files, or folders of them."),
+    run: list[Path] | None = typer.Option(None, "--run", help="A trained run (repeat for several): any "
+                                          "head, ensemble or cross-validation run."),
+    out: Path = typer.Option(..., "--out", help="The CSV to write; timeline plots go beside it."),
+    backbone: str | None = typer.Option(None, "--backbone", help="Without --run: this encoder's own "
+                                        "classifier output (e.g. ddamfn with --weights affectnet8)."),
+    weights: str | None = typer.Option(None, "--weights", help="With --backbone: its weights."),
+    work: Path | None = typer.Option(None, "--work", help="Crops and feature caches, kept for re-use. "
+                                     "Default: abawfeat-analysis/ beside --out."),
+    every: int = typer.Option(1, "--every", help="Process every N-th frame."),
+    max_frames: int | None = typer.Option(None, "--max-frames", help="Stop each video after this frame."),
+    smooth: bool = typer.Option(True, "--smooth/--no-smooth", help="Apply each run's tuned smoothing."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Frames per detector pass."),
+    workers: int = typer.Option(0, "--workers", help="JPEG-decoding processes of the extraction."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
+) -> None:
+    """Crop the faces of raw videos, extract the features each run was trained on (cached for re-use), and
+    write one CSV row per frame and face track with every task's values, plus a timeline plot per track."""
+    from abawfeat.analyze import AnalyzeConfig, run_analyze
+
+    config = AnalyzeConfig(out=str(out), runs=tuple(str(r) for r in run or ()), backbone=backbone,
+                           weights=weights, work=None if work is None else str(work), every=every,
+                           max_frames=max_frames, device=device, batch_size=batch_size, workers=workers,
+                           smooth=smooth)
+    result = run_analyze([str(p) for p in inputs], config)
+    assert result.crop is not None
+    for source in result.crop.sources:
+        if source.error is None:
+            console.print(source.summary(), highlight=False, soft_wrap=True)
+    console.print(f"{result.csv}: {result.rows} rows; {len(result.plots)} timeline plot(s)", soft_wrap=True)
+    if result.crop.failed:
+        raise typer.Exit(code=1)
