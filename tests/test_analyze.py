@@ -109,3 +109,24 @@ def test_analyze_refuses_bad_requests_in_one_line(tmp_path: Path, media: Path) -
     assert res.exit_code == 2 and "name a .csv file" in res.output
     res = cli("analyze", still, "--run", str(tmp_path), "--out", str(tmp_path / "x.csv"))
     assert res.exit_code == 2 and "Traceback" not in res.output
+
+
+def test_a_random_init_run_is_rebuilt_with_its_own_calibration(media: Path, tmp_path: Path) -> None:
+    # The encoder of a --random-init run is calibrated on frames of the run's data; analyze calibrates the
+    # same way (else the run's fingerprint check would refuse the new cache), and says loudly what it is.
+    torch.set_num_threads(1)
+    data = str(tmp_path / "data")
+    assert cli("synth", "--out", data, "--videos", "3", "--frames", "12", "--seed", "1").exit_code == 0
+    assert cli("extract", "--backbone", "ddamfn", "--random-init", "--data", data, "--out",
+               str(tmp_path / "r.h5"), "--workers", "0", "--device", "cpu").exit_code == 0
+    res = cli("train-head", "--task", "expr", "--head", "fc", "--backbone", "ddamfn", "--data", data,
+              "--cache", str(tmp_path / "r.h5"), "--out", str(tmp_path / "run"), "--epochs", "1",
+              "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "r.csv"
+    res = cli("analyze", str(media / "multi_face.jpg"), "--run", str(tmp_path / "run"), "--out", str(out),
+              "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert "random-init" in res.output
+    rows = _table(out)
+    assert len(rows) == 5 and all(r["expression"] in EXPR for r in rows)
