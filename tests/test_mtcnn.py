@@ -108,3 +108,18 @@ def test_a_weights_folder_and_a_wrong_file(tmp_path: Path, media: Path) -> None:
     (tmp_path / "rnet.pt").unlink()
     with pytest.raises(CheckpointError, match="lacks rnet.pt"):
         build_detector("mtcnn", weights=str(tmp_path))
+
+
+def test_crops_from_cumulative_sums_equal_box_by_box_resizing(media: Path) -> None:
+    # The GPU path (all crops from integral images) and the CPU path (each box's own area resize) agree.
+    from abawfeat.video import mtcnn
+
+    img = torch.from_numpy(frame(media / "multi_face.jpg", 0).copy()).permute(2, 0, 1)[None]
+    boxes = torch.tensor([[300.3, 220.0, 420.9, 370.2], [-12.0, 5.5, 40.0, 61.0],
+                          [900.0, 600.0, 1100.0, 700.0], [10.0, 10.0, 14.0, 13.0]])
+    which = torch.zeros(len(boxes), dtype=torch.int64)
+    for size in (24, 48):
+        fast, ok_fast = mtcnn._crops(mtcnn._integral(img), which, boxes, size)
+        slow, ok_slow = mtcnn._crops(None, which, boxes, size, img)
+        assert ok_fast.tolist() == ok_slow.tolist() == [True] * 4
+        np.testing.assert_allclose(fast.numpy(), slow.numpy(), atol=1e-5)

@@ -16,10 +16,11 @@ The detection steps follow that package's published behaviour, which ``tests/fix
 4. O-Net on 48 x 48 crops: probability > 0.7, five landmarks from the box before its last regression,
    regression, then NMS over the intersection divided by the smaller area (0.7).
 
-The crops of steps 3 and 4 are resized for all boxes of all frames at once: an area resize is an average
-over a rectangle of pixels, and the frames are integers, so one integral image per frame gives every
-output pixel of every crop from four look-ups (exact; no per-box loop). P-Net runs once per pyramid level
-for the whole batch of frames; R- and O-Net once per batch.
+On a GPU the crops of steps 3 and 4 are resized for all boxes of all frames at once: an area resize is an
+average over a rectangle of pixels, and the frames are integers, so one integral image per frame gives
+every output pixel of every crop from four look-ups (exact; no per-box kernel launches). On a CPU the
+cumulative sums cost more than resizing the few boxes one at a time, so it does that. P-Net runs once per
+pyramid level for the whole batch of frames; R- and O-Net once per batch.
 """
 
 from __future__ import annotations
@@ -187,11 +188,16 @@ def _integral(frames: torch.Tensor) -> torch.Tensor:
     return s
 
 
-def _crops(integral: torch.Tensor, image: torch.Tensor, boxes: torch.Tensor, size: int) -> tuple[
-        torch.Tensor, torch.Tensor]:
+def _crops(integral: torch.Tensor | None, image: torch.Tensor, boxes: torch.Tensor, size: int,
+           frames: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Area-resized ``size x size`` crops of the boxes (clipped to the frame), normalised for the nets;
-    returns (crops [n, 3, size, size], which boxes had a non-empty crop)."""
-    height, width = integral.shape[2] - 1, integral.shape[3] - 1
+    returns (crops [n, 3, size, size], which boxes had a non-empty crop). With ``integral`` (CUDA), all at
+    once from the frames' cumulative sums; without it (CPU), box by box from ``frames``."""
+    if integral is not None:
+        height, width = integral.shape[2] - 1, integral.shape[3] - 1
+    else:
+        assert frames is not None
+        height, width = frames.shape[2], frames.shape[3]
     b = boxes.trunc().to(torch.int64)
     # Clipped as published: 1-based first pixel, inclusive last pixel.
     x = b[:, 0].clamp(min=1) - 1
@@ -200,6 +206,13 @@ def _crops(integral: torch.Tensor, image: torch.Tensor, boxes: torch.Tensor, siz
     ey = b[:, 3].clamp(max=height)
     ok = (ex > x) & (ey > y)
     x, y, ex, ey, img = x[ok], y[ok], ex[ok], ey[ok], image[ok]
+    if integral is None:  # CPU: each crop's own area resize (the cumulative sums would cost more than this)
+        pixels = frames if frames is not None else torch.empty(0)
+        rows = [F.adaptive_avg_pool2d(pixels[bi, :, y0:y1, x0:x1].float(), size)
+                for bi, x0, y0, x1, y1 in zip(img.tolist(), x.tolist(), y.tolist(), ex.tolist(), ey.tolist(),
+                                              strict=True)]
+        crops = torch.stack(rows) if rows else torch.zeros(0, 3, size, size, device=boxes.device)
+        return (crops - 127.5) * 0.0078125, ok
     i = torch.arange(size, device=boxes.device)
     hk, wk = (ey - y)[:, None], (ex - x)[:, None]
     # Adaptive average pooling's cells: [floor(i * n / size), ceil((i + 1) * n / size)).
@@ -311,9 +324,11 @@ class MTCNN(Detector):
         boxes = _square(_regress(boxes[keep], reg[keep], plus_one=False))
         img = img[keep]
 
-        integral = _integral(x)
+        # All crops at once from cumulative sums on a GPU (one kernel instead of one per box); on a CPU the
+        # sums cost more than resizing the few boxes one by one (benchmarks/crop.py).
+        integral = _integral(x) if x.device.type == "cuda" else None
         # Stage 2: R-Net on every candidate of every frame.
-        crops, ok = _crops(integral, img, boxes, 24)
+        crops, ok = _crops(integral, img, boxes, 24, x)
         boxes, img = boxes[ok], img[ok]
         prob, reg = self._run(self.rnet, crops)[:2]
         keep = prob > t2
@@ -323,7 +338,7 @@ class MTCNN(Detector):
         img = img[keep]
 
         # Stage 3: O-Net: final score, box and landmarks.
-        crops, ok = _crops(integral, img, boxes, 48)
+        crops, ok = _crops(integral, img, boxes, 48, x)
         boxes, img = boxes[ok], img[ok]
         prob, reg, pts = self._run(self.onet, crops)
         keep = prob > t3
