@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from abawfeat.errors import CheckpointError
+from abawfeat.video.detectors import DETECTORS
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mtcnn"
 sys.path.insert(0, str(FIXTURE))
@@ -49,8 +50,11 @@ def test_reproduces_facenet_pytorch(i: int, detector, reference, media: Path) ->
     np.testing.assert_allclose(got.landmarks, points, atol=2e-3)
 
 
-def test_multi_face_has_five_faces(detector, reference, media: Path) -> None:  # type: ignore[no-untyped-def]
-    got = detector.detect(frame(media / "multi_face.jpg", 0))[0]
+@pytest.mark.parametrize("name", DETECTORS.names())
+def test_every_detector_finds_the_five_faces(name: str, media: Path) -> None:
+    from abawfeat.video.detectors import build_detector
+
+    got = build_detector(name).detect(frame(media / "multi_face.jpg", 0))[0]
     assert len(got) == 5 and (got.scores > 0.9).all()
     # Landmarks lie inside their boxes, eyes above the mouth, left eye left of the right eye.
     for box, pts in zip(got.boxes, got.landmarks, strict=True):

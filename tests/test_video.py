@@ -264,6 +264,18 @@ def test_a_killed_source_is_redone_and_the_lock_refuses_a_second_writer(media: P
     assert result.sources[0].processed == 2
 
 
+def test_a_folder_is_searched_without_the_output_tree(tmp_path: Path, media: Path) -> None:
+    from abawfeat.video.crop import find_sources
+
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    (tmp_path / "in" / "sub" / "a.jpg").write_bytes((media / "single_face.jpg").read_bytes())
+    (tmp_path / "in" / "tree" / "cropped_aligned" / "a").mkdir(parents=True)
+    (tmp_path / "in" / "tree" / "cropped_aligned" / "a" / "00001.jpg").write_bytes(b"")
+    (tmp_path / "in" / "notes.txt").write_text("not media")
+    found, problems = find_sources([tmp_path / "in"], exclude=tmp_path / "in" / "tree")
+    assert found == [tmp_path / "in" / "sub" / "a.jpg"] and not problems
+
+
 def test_bad_options_are_one_line(tmp_path: Path, media: Path) -> None:
     from abawfeat.video.crop import parse_scales
 

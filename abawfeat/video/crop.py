@@ -106,14 +106,20 @@ def parse_scales(text: str) -> tuple[float, ...]:
     return scales
 
 
-def find_sources(inputs: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
-    """Media files named or found in the named folders (recursively, sorted), and one line per problem."""
+def find_sources(inputs: Sequence[str | Path], exclude: Path | None = None) -> tuple[list[Path], list[str]]:
+    """Media files named or found in the named folders (recursively, sorted; hidden files and anything under
+    ``exclude``, the output tree, left out), and one line per problem."""
     found: list[Path] = []
     problems: list[str] = []
+    skip = exclude.resolve() if exclude is not None else None
+
+    def outside(p: Path) -> bool:
+        return skip is None or not p.resolve().is_relative_to(skip)
+
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and is_media(p)
+            files = sorted(p for p in path.rglob("*") if p.is_file() and is_media(p) and outside(p)
                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
             if not files:
                 problems.append(f"{path}: no video or image files in this folder")
@@ -372,7 +378,7 @@ def run_crop(inputs: Sequence[str | Path], config: CropConfig, *, progress: bool
         raise ConfigError(f"{blocker}: --out must be a folder, and this is a file")
     if config.every < 1 or config.batch_size < 1 or config.size < 16:
         raise ConfigError("--every and --batch-size must be at least 1, --size at least 16")
-    sources, problems = find_sources(inputs)
+    sources, problems = find_sources(inputs, exclude=root)
     for p in problems:
         say(p)
     if not sources:
