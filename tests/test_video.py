@@ -283,3 +283,55 @@ def test_bad_options_are_one_line(tmp_path: Path, media: Path) -> None:
         parse_scales("1.0,x")
     res = cli("crop", str(tmp_path / "nothing.mp4"), "--out", str(tmp_path / "t"))
     assert res.exit_code == 2 and "nothing.mp4: no such file or folder" in res.output
+
+
+def test_variable_frame_rate_follows_the_container_timestamps(media: Path, tmp_path: Path) -> None:
+    from fractions import Fraction
+
+    import av
+
+    # A video whose frames are shown at uneven times (ms): frame k's time_s must be its own timestamp.
+    times_ms = [0, 40, 60, 200, 230, 500]
+    with av.open(str(media / "single_face.mp4")) as c:
+        pictures = [f.to_ndarray(format="rgb24") for _, f in zip(range(len(times_ms)), c.decode(video=0),
+                                                                 strict=False)]
+    path = tmp_path / "vfr.mkv"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 640, 360, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for t, px in zip(times_ms, pictures, strict=True):
+            frame = av.VideoFrame.from_ndarray(px, format="rgb24")
+            frame.pts, frame.time_base = t, stream.codec_context.time_base
+            for p in stream.encode(frame):
+                out.mux(p)
+        for p in stream.encode(None):
+            out.mux(p)
+    root = tmp_path / "tree"
+    res = cli("crop", str(path), "--out", str(root), "--device", "cpu", "--min-track", "1")
+    assert res.exit_code == 0, res.output
+    rows = _rows(root, "vfr")
+    assert [int(r["frame"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([float(r["time_s"]) for r in rows], np.array(times_ms) / 1000, atol=1e-3)
+
+
+def test_a_full_disk_is_one_line_and_complete_videos_are_kept(media: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from PIL import Image
+
+    root = tmp_path / "tree"
+    assert cli("crop", str(media / "multi_face.jpg"), "--out", str(root), "--device", "cpu").exit_code == 0
+
+    def full(self, fp, *a, **k):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    res = cli("crop", str(media / "multi_face.jpg"), str(media / "single_face.jpg"), "--out", str(root),
+              "--device", "cpu")
+    assert res.exit_code == 2 and "no space left on the device" in res.output
+    assert "Traceback" not in res.output
+    assert len(list((root / "cropped_aligned").iterdir())) == 5  # the complete still's five videos
+    assert not (root / ".work" / "single_face").exists()
+    assert not (root / "detections" / "single_face.json").exists()

@@ -22,23 +22,26 @@ from __future__ import annotations
 import csv
 import io
 import json
+import queue
 import shutil
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from abawfeat.cache import acquire_lock, release_lock
 from abawfeat.data.names import crop_file_name, video_name_problem
-from abawfeat.errors import ConfigError, DataError
-from abawfeat.utils.io import atomic_write_text, file_in_the_way, write_json
+from abawfeat.errors import ConfigError, DataError, DiskFullError
+from abawfeat.utils.io import atomic_write_text, file_in_the_way, is_disk_full, write_json
 from abawfeat.video.align import similarity, template, warp
 from abawfeat.video.detectors import FaceDetections, build_detector
 from abawfeat.video.frames import FrameSource, is_media
 from abawfeat.video.track import TrackConfig, Tracker, kept_tracks, track_names
 
+T = TypeVar("T")
 CROPS_FOLDER = "cropped_aligned"
 DETECTIONS_FOLDER = "detections"
 WORK_FOLDER = ".work"
@@ -181,8 +184,15 @@ class _Writer:
         pixels = crops.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         for (k, track, number), px in zip(where, pixels, strict=True):
             folder = self.folder(k, track)
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(px).save(folder / crop_file_name(number), quality=self.config.quality)
+            path = folder / crop_file_name(number)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(px).save(path, quality=self.config.quality)
+            except OSError as exc:
+                if is_disk_full(exc):
+                    raise DiskFullError(f"{path}: no space left on the device; the tree's complete videos "
+                                        "are kept, this one is redone by the next run", path) from None
+                raise
             if k == 0:
                 self.counts[track] = self.counts.get(track, 0) + 1
 
@@ -303,7 +313,7 @@ class Cropper:
             batch.clear()
 
         with FrameSource(path) as src:
-            for number, frame in src.frames(cfg.every, cfg.max_frames):
+            for number, frame in _prefetched(src.frames(cfg.every, cfg.max_frames), 2 * cfg.batch_size):
                 result.frames_read = number
                 self.advance(1)
                 if frame is None:
@@ -353,6 +363,48 @@ class Cropper:
         record["summary"] = result.summary()
         write_json(marker, record, durable=True)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _prefetched(items: Iterator[T], depth: int) -> Iterator[T]:
+    """``items`` produced by a background thread, at most ``depth`` ahead: decoding (PyAV releases the GIL)
+    overlaps detection, so a GPU does not wait for the decoder. An error in the producer is raised here."""
+    done = object()
+    q: queue.Queue[Any] = queue.Queue(maxsize=max(depth, 1))
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            q.put(_Failure(exc))
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+@dataclass
+class _Failure:
+    exc: BaseException
 
 
 @dataclass
