@@ -20,7 +20,8 @@ On a GPU the crops of steps 3 and 4 are resized for all boxes of all frames at o
 average over a rectangle of pixels, and the frames are integers, so one integral image per frame gives
 every output pixel of every crop from four look-ups (exact; no per-box kernel launches). On a CPU the
 cumulative sums cost more than resizing the few boxes one at a time, so it does that. P-Net runs once per
-pyramid level for the whole batch of frames; R- and O-Net once per batch.
+pyramid level for the whole batch of frames on a GPU (two frames at a time, channels-last, on a CPU); R- and
+O-Net once per batch over every candidate of every frame.
 """
 
 from __future__ import annotations
@@ -271,6 +272,13 @@ class MTCNN(Detector):
             load_state(module, files[net])
             module.eval().to(self.device)
         self.pnet, self.rnet, self.onet = self.nets["pnet"], self.nets["rnet"], self.nets["onet"]
+        # On a CPU, P-Net (3 -> 10 -> 16 -> 32 channels over the whole frame) runs faster channels-last and on
+        # a few frames at a time: a large batch's activations of the first level no longer fit the caches
+        # (benchmarks/crop.py). On a GPU one pass takes the whole batch.
+        self.cpu = self.device.type == "cpu"
+        self.pnet_frames = 2 if self.cpu else 0
+        if self.cpu:
+            self.pnet.to(memory_format=torch.channels_last)
         self.min_face = float(min_face)
         self.thresholds = tuple(float(t) for t in thresholds)
         self.factor = float(factor)
@@ -304,9 +312,17 @@ class MTCNN(Detector):
 
         # Stage 1: P-Net over the pyramid, one pass per level for all frames.
         found: list[tuple[torch.Tensor, ...]] = []
+        chunk = self.pnet_frames or batch
         for scale in pyramid_scales(height, width, self.min_face, self.factor):
-            im = F.interpolate(xf, size=(int(height * scale + 1), int(width * scale + 1)), mode="area")
-            prob, reg = self.pnet((im - 127.5) * 0.0078125)
+            size = (int(height * scale + 1), int(width * scale + 1))
+            parts = []
+            for start in range(0, batch, chunk):
+                im = F.interpolate(xf[start:start + chunk], size=size, mode="area")
+                if self.cpu:
+                    im = im.contiguous(memory_format=torch.channels_last)
+                parts.append(self.pnet((im - 127.5) * 0.0078125))
+            prob = torch.cat([p for p, _ in parts]) if len(parts) > 1 else parts[0][0]
+            reg = torch.cat([r for _, r in parts]) if len(parts) > 1 else parts[0][1]
             img, yy, xx = (prob >= t1).nonzero(as_tuple=True)
             if len(img) == 0:
                 continue
