@@ -54,6 +54,7 @@ class AnalyzeConfig:
     workers: int = 0
     smooth: bool = True  # the runs' own tuned smoothing
     plots: bool = True
+    overwrite: bool = False  # replace an earlier analyze table at ``out``
 
 
 @dataclass
@@ -118,7 +119,7 @@ def _extract_config(cfg: dict[str, Any], data: Path, out: Path, config: AnalyzeC
     )
 
 
-def check_out(out: Path) -> None:
+def check_out(out: Path, overwrite: bool = False) -> None:
     if out.suffix.lower() != ".csv":
         raise ConfigError(f"--out {out}: name a .csv file")
     if out.is_dir():
@@ -128,6 +129,8 @@ def check_out(out: Path) -> None:
             first = fh.readline().strip()
         if not first.startswith(",".join(FIXED_COLUMNS)):
             raise ConfigError(f"--out {out}: exists and is not an analyze table; choose another --out")
+        if not overwrite:
+            raise ConfigError(f"--out {out}: exists; pass --overwrite to replace this earlier analyze table")
 
 
 def _task_columns(task: str) -> list[str]:
@@ -223,7 +226,7 @@ def run_analyze(inputs: Sequence[str | Path], config: AnalyzeConfig) -> AnalyzeR
     from abawfeat.utils.progress import loud_warning
 
     out = Path(config.out)
-    check_out(out)
+    check_out(out, config.overwrite)
     if not config.runs and not config.backbone:
         raise ConfigError("give --run RUN (one or more), or --backbone (with --weights) for an encoder's own "
                           "classifier output")

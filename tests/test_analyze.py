@@ -107,6 +107,12 @@ def test_analyze_refuses_bad_requests_in_one_line(tmp_path: Path, media: Path) -
     assert res.exit_code == 2 and "give --run RUN" in res.output
     res = cli("analyze", still, "--backbone", "ddamfn", "--out", str(tmp_path / "x.txt"))
     assert res.exit_code == 2 and "name a .csv file" in res.output
+    (tmp_path / "earlier.csv").write_text("video,track,frame,time_s,face,valence\n")
+    res = cli("analyze", still, "--backbone", "ddamfn", "--out", str(tmp_path / "earlier.csv"))
+    assert res.exit_code == 2 and "pass --overwrite" in res.output
+    (tmp_path / "notes.csv").write_text("a,b\n")
+    res = cli("analyze", still, "--backbone", "ddamfn", "--out", str(tmp_path / "notes.csv"))
+    assert res.exit_code == 2 and "is not an analyze table" in res.output
     res = cli("analyze", still, "--run", str(tmp_path), "--out", str(tmp_path / "x.csv"))
     assert res.exit_code == 2 and "Traceback" not in res.output
 

@@ -204,6 +204,14 @@ def test_second_run_resumes_and_other_settings_are_refused(cropped: Path, media:
     assert res.exit_code == 2 and "other settings" in res.output and "Traceback" not in res.output
 
 
+def test_another_file_of_a_cropped_name_is_refused(cropped: Path, media: Path, tmp_path: Path) -> None:
+    other = tmp_path / "single_face.jpg"
+    other.write_bytes((media / "single_face.jpg").read_bytes())  # same video name, another file
+    res = cli("crop", str(other), "--out", str(cropped), "--every", "12", "--scales", "1.0,1.25",
+              "--device", "cpu", "--min-track", "2")
+    assert res.exit_code == 1 and "already holds video 'single_face' from another file" in res.output
+
+
 def test_unreadable_video_is_one_line_and_the_others_go_on(media: Path, tmp_path: Path) -> None:
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 100)

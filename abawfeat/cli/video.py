@@ -90,6 +90,7 @@ def analyze(
     batch_size: int = typer.Option(16, "--batch-size", help="Frames per detector pass."),
     workers: int = typer.Option(0, "--workers", help="JPEG-decoding processes of the extraction."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier analyze table at --out."),
 ) -> None:
     """Crop the faces of raw videos, extract the features each run was trained on (cached for re-use), and
     write one CSV row per frame and face track with every task's values, plus a timeline plot per track."""
@@ -98,7 +99,7 @@ def analyze(
     config = AnalyzeConfig(out=str(out), runs=tuple(str(r) for r in run or ()), backbone=backbone,
                            weights=weights, work=None if work is None else str(work), every=every,
                            max_frames=max_frames, device=device, batch_size=batch_size, workers=workers,
-                           smooth=smooth)
+                           smooth=smooth, overwrite=overwrite)
     result = run_analyze([str(p) for p in inputs], config)
     assert result.crop is not None
     for source in result.crop.sources:

@@ -24,6 +24,7 @@ import io
 import json
 import queue
 import shutil
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -197,6 +198,17 @@ class _Writer:
                 self.counts[track] = self.counts.get(track, 0) + 1
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(path, f"damaged ({type(exc).__name__}); delete it and this source's crop folders to "
+                        "crop it again") from None
+    if not isinstance(data, dict):
+        raise DataError(path, "damaged (not a JSON object); delete it and this source's crop folders")
+    return data
+
+
 def _csv_text(rows: list[list[Any]]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -248,7 +260,11 @@ class Cropper:
         marker = det_dir / f"{name}.json"
         work = self.root / WORK_FOLDER / name
         if marker.is_file():
-            stored = json.loads(marker.read_text())
+            stored = _read_json(marker)
+            same_size = stored.get("source_size") in (None, path.stat().st_size)
+            if not same_size or stored.get("source_name") not in (None, path.name):
+                raise DataError(path, f"{self.root} already holds video {name!r} from another file "
+                                f"({stored.get('source')}); rename this one or choose another --out")
             for key in ("frames_read", "processed", "with_face", "without_face", "extra_faces", "tracks",
                         "short_detections"):
                 setattr(result, key, stored[key])
@@ -256,7 +272,7 @@ class Cropper:
             return result
         plan = work / "plan.json"
         if plan.is_file():  # killed while moving a finished source's crops into place: finish the moves
-            stored = json.loads(plan.read_text())
+            stored = _read_json(plan)
             self._move(stored["moves"])
             for key, value in stored["result"].items():
                 setattr(result, key, value)
@@ -360,6 +376,9 @@ class Cropper:
 
     def _finish(self, work: Path, marker: Path, result: SourceResult) -> None:
         record = {k: v for k, v in asdict(result).items() if k not in ("skipped", "error")}
+        source = Path(result.source)
+        if source.is_file():
+            record["source_name"], record["source_size"] = source.name, source.stat().st_size
         record["summary"] = result.summary()
         write_json(marker, record, durable=True)
         shutil.rmtree(work, ignore_errors=True)
@@ -417,6 +436,26 @@ class CropResult:
         return len(self.problems)
 
 
+def _fixed_mmap_threshold() -> None:
+    """Large buffers straight from mmap, returned to the system when freed (glibc only; elsewhere nothing).
+
+    glibc raises its mmap threshold each time a large block is freed, after which the detector's per-batch
+    tensors (whose sizes vary with the number of candidate faces) come from the heap, which fragments: the
+    process grew with the number of frames. A fixed threshold keeps memory flat with the video's length
+    (benchmarks/crop.py measures the peak of a short and a long video)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def run_crop(inputs: Sequence[str | Path], config: CropConfig, *, progress: bool | None = None,
              say: Callable[[str], None] | None = None) -> CropResult:
     """Crop every source of ``inputs`` into ``config.out``; see the module docstring. Sources that cannot be
@@ -436,6 +475,7 @@ def run_crop(inputs: Sequence[str | Path], config: CropConfig, *, progress: bool
     if not sources:
         raise DataError(root, "nothing to crop: no readable video or image among the inputs")
     fd = acquire_lock(root / "crop", holder="another `abawfeat crop` is writing this tree")
+    _fixed_mmap_threshold()
     results: list[SourceResult] = []
     try:
         bar = make_progress("frames", disable=None if progress is None else not progress)
