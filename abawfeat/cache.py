@@ -83,10 +83,11 @@ def lock_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".lock")
 
 
-def acquire_lock(path: str | Path) -> int:
+def acquire_lock(path: str | Path, holder: str = "another extraction is writing this cache") -> int:
     """Take the exclusive lock of the cache at ``path`` (a ``flock`` on ``<path>.lock``) without waiting;
     returns its descriptor for ``release_lock``. A held lock is a one-line CacheError. Extraction takes it
-    before anything expensive, so a second run into the same cache is refused at once."""
+    before anything expensive, so a second run into the same cache is refused at once. Other single-writer
+    artefacts (``abawfeat crop``'s trees) take it too; ``holder`` says who holds it in the message."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT, 0o644)
@@ -96,7 +97,7 @@ def acquire_lock(path: str | Path) -> int:
         os.close(fd)
         if exc.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
             raise CacheError(
-                f"{path}: another extraction is writing this cache (lock {lock_path(path)} is "
+                f"{path}: {holder} (lock {lock_path(path)} is "
                 "held); wait for it to finish or choose another --out"
             ) from None
         raise

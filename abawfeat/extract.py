@@ -150,7 +150,9 @@ def _run_locked(config: ExtractConfig, dataset: AffWild2, out: Path, lock: int |
     encoder = prepare_encoder(config, encoder, info, "calibrated on dataset frames where it needs it")
     calibration_source = None
     if config.random_init and encoder.needs_calibration:
-        calibration_source = calibrate_encoder(encoder, dataset, all_videos, config.calibration_frames)
+        cal_data = dataset if config.calibration_data is None else open_dataset(config.calibration_data)
+        cal_videos = all_videos if config.calibration_data is None else sorted(cal_data.videos_with_crops())
+        calibration_source = calibrate_encoder(encoder, cal_data, cal_videos, config.calibration_frames)
         if distributed:
             _broadcast_state(encoder)  # identical BN statistics on every rank, bit for bit
 

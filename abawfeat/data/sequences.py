@@ -192,7 +192,8 @@ def split_videos(data: Any, tasks: Sequence[str], split: str) -> list[str]:
 _Plan = dict[str, dict[str, tuple[int, "np.ndarray | None", "np.ndarray | None"]]]
 
 
-def _annotation_plan(data: Any, tasks: tuple[str, ...], split: str, videos: list[str]) -> _Plan:
+def _annotation_plan(data: Any, tasks: tuple[str, ...], split: str, videos: list[str],
+                     any_video: bool = False) -> _Plan:
     plan: _Plan = {t: {} for t in tasks}
     if uses_mtl_file(data, tasks, split):
         m = data.mtl_annotations(split)
@@ -216,6 +217,8 @@ def _annotation_plan(data: Any, tasks: tuple[str, ...], split: str, videos: list
         # Where each video's annotation of this task is: its split's folder (train+val: whichever has it).
         home = {v: s for s in (("train", "val") if split == "trainval" else (split,))
                 for v in (data.test_videos(t) if s == "test" else data.videos(t, s))}
+        if any_video:
+            home = {v: "test" for v in videos}
         for video in videos:
             if video not in home:
                 continue
@@ -235,9 +238,13 @@ def load_split(
     tasks: Sequence[str],
     split: str,
     videos: Iterable[str] | None = None,
+    any_video: bool = False,
 ) -> SequenceSet:
     """Pack ``split`` for ``tasks`` (``data``: an ``AffWild2``; ``cache``: a ``FeatureCache``, or a list of
     them to fuse: rows are then aligned by frame number, see the module docstring).
+
+    ``any_video`` (test split, with ``videos``): those videos are test videos of every task whatever the
+    test lists say, each up to its last crop, without a warning (``abawfeat analyze``: a user's own videos).
 
     train/val: timeline lengths and labels from the annotation files (or, for multi-task data that only
     comes as a 7th-ABAW multi-task file, from that file). test: N from the organisers' sample file when it
@@ -271,7 +278,7 @@ def load_split(
     if not kept:
         raise ConfigError(f"{data.root}: no {split} videos for task(s) {', '.join(tasks)}")
 
-    plan = _annotation_plan(data, tasks, split, kept)
+    plan = _annotation_plan(data, tasks, split, kept, any_video and split == "test")
     n_videos = len(kept)
     per_cache = [[c.frames(v).astype(np.int32) if v in c else np.zeros(0, np.int32) for v in kept]
                  for c in caches]
@@ -294,7 +301,7 @@ def load_split(
                                      "entry; its frame count is unknown")
                 guessed.add(video)
             task_frames[t][v] = n
-    if guessed:
+    if guessed and not (any_video and split == "test"):
         names = sorted(guessed)
         warn(f"{len(names)} test video(s) not in the organisers' sample file ({', '.join(names[:3])}"
              f"{' ...' if len(names) > 3 else ''}): predicting up to their last crop")

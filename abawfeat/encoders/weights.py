@@ -64,6 +64,8 @@ class NamedWeights:
     # What the encoder needs to know about these weights beyond the file (CLIP: open_clip's pretrained
     # config, i.e. QuickGELU and preprocessing).
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    # How files without a download address get into the cache (MTCNN's: the asset set-up), said when missing.
+    fetch_hint: str = ""
 
 
 @dataclass(frozen=True)
@@ -250,8 +252,9 @@ def resolve_weights(
 
     url, target = candidates[0]
     if not url:
+        hint = f" ({weights.fetch_hint})" if weights.fetch_hint else ""
         raise CheckpointError(f"{what} weights {weights.name} have no known download address: put the file "
-                              f"at {target}, or pass a checkpoint file")
+                              f"at {target}{hint}, or pass a checkpoint file")
     manual = f"put the file at {target} (source: {url})"
     if folder is not None:
         manual = f"put {folder.describe()} from {url.rsplit('/', 1)[0]} in {target.parent}"

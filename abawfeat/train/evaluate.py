@@ -8,7 +8,7 @@ timeline by the official protocol with the run's own AU thresholds.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,9 +80,13 @@ def run_caches(run: LoadedRun, data_root: str | Path, override: CacheOverride = 
 
 def infer_run(
     run_dir: str | Path, split: str, data_root: str | Path | None = None, cache_path: CacheOverride = None,
+    videos: Sequence[str] | None = None, caches_for: Callable[[RunRecord], list[Path]] | None = None,
 ) -> Inference:
     """Run a trained head over every crop of ``split`` and spread its scores onto every frame. An ensemble
-    (or a cross-validation run, on the test split) averages its members' scores with its weights."""
+    (or a cross-validation run, on the test split) averages its members' scores with its weights.
+
+    ``videos``: these videos of ``split`` instead of its list; ``caches_for(record)``: the caches a run (and
+    each member run) reads instead of its own (``abawfeat analyze``: caches of a user's own crops)."""
     from abawfeat.data.affwild2 import AffWild2
 
     if split not in SPLITS:
@@ -92,7 +96,7 @@ def infer_run(
         if cache_path:
             raise ConfigError(f"--cache: {run_dir} is a{'n' if record.kind[0] in 'aeiou' else ''} "
                               f"{record.kind}; its members name their own caches")
-        return infer_members(run_dir, record, split, data_root)
+        return infer_members(run_dir, record, split, data_root, videos, caches_for)
     run = load_run(run_dir)
     cfg = run.record.train
     root = data_root or cfg.get("data") or run.record.dataset.get("root")
@@ -100,11 +104,15 @@ def infer_run(
         raise ConfigError(f"{run_dir}: the run names no data root; pass --data")
     tasks = task_names(run.task)
     data = AffWild2(root)
-    with open_caches(run_caches(run, root, cache_path)) as caches:
+    paths = caches_for(run.record) if caches_for is not None else run_caches(run, root, cache_path)
+    with open_caches(paths) as caches:
         check_fingerprints(run.fingerprints, caches, Path(run_dir) / CHECKPOINT_FILE)
-        part, videos = run_split(data, tasks, split, int(cfg.get("folds") or 0), int(cfg.get("fold") or 0),
-                                 int(cfg.get("seed") or 0))
-        seqs = load_split(data, caches, tasks, part, videos)
+        if videos is not None:
+            part, chosen = split, list(videos)
+        else:
+            part, chosen = run_split(data, tasks, split, int(cfg.get("folds") or 0),
+                                     int(cfg.get("fold") or 0), int(cfg.get("seed") or 0))
+        seqs = load_split(data, caches, tasks, part, chosen, any_video=videos is not None and part == "test")
     device = resolve_device(str(cfg.get("device", "auto")))
     res = run.resolved
     head = run.head.to(device)
@@ -162,14 +170,16 @@ def _rebuild(kind: str) -> str:
 
 
 def infer_members(
-    run_dir: str | Path, record: RunRecord, split: str, data_root: str | Path | None
+    run_dir: str | Path, record: RunRecord, split: str, data_root: str | Path | None,
+    videos: Sequence[str] | None = None, caches_for: Callable[[RunRecord], list[Path]] | None = None,
 ) -> Inference:
     """The weighted average of the member runs' scores on ``split`` (they must cover the same frames)."""
     if record.kind == "cv" and split != "test":
         raise ConfigError(f"{run_dir}: a cross-validation run predicts the test split only (its folds "
                           "trained on train and val); evaluate it for its folds' metrics")
     members = member_dirs(run_dir, record)
-    parts = [(infer_run(path, split, data_root), w) for path, w in members]
+    parts = [(infer_run(path, split, data_root, videos=videos, caches_for=caches_for), w)
+             for path, w in members]
     first = parts[0][0]
     for (inf, _), (path, _) in zip(parts[1:], members[1:], strict=True):
         same = inf.data.videos == first.data.videos and np.array_equal(inf.data.tl_offsets,
