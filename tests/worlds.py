@@ -34,15 +34,18 @@ HALF_A = np.r_[0, 2:6, 10:16]
 HALF_B = np.r_[1, 6:10, 16:22]
 
 
-def _labels(rng: np.random.Generator, n: int, temporal: bool) -> tuple[np.ndarray, ...]:
+def _labels(rng: np.random.Generator, n: int, temporal: bool, rare_class: int | None = None,
+            lags: tuple[int, int] = (3, 6)) -> tuple[np.ndarray, ...]:
     """Hidden per-frame labels (always defined) and the signal the features carry."""
     if temporal:
-        # VA at frame t is an i.i.d. signal seen at t-3 / t-6: a frame alone says nothing about its label.
-        s = rng.uniform(-0.9, 0.9, size=(n + 6, 2))
-        va = np.stack([s[3:n + 3, 0], s[:n, 1]], axis=1).astype(np.float32)
+        # VA at frame t is an i.i.d. signal seen at t - lags[0] / t - lags[1] (3 and 6 frames unless told): a
+        # frame alone says nothing about its label.
+        a, b = lags
+        s = rng.uniform(-0.9, 0.9, size=(n + b, 2))
+        va = np.stack([s[b - a : n + b - a, 0], s[:n, 1]], axis=1).astype(np.float32)
         signal = np.zeros((n, N_SIGNAL), np.float32)
-        signal[:, 0] = s[6:, 0]
-        signal[:, 1] = s[6:, 1]
+        signal[:, 0] = s[b:, 0]
+        signal[:, 1] = s[b:, 1]
         expr = rng.integers(0, 8, n)
         au = rng.integers(0, 2, (n, 12))
         return va, expr, au, signal
@@ -50,7 +53,12 @@ def _labels(rng: np.random.Generator, n: int, temporal: bool) -> tuple[np.ndarra
     seg = np.repeat(np.arange(n // 20 + 1), 20)[:n]
     k = seg.max() + 1
     va = np.repeat(rng.uniform(-0.8, 0.8, (k, 2)), 20, axis=0)[:n].astype(np.float32)
-    expr = np.repeat(rng.integers(0, 8, k), 20)[:n]
+    classes = rng.integers(0, 8, k)
+    if rare_class is not None:
+        # Three in four segments of the rare class become another class: about 3% of the frames keep it.
+        gone = (classes == rare_class) & (rng.random(k) < 0.75)
+        classes[gone] = (rare_class + rng.integers(1, 8, int(gone.sum()))) % 8
+    expr = np.repeat(classes, 20)[:n]
     au = np.repeat((rng.random((k, 12)) < 0.4).astype(int), 20, axis=0)[:n]
     signal = np.concatenate([va, np.eye(8)[expr], au], axis=1).astype(np.float32)
     return va, expr, au, signal
@@ -64,7 +72,8 @@ def _write_annotation(path: Path, task: str, rows: list[str]) -> None:
 def build_world(
     tmp: Path, *, n_train: int = 6, n_val: int = 3, n_test: int = 2, n_frames: int = 160, dim: int = 24,
     temporal: bool = False, noise: float = 0.3, seed: int = 0, text: bool = False, name: str = "tinyaff",
-    prompt_classes: tuple[str, ...] | None = None, halves: bool = False,
+    prompt_classes: tuple[str, ...] | None = None, halves: bool = False, rare_class: int | None = None,
+    lags: tuple[int, int] = (3, 6),
 ) -> World:
     rng = np.random.default_rng(seed)
     root = tmp / name
@@ -93,7 +102,7 @@ def build_world(
             for i in range(count):
                 video = f"{split}{i:02d}"
                 n = n_frames + int(rng.integers(-20, 21))
-                va, expr, au, signal = _labels(rng, n, temporal)
+                va, expr, au, signal = _labels(rng, n, temporal, rare_class, lags)
                 if split == "test":
                     for t in single_task_names():
                         sample_rows[t] += [f"{video}/{f:05d}.jpg" for f in range(1, n + 1)]

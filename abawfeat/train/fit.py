@@ -206,7 +206,8 @@ def _fit(cfg: TrainConfig, run: RunDir, log: Callable[[str], None] | None) -> Fi
     # -- the run record first (a fresh run); metrics.json, the completion mark, comes last.
     record = RunRecord(
         kind="head", task=cfg.task, trunk=cfg.head, objective=objective_id,
-        label=architecture_label(encoders, cfg.head, cfg.task, fusion=cfg.fusion), caches=cache_refs,
+        label=architecture_label(encoders, cfg.head, cfg.task, fusion=cfg.fusion,
+                                 experts=cfg.moe_experts), caches=cache_refs,
         dataset={"root": str(cfg.data), "name": dataset_name(cfg.data)},
         train=to_dict(cfg), resolved=to_dict(res), head=_head_dict(head),
         loss_weights=weights.as_json(),
