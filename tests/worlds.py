@@ -35,8 +35,19 @@ HALF_B = np.r_[1, 6:10, 16:22]
 
 
 def _labels(rng: np.random.Generator, n: int, temporal: bool, rare_class: int | None = None,
-            lags: tuple[int, int] = (3, 6)) -> tuple[np.ndarray, ...]:
+            lags: tuple[int, int] = (3, 6), events: bool = False) -> tuple[np.ndarray, ...]:
     """Hidden per-frame labels (always defined) and the signal the features carry."""
+    if temporal and events:
+        # A long-range dependency: every 15-45 frames an event frame shows new VA values (and a flag); the
+        # labels hold the last event's values until the next one, and the frames between show nothing.
+        times = np.concatenate([[0], np.cumsum(rng.integers(15, 46, size=n // 15 + 1))])
+        times = times[times < n]
+        values = rng.uniform(-0.9, 0.9, size=(len(times), 2))
+        va = values[np.searchsorted(times, np.arange(n), side="right") - 1].astype(np.float32)
+        signal = np.zeros((n, N_SIGNAL), np.float32)
+        signal[times, :2] = values
+        signal[times, 2] = 1.0
+        return va, rng.integers(0, 8, n), rng.integers(0, 2, (n, 12)), signal
     if temporal:
         # VA at frame t is an i.i.d. signal seen at t - lags[0] / t - lags[1] (3 and 6 frames unless told): a
         # frame alone says nothing about its label.
@@ -73,7 +84,7 @@ def build_world(
     tmp: Path, *, n_train: int = 6, n_val: int = 3, n_test: int = 2, n_frames: int = 160, dim: int = 24,
     temporal: bool = False, noise: float = 0.3, seed: int = 0, text: bool = False, name: str = "tinyaff",
     prompt_classes: tuple[str, ...] | None = None, halves: bool = False, rare_class: int | None = None,
-    lags: tuple[int, int] = (3, 6),
+    lags: tuple[int, int] = (3, 6), events: bool = False,
 ) -> World:
     rng = np.random.default_rng(seed)
     root = tmp / name
@@ -102,7 +113,7 @@ def build_world(
             for i in range(count):
                 video = f"{split}{i:02d}"
                 n = n_frames + int(rng.integers(-20, 21))
-                va, expr, au, signal = _labels(rng, n, temporal, rare_class, lags)
+                va, expr, au, signal = _labels(rng, n, temporal, rare_class, lags, events)
                 if split == "test":
                     for t in single_task_names():
                         sample_rows[t] += [f"{video}/{f:05d}.jpg" for f in range(1, n + 1)]
