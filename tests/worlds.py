@@ -174,3 +174,49 @@ def config(world: World, out: Path, **kw: object) -> TrainConfig:
     base = TrainConfig(task="va", head="fc", data=str(world.root), cache=str(world.cache), out=str(out),
                        epochs=4, seed=0, lr=3e-3, batch_size=64, hidden=-1, plots=False)
     return replace(base, **kw)
+
+
+def add_modality_pair(
+    world: World, tmp: Path, *, clean: float = 0.2, noisy: float = 1.0, a_missing: tuple[str, ...] = ("val",),
+    block: int = 32, seed: int = 1,
+) -> tuple[Path, Path]:
+    """Two more caches over ``world``'s crops, each carrying the whole label signal: "a" with little noise,
+    "b" with much; in the videos of the splits ``a_missing``, cache "a" has no row in every other block of
+    ``block`` crops (a modality missing in half the windows). Returns their paths (a, b)."""
+    from abawfeat.cache import FeatureCache
+    from abawfeat.data import AffWild2
+
+    rng = np.random.default_rng(seed)
+    data = AffWild2(world.root)
+    mixing = [rng.normal(size=(N_SIGNAL, world.dim)).astype(np.float32) for _ in range(2)]
+    paths = (tmp / "pair-a.h5", tmp / "pair-b.h5")
+    encoder = {"config": {"dim": world.dim}, "weights_sha256": "random-init", "preprocessing": {},
+               "calibration": None}
+    writers = [CacheWriter(p, make_provenance({**encoder, "name": f"pair-{k}"}, feature_dim=world.dim,
+                                              dtype="float16", precision="fp32"))
+               for p, k in zip(paths, "ab", strict=True)]
+    home = {v: s for s in ("train", "val") for v in data.videos("va", s)}
+    with FeatureCache(world.cache) as cache:
+        for w in writers:
+            w.__enter__()
+        for video in sorted(cache.videos()):
+            frames = cache.frames(video).astype(np.int64)
+            signal = rng.normal(size=(len(frames), N_SIGNAL)).astype(np.float32)
+            split = home.get(video, "test")
+            if split != "test":
+                va, ex, au = (data.annotation(t, split, video) for t in ("va", "expr", "au"))
+                inside = frames <= va.n_frames
+                idx = frames[inside] - 1
+                signal[inside] = np.concatenate(
+                    [va.labels[idx], np.eye(8)[np.clip(ex.labels[idx], 0, 7)], np.clip(au.labels[idx], 0, 1)],
+                    axis=1)
+            own = np.ones(len(frames), bool)
+            if split in a_missing:
+                own[(np.arange(len(frames)) // block) % 2 == 1] = False
+            for k, (w, mix, level) in enumerate(zip(writers, mixing, (clean, noisy), strict=True)):
+                keep = own if k == 0 else np.ones(len(frames), bool)
+                f = signal[keep] @ mix + level * rng.normal(size=(int(keep.sum()), world.dim))
+                w.write_video(video, frames[keep], f.astype(np.float32))
+        for w in writers:
+            w.__exit__(None, None, None)
+    return paths
