@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from abawfeat import losses
 from abawfeat.data.batches import Batch
 from abawfeat.errors import CacheError, ConfigError
-from abawfeat.tasks import single, task
+from abawfeat.tasks import single, task, task_names
 from abawfeat.utils.registry import Registry
 
 Objective = Callable[[Mapping[str, Tensor], Batch], tuple[Tensor, dict[str, float]]]
@@ -215,8 +215,9 @@ def build_objective(
     spec = OBJECTIVES.get(name)
     w = weights or LossWeights()
     tasks = tuple(tasks)
-    if spec.composite or len(tasks) == 1:
-        base = spec.build(head, tasks, w)
+    trains_multi = any(len(task_names(t)) > 1 for t in spec.tasks)  # e.g. focal: also --task mtl
+    if spec.composite or len(tasks) == 1 or not trains_multi:
+        base = spec.build(head, tasks, w)  # a single-task objective given several tasks refuses them
     else:
         base = _sum(head, spec.per_task(tasks), w)
     aux = dict(getattr(head, "aux_weights", {}) or {})
