@@ -337,14 +337,14 @@ def heads_command(
     (what the objective puts on the trunk) and the training objectives."""
     from rich.table import Table
 
-    from abawfeat.heads import describe_heads
+    from abawfeat.heads import FUSIONS, describe_heads
     from abawfeat.train.objectives import describe_objectives
     from abawfeat.trunks import describe_trunks
 
     trunks, heads, objectives = describe_trunks(), describe_heads(), describe_objectives()
     if as_json:
-        typer.echo(json.dumps({"trunks": trunks, "heads": heads, "objectives": objectives}, indent=2,
-                              default=list))
+        typer.echo(json.dumps({"trunks": trunks, "heads": heads, "objectives": objectives,
+                               "fusions": FUSIONS.names()}, indent=2, default=list))
         return
 
     def fmt(options: dict[str, Any]) -> str:
@@ -371,3 +371,4 @@ def heads_command(
         table.add_row(o["name"], ", ".join(o["tasks"]), ", ".join(o["default_for"]) or "-", o["head"],
                       o["description"])
     console.print(table)
+    console.print(Text(f"Fusions of several caches (--fusion): {', '.join(FUSIONS.names())}"))
