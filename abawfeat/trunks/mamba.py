@@ -37,7 +37,7 @@ class MambaConfig(TrunkConfig):
     layers: int = 2  # residual Mamba blocks
     expand: int = 2  # inner width E = expand x hidden (Mamba's 2)
     state: int = 16  # N, the state size of each channel (Mamba's 16)
-    heads: int = 8  # groups of channels that share a decay rate and step size (E / heads channels each)
+    heads: int = 4  # channel groups sharing a decay rate and step (E / heads each: Mamba-2's 64 by default)
     conv: int = 4  # kernel of the causal depthwise convolution before the scan (Mamba's 4); 0 = none
     chunk: int = 16  # scan chunk: work quadratic in it inside a chunk, a recurrence over chunks
     bidirectional: bool = False  # a second scan over the reversed window (uses later frames; not causal)
