@@ -230,6 +230,8 @@ def expr_focal_loss(
     """
     if gamma < 0:
         raise ConfigError(f"focal loss needs gamma >= 0, got {gamma}")
+    if gamma == 0:  # exactly cross-entropy (the same kernel, so the same rounding too)
+        return expr_ce_loss(logits, target, mask, class_weight)
     if logits.shape[:-1] != target.shape:
         raise ValueError(f"expr_focal_loss: logits {tuple(logits.shape)} do not match target "
                          f"{tuple(target.shape)}")
@@ -241,7 +243,7 @@ def expr_focal_loss(
     if int(y.min()) < 0 or int(y.max()) >= n_classes:
         raise ValueError(f"expr_focal_loss: a labelled frame has a class outside 0..{n_classes - 1}")
     log_p = F.log_softmax(logits[m].float(), dim=-1).gather(1, y[:, None])[:, 0]
-    per_frame = -log_p if gamma == 0 else -((1.0 - log_p.exp()).clamp(min=0.0) ** gamma) * log_p
+    per_frame = -((1.0 - log_p.exp()).clamp(min=0.0) ** gamma) * log_p
     if class_weight is None:
         return per_frame.mean()
     w = class_weight.to(device=logits.device, dtype=torch.float32)[y]
@@ -259,6 +261,8 @@ def au_focal_loss(
     """
     if gamma < 0:
         raise ConfigError(f"focal loss needs gamma >= 0, got {gamma}")
+    if gamma == 0:  # exactly binary cross-entropy
+        return au_bce_loss(logits, target, mask, pos_weight)
     if logits.shape != target.shape:
         raise ValueError(f"au_focal_loss: logits {tuple(logits.shape)} vs target {tuple(target.shape)}")
     if mask is not None and mask.shape == logits.shape:
@@ -271,11 +275,8 @@ def au_focal_loss(
     if bool(((y != 0) & (y != 1)).any()):
         raise ValueError("au_focal_loss: a labelled entry is not 0 or 1 (mask out frames labelled -1)")
     log_p, log_q = F.logsigmoid(x), F.logsigmoid(-x)  # log p, log (1 - p), stable for large |x|
-    pos = -log_p
-    neg = -log_q
-    if gamma:
-        pos = pos * (1.0 - log_p.exp()) ** gamma
-        neg = neg * log_p.exp() ** gamma
+    pos = -log_p * (1.0 - log_p.exp()) ** gamma
+    neg = -log_q * log_p.exp() ** gamma
     if pos_weight is not None:
         col = torch.arange(logits.shape[-1], device=logits.device).expand_as(logits)[m]
         pos = pos * pos_weight.to(device=logits.device, dtype=torch.float32)[col]
