@@ -167,6 +167,7 @@ def test_imbalance_losses_find_the_rare_class_that_cross_entropy_misses(
     ({"objective": "ce", "task": "expr", "focal_gamma": 1.0}, "--focal-gamma applies to --objective focal"),
     ({"objective": "focal", "task": "expr", "logit_tau": 0.5}, "--logit-tau applies"),
     ({"objective": "focal", "task": "expr", "focal_gamma": -1.0}, "must be >= 0"),
+    ({"objective": "focal", "task": "va", "class_weights": "inverse"}, "trains task"),
 ])
 def test_imbalance_settings_are_refused_where_they_do_not_apply(bad: dict, message: str,
                                                                tmp_path: Path) -> None:
@@ -174,3 +175,16 @@ def test_imbalance_settings_are_refused_where_they_do_not_apply(bad: dict, messa
 
     with pytest.raises(ConfigError, match=message):
         validate_config(TrainConfig(data="d", out=str(tmp_path / "r"), **bad))
+
+
+def test_multitask_imbalance_runs_weight_each_task_with_its_own_objective(tmp_path: Path) -> None:
+    from abawfeat.train import TrainConfig
+    from abawfeat.train.objectives import OBJECTIVES
+
+    # logit-adjusted on mtl: EXPR adjusted, AU plain BCE, so --pos-weight applies (to AU) and is accepted.
+    validate_config(TrainConfig(data="d", out=str(tmp_path / "r"), task="mtl", objective="logit-adjusted",
+                                pos_weight=True, class_weights="sqrt_inverse"))
+    assert OBJECTIVES.get("logit-adjusted").per_task(("va", "expr", "au")) == {
+        "va": "ccc", "expr": "logit-adjusted", "au": "bce"}
+    assert OBJECTIVES.get("focal").per_task(("va", "expr", "au")) == {"va": "ccc", "expr": "focal",
+                                                                      "au": "focal"}

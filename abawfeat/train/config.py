@@ -117,9 +117,11 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"--class-weights {cfg.class_weights!r}: choose one of {', '.join(CLASS_WEIGHT_CHOICES)}"
         )
-    if cfg.class_weights != "none" and not objective.class_weights:
+    # A multi-task run's tasks each train with their own objective: checked per task below.
+    single_task = len(task_names(cfg.task)) == 1
+    if cfg.class_weights != "none" and not objective.class_weights and single_task:
         raise ConfigError(f"--class-weights applies to the {_with('class_weights')} objectives, not {name}")
-    if cfg.pos_weight and not objective.pos_weight:
+    if cfg.pos_weight and not objective.pos_weight and single_task:
         raise ConfigError(f"--pos-weight applies to the {_with('pos_weight')} objectives, not {name}")
     _check_objective_settings(cfg, name)
     for key in ("epochs", "window"):
