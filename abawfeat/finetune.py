@@ -148,6 +148,10 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
     if objective_name(cfg.train) == "contrastive":
         raise ConfigError("fine-tuning does not support --objective contrastive (it needs a cache's prompt "
                           "embeddings)")
+    if cfg.train.moe_experts:
+        # Its multi-task loss is a sum of per-task objectives, each of which would add the balance term.
+        raise ConfigError("fine-tuning does not support --moe-experts (a train-head option, on cached "
+                          "features)")
     if cfg.weights is not None and cfg.random_init:
         raise ConfigError("--weights and --random-init exclude each other")
     if cfg.attention_diversity and ATTENTION_KEY not in encoder_cls.auxiliary_outputs:
