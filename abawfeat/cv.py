@@ -87,7 +87,8 @@ def run_cv(cfg: TrainConfig, folds: int, log: Callable[[str], None] | None = Non
     pooled, timeline = out_of_fold([f.out for f in fold_cfgs])
     thresholds, smoothing = tune_decisions(pooled, timeline, cfg.task, cfg.smooth == "auto", "out-of-fold")
     first = results[0]
-    label = architecture_label(first.encoders, cfg.head, cfg.task, fusion=cfg.fusion)
+    label = architecture_label(first.encoders, cfg.head, cfg.task, fusion=cfg.fusion,
+                               experts=cfg.moe_experts)
     members = [{"path": str(Path(f.out).resolve()), "relative": os.path.relpath(f.out, out), "label": r.label,
                 "weights": {}, "record_sha256": run_digest(f.out)}
                for f, r in zip(fold_cfgs, results, strict=True)]

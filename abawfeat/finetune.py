@@ -49,7 +49,7 @@ from abawfeat.data.frames import AugmentConfig, FrameSource, FrameWindows, load_
 from abawfeat.data.sequences import make_windows
 from abawfeat.encoders.base import ATTENTION_MAPS, ENCODERS, Block, Encoder, encoder_options, make_config
 from abawfeat.errors import AbawfeatError, CheckpointError, ConfigError, RunError
-from abawfeat.tasks import single, task, task_names
+from abawfeat.tasks import task, task_names
 from abawfeat.train.config import (
     Resolved,
     TrainConfig,
@@ -61,7 +61,7 @@ from abawfeat.train.config import (
 )
 from abawfeat.train.inference import Evaluation, evaluate_set
 from abawfeat.train.loop import run_epochs
-from abawfeat.train.objectives import Objective, build_objective, loss_weights
+from abawfeat.train.objectives import OBJECTIVES, Objective, build_objective, loss_weights
 from abawfeat.train.rundir import (
     METRICS_FILE,
     STATE_FILE,
@@ -148,6 +148,10 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
     if objective_name(cfg.train) == "contrastive":
         raise ConfigError("fine-tuning does not support --objective contrastive (it needs a cache's prompt "
                           "embeddings)")
+    if cfg.train.moe_experts:
+        # Its multi-task loss is a sum of per-task objectives, each of which would add the balance term.
+        raise ConfigError("fine-tuning does not support --moe-experts (a train-head option, on cached "
+                          "features)")
     if cfg.weights is not None and cfg.random_init:
         raise ConfigError("--weights and --random-init exclude each other")
     if cfg.attention_diversity and ATTENTION_KEY not in encoder_cls.auxiliary_outputs:
@@ -558,8 +562,10 @@ def _resolved(cfg: FinetuneConfig, head: nn.Module, device: torch.device) -> Res
 def _task_objectives(cfg: FinetuneConfig, head: nn.Module, tasks: Sequence[str],
                      weights: Any) -> dict[str, Objective]:
     if cfg.train.task == "mtl":
-        # mtl: the sum of its member tasks' default objectives, kept apart so each is weighted by its counts.
-        return {t: build_objective(single(t).default_objective, head, (t,), weights) for t in tasks}
+        # mtl: the sum of its member tasks' objectives (their defaults, or the imbalance loss for the tasks
+        # it trains), kept apart so each is weighted by its counts.
+        per_task = OBJECTIVES.get(objective_name(cfg.train)).per_task(tasks)
+        return {t: build_objective(per_task[t], head, (t,), weights) for t in tasks}
     return {cfg.train.task: build_objective(objective_name(cfg.train), head, tasks, weights)}
 
 
@@ -710,7 +716,7 @@ class _FinetuneRun:
     def optimisation(self) -> None:
         cfg, tcfg = self.cfg, self.tcfg
         self.weights = loss_weights(objective_name(tcfg), tcfg.class_weights, tcfg.pos_weight, self.train_set,
-                                    self.tasks).to(self.device)
+                                    self.tasks, tcfg.focal_gamma, tcfg.logit_tau).to(self.device)
         self.objective = build_objective(objective_name(tcfg), self.head, self.tasks, self.weights)
         step_loss = StepLoss(_task_objectives(cfg, self.head, self.tasks, self.weights), self.tasks,
                              cfg.diversity_weight if cfg.attention_diversity else 0.0, self.info.world_size)

@@ -215,6 +215,98 @@ def pos_weight_from_labels(
 
 
 # --------------------------------------------------------------------------------------------------------
+# class imbalance: focal loss (EXPR, AU) and logit-adjusted cross-entropy (EXPR)
+
+
+def expr_focal_loss(
+    logits: Tensor, target: Tensor, mask: Tensor | None = None, class_weight: Tensor | None = None,
+    gamma: float = 2.0,
+) -> Tensor:
+    """Multi-class focal loss (Lin et al. 2017) over the labelled frames: ``-(1 - p_y)^gamma log p_y``.
+
+    Averaged like ``expr_ce_loss``: with ``class_weight`` (the alpha of the paper, per class) the weighted
+    mean sum(w_y * l) / sum(w_y). ``gamma = 0`` is exactly ``expr_ce_loss``; a larger gamma shrinks the loss
+    of frames the head already gets right, so the rare, hard classes weigh more.
+    """
+    if gamma < 0:
+        raise ConfigError(f"focal loss needs gamma >= 0, got {gamma}")
+    if gamma == 0:  # exactly cross-entropy (the same kernel, so the same rounding too)
+        return expr_ce_loss(logits, target, mask, class_weight)
+    if logits.shape[:-1] != target.shape:
+        raise ValueError(f"expr_focal_loss: logits {tuple(logits.shape)} do not match target "
+                         f"{tuple(target.shape)}")
+    m = _frame_mask(mask, target.shape, logits.device)
+    if not bool(m.any()):
+        return _zero_like_graph(logits)
+    y = target[m].long()
+    n_classes = logits.shape[-1]
+    if int(y.min()) < 0 or int(y.max()) >= n_classes:
+        raise ValueError(f"expr_focal_loss: a labelled frame has a class outside 0..{n_classes - 1}")
+    log_p = F.log_softmax(logits[m].float(), dim=-1).gather(1, y[:, None])[:, 0]
+    per_frame = -((1.0 - log_p.exp()).clamp(min=0.0) ** gamma) * log_p
+    if class_weight is None:
+        return per_frame.mean()
+    w = class_weight.to(device=logits.device, dtype=torch.float32)[y]
+    return (w * per_frame).sum() / w.sum()
+
+
+def au_focal_loss(
+    logits: Tensor, target: Tensor, mask: Tensor | None = None, pos_weight: Tensor | None = None,
+    gamma: float = 2.0,
+) -> Tensor:
+    """Binary focal loss per AU, averaged over labelled frames x AUs (masks as ``au_bce_loss``):
+    ``-(pos_weight y (1 - p)^gamma log p + (1 - y) p^gamma log(1 - p))``, p = sigmoid(logit).
+
+    ``gamma = 0`` is exactly ``au_bce_loss`` with the same ``pos_weight``.
+    """
+    if gamma < 0:
+        raise ConfigError(f"focal loss needs gamma >= 0, got {gamma}")
+    if gamma == 0:  # exactly binary cross-entropy
+        return au_bce_loss(logits, target, mask, pos_weight)
+    if logits.shape != target.shape:
+        raise ValueError(f"au_focal_loss: logits {tuple(logits.shape)} vs target {tuple(target.shape)}")
+    if mask is not None and mask.shape == logits.shape:
+        m = mask.to(logits.device) != 0
+    else:
+        m = _frame_mask(mask, logits.shape[:-1], logits.device)[..., None].expand_as(logits)
+    if not bool(m.any()):
+        return _zero_like_graph(logits)
+    x, y = logits[m].float(), target[m].float()
+    if bool(((y != 0) & (y != 1)).any()):
+        raise ValueError("au_focal_loss: a labelled entry is not 0 or 1 (mask out frames labelled -1)")
+    log_p, log_q = F.logsigmoid(x), F.logsigmoid(-x)  # log p, log (1 - p), stable for large |x|
+    pos = -log_p * (1.0 - log_p.exp()) ** gamma
+    neg = -log_q * log_p.exp() ** gamma
+    if pos_weight is not None:
+        col = torch.arange(logits.shape[-1], device=logits.device).expand_as(logits)[m]
+        pos = pos * pos_weight.to(device=logits.device, dtype=torch.float32)[col]
+    return (y * pos + (1.0 - y) * neg).mean()
+
+
+def log_priors_from_counts(counts: Sequence[int] | np.ndarray) -> Tensor:
+    """log pi_c (float32 [C]) of the training class counts. A class never seen counts as one frame, so its
+    log prior is finite (log 0 would make its adjusted logit -inf and its gradient NaN)."""
+    n = np.maximum(np.asarray(counts, dtype=np.float64).reshape(-1), 1.0)
+    return torch.as_tensor(np.log(n / n.sum()), dtype=torch.float32)
+
+
+def logit_adjusted_ce_loss(
+    logits: Tensor, target: Tensor, log_prior: Tensor, mask: Tensor | None = None, tau: float = 1.0,
+    class_weight: Tensor | None = None,
+) -> Tensor:
+    """Logit-adjusted cross-entropy (Menon et al. 2021): cross-entropy of ``logits + tau * log pi``.
+
+    Training against the prior-shifted logits leaves the raw logits to model p(y | x) / pi_y, so their argmax
+    (what the head predicts; nothing is adjusted at inference) targets the balanced error: rare classes are
+    predicted more often. ``tau = 0`` is plain cross-entropy.
+    """
+    if tau < 0:
+        raise ConfigError(f"logit adjustment needs tau >= 0, got {tau}")
+    shift = (tau * log_prior.to(device=logits.device, dtype=torch.float32))
+    return expr_ce_loss(logits.float() + shift, target, mask, class_weight)
+
+
+# --------------------------------------------------------------------------------------------------------
 # CLIP contrastive (seed paper section 3.2, eqs. (1)-(3))
 
 
@@ -351,10 +443,14 @@ __all__ = [
     "LogitScale",
     "attention_diversity_loss",
     "au_bce_loss",
+    "au_focal_loss",
     "ccc_loss",
     "class_weights_from_counts",
     "clip_contrastive_loss",
     "contrastive_logits",
     "expr_ce_loss",
+    "expr_focal_loss",
+    "log_priors_from_counts",
+    "logit_adjusted_ce_loss",
     "pos_weight_from_labels",
 ]

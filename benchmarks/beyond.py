@@ -13,6 +13,10 @@
    `abawfeat train-head`, same options, on a synthetic tree and cache of the release's sizes).
 4. Early fusion of two 512-d caches (DDAMFN + CLIP sized): the peak memory of a `train-head` process over the
    fused feature bytes it holds (train + val rows x (512 + 512 + 2 availability columns) x 2 bytes).
+5. Issue 21: the Mamba trunk's epoch (defaults: d = 128, 2 blocks, chunked parallel scan) beside the LSTM's in
+   the same run (item 1's worker), and attention fusion of two 512-d caches beside late fusion, one epoch
+   each over 1,682,057 fused frames (an LSTM(256) trunk, bf16, two threads; the second cache lacks 10% of
+   the frames).
 """
 
 from __future__ import annotations
@@ -37,16 +41,72 @@ ROOT = HERE.parent
 VAL_AU = 454_022
 
 
-def trunk_epochs(scale: float) -> dict[str, Any]:
+def trunk_epochs(scale: float, precision: str = "bf16") -> dict[str, Any]:
     """One epoch per trunk, two threads, through benchmarks/heads.py's measurement worker."""
     out = {}
-    for kind in ("lstm", "transformer", "tcn"):
-        cmd = [sys.executable, str(HERE / "heads.py"), "--scale", str(scale), "--worker", kind, "bf16", "1",
-               "2"]
+    for kind in ("lstm", "transformer", "tcn", "mamba"):
+        cmd = [sys.executable, str(HERE / "heads.py"), "--scale", str(scale), "--worker", kind, precision,
+               "1", "2"]
         print("  $", " ".join(cmd[1:]), file=sys.stderr, flush=True)
         res = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=HERE)
         out[kind] = json.loads(res.stdout.strip().splitlines()[-1])
         print("   ", out[kind]["epoch_seconds"], file=sys.stderr, flush=True)
+    return out
+
+
+def fusion_worker(fusion: str, scale: float, fraction: int, threads: int,
+                  precision: str = "bf16") -> dict[str, Any]:
+    """One epoch (1/fraction of it, scaled up) of a fused LSTM(256) head on two synthetic 512-d caches."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from heads import N_VIDEOS, sequence_set  # benchmarks/heads.py
+
+    from abawfeat.data.sequences import make_windows
+    from abawfeat.heads import build_head
+    from abawfeat.train import DEFAULT_BATCH, Evaluation, WindowSource, build_objective, run_epochs
+
+    n = int(1_682_057 * scale)
+    rng = np.random.default_rng(0)
+    feats = np.empty((n, 2 * 512 + 2), dtype=np.float16)
+    w = rng.normal(size=(1024, 2)).astype(np.float32) / 32.0
+    va = np.empty((n, 2), dtype=np.float32)
+    for lo in range(0, n, 16384):
+        block = rng.standard_normal((min(16384, n - lo), 1024), dtype=np.float32)
+        feats[lo : lo + len(block), :1024] = block
+        va[lo : lo + len(block)] = np.tanh(block @ w)
+    feats[:, 1024] = 1
+    feats[:, 1025] = rng.random(n) > 0.1  # the second cache lacks 10% of the frames
+    feats[feats[:, 1025] == 0, 512:1024] = 0
+    videos = max(int(N_VIDEOS * scale), 2)
+    cuts = np.sort(rng.choice(np.arange(1, n), size=videos - 1, replace=False))
+    offsets = np.concatenate([[0], cuts, [n]]).astype(np.int64)
+    data = sequence_set(feats, offsets, {"va": va})
+    data.groups = (512, 512)
+    torch.manual_seed(0)
+    head = build_head("tasks", in_dim=1026, tasks=("va",), trunk="lstm", trunk_config={"hidden": 256},
+                      groups=(512, 512), fusion=fusion)
+    windows = make_windows(offsets, 64, 64)
+    source = WindowSource(data, windows[: max(len(windows) // fraction, 1)], ("va",), DEFAULT_BATCH[True],
+                          shuffle=True, seed=0)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3)
+    objective = build_objective("ccc", head, ("va",))
+    history = run_epochs(head, source, lambda m: Evaluation({"x": 0.0}, 0.0, {}), objective, optimizer,
+                         epochs=1, select="x", device=torch.device("cpu"), precision=precision, grad_clip=1.0)
+    return {"fusion": fusion, "frames": n, "fraction_measured": 1 / fraction,
+            "epoch_seconds": history[0]["seconds"] * fraction, "threads": torch.get_num_threads()}
+
+
+def fusion_epochs(scale: float, fraction: int, precision: str = "bf16") -> dict[str, Any]:
+    """Late and attention fusion, each in a fresh process (the features are 3.4 GB at full size)."""
+    out = {}
+    for fusion in ("late", "attention"):
+        cmd = [sys.executable, str(HERE / "beyond.py"), "--scale", str(scale), "--precision", precision,
+               "--fusion-worker", fusion, str(fraction)]
+        print("  $", " ".join(cmd[1:]), file=sys.stderr, flush=True)
+        res = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=HERE)
+        out[fusion] = json.loads(res.stdout.strip().splitlines()[-1])
+        print("   ", out[fusion]["epoch_seconds"], file=sys.stderr, flush=True)
     return out
 
 
@@ -127,6 +187,7 @@ def render(m: dict[str, Any], command: str) -> str:
     import torch
 
     t = m["trunks"]
+    fu = m["fusion"]
     sm = m["smoothing"]
     cf = m["cv_fusion"]
     fused_ratio = (cf["fused_peak_mb"] - cf["interpreter_peak_mb"]) / cf["fused_feature_mb"]
@@ -137,12 +198,20 @@ def render(m: dict[str, Any], command: str) -> str:
         "",
         "| measurement | value | baseline in the same run | ratio | target |",
         "|---|---:|---|---:|---|",
-        f"| Transformer (2 layers, d 256, 4 heads, 64-frame windows), one epoch, bf16, two threads | "
+        f"| Transformer (2 layers, d 256, 4 heads, 64-frame windows), one epoch, {m['precision']}, "
+        "two threads | "
         f"{t['transformer']['epoch_seconds']:.1f} s | LSTM(256): {t['lstm']['epoch_seconds']:.1f} s | "
         f"{t['transformer']['epoch_seconds'] / t['lstm']['epoch_seconds']:.2f}x | <= 60 s |",
-        f"| TCN (receptive field 125 frames), one epoch, bf16, two threads | "
+        f"| TCN (receptive field 125 frames), one epoch, {m['precision']}, two threads | "
         f"{t['tcn']['epoch_seconds']:.1f} s | LSTM(256): {t['lstm']['epoch_seconds']:.1f} s | "
         f"{t['tcn']['epoch_seconds'] / t['lstm']['epoch_seconds']:.2f}x | <= 30 s |",
+        f"| Mamba (d 128, 2 blocks, state 16, chunked scan), one epoch, {m['precision']}, two threads | "
+        f"{t['mamba']['epoch_seconds']:.1f} s | LSTM(256): {t['lstm']['epoch_seconds']:.1f} s | "
+        f"{t['mamba']['epoch_seconds'] / t['lstm']['epoch_seconds']:.2f}x | <= 1x the LSTM |",
+        f"| Attention fusion of two 512-d caches, LSTM(256), one epoch over {fu['late']['frames']:,} frames, "
+        f"{m['precision']}, two threads ({fu['late']['fraction_measured']:.2g} of it measured) | "
+        f"{fu['attention']['epoch_seconds']:.1f} s | late fusion: {fu['late']['epoch_seconds']:.1f} s | "
+        f"{fu['attention']['epoch_seconds'] / fu['late']['epoch_seconds']:.2f}x | <= 1.5x late fusion |",
         f"| Smoothing tuned for 12 AUs on {sm['frames']:,} frames ({sm['videos']} videos) | "
         f"{sm['tune_seconds']:.1f} s | one exact AU-threshold search: {sm['exact_threshold_seconds']:.2f} s "
         "| "
@@ -170,10 +239,22 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="Epochs of the FC runs compared with cv.")
     parser.add_argument("--no-write", action="store_true", help="Do not rewrite docs/performance.md.")
     parser.add_argument("--tmp", type=Path, default=None, help="Parent folder of the data (~7 GB).")
+    parser.add_argument("--fusion-fraction", type=int, default=4,
+                        help="Measure 1/N of the fusion epochs and scale up (1 = whole epochs).")
+    parser.add_argument("--precision", default="bf16",
+                        help="Trunk and fusion epochs: bf16 (the default, what train-head picks), or fp32 on "
+                        "a CPU without bf16 kernels.")
+    parser.add_argument("--fusion-worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.fusion_worker:
+        print(json.dumps(fusion_worker(args.fusion_worker[0], args.scale, int(args.fusion_worker[1]), 2,
+                                       args.precision)))
+        return
     print(f"python {platform.python_version()}, {os.cpu_count()} CPUs", file=sys.stderr)
     m: dict[str, Any] = {"load_start": os.getloadavg()[0]}
-    m["trunks"] = trunk_epochs(args.scale)
+    m["precision"] = args.precision
+    m["trunks"] = trunk_epochs(args.scale, args.precision)
+    m["fusion"] = fusion_epochs(args.scale, args.fusion_fraction, args.precision)
     m["smoothing"] = smoothing(args.scale)
     tmp = Path(tempfile.mkdtemp(prefix="abawfeat-bench-beyond-", dir=args.tmp))
     try:
@@ -181,7 +262,8 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     m["load_end"] = os.getloadavg()[0]
-    command = "python benchmarks/beyond.py" + (f" --scale {args.scale}" if args.scale != 1 else "")
+    command = "python benchmarks/beyond.py" + (f" --scale {args.scale}" if args.scale != 1 else "") + (
+        f" --precision {args.precision}" if args.precision != "bf16" else "")
     text = render(m, command)
     print(json.dumps(m, indent=1), file=sys.stderr)
     print(text)

@@ -127,7 +127,9 @@ def _head(kind: str, dim: int) -> tuple[Any, str, str]:
              # The configuration: 2 pre-norm layers, d = 256, 4 heads (64-frame windows).
              "transformer": {"hidden": 256, "layers": 2, "heads": 4},
              # The trunk's defaults: 5 levels of kernel 3, a receptive field of 125 frames.
-             "tcn": {}}
+             "tcn": {},
+             # The trunk's defaults: d = 128, 2 blocks, E = 256 in 4 heads, state 16, chunks of 16.
+             "mamba": {}}
     if kind in sizes:
         head = build_head("tasks", in_dim=dim, tasks=("va",), trunk=kind, trunk_config=sizes[kind])
         return head, "va", "ccc"

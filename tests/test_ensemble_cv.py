@@ -147,6 +147,25 @@ def test_the_beyond_recipe_is_valid_and_has_each_addition_beside_the_papers_rows
                                                                  "seed-clip-fc", "seed-clip-lstm"}
 
 
+@pytest.mark.parametrize("name", ["beyond.toml", "demo-beyond.toml"])
+def test_the_beyond_recipes_have_a_row_for_each_10th_abaw_addition(name: str) -> None:
+    from abawfeat.ablate import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "pipelines" / name)
+    rows = recipe.rows
+    assert any(r.head == "mamba" for r in rows)
+    assert any(r.options.get("fusion") == "attention" and len(r.backbones) == 2 for r in rows)
+    assert any(r.options.get("modality_dropout") and len(r.backbones) == 2 for r in rows)
+    assert any(r.options.get("moe_experts") for r in rows)
+    assert any(r.options.get("objective") == "focal" and set(r.tasks) == {"expr", "au"} for r in rows)
+    assert any(r.options.get("objective") == "logit-adjusted" and r.tasks == ("expr",) for r in rows)
+    # Nothing tuned per addition: the new rows set only what names the addition.
+    own = {"fusion", "modality_dropout", "moe_experts", "objective"}
+    for r in rows:
+        if r.head == "mamba" or own & set(r.options):
+            assert set(r.options) <= own, (r.label, r.options)
+
+
 def test_a_grid_with_fusion_smoothing_cross_validation_and_an_ensemble(tmp_path: Path) -> None:
     from abawfeat.ablate import run_ablation
 

@@ -29,12 +29,17 @@ def small(name: str, **extra: object) -> dict:
 
 
 # (head kind, tasks, trunk, trunk options): every trunk with its defaults and at test size (bidirectional
-# where it has the option), under the plain single-task head, the multi-task head and the contrastive one.
+# where it has the option), under every head kind: per-task outputs (single-task and multi-task), the
+# mixture of experts (multi-task) and the contrastive head; a new head kind joins as per-task outputs.
 VARIANTS = []
 for _trunk in TRUNKS.names():
-    VARIANTS.append(("tasks", ("va",), _trunk, {}))
-    VARIANTS.append(("tasks", task_names("mtl"), _trunk, small(_trunk, bidirectional=True)))
-    VARIANTS.append(("contrastive", ("expr",), _trunk, small(_trunk)))
+    for _kind in HEADS.names():
+        if _kind == "contrastive":
+            VARIANTS.append(("contrastive", ("expr",), _trunk, small(_trunk)))
+            continue
+        if _kind == "tasks":
+            VARIANTS.append(("tasks", ("va",), _trunk, {}))
+        VARIANTS.append((_kind, task_names("mtl"), _trunk, small(_trunk, bidirectional=True)))
 IDS = [f"{kind}-{'+'.join(tasks)}-{trunk}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}"
        for kind, tasks, trunk, o in VARIANTS]
 
@@ -55,7 +60,7 @@ def make(kind: str, tasks: tuple[str, ...], trunk: str, options: dict) -> Head:
 
 def test_registries_list_the_papers_trunks_and_head_kinds() -> None:
     assert {"fc", "lstm", "gru"} <= set(TRUNKS.names())
-    assert {"tasks", "contrastive"} == set(HEADS.names())
+    assert {"tasks", "contrastive", "moe"} == set(HEADS.names())
     assert {row["name"] for row in describe_heads()} == set(HEADS.names())
     assert {row["name"] for row in describe_trunks()} == set(TRUNKS.names())
     with pytest.raises(ConfigError, match="unknown head"):

@@ -1,8 +1,10 @@
-"""Every registered trunk and task through the whole of stage two, and a trunk and a task added the way
-docs/architecture.md says ("Add a trunk", "Add a task"), with no edit anywhere else in the package."""
+"""Every registered trunk, task, objective, fusion and head kind through the whole of stage two, and a trunk
+and a task added the way docs/architecture.md says ("Add a trunk", "Add a task"), with no edit anywhere else
+in the package."""
 
 from __future__ import annotations
 
+import html
 import json
 import shutil
 from dataclasses import dataclass
@@ -17,10 +19,11 @@ from worlds import World, build_world, config
 
 from abawfeat.cli import app
 from abawfeat.data import AffWild2
-from abawfeat.predict import predict
+from abawfeat.heads import FUSIONS, HEADS
+from abawfeat.predict import output_paths, predict
 from abawfeat.submission import read_submission, score_submission, write_submission
-from abawfeat.tasks import TASKS, Task, run_task_names, single, single_tasks, task_names
-from abawfeat.train import evaluate, fit
+from abawfeat.tasks import TASKS, Task, run_task_names, single, single_tasks, task, task_names
+from abawfeat.train import OBJECTIVES, evaluate, fit
 from abawfeat.trunks import TRUNKS, Context, Trunk, TrunkConfig, trunk_fields
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -28,7 +31,15 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    return build_world(tmp_path_factory.mktemp("registry-world"), n_train=4, n_val=2, n_test=1, n_frames=120)
+    # Prompt embeddings too (the same draws: they are drawn either way), so the contrastive objective runs.
+    return build_world(tmp_path_factory.mktemp("registry-world"), n_train=4, n_val=2, n_test=1, n_frames=120,
+                       text=True)
+
+
+@pytest.fixture(scope="module")
+def fused_world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    return build_world(tmp_path_factory.mktemp("registry-fused"), n_train=4, n_val=2, n_test=1, n_frames=120,
+                       halves=True)
 
 
 def _small(trunk: str) -> list[str]:
@@ -45,32 +56,45 @@ def _rescore(world: World, path: Path, task_name: str) -> dict:
                                               for v in data.videos(task_name, "val")})
 
 
-@pytest.mark.parametrize("trunk", TRUNKS.names())
-def test_every_trunk_through_train_evaluate_predict_ablate_report(
-    world: World, tmp_path: Path, trunk: str
-) -> None:
+def _through_stage_two(world: World, tmp_path: Path, run_task: str, options: list[str],
+                       recipe_options: str, caches: tuple[Path, ...] = ()) -> None:
+    """train-head with ``options``, evaluate, predict (val re-scored from the file against what evaluate
+    reports; test), an ablate grid of one row with ``recipe_options``, and the report of both runs."""
     runner = CliRunner()
     run = tmp_path / "run"
-    res = runner.invoke(app, ["train-head", "--task", "va", "--head", trunk, "--data", str(world.root),
-                              "--cache", str(world.cache), "--out", str(run), "--epochs", "1", "--batch-size",
-                              "16", "--no-plots", *_small(trunk)])
+    caches = caches or (world.cache,)
+    cache_args = [a for c in caches for a in ("--cache", str(c))]
+    res = runner.invoke(app, ["train-head", "--task", run_task, "--data", str(world.root), *cache_args,
+                              "--out", str(run), "--epochs", "1", "--batch-size", "16", "--no-plots",
+                              *options])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["evaluate", str(run), "--json"])
     assert res.exit_code == 0, res.output
     reported = json.loads(res.stdout)
-    res = runner.invoke(app, ["predict", str(run), "--split", "val", "--out", str(tmp_path / "va.txt")])
+    res = runner.invoke(app, ["predict", str(run), "--split", "val", "--out", str(tmp_path / "val.txt")])
     assert res.exit_code == 0, res.output
-    assert _rescore(world, tmp_path / "va.txt", "va")["ccc_va"] == pytest.approx(reported["ccc_va"], abs=1e-4)
+    for t, path in output_paths(tmp_path / "val.txt", run_task).items():
+        rescored = _rescore(world, path, t)
+        spec = single(t)
+        key = spec.select_metric if spec.tunes_thresholds else spec.metric_keys[0]
+        file_key = spec.metric_keys[0]
+        assert rescored[file_key] == pytest.approx(reported[key], abs=1e-4), (t, rescored, reported)
     res = runner.invoke(app, ["predict", str(run), "--split", "test", "--out", str(tmp_path / "test.txt")])
     assert res.exit_code == 0, res.output
 
+    from abawfeat.cache import FeatureCache
+
+    backbones = {}
+    for c in caches:
+        with FeatureCache(c) as opened:
+            backbones[str(opened.encoder)] = str(c)
     recipe = tmp_path / "grid.toml"
     recipe.write_text(f"""
 [grid]
 data = "{world.root}"
 out = "{tmp_path / 'grid'}"
 [caches]
-fake = "{world.cache}"
+{chr(10).join(f'{k} = "{v}"' for k, v in backbones.items())}
 [defaults]
 epochs = 1
 plots = false
@@ -78,17 +102,91 @@ batch_size = 16
 window = 16
 [[rows]]
 label = "row"
-backbone = "fake"
-head = "{trunk}"
-tasks = ["au"]
+backbone = {json.dumps(list(backbones)) if len(caches) > 1 else json.dumps(next(iter(backbones)))}
+tasks = ["{run_task}"]
+{recipe_options}
 """)
     res = runner.invoke(app, ["ablate", str(recipe)])
     assert res.exit_code == 0, res.output
-    label = TRUNKS.get(trunk).label
-    res = runner.invoke(app, ["report", str(run), str(tmp_path / "grid" / "row" / "au"), "--out",
+    assert "| row |" in (tmp_path / "grid" / "results.md").read_text()
+    record = json.loads((run / "config.json").read_text())
+    res = runner.invoke(app, ["report", str(run), str(tmp_path / "grid" / "row" / run_task), "--out",
                               str(tmp_path / "report.html")])
     assert res.exit_code == 0, res.output
+    assert html.escape(record["label"]) in (tmp_path / "report.html").read_text()
+
+
+@pytest.mark.parametrize("trunk", TRUNKS.names())
+def test_every_trunk_through_train_evaluate_predict_ablate_report(
+    world: World, tmp_path: Path, trunk: str
+) -> None:
+    _through_stage_two(world, tmp_path, "va", ["--head", trunk, *_small(trunk)], f'head = "{trunk}"')
+    label = TRUNKS.get(trunk).label
     assert f"FAKE+{label}" in (tmp_path / "report.html").read_text()
+
+
+def _objective_cells(multi: bool) -> list[tuple[str, str]]:
+    """Every objective with every run task it trains that is not that task's default (the defaults go
+    through test_every_task_trains_...): single tasks, or multi-task runs."""
+    return [(name, t) for name, spec in OBJECTIVES.items() for t in run_task_names()
+            if spec.trains(t) and task(t).default_objective != name and (len(task_names(t)) > 1) == multi]
+
+
+@pytest.mark.parametrize("objective, run_task", _objective_cells(multi=False))
+def test_every_objective_through_train_evaluate_predict_ablate_report(
+    world: World, tmp_path: Path, objective: str, run_task: str
+) -> None:
+    _through_stage_two(world, tmp_path, run_task, ["--objective", objective],
+                       f'head = "fc"\nobjective = "{objective}"')
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert record["objective"] == objective
+    spec = OBJECTIVES.get(objective)
+    for key in spec.settings:  # the loss's own setting is in the run record
+        assert key in record["train"]
+
+
+@pytest.mark.parametrize("objective, run_task", _objective_cells(multi=True))
+def test_every_objective_trains_the_multitask_head_and_its_files_rescore(
+    world: World, tmp_path: Path, objective: str, run_task: str
+) -> None:
+    fit(config(world, tmp_path / "run", task=run_task, objective=objective, epochs=1))
+    reported = evaluate(tmp_path / "run")
+    result = predict(tmp_path / "run", "val", tmp_path / "preds.txt")
+    for t in task_names(run_task):
+        spec = single(t)
+        rescored = _rescore(world, result.files[t], t)
+        ours = reported[spec.select_metric] if spec.tunes_thresholds else reported[spec.metric_keys[0]]
+        assert rescored[spec.metric_keys[0]] == pytest.approx(ours, abs=1e-4), (t, objective)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS.names())
+def test_every_fusion_through_train_evaluate_predict_ablate_report(
+    fused_world: World, tmp_path: Path, fusion: str
+) -> None:
+    _through_stage_two(fused_world, tmp_path, "va",
+                       ["--head", "mamba", "--hidden", "8", "--window", "16", "--fusion", fusion,
+                        "--modality-dropout", "0.3"],
+                       f'head = "mamba"\nhidden = 8\nfusion = "{fusion}"\nmodality_dropout = 0.3',
+                       caches=fused_world.halves)
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert record["train"]["fusion"] == fusion and record["train"]["modality_dropout"] == 0.3
+
+
+# How a test asks for each head kind, and the task it trains; a new kind fails here until it says so.
+# ("tasks" goes through every trunk's test above, "contrastive" through the contrastive objective's.)
+HEAD_KIND_OPTIONS = {"moe": (["--moe-experts", "3"], "moe_experts = 3", "au")}
+
+
+@pytest.mark.parametrize("kind", [k for k in HEADS.names() if k not in ("tasks", "contrastive")])
+def test_every_head_kind_through_train_evaluate_predict_ablate_report(
+    world: World, tmp_path: Path, kind: str
+) -> None:
+    assert kind in HEAD_KIND_OPTIONS, f"head kind {kind!r}: say in HEAD_KIND_OPTIONS how a run asks for it"
+    options, recipe, run_task = HEAD_KIND_OPTIONS[kind]
+    _through_stage_two(world, tmp_path, run_task, ["--head", "gru", "--hidden", "8", "--window", "16",
+                                                   *options], f'head = "gru"\nhidden = 8\n{recipe}')
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert record["head"]["name"] == kind
 
 
 @pytest.mark.parametrize("run_task", run_task_names())

@@ -34,15 +34,29 @@ HALF_A = np.r_[0, 2:6, 10:16]
 HALF_B = np.r_[1, 6:10, 16:22]
 
 
-def _labels(rng: np.random.Generator, n: int, temporal: bool) -> tuple[np.ndarray, ...]:
+def _labels(rng: np.random.Generator, n: int, temporal: bool, rare_class: int | None = None,
+            lags: tuple[int, int] = (3, 6), events: bool = False) -> tuple[np.ndarray, ...]:
     """Hidden per-frame labels (always defined) and the signal the features carry."""
-    if temporal:
-        # VA at frame t is an i.i.d. signal seen at t-3 / t-6: a frame alone says nothing about its label.
-        s = rng.uniform(-0.9, 0.9, size=(n + 6, 2))
-        va = np.stack([s[3:n + 3, 0], s[:n, 1]], axis=1).astype(np.float32)
+    if temporal and events:
+        # A long-range dependency: every 15-45 frames an event frame shows new VA values (and a flag); the
+        # labels hold the last event's values until the next one, and the frames between show nothing.
+        times = np.concatenate([[0], np.cumsum(rng.integers(15, 46, size=n // 15 + 1))])
+        times = times[times < n]
+        values = rng.uniform(-0.9, 0.9, size=(len(times), 2))
+        va = values[np.searchsorted(times, np.arange(n), side="right") - 1].astype(np.float32)
         signal = np.zeros((n, N_SIGNAL), np.float32)
-        signal[:, 0] = s[6:, 0]
-        signal[:, 1] = s[6:, 1]
+        signal[times, :2] = values
+        signal[times, 2] = 1.0
+        return va, rng.integers(0, 8, n), rng.integers(0, 2, (n, 12)), signal
+    if temporal:
+        # VA at frame t is an i.i.d. signal seen at t - lags[0] / t - lags[1] (3 and 6 frames unless told): a
+        # frame alone says nothing about its label.
+        a, b = lags
+        s = rng.uniform(-0.9, 0.9, size=(n + b, 2))
+        va = np.stack([s[b - a : n + b - a, 0], s[:n, 1]], axis=1).astype(np.float32)
+        signal = np.zeros((n, N_SIGNAL), np.float32)
+        signal[:, 0] = s[b:, 0]
+        signal[:, 1] = s[b:, 1]
         expr = rng.integers(0, 8, n)
         au = rng.integers(0, 2, (n, 12))
         return va, expr, au, signal
@@ -50,7 +64,12 @@ def _labels(rng: np.random.Generator, n: int, temporal: bool) -> tuple[np.ndarra
     seg = np.repeat(np.arange(n // 20 + 1), 20)[:n]
     k = seg.max() + 1
     va = np.repeat(rng.uniform(-0.8, 0.8, (k, 2)), 20, axis=0)[:n].astype(np.float32)
-    expr = np.repeat(rng.integers(0, 8, k), 20)[:n]
+    classes = rng.integers(0, 8, k)
+    if rare_class is not None:
+        # Three in four segments of the rare class become another class: about 3% of the frames keep it.
+        gone = (classes == rare_class) & (rng.random(k) < 0.75)
+        classes[gone] = (rare_class + rng.integers(1, 8, int(gone.sum()))) % 8
+    expr = np.repeat(classes, 20)[:n]
     au = np.repeat((rng.random((k, 12)) < 0.4).astype(int), 20, axis=0)[:n]
     signal = np.concatenate([va, np.eye(8)[expr], au], axis=1).astype(np.float32)
     return va, expr, au, signal
@@ -64,7 +83,8 @@ def _write_annotation(path: Path, task: str, rows: list[str]) -> None:
 def build_world(
     tmp: Path, *, n_train: int = 6, n_val: int = 3, n_test: int = 2, n_frames: int = 160, dim: int = 24,
     temporal: bool = False, noise: float = 0.3, seed: int = 0, text: bool = False, name: str = "tinyaff",
-    prompt_classes: tuple[str, ...] | None = None, halves: bool = False,
+    prompt_classes: tuple[str, ...] | None = None, halves: bool = False, rare_class: int | None = None,
+    lags: tuple[int, int] = (3, 6), events: bool = False,
 ) -> World:
     rng = np.random.default_rng(seed)
     root = tmp / name
@@ -93,7 +113,7 @@ def build_world(
             for i in range(count):
                 video = f"{split}{i:02d}"
                 n = n_frames + int(rng.integers(-20, 21))
-                va, expr, au, signal = _labels(rng, n, temporal)
+                va, expr, au, signal = _labels(rng, n, temporal, rare_class, lags, events)
                 if split == "test":
                     for t in single_task_names():
                         sample_rows[t] += [f"{video}/{f:05d}.jpg" for f in range(1, n + 1)]
@@ -154,3 +174,49 @@ def config(world: World, out: Path, **kw: object) -> TrainConfig:
     base = TrainConfig(task="va", head="fc", data=str(world.root), cache=str(world.cache), out=str(out),
                        epochs=4, seed=0, lr=3e-3, batch_size=64, hidden=-1, plots=False)
     return replace(base, **kw)
+
+
+def add_modality_pair(
+    world: World, tmp: Path, *, clean: float = 0.2, noisy: float = 1.0, a_missing: tuple[str, ...] = ("val",),
+    block: int = 32, seed: int = 1,
+) -> tuple[Path, Path]:
+    """Two more caches over ``world``'s crops, each carrying the whole label signal: "a" with little noise,
+    "b" with much; in the videos of the splits ``a_missing``, cache "a" has no row in every other block of
+    ``block`` crops (a modality missing in half the windows). Returns their paths (a, b)."""
+    from abawfeat.cache import FeatureCache
+    from abawfeat.data import AffWild2
+
+    rng = np.random.default_rng(seed)
+    data = AffWild2(world.root)
+    mixing = [rng.normal(size=(N_SIGNAL, world.dim)).astype(np.float32) for _ in range(2)]
+    paths = (tmp / "pair-a.h5", tmp / "pair-b.h5")
+    encoder = {"config": {"dim": world.dim}, "weights_sha256": "random-init", "preprocessing": {},
+               "calibration": None}
+    writers = [CacheWriter(p, make_provenance({**encoder, "name": f"pair-{k}"}, feature_dim=world.dim,
+                                              dtype="float16", precision="fp32"))
+               for p, k in zip(paths, "ab", strict=True)]
+    home = {v: s for s in ("train", "val") for v in data.videos("va", s)}
+    with FeatureCache(world.cache) as cache:
+        for w in writers:
+            w.__enter__()
+        for video in sorted(cache.videos()):
+            frames = cache.frames(video).astype(np.int64)
+            signal = rng.normal(size=(len(frames), N_SIGNAL)).astype(np.float32)
+            split = home.get(video, "test")
+            if split != "test":
+                va, ex, au = (data.annotation(t, split, video) for t in ("va", "expr", "au"))
+                inside = frames <= va.n_frames
+                idx = frames[inside] - 1
+                signal[inside] = np.concatenate(
+                    [va.labels[idx], np.eye(8)[np.clip(ex.labels[idx], 0, 7)], np.clip(au.labels[idx], 0, 1)],
+                    axis=1)
+            own = np.ones(len(frames), bool)
+            if split in a_missing:
+                own[(np.arange(len(frames)) // block) % 2 == 1] = False
+            for k, (w, mix, level) in enumerate(zip(writers, mixing, (clean, noisy), strict=True)):
+                keep = own if k == 0 else np.ones(len(frames), bool)
+                f = signal[keep] @ mix + level * rng.normal(size=(int(keep.sum()), world.dim))
+                w.write_video(video, frames[keep], f.astype(np.float32))
+        for w in writers:
+            w.__exit__(None, None, None)
+    return paths

@@ -13,8 +13,8 @@ import typer
 
 Task = Annotated[str | None, typer.Option("--task", help="va, expr, au or mtl (one head for all three).")]
 Head = Annotated[str, typer.Option(
-    "--head", help="Trunk: fc (frame-wise) or a temporal one: lstm, gru, transformer, tcn (`abawfeat "
-    "heads`).")]
+    "--head", help="Trunk: fc (frame-wise) or a temporal one: lstm, gru, transformer, tcn, mamba "
+    "(`abawfeat heads`).")]
 Backbone = Annotated[str, typer.Option(
     "--backbone", help="Encoder of the cache; default: the cache's own (it must match when given).")]
 Data = Annotated[Path | None, typer.Option(
@@ -23,12 +23,24 @@ Caches = Annotated[list[Path] | None, typer.Option(
     "--cache", help="Feature cache; repeat to fuse several (aligned by frame number). Default: "
     "cache/<data folder name>/<backbone or ddamfn>.h5.")]
 Fusion = Annotated[str, typer.Option(
-    "--fusion", help="Several caches: early (standardised features concatenated, with availability columns) "
-    "or late (a trunk per cache, learned gates).")]
+    "--fusion", help="Several caches: early (standardised features concatenated, with availability columns), "
+    "late (a trunk per cache, learned gates) or attention (each cache attends to the others, masked where "
+    "they lack the frame).")]
+ModalityDropout = Annotated[float, typer.Option(
+    "--modality-dropout", help="Several caches: probability that a training window loses a whole cache "
+    "(never all of them).")]
+FocalGamma = Annotated[float, typer.Option(
+    "--focal-gamma", help="--objective focal: the focusing exponent gamma (0 = plain CE / BCE).")]
+LogitTau = Annotated[float, typer.Option(
+    "--logit-tau", help="--objective logit-adjusted: logits + tau log(class prior) in training.")]
+MoeExperts = Annotated[int, typer.Option(
+    "--moe-experts", help="K >= 2: a mixture-of-experts output per task (learned gate over K experts).")]
+MoeBalance = Annotated[float, typer.Option(
+    "--moe-balance", help="Weight of the experts' load-balance term in the loss.")]
 Out = Annotated[Path | None, typer.Option("--out", help="Run directory to write.")]
 Objective = Annotated[str, typer.Option(
-    "--objective", help="ccc (va), ce (expr), bce (au), contrastive (expr, CLIP caches), mtl. Default: the "
-    "task's own.")]
+    "--objective", help="ccc (va), ce (expr), bce (au), focal (expr, au), logit-adjusted (expr), "
+    "contrastive (expr, CLIP caches), mtl. Default: the task's own.")]
 ClassWeights = Annotated[str, typer.Option(
     "--class-weights", help="EXPR cross-entropy weights: none, inverse, sqrt_inverse, effective.")]
 PosWeight = Annotated[bool, typer.Option("--pos-weight", help="AU BCE: weight positives by neg/pos ratio.")]

@@ -62,6 +62,8 @@ def finetune_command(
     objective: st.Objective = "",
     class_weights: st.ClassWeights = "none",
     pos_weight: st.PosWeight = False,
+    focal_gamma: st.FocalGamma = 2.0,
+    logit_tau: st.LogitTau = 1.0,
     epochs: st.Epochs = 10,
     seed: st.Seed = 0,
     weight_decay: st.WeightDecay = 1e-4,
@@ -98,7 +100,8 @@ def finetune_command(
         st.require("--resume RUN_DIR", task=task, data=data, out=out)
         train = st.train_config(
             task=task, head=head, backbone=backbone, data=data, out=out, objective=objective,
-            class_weights=class_weights, pos_weight=pos_weight, epochs=epochs, seed=seed, lr=lr,
+            class_weights=class_weights, pos_weight=pos_weight, focal_gamma=focal_gamma, logit_tau=logit_tau,
+            epochs=epochs, seed=seed, lr=lr,
             weight_decay=weight_decay, batch_size=batch_size, window=window, stride=stride,
             infer_stride=infer_stride, hidden=hidden, layers=layers, bidirectional=bidirectional,
             dropout=dropout, trunk_opt=trunk_opt, device=device, threads=threads, precision=precision,

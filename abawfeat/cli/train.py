@@ -31,10 +31,15 @@ def train_head(
     data: st.Data = None,
     cache: st.Caches = None,
     fusion: st.Fusion = "early",
+    modality_dropout: st.ModalityDropout = 0.0,
     out: st.Out = None,
     objective: st.Objective = "",
     class_weights: st.ClassWeights = "none",
     pos_weight: st.PosWeight = False,
+    focal_gamma: st.FocalGamma = 2.0,
+    logit_tau: st.LogitTau = 1.0,
+    moe_experts: st.MoeExperts = 0,
+    moe_balance: st.MoeBalance = 0.01,
     epochs: st.Epochs = 10,
     seed: st.Seed = 0,
     lr: st.Lr = 1e-3,
@@ -107,8 +112,10 @@ def train_head(
         return
     st.require("--resume RUN_DIR", task=task, data=data, out=out)
     config = st.train_config(
-        task=task, head=head, backbone=backbone, data=data, cache=cache, fusion=fusion, out=out,
-        objective=objective, class_weights=class_weights, pos_weight=pos_weight, epochs=epochs, seed=seed,
+        task=task, head=head, backbone=backbone, data=data, cache=cache, fusion=fusion,
+        modality_dropout=modality_dropout, out=out, objective=objective, class_weights=class_weights,
+        pos_weight=pos_weight, focal_gamma=focal_gamma, logit_tau=logit_tau, moe_experts=moe_experts,
+        moe_balance=moe_balance, epochs=epochs, seed=seed,
         lr=lr,
         weight_decay=weight_decay, batch_size=batch_size, window=window, stride=stride,
         infer_stride=infer_stride, hidden=hidden, layers=layers, bidirectional=bidirectional, dropout=dropout,
@@ -159,10 +166,15 @@ def cv_command(
     data: st.Data = None,
     cache: st.Caches = None,
     fusion: st.Fusion = "early",
+    modality_dropout: st.ModalityDropout = 0.0,
     out: st.Out = None,
     objective: st.Objective = "",
     class_weights: st.ClassWeights = "none",
     pos_weight: st.PosWeight = False,
+    focal_gamma: st.FocalGamma = 2.0,
+    logit_tau: st.LogitTau = 1.0,
+    moe_experts: st.MoeExperts = 0,
+    moe_balance: st.MoeBalance = 0.01,
     epochs: st.Epochs = 10,
     seed: st.Seed = 0,
     lr: st.Lr = 1e-3,
@@ -191,8 +203,10 @@ def cv_command(
 
     st.require(task=task, data=data, out=out)
     config = st.train_config(
-        task=task, head=head, backbone=backbone, data=data, cache=cache, fusion=fusion, out=out,
-        objective=objective, class_weights=class_weights, pos_weight=pos_weight, epochs=epochs, seed=seed,
+        task=task, head=head, backbone=backbone, data=data, cache=cache, fusion=fusion,
+        modality_dropout=modality_dropout, out=out, objective=objective, class_weights=class_weights,
+        pos_weight=pos_weight, focal_gamma=focal_gamma, logit_tau=logit_tau, moe_experts=moe_experts,
+        moe_balance=moe_balance, epochs=epochs, seed=seed,
         lr=lr, weight_decay=weight_decay, batch_size=batch_size, window=window, stride=stride,
         infer_stride=infer_stride, hidden=hidden, layers=layers, bidirectional=bidirectional, dropout=dropout,
         trunk_opt=trunk_opt, device=device, threads=threads, precision=precision, smooth=smooth,
@@ -371,14 +385,14 @@ def heads_command(
     (what the objective puts on the trunk) and the training objectives."""
     from rich.table import Table
 
-    from abawfeat.heads import describe_heads
+    from abawfeat.heads import FUSIONS, describe_heads
     from abawfeat.train.objectives import describe_objectives
     from abawfeat.trunks import describe_trunks
 
     trunks, heads, objectives = describe_trunks(), describe_heads(), describe_objectives()
     if as_json:
-        typer.echo(json.dumps({"trunks": trunks, "heads": heads, "objectives": objectives}, indent=2,
-                              default=list))
+        typer.echo(json.dumps({"trunks": trunks, "heads": heads, "objectives": objectives,
+                               "fusions": FUSIONS.names()}, indent=2, default=list))
         return
 
     def fmt(options: dict[str, Any]) -> str:
@@ -405,3 +419,4 @@ def heads_command(
         table.add_row(o["name"], ", ".join(o["tasks"]), ", ".join(o["default_for"]) or "-", o["head"],
                       o["description"])
     console.print(table)
+    console.print(Text(f"Fusions of several caches (--fusion): {', '.join(FUSIONS.names())}"))

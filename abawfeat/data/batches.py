@@ -63,9 +63,12 @@ class WindowSource:
 
     def __init__(
         self, data: SequenceSet, windows: np.ndarray, tasks: Sequence[str], batch_size: int,
-        shuffle: bool, seed: int = 0,
+        shuffle: bool, seed: int = 0, modality_dropout: float = 0.0,
     ) -> None:
+        if modality_dropout and len(data.groups) < 2:
+            raise ValueError("modality dropout needs fused caches (several availability columns)")
         self.data = data
+        self.modality_dropout = float(modality_dropout)
         self.windows = windows
         self.tasks = tuple(tasks)
         self.batch_size = int(batch_size)
@@ -79,11 +82,35 @@ class WindowSource:
     def batches(self, epoch: int = 0) -> Iterator[Batch]:
         order = (np.random.default_rng([self.seed, epoch]).permutation(len(self.windows)) if self.shuffle
                  else np.arange(len(self.windows)))
+        # Its own stream, so that turning modality dropout on leaves the window order as it was.
+        drops = np.random.default_rng([self.seed, epoch, 1]) if self.modality_dropout else None
         for start in range(0, len(order), self.batch_size):
             # Sorted within the batch: the batch is the same set (losses do not depend on its order), but
             # rows are read in address order, which is markedly faster from a 1.7 GB array.
             idx = self.windows[np.sort(order[start : start + self.batch_size])]
-            yield self.gather(idx)
+            batch = self.gather(idx)
+            if drops is not None:
+                self.drop_modalities(batch, drops)
+            yield batch
+
+    def drop_modalities(self, batch: Batch, rng: np.random.Generator) -> None:
+        """Modality dropout: each cache of each window is dropped with probability ``modality_dropout``
+        (its availability column set to 0 over the whole window, so the head zeroes its features and
+        attention and gates ignore it), never every cache the window has: when the draw would drop them
+        all, one of them, drawn at random, is kept."""
+        import torch
+
+        n_feat = sum(self.data.groups)
+        avail = batch.inputs[..., n_feat:]  # [B, T, C] view of the fp16 inputs
+        has = (avail > 0.5).any(dim=1).numpy()  # [B, C]: the window has the cache somewhere
+        drop = rng.random(has.shape) < self.modality_dropout
+        for w in np.flatnonzero((has & ~drop).sum(axis=1) == 0):
+            present = np.flatnonzero(has[w])
+            if present.size:
+                drop[w, rng.choice(present)] = False
+        if drop.any():
+            keep = torch.from_numpy(~drop).to(avail.dtype)[:, None, :]
+            avail.mul_(keep)  # the gathered copy, never the packed split
 
     def gather(self, idx: np.ndarray) -> Batch:
         import torch

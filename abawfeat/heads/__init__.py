@@ -19,7 +19,7 @@ scored against prompt embeddings). The objective picks the kind; ``--head`` pick
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -45,7 +45,8 @@ class HeadConfig:
     # Fused caches (abawfeat.data.sequences): each cache's feature size; their columns come first, then one
     # availability column per cache. () = one cache.
     groups: tuple[int, ...] = ()
-    fusion: str = "early"  # early: one trunk on all columns; late: one trunk per cache, outputs gated
+    fusion: str = "early"  # early: one trunk on all columns; late: one trunk per cache, outputs gated;
+    # attention: each cache attends to the others (masked by availability), then one trunk (FUSIONS)
 
 
 class Head(nn.Module):
@@ -63,8 +64,10 @@ class Head(nn.Module):
         if config.groups and sum(config.groups) + len(config.groups) != config.in_dim:
             raise ConfigError(f"head: caches of {list(config.groups)} features and their availability "
                               f"columns do not make {config.in_dim} inputs")
-        if config.fusion == "late" and len(config.groups) > 1:
-            self.trunk: Trunk | LateFusion = LateFusion(config.groups, config.trunk, config.trunk_config)
+        if len(config.groups) > 1:
+            fuse = FUSIONS.get(config.fusion)
+            self.trunk: Trunk | nn.Module = fuse(config.in_dim, config.groups, config.trunk,
+                                                 config.trunk_config)
         else:
             self.trunk = build_trunk(config.trunk, config.in_dim, config.trunk_config)
         # The trunk's whole config (its defaults filled in), so a checkpoint never depends on defaults that
@@ -134,7 +137,9 @@ class Head(nn.Module):
         raise NotImplementedError
 
 
-FUSIONS = ("early", "late")
+# How fused caches meet a trunk, by name (what --fusion chooses): a builder (in_dim, groups, trunk name,
+# trunk options) -> a module with the trunk's interface (forward(x, mask), context(), out_dim, config).
+FUSIONS: Registry[Callable[[int, tuple[int, ...], str, dict[str, Any]], nn.Module]] = Registry("fusion")
 
 
 class LateFusion(nn.Module):
@@ -174,6 +179,10 @@ class LateFusion(nn.Module):
         weights = torch.softmax(logits, dim=-2)
         values = torch.stack([proj(h).float() for h, proj in zip(hs, self.project, strict=True)], dim=-2)
         return (weights * values).sum(dim=-2).to(hs[0].dtype)
+
+
+FUSIONS.add("early", lambda in_dim, groups, trunk, options: build_trunk(trunk, in_dim, options))
+FUSIONS.add("late", lambda in_dim, groups, trunk, options: LateFusion(groups, trunk, options))
 
 
 def _check_head(name: str, cls: Any) -> None:
@@ -287,7 +296,7 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 # Importing the modules registers the head kinds.
-from abawfeat.heads import contrastive, task_outputs  # noqa: E402, F401
+from abawfeat.heads import attention_fusion, contrastive, moe, task_outputs  # noqa: E402, F401
 
-__all__ = ["HEADS", "Head", "HeadConfig", "build_head", "describe_heads", "head_from_dict", "head_to_dict",
-           "upgrade_v1"]
+__all__ = ["FUSIONS", "HEADS", "Head", "HeadConfig", "build_head", "describe_heads", "head_from_dict",
+           "head_to_dict", "upgrade_v1"]

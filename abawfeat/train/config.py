@@ -40,11 +40,19 @@ class TrainConfig:
     # dataset name, backbone), where extract writes.
     cache: tuple[str, ...] = ()
     fusion: str = "early"  # several caches: early (standardised features concatenated, with availability
-    # columns) or late (one trunk per cache, outputs combined by learned gates)
+    # columns), late (one trunk per cache, outputs combined by learned gates) or attention (each cache's
+    # sequence attends to the others', masked where they lack the frame, then one trunk)
+    # Several caches: the probability that a training window loses a whole cache (its availability column
+    # set to 0 over the window; never every cache of the window): robustness to a missing modality.
+    modality_dropout: float = 0.0
     out: str = ""  # run directory
     objective: str = ""  # "" = the task's default (ccc, ce, bce, mtl); "contrastive" for expr on CLIP caches
     class_weights: str = "none"  # CE weighting (EXPR is skewed): none | inverse | sqrt_inverse | effective
     pos_weight: bool = False  # AU BCE: weight positives by negatives/positives per AU (rare AUs)
+    focal_gamma: float = 2.0  # --objective focal: (1 - p)^gamma focusing (Lin et al.'s default; 0 = CE/BCE)
+    logit_tau: float = 1.0  # --objective logit-adjusted: logits + tau log(prior) (Menon et al.'s 1)
+    moe_experts: int = 0  # > 1: a mixture-of-experts output per task (a learned gate over K experts)
+    moe_balance: float = 0.01  # weight of the experts' load-balance term in the loss (Switch's 0.01)
     epochs: int = 10  # passes over the training windows; the best validation epoch is kept
     seed: int = 0  # seeds weights, dropout and window order: same seed, same numbers on CPU
     lr: float = 1e-3  # AdamW learning rate (constant)
@@ -112,10 +120,13 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"--class-weights {cfg.class_weights!r}: choose one of {', '.join(CLASS_WEIGHT_CHOICES)}"
         )
-    if cfg.class_weights != "none" and not objective.class_weights:
+    # A multi-task run's tasks each train with their own objective: checked per task below.
+    single_task = len(task_names(cfg.task)) == 1
+    if cfg.class_weights != "none" and not objective.class_weights and single_task:
         raise ConfigError(f"--class-weights applies to the {_with('class_weights')} objectives, not {name}")
-    if cfg.pos_weight and not objective.pos_weight:
+    if cfg.pos_weight and not objective.pos_weight and single_task:
         raise ConfigError(f"--pos-weight applies to the {_with('pos_weight')} objectives, not {name}")
+    _check_objective_settings(cfg, name)
     for key in ("epochs", "window"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"--{key} must be >= 1, got {getattr(cfg, key)}")
@@ -144,6 +155,16 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"fold {cfg.fold} of --folds {cfg.folds}: need folds >= 2 and 0 <= fold < folds")
     if cfg.fusion not in FUSIONS:
         raise ConfigError(f"--fusion {cfg.fusion!r}: choose one of {', '.join(FUSIONS)}")
+    if not 0.0 <= cfg.modality_dropout < 1.0:
+        raise ConfigError(f"--modality-dropout must be in [0, 1), got {cfg.modality_dropout}")
+    if cfg.modality_dropout and len(cfg.cache) < 2:
+        raise ConfigError("--modality-dropout drops whole caches of a fused run: give several --cache")
+    if cfg.moe_experts < 0 or cfg.moe_experts == 1:
+        raise ConfigError(f"--moe-experts must be 0 (off) or >= 2, got {cfg.moe_experts}")
+    if cfg.moe_balance < 0:
+        raise ConfigError(f"--moe-balance must be >= 0, got {cfg.moe_balance}")
+    if cfg.moe_experts and objective.head != "tasks":
+        raise ConfigError(f"--moe-experts mixes per-task outputs; the {name} objective has its own head")
     if len(cfg.cache) > 1 and cfg.backbone:
         raise ConfigError("--backbone names one cache; with several --cache the encoders come from the "
                           "caches")
@@ -153,6 +174,32 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ConfigError("--data is required: the Aff-Wild2 root with the annotations")
     if not cfg.out:
         raise ConfigError("--out is required: the run directory to write")
+
+
+_SETTING_DEFAULTS = {"focal_gamma": 2.0, "logit_tau": 1.0}
+
+
+def _check_objective_settings(cfg: TrainConfig, name: str) -> None:
+    """Class / positive weights only where a trained task has classes / binary outputs; an imbalance
+    loss's setting only with that loss."""
+    from abawfeat.train.objectives import OBJECTIVES, is_classes, is_multi_label
+
+    per_task = OBJECTIVES.get(name).per_task(task_names(cfg.task))
+    specs = {t: OBJECTIVES.get(o) for t, o in per_task.items()}
+    if cfg.class_weights != "none" and not any(s.class_weights and is_classes(t) for t, s in specs.items()):
+        raise ConfigError(f"--class-weights weights the classes of a single-label task (expr); "
+                          f"{name} on {cfg.task} has none")
+    if cfg.pos_weight and not any(s.pos_weight and is_multi_label(t) for t, s in specs.items()):
+        raise ConfigError(f"--pos-weight weights the positives of a multi-label task (au); {name} on "
+                          f"{cfg.task} has none")
+    used = {k for s in specs.values() for k in s.settings}
+    for key, default in _SETTING_DEFAULTS.items():
+        value = getattr(cfg, key)
+        if value < 0:
+            raise ConfigError(f"--{key.replace('_', '-')} must be >= 0, got {value}")
+        if value != default and key not in used:
+            owner = " or ".join(n for n, o in OBJECTIVES.items() if key in o.settings)
+            raise ConfigError(f"--{key.replace('_', '-')} applies to --objective {owner}, not {name}")
 
 
 def _with(flag: str) -> str:
@@ -193,11 +240,15 @@ def build_head_for(cfg: TrainConfig, in_dim: int, text_dim: int | None = None,
     fields: dict[str, Any] = {"in_dim": in_dim, "trunk": cfg.head,
                               "trunk_config": trunk_options(cfg, defaults), "groups": tuple(groups),
                               "fusion": cfg.fusion}
+    kind = objective.head
     if objective.head == "tasks":
         fields["tasks"] = tasks
+        if cfg.moe_experts:
+            kind = "moe"
+            fields.update(experts=cfg.moe_experts, balance_weight=cfg.moe_balance)
     if text_dim is not None:
         fields["embed_dim"] = text_dim
-    return build_head(objective.head, **fields)
+    return build_head(kind, **fields)
 
 
 @dataclass

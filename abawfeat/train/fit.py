@@ -185,19 +185,22 @@ def _fit(cfg: TrainConfig, run: RunDir, log: Callable[[str], None] | None) -> Fi
     if len(train_windows) == 0:
         raise ConfigError(f"{cfg.data}: none of the training {rows} carries a {'/'.join(tasks)} label in "
                           f"{', '.join(c['path'] for c in cache_refs)}")
-    train_source = WindowSource(train_set, train_windows, tasks, res.batch_size, shuffle=True, seed=cfg.seed)
+    train_source = WindowSource(train_set, train_windows, tasks, res.batch_size, shuffle=True, seed=cfg.seed,
+                                modality_dropout=cfg.modality_dropout)
     val_source = WindowSource(val_set, make_windows(val_set.row_offsets, res.infer_window, res.infer_stride),
                               tasks, res.infer_batch_size, shuffle=False)
 
     # -- objective (class / positive weights from the training crops' labels) and optimiser.
-    weights = loss_weights(objective_id, cfg.class_weights, cfg.pos_weight, train_set, tasks)
+    weights = loss_weights(objective_id, cfg.class_weights, cfg.pos_weight, train_set, tasks, cfg.focal_gamma,
+                           cfg.logit_tau)
     objective = build_objective(objective_id, head, tasks, weights.to(device))
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     # -- the run record first (a fresh run); metrics.json, the completion mark, comes last.
     record = RunRecord(
         kind="head", task=cfg.task, trunk=cfg.head, objective=objective_id,
-        label=architecture_label(encoders, cfg.head, cfg.task, fusion=cfg.fusion), caches=cache_refs,
+        label=architecture_label(encoders, cfg.head, cfg.task, fusion=cfg.fusion,
+                                 experts=cfg.moe_experts), caches=cache_refs,
         dataset={"root": str(cfg.data), "name": dataset_name(cfg.data)},
         train=to_dict(cfg), resolved=to_dict(res), head=_head_dict(head),
         loss_weights=weights.as_json(),

@@ -20,21 +20,23 @@ from abawfeat.utils.device import autocast
 def make_step(
     objective: Objective, optimizer: torch.optim.Optimizer, device: torch.device, precision: str = "fp32",
     grad_clip: float = 0.0,
-) -> Callable[[nn.Module, Batch], float]:
-    """The default optimiser step: forward one batch under autocast, loss, backward, clip, step."""
+) -> Callable[[nn.Module, Batch], tuple[float, dict[str, float]]]:
+    """The default optimiser step: forward one batch under autocast, loss, backward, clip, step. Returns
+    the loss and the objective's ``train_*`` terms (a mixture-of-experts head's load balance), which the
+    loop averages per epoch into the history."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
 
     def step(model: nn.Module, batch: Batch) -> float:
         b = batch.to(device)
         with autocast(device, precision):
             out = model(b.inputs, b.mask)
-            loss, _ = objective(out, b)
+            loss, info = objective(out, b)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip:
             nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
-        return float(loss.detach())
+        return float(loss.detach()), {k: v for k, v in info.items() if k.startswith("train_")}
 
     return step
 
@@ -51,7 +53,7 @@ def run_epochs(
     device: torch.device | None = None,
     precision: str = "fp32",
     grad_clip: float = 0.0,
-    step: Callable[[nn.Module, Any], float] | None = None,
+    step: Callable[[nn.Module, Any], Any] | None = None,
     on_best: Callable[[int, Evaluation], None] | None = None,
     on_epoch: Callable[[int, list[dict[str, Any]], float], None] | None = None,
     log: Callable[[str], None] | None = None,
@@ -64,7 +66,8 @@ def run_epochs(
     """Train epochs ``start_epoch``..``min(epochs, stop_epoch)``, validate after each, call ``on_best`` when
     ``metrics[select]`` strictly improves (ties keep the earlier epoch; NaN never improves).
 
-    Generic: ``train.batches(epoch)`` yields whatever ``step(model, item) -> loss`` consumes; by default
+    Generic: ``train.batches(epoch)`` yields whatever ``step(model, item) -> loss`` (or ``(loss, terms)``,
+    whose ``train_*`` terms are averaged into the epoch's history row) consumes; by default
     ``item`` is a ``Batch`` and the step is ``make_step(objective, optimizer, device, precision,
     grad_clip)``, i.e. ``model(batch.inputs, batch.mask) -> {task: outputs}``, loss, backward, step. A
     custom ``step`` (gradient accumulation over micro-batches, distributed training) replaces it.
@@ -82,8 +85,13 @@ def run_epochs(
         t0 = time.perf_counter()
         model.train()
         total, n_steps = 0.0, 0
+        terms: dict[str, float] = {}
         for item in train.batches(epoch):
-            total += step(model, item)
+            result = step(model, item)
+            loss, info = result if isinstance(result, tuple) else (result, {})
+            total += loss
+            for k, v in info.items():
+                terms[k] = terms.get(k, 0.0) + v
             n_steps += 1
         train_loss = reduce_mean(total / max(n_steps, 1))
         evaluation = validate(model)
@@ -97,6 +105,7 @@ def run_epochs(
             "epoch": epoch, "train_loss": train_loss, "val_loss": evaluation.loss, "val_metric": value,
             "seconds": time.perf_counter() - t0,
         }
+        row.update({k: reduce_mean(v / max(n_steps, 1)) for k, v in terms.items()})
         row.update({k: v for k, v in evaluation.metrics.items() if isinstance(v, float)})
         history.append(row)
         if on_epoch is not None:

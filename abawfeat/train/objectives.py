@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from abawfeat import losses
 from abawfeat.data.batches import Batch
 from abawfeat.errors import CacheError, ConfigError
-from abawfeat.tasks import single, task
+from abawfeat.tasks import single, task, task_names
 from abawfeat.utils.registry import Registry
 
 Objective = Callable[[Mapping[str, Tensor], Batch], tuple[Tensor, dict[str, float]]]
@@ -28,18 +28,28 @@ Objective = Callable[[Mapping[str, Tensor], Batch], tuple[Tensor, dict[str, floa
 
 @dataclass
 class LossWeights:
-    """Weights computed from the training frames' labels, per task (absent = unweighted)."""
+    """What the losses take from the training frames' labels, per task (absent = unweighted), and the
+    imbalance losses' settings (recorded with the run)."""
 
     class_weight: dict[str, Tensor] = field(default_factory=dict)  # cross-entropy, per class
     pos_weight: dict[str, Tensor] = field(default_factory=dict)  # binary cross-entropy, per output
+    log_prior: dict[str, Tensor] = field(default_factory=dict)  # logit adjustment: log class priors
+    focal_gamma: float = 2.0  # focal objective: the focusing exponent (0 = plain CE / BCE)
+    logit_tau: float = 1.0  # logit-adjusted objective: the scale of the log-prior shift (0 = plain CE)
 
     def to(self, device: torch.device) -> LossWeights:
-        return LossWeights({t: w.to(device) for t, w in self.class_weight.items()},
-                           {t: w.to(device) for t, w in self.pos_weight.items()})
+        def move(d: dict[str, Tensor]) -> dict[str, Tensor]:
+            return {t: w.to(device) for t, w in d.items()}
 
-    def as_json(self) -> dict[str, dict[str, list[float]]]:
-        return {"class_weight": {t: w.cpu().tolist() for t, w in self.class_weight.items()},
-                "pos_weight": {t: w.cpu().tolist() for t, w in self.pos_weight.items()}}
+        return LossWeights(move(self.class_weight), move(self.pos_weight), move(self.log_prior),
+                           self.focal_gamma, self.logit_tau)
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"class_weight": {t: w.cpu().tolist() for t, w in self.class_weight.items()},
+                               "pos_weight": {t: w.cpu().tolist() for t, w in self.pos_weight.items()}}
+        if self.log_prior:
+            out["log_prior"] = {t: w.cpu().tolist() for t, w in self.log_prior.items()}
+        return out
 
 
 @dataclass(frozen=True)
@@ -54,13 +64,20 @@ class ObjectiveSpec:
     # Trunk options this objective implies unless the user sets them, per trunk name.
     trunk_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
     composite: bool = False  # each task of the run trains with its own default objective
+    priors: bool = False  # needs the training class priors (logit adjustment)
+    settings: tuple[str, ...] = ()  # TrainConfig fields it reads (others refuse a non-default value)
 
     def trains(self, run_task: str) -> bool:
         return run_task in self.tasks or task(run_task).default_objective == self.name
 
     def per_task(self, tasks: Sequence[str]) -> dict[str, str]:
-        """The single-task objective each task of a run trains with."""
-        return {t: single(t).default_objective if self.composite else self.name for t in tasks}
+        """The single-task objective each task of a run trains with: a composite objective's members their
+        defaults; in a multi-task run of another objective, the tasks it trains take it and the others
+        their defaults (``--task mtl --objective focal``: CCC for VA, focal for EXPR and AU)."""
+        if self.composite or len(tasks) > 1:
+            return {t: self.name if not self.composite and t in self.tasks else single(t).default_objective
+                    for t in tasks}
+        return {t: self.name for t in tasks}
 
 
 OBJECTIVES: Registry[ObjectiveSpec] = Registry("objective")
@@ -102,6 +119,36 @@ def _bce(head: nn.Module, tasks: tuple[str, ...], w: LossWeights) -> Objective:
     return loss
 
 
+def _focal(head: nn.Module, tasks: tuple[str, ...], w: LossWeights) -> Objective:
+    t = _one(tasks, "focal")
+    multi_label = single(t).label_shape != ()  # AU: one binary decision per output; EXPR: one class
+
+    def loss(out: Mapping[str, Tensor], b: Batch) -> tuple[Tensor, dict[str, float]]:
+        if multi_label:
+            value = losses.au_focal_loss(out[t], b.targets[t], b.valid[t], w.pos_weight.get(t),
+                                         gamma=w.focal_gamma)
+        else:
+            value = losses.expr_focal_loss(out[t], b.targets[t], b.valid[t], w.class_weight.get(t),
+                                           gamma=w.focal_gamma)
+        return value, {t: float(value.detach())}
+
+    return loss
+
+
+def _logit_adjusted(head: nn.Module, tasks: tuple[str, ...], w: LossWeights) -> Objective:
+    t = _one(tasks, "logit-adjusted")
+    if t not in w.log_prior:
+        raise ConfigError(f"objective logit-adjusted on {t}: no class priors (loss_weights computes them "
+                          "from the training labels)")
+
+    def loss(out: Mapping[str, Tensor], b: Batch) -> tuple[Tensor, dict[str, float]]:
+        value = losses.logit_adjusted_ce_loss(out[t], b.targets[t], w.log_prior[t], b.valid[t],
+                                              tau=w.logit_tau, class_weight=w.class_weight.get(t))
+        return value, {t: float(value.detach())}
+
+    return loss
+
+
 def _contrastive(head: nn.Module, tasks: tuple[str, ...], w: LossWeights) -> Objective:
     # The prompt embeddings and the learnable temperature live in the head.
     def loss(out: Mapping[str, Tensor], b: Batch) -> tuple[Tensor, dict[str, float]]:
@@ -115,7 +162,12 @@ def _contrastive(head: nn.Module, tasks: tuple[str, ...], w: LossWeights) -> Obj
 
 
 def _sum_of_defaults(head: nn.Module, tasks: tuple[str, ...], w: LossWeights) -> Objective:
-    parts = {t: OBJECTIVES.get(single(t).default_objective).build(head, (t,), w) for t in tasks}
+    return _sum(head, OBJECTIVES.get("mtl").per_task(tasks), w)
+
+
+def _sum(head: nn.Module, per_task: Mapping[str, str], w: LossWeights) -> Objective:
+    """The sum of single-task objectives, each over the frames labelled for its own task."""
+    parts = {t: OBJECTIVES.get(name).build(head, (t,), w) for t, name in per_task.items()}
 
     def loss(out: Mapping[str, Tensor], b: Batch) -> tuple[Tensor, dict[str, float]]:
         total: Tensor | None = None
@@ -137,6 +189,13 @@ for _spec in (
                   class_weights=True),
     ObjectiveSpec("bce", ("au",), "binary cross-entropy per AU (optional positive weights)", _bce,
                   pos_weight=True),
+    # Class imbalance (10th ABAW entries): both also train the multi-task head (VA keeps CCC).
+    ObjectiveSpec("focal", ("expr", "au", "mtl"), "focal loss: CE (expr) or BCE (au) scaled by (1 - p)^gamma "
+                  "(--focal-gamma; optional class / positive weights)", _focal, class_weights=True,
+                  pos_weight=True, settings=("focal_gamma",)),
+    ObjectiveSpec("logit-adjusted", ("expr", "mtl"), "cross-entropy of logits + tau log(class prior), "
+                  "priors from the training crops (--logit-tau; optional class weights)", _logit_adjusted,
+                  class_weights=True, priors=True, settings=("logit_tau",)),
     # The paper's CLIP head: FC 512 + ReLU before the projection.
     ObjectiveSpec("contrastive", ("expr",), "symmetric CLIP loss against the cache's prompt embeddings "
                   "(CLIP caches)", _contrastive, head="contrastive", trunk_defaults={"fc": {"hidden": 512}}),
@@ -151,24 +210,62 @@ for _spec in (
 def build_objective(
     name: str, head: nn.Module, tasks: Sequence[str], weights: LossWeights | None = None
 ) -> Objective:
-    """The loss of a batch for objective ``name`` on ``tasks`` (single task names)."""
-    return OBJECTIVES.get(name).build(head, tuple(tasks), weights or LossWeights())
+    """The loss of a batch for objective ``name`` on ``tasks`` (single task names), plus the head's
+    auxiliary terms (a mixture-of-experts head's load balance) at the weights the head declares."""
+    spec = OBJECTIVES.get(name)
+    w = weights or LossWeights()
+    tasks = tuple(tasks)
+    trains_multi = any(len(task_names(t)) > 1 for t in spec.tasks)  # e.g. focal: also --task mtl
+    if spec.composite or len(tasks) == 1 or not trains_multi:
+        base = spec.build(head, tasks, w)  # a single-task objective given several tasks refuses them
+    else:
+        base = _sum(head, spec.per_task(tasks), w)
+    aux = dict(getattr(head, "aux_weights", {}) or {})
+    if not aux:
+        return base
+
+    def loss(out: Mapping[str, Tensor], b: Batch) -> tuple[Tensor, dict[str, float]]:
+        value, info = base(out, b)
+        for key, weight in aux.items():
+            if key in out:
+                term = out[key]
+                value = value + weight * term
+                info[f"train_{key}"] = float(term.detach())  # averaged per epoch into history.csv
+        return value, info
+
+    return loss
+
+
+def is_classes(t: str) -> bool:
+    """Task ``t`` labels one class per frame (what class weights and priors are counted over)."""
+    spec = single(t)
+    return spec.label_shape == () and np.issubdtype(spec.label_dtype, np.integer)
+
+
+def is_multi_label(t: str) -> bool:
+    """Task ``t`` labels one binary decision per output (what positive weights are counted over)."""
+    spec = single(t)
+    return spec.label_shape == (spec.width,) and np.issubdtype(spec.label_dtype, np.integer)
 
 
 def loss_weights(name: str, class_weights: str, pos_weight: bool, train_set: Any,
-                 tasks: Sequence[str]) -> LossWeights:
-    """Class / positive weights the objective of each task asks for, from the training rows' labels."""
-    out = LossWeights()
+                 tasks: Sequence[str], focal_gamma: float = 2.0, logit_tau: float = 1.0) -> LossWeights:
+    """Class / positive weights and class priors the objective of each task asks for, from the training
+    rows' labels."""
+    out = LossWeights(focal_gamma=float(focal_gamma), logit_tau=float(logit_tau))
     for t, objective in OBJECTIVES.get(name).per_task(tasks).items():
         spec = OBJECTIVES.get(objective)
-        if class_weights != "none" and spec.class_weights:
+        if class_weights != "none" and spec.class_weights and is_classes(t):
             lab, ok = train_set.row_labels(t)
             out.class_weight[t] = losses.class_weights_from_counts(
                 np.bincount(lab[ok], minlength=single(t).width), scheme=class_weights
             )
-        if pos_weight and spec.pos_weight:
+        if pos_weight and spec.pos_weight and is_multi_label(t):
             lab, ok = train_set.row_labels(t)
             out.pos_weight[t] = losses.pos_weight_from_labels(lab, ok)
+        if spec.priors and is_classes(t):
+            lab, ok = train_set.row_labels(t)
+            out.log_prior[t] = losses.log_priors_from_counts(np.bincount(lab[ok], minlength=single(t).width))
     return out
 
 
@@ -206,4 +303,5 @@ def describe_objectives() -> list[dict[str, Any]]:
 
 
 __all__ = ["OBJECTIVES", "LossWeights", "Objective", "ObjectiveSpec", "build_objective",
-           "describe_objectives", "loss_weights", "text_embeddings_in_class_order"]
+           "describe_objectives", "is_classes", "is_multi_label", "loss_weights",
+           "text_embeddings_in_class_order"]

@@ -179,7 +179,7 @@ class RunRecord:
 
 
 def architecture_label(encoders: Sequence[str], trunk: str, run_task: str, kind: str = "head",
-                       fusion: str = "early") -> str:
+                       fusion: str = "early", experts: int = 0) -> str:
     """The seed paper's name for a set-up, e.g. ``DDAMFN+LSTM``, ``DDAMFN&CLIP+GRU (multi-task)``: encoder
     and trunk labels from their registries; late fusion, multi-task and end-to-end runs say so, since they
     are other set-ups than per-task heads on one cache of frozen features."""
@@ -188,8 +188,10 @@ def architecture_label(encoders: Sequence[str], trunk: str, run_task: str, kind:
     enc = "&".join(_encoder_label(e) for e in encoders) or "?"
     head = TRUNKS.get(trunk).label if trunk in TRUNKS else trunk
     label = f"{enc}+{head}"
-    if len(encoders) > 1 and fusion == "late":
-        label += " (late fusion)"
+    if len(encoders) > 1 and fusion != "early":
+        label += f" ({fusion} fusion)"
+    if experts:
+        label += f" (MoE x{experts})"
     if len(task_names(run_task)) > 1:
         label += " (multi-task)"
     if kind == "finetune":

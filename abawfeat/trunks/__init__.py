@@ -201,7 +201,7 @@ def prefix_mask(mask: Tensor) -> Tensor:
 
 
 # Importing the modules registers the trunks (order does not matter).
-from abawfeat.trunks import fc, gru, lstm, tcn, transformer  # noqa: E402, F401
+from abawfeat.trunks import fc, gru, lstm, mamba, tcn, transformer  # noqa: E402, F401
 
 __all__ = ["CONTEXT_KINDS", "TRUNKS", "Context", "Trunk", "TrunkConfig", "build_trunk", "describe_trunks",
            "make_trunk_config", "prefix_mask", "trunk_fields"]
