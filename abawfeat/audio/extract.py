@@ -146,10 +146,12 @@ def run_audio_locked(config: ExtractConfig, dataset: AffWild2, out: Path, lock: 
     provenance = make_provenance(
         enc_prov, feature_dim=encoder.feature_dim, dtype=config.dtype, precision=config.precision,
         logit_names=None, extract_config=to_dict(config),
+        tree={"root": str(Path(config.data).resolve()), "name": dataset.name},
     )
 
     # 4. Writer: rank 0 (holding the lock) checks an existing cache first (see abawfeat/extract.py).
-    writer = CacheWriter(out, provenance, lock=info.is_main, consolidate_on_exit=info.is_main, held_lock=lock)
+    writer = CacheWriter(out, provenance, lock=info.is_main, consolidate_on_exit=info.is_main, held_lock=lock,
+                         tree=dataset)
     result = write_cache(writer, info, distributed, lambda: _extract(
         config, dataset, sources, encoder, writer, selected, out, device, info, distributed))
     result.window_ms = float(encoder.config.window_ms)
