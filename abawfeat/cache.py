@@ -536,6 +536,7 @@ class FeatureCache:
             self._videos = sorted(self._fh["videos"].keys()) if "videos" in self._fh else []
             self._sources_ok: set[str] = set()
             self._warned_unrecorded = False
+            self._warned_no_crops = False
         except BaseException:
             self.close()
             raise
@@ -624,6 +625,17 @@ class FeatureCache:
         tree's. Videos written before caches recorded their crops are checked by frame numbers alone, with
         one warning per cache."""
         if video in self._sources_ok:
+            return
+        if data.crop_dir(video) is None:
+            # A tree without this video's crops (annotations beside caches, the crops kept elsewhere):
+            # nothing to check against; said once.
+            if not self._warned_no_crops:
+                from abawfeat.utils.progress import warn
+
+                self._warned_no_crops = True
+                warn(f"{self.path}: {data.root} has no crop folder of {video} (and maybe other videos): "
+                     "the cache's rows of such videos cannot be checked against the crops they came from")
+            self._sources_ok.add(video)
             return
         group = self._group(video)
         listed, digest = _group_source(self.path, video, group)

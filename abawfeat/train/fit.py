@@ -67,6 +67,7 @@ from abawfeat.train.rundir import (
     save_state,
     write_history,
     write_val_outputs,
+    writer_lock,
 )
 from abawfeat.train.splits import holdout_videos, run_split
 from abawfeat.utils.configs import from_dict, jsonable, to_dict
@@ -85,13 +86,22 @@ class FitResult:
 
 
 def fit(cfg: TrainConfig, log: Callable[[str], None] | None = None, *, overwrite: bool = False,
-        resume: bool = False) -> FitResult:
+        resume: bool = False, rerun: str | None = None) -> FitResult:
     """Train one head on a cache and write the run directory ``cfg.out``; returns the best epoch's metrics.
 
     ``overwrite``: replace a complete (or interrupted) run there, once the new one is complete.
     ``resume``: continue the interrupted run there from its last finished epoch, exactly.
+    ``rerun``: what a message should tell the user to run to continue an interrupted run, when the caller
+    is not ``train-head`` (a cross-validation fold: the same ``abawfeat cv`` again, not ``--resume``).
+    The run directory is locked (``writer_lock``) while it is written.
     """
     validate_config(cfg)
+    with writer_lock(cfg.out):
+        return _fit_locked(cfg, log, overwrite, resume, rerun)
+
+
+def _fit_locked(cfg: TrainConfig, log: Callable[[str], None] | None, overwrite: bool, resume: bool,
+                rerun: str | None) -> FitResult:
     run = open_run_dir(cfg.out, overwrite=overwrite, resume=resume)
     if resume:
         _check_same_settings(run, cfg)
@@ -102,7 +112,7 @@ def fit(cfg: TrainConfig, log: Callable[[str], None] | None = None, *, overwrite
         # A frame-wise head's products are too small to split over threads (docs/performance.md).
         torch.set_num_threads(1)
     try:
-        return on_disk_full(run, lambda: _fit(cfg, run, log))
+        return on_disk_full(run, lambda: _fit(cfg, run, log), rerun=rerun)
     except BaseException:
         run.abandon()
         raise

@@ -23,6 +23,7 @@ import contextlib
 import csv
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,9 +40,13 @@ from abawfeat.heads import Head, head_from_dict, head_to_dict, upgrade_v1
 from abawfeat.tasks import single, task_names
 from abawfeat.utils.configs import to_dict
 from abawfeat.utils.io import (
+    acquire_lock,
     atomic_write,
     file_in_the_way,
     interrupted_replacement,
+    lock_holder,
+    release_lock,
+    sibling_name,
     staging_path,
     swap_in,
     torch_save,
@@ -343,6 +348,40 @@ def open_run_dir(out: str | Path, *, overwrite: bool = False, resume: bool = Fal
     return RunDir(target=target, path=staging_path(target))
 
 
+def writer_lock_path(target: str | Path) -> Path:
+    """``.NAME.lock`` beside the folder ``target`` (a run, a cross-validation, an ensemble, a grid): beside,
+    not inside, so that it exists before the folder does and survives the folder's replacement."""
+    target = Path(os.path.abspath(target))
+    return target.with_name(sibling_name(target, ".lock"))
+
+
+def take_writer_lock(target: str | Path, what: str = "run") -> int | None:
+    """The single-writer lock of the folder ``target`` (``utils.io.acquire_lock``, as extraction takes for a
+    cache), without waiting: a second command writing the same run, grid or ensemble is refused at once, in
+    one line, before it reads or writes anything. None (no lock) where ``target`` cannot be a folder at all:
+    the command's own checks then refuse it with the reason."""
+    if file_in_the_way(Path(os.path.abspath(target)).parent) is not None:
+        return None
+    lock = writer_lock_path(target)
+
+    def busy(held: Path) -> RunError:
+        return RunError(f"{target}: another abawfeat command is writing this {what} (lock {held} is held"
+                        f"{lock_holder(held)}); wait for it to finish, or choose another --out")
+
+    return acquire_lock(lock, busy)
+
+
+@contextlib.contextmanager
+def writer_lock(target: str | Path, what: str = "run") -> Iterator[None]:
+    """``take_writer_lock`` for the duration of a ``with`` block."""
+    fd = take_writer_lock(target, what)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            release_lock(fd)
+
+
 def _describe(path: Path) -> str:
     try:
         record = RunRecord.read(path)
@@ -560,9 +599,10 @@ def run_matches(run_dir: str | Path, train: Mapping[str, Any], ignore: Sequence[
     return True
 
 
-def on_disk_full(target: RunDir, write: Callable[[], Any]) -> Any:
+def on_disk_full(target: RunDir, write: Callable[[], Any], rerun: str | None = None) -> Any:
     """Run ``write``; a full disk becomes one line saying what is kept (the message of DiskFullError names
-    the file), and a staged run is removed so the previous one stays the run at ``target``."""
+    the file), and a staged run is removed so the previous one stays the run at ``target``. ``rerun``: the
+    command that continues an interrupted run when it is not ``--resume`` (a cross-validation's)."""
     from abawfeat.errors import DiskFullError
 
     try:
@@ -573,6 +613,8 @@ def on_disk_full(target: RunDir, write: Callable[[], Any]) -> Any:
             kept = f"the previous run in {target.target} is untouched"
         elif not (target.path / CONFIG_FILE).is_file():
             kept = f"nothing of the run was kept in {target.target}"
+        elif rerun is not None:
+            kept = f"the run in {target.target} is incomplete; free space, then {rerun}"
         elif (target.path / STATE_FILE).is_file():
             kept = f"the run in {target.target} is incomplete; free space, then continue it with --resume"
         else:
@@ -585,4 +627,5 @@ __all__ = ["CHECKPOINT_FILE", "CONFIG_FILE", "HISTORY_FILE", "METRICS_FILE", "OU
            "run_digest",
            "load_checkpoint", "load_run", "load_state", "load_versioned", "metrics_record", "on_disk_full",
            "open_caches", "open_run_dir", "read_record_or_none", "require_complete", "run_matches",
-           "run_state", "save_checkpoint", "save_state", "write_history", "write_val_outputs"]
+           "run_state", "save_checkpoint", "save_state", "take_writer_lock", "write_history",
+           "write_val_outputs", "writer_lock", "writer_lock_path"]
