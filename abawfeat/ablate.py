@@ -46,7 +46,7 @@ from abawfeat.train.fit import RUN_ONLY_SETTINGS, fit, run_is_complete
 from abawfeat.train.objectives import OBJECTIVES
 from abawfeat.train.rundir import run_state, writer_lock
 from abawfeat.utils.configs import read_json, to_dict
-from abawfeat.utils.io import atomic_write, atomic_write_text, file_in_the_way, write_json
+from abawfeat.utils.io import atomic_write, atomic_write_text, file_in_the_way, what_is, write_json
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -378,8 +378,8 @@ def _check_grid_out(out_dir: Path, recipe: Recipe, out: str | None, cells: list[
     where = f"--out {out_dir}" if out else f"{recipe.path}: [grid] out {str(out_dir)!r}"
     blocker = file_in_the_way(out_dir)
     if blocker is not None:
-        raise ConfigError(f"{where}: {blocker} is a file, not a folder; the grid's runs and tables go in a "
-                          "folder (choose another --out)")
+        raise ConfigError(f"{where}: {blocker} is {what_is(blocker)}, not a folder; the grid's runs and "
+                          "tables go in a folder (choose another --out)")
     here = Path(os.path.abspath(out_dir))
     for folder in (here, *here.parents):
         if (folder / CONFIG_FILE).is_file() and run_state(folder) in ("complete", "incomplete"):

@@ -31,10 +31,10 @@ from abawfeat.train.rundir import (
     METRICS_FILE,
     RunRecord,
     architecture_label,
+    member_digests,
     metrics_record,
     open_run_dir,
     read_record_or_none,
-    run_digest,
     run_state,
     writer_lock,
 )
@@ -97,7 +97,7 @@ def _run_cv_locked(cfg: TrainConfig, folds: int, out: Path, fold_cfgs: list[Trai
     first = results[0]
     label = architecture_label(first.encoders, cfg.head, cfg.task, fusion=cfg.fusion)
     members = [{"path": str(Path(f.out).resolve()), "relative": os.path.relpath(f.out, out), "label": r.label,
-                "weights": {}, "record_sha256": run_digest(f.out)}
+                "weights": {}, **member_digests(f.out)}
                for f, r in zip(fold_cfgs, results, strict=True)]
     record = RunRecord(
         kind="cv", task=cfg.task, trunk=cfg.head, objective=first.objective,

@@ -26,12 +26,12 @@ from abawfeat.train.rundir import (
     METRICS_FILE,
     OUTPUTS_FILE,
     RunRecord,
+    member_digests,
     metrics_record,
     on_disk_full,
     open_run_dir,
     read_record_or_none,
     require_complete,
-    run_digest,
     run_state,
     write_val_outputs,
     writer_lock,
@@ -159,7 +159,7 @@ def _build(
             "members": [{"path": str(Path(p).resolve()), "relative": os.path.relpath(Path(p).resolve(),
                                                                                      run.target.resolve()),
                          "label": r.label, "weights": {t: float(weights[t][i]) for t in tasks},
-                         "record_sha256": run_digest(p)}
+                         **member_digests(p)}
                         for i, (p, r) in enumerate(zip(cfg.runs, records, strict=True))],
             "au_thresholds": None if thresholds is None else [float(x) for x in thresholds],
         },

@@ -50,6 +50,7 @@ from abawfeat.utils.io import (
     staging_path,
     swap_in,
     torch_save,
+    what_is,
     write_json,
 )
 
@@ -258,6 +259,39 @@ def run_digest(run_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
+def member_digests(run_dir: str | Path) -> dict[str, str]:
+    """What an ensemble or a cross-validation records of each member: ``record_sha256`` (``run_digest``)
+    and ``checkpoint_sha256``, the SHA-256 of its checkpoint.pt (a checkpoint replaced under an unchanged
+    record would otherwise be averaged with weights tuned on the old one)."""
+    out = {"record_sha256": run_digest(run_dir)}
+    checkpoint = Path(run_dir) / CHECKPOINT_FILE
+    if checkpoint.is_file():
+        out["checkpoint_sha256"] = file_sha256(checkpoint)
+    return out
+
+
+def member_changed(run_dir: str | Path, stored: Mapping[str, Any]) -> str | None:
+    """Which recorded digest of a member no longer matches (its record or its checkpoint), or None.
+    Members recorded before checkpoint digests existed are compared by their record alone."""
+    if stored.get("record_sha256") and run_digest(run_dir) != stored["record_sha256"]:
+        return "its config.json or metrics.json"
+    checkpoint = Path(run_dir) / CHECKPOINT_FILE
+    if stored.get("checkpoint_sha256"):
+        if not checkpoint.is_file():
+            return f"its {CHECKPOINT_FILE} is gone"
+        if file_sha256(checkpoint) != stored["checkpoint_sha256"]:
+            return f"its {CHECKPOINT_FILE}"
+    return None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _last_epoch_note(path: Path) -> str:
     history = path / HISTORY_FILE
     if not history.is_file():
@@ -317,7 +351,7 @@ def open_run_dir(out: str | Path, *, overwrite: bool = False, resume: bool = Fal
     state = run_state(target)
     blocker = file_in_the_way(target) if state == "missing" else None
     if blocker is not None:
-        raise RunError(f"{target}: {blocker} is a file, not a folder; choose another --out")
+        raise RunError(f"{target}: {blocker} is {what_is(blocker)}, not a folder; choose another --out")
     stale = interrupted_replacement(target)
     if stale is not None:
         raise RunError(f"{target}: a replacement was interrupted; the previous run is in {stale}")
@@ -333,7 +367,7 @@ def open_run_dir(out: str | Path, *, overwrite: bool = False, resume: bool = Fal
     if state in ("missing", "empty"):
         return RunDir(target=target, path=target)
     if state == "foreign":
-        kind = "a file" if target.exists() and not target.is_dir() else "a folder that is not a run directory"
+        kind = what_is(target) if not target.is_dir() else "a folder that is not a run directory"
         raise RunError(f"{target}: is {kind}; choose another --out")
     if not overwrite:
         if state == "complete":
@@ -624,7 +658,7 @@ def on_disk_full(target: RunDir, write: Callable[[], Any], rerun: str | None = N
 
 __all__ = ["CHECKPOINT_FILE", "CONFIG_FILE", "HISTORY_FILE", "METRICS_FILE", "OUTPUTS_FILE", "RUN_KINDS",
            "STATE_FILE", "LoadedRun", "RunDir", "RunRecord", "architecture_label", "check_fingerprints",
-           "run_digest",
+           "run_digest", "member_digests", "member_changed",
            "load_checkpoint", "load_run", "load_state", "load_versioned", "metrics_record", "on_disk_full",
            "open_caches", "open_run_dir", "read_record_or_none", "require_complete", "run_matches",
            "run_state", "save_checkpoint", "save_state", "take_writer_lock", "write_history",

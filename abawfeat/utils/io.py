@@ -123,6 +123,25 @@ def file_in_the_way(path: str | Path) -> Path | None:
     return None
 
 
+def what_is(path: str | Path) -> str:
+    """What stands at ``path``, in words for a message: "a file", "a folder", "a symbolic link to X, which
+    does not exist" (a dangling link is not a file), "a symbolic link to a file", or "nothing"."""
+    path = Path(path)
+    if path.is_symlink():
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        if not path.exists():
+            return f"a symbolic link to {target}, which does not exist"
+        return f"a symbolic link to {'a folder' if path.is_dir() else 'a file'} ({target})"
+    if path.is_dir():
+        return "a folder"
+    if path.exists():
+        return "a file"
+    return "nothing"
+
+
 def process_alive(pid: int) -> bool:
     """Whether a process with this id runs (one of another user's counts): a staging folder named after a
     live process is still being written; one named after a dead process is left over from a kill."""
@@ -269,4 +288,4 @@ def torch_save(path: str | Path, payload: Any, *, durable: bool = True) -> Path:
 __all__ = ["acquire_lock", "atomic_write", "atomic_write_bytes", "atomic_write_text", "file_in_the_way",
            "fsync_path", "glob_escape", "interrupted_replacement", "is_disk_full", "lock_holder",
            "process_alive", "release_lock", "sibling_name", "staging_path", "swap_in", "temporary_path",
-           "torch_save", "write_json"]
+           "torch_save", "what_is", "write_json"]
