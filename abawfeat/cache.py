@@ -893,6 +893,8 @@ def _verify_source(path: Path, video: str, group: Any, data: Any) -> list[str]:
     try:
         listed, digest = _group_source(path, video, group)
         why = source_problem(listed, digest, data, video)
+    except CacheError:
+        return []  # its frames cannot be read: _verify_video has said so already
     except AbawfeatError as exc:
         return [str(exc)]
     if not why:
