@@ -215,8 +215,8 @@ class CacheWriter:
             self._check_existing()
             if self._lock_wanted:
                 self._clean_stale_temporaries()
-                if self._tree is not None:
-                    self.check_tree(self._tree)
+                if self._tree is not None and not self.path.exists():
+                    self.check_tree(self._tree)  # parts alone (an interrupted first run)
             self._open = True
         except BaseException:
             self._release_lock()
@@ -249,6 +249,10 @@ class CacheWriter:
                     check_metadata(fh, self.path)  # never add to a file whose attributes are damaged
                 self._consolidated = set(fh["videos"].keys()) if "videos" in fh else set()
                 self._has_text = "text" in fh
+            if self._tree is not None and self._lock_wanted:
+                # Another tree's cache is said as such first (its random-init calibration, drawn from that
+                # tree's frames, would otherwise make it "a different encoder configuration").
+                self.check_tree(self._tree)
             self._refuse_old_format(stored, self.path)
             self._refuse_if_different(stored, self.path)
             # Keep the first creation time: the cache was created then, this run only adds to it.
@@ -637,8 +641,8 @@ class FeatureCache:
                      "the cache's rows of such videos cannot be checked against the crops they came from")
             self._sources_ok.add(video)
             return
-        group = self._group(video)
-        listed, digest = _group_source(self.path, video, group)
+        self.frames(video)  # unordered or repeated frames are said as such first
+        listed, digest = _group_source(self.path, video, self._group(video))
         why = source_problem(listed, digest, data, video)
         if why:
             raise CacheError(f"{self.path}: video {video!r} was extracted from another crop tree than "
@@ -892,6 +896,8 @@ def _verify_source(path: Path, video: str, group: Any, data: Any) -> list[str]:
         return [f"{path}: /videos/{video}: {data.root} has no crops of this video (another crop tree's)"]
     try:
         listed, digest = _group_source(path, video, group)
+        if "frames" in group and _frames_problem(np.asarray(group["frames"][()])):
+            return []  # _verify_video has said what is wrong with its frames
         why = source_problem(listed, digest, data, video)
     except CacheError:
         return []  # its frames cannot be read: _verify_video has said so already
