@@ -701,8 +701,14 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     import signal
 
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
+        # A handler that does nothing, not SIG_IGN: a second signal already pending would otherwise be
+        # reported by Python as "ignored due to race condition", with a traceback.
+        signal.signal(sig, _ignore_signal)
     raise KeyboardInterrupt
+
+
+def _ignore_signal(signum: int, frame: Any) -> None:
+    return None
 
 
 class _forwarded_signals:
