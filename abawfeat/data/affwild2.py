@@ -832,6 +832,15 @@ class AffWild2:
             self._crop_ids[video] = digest.hexdigest()
         return self._crop_ids[video]
 
+    def tree_identity(self, videos: Iterable[str]) -> str:
+        """One SHA-256 over ``crop_identity`` of each of ``videos`` that has a crop folder (sorted): what a
+        run records of the crops it was trained and validated on."""
+        digest = hashlib.sha256(b"abawfeat-tree-1\0")
+        for video in sorted(set(videos)):
+            if self.crop_dir(video) is not None:
+                digest.update(f"{video}\0{self.crop_identity(video)}\0".encode())
+        return digest.hexdigest()
+
     def crop_path(self, video: str, frame: int) -> Path:
         """Path of the crop of ``frame`` (1-based); it exists only if ``frame`` is in ``crop_frames``."""
         folder = self.crop_dir(video)

@@ -177,8 +177,13 @@ def _fit(cfg: TrainConfig, run: RunDir, log: Callable[[str], None] | None) -> Fi
         train_set = load_split(data, caches, tasks, train_split, [v for v in train_videos if v not in held])
         tune_set = load_split(data, caches, tasks, train_split, held) if held else None
         val_set = load_split(data, caches, tasks, val_split, val_videos)
-        cache_refs = [{"path": str(c.path), "encoder": e, "fingerprint": f, "dtype": str(c.dtype)}
+        # Which tree each cache says it came from, and the identity of the crops the run used (its train,
+        # held-out and validation videos): the record of what belonged together when the run was made.
+        cache_refs = [{"path": str(c.path), "encoder": e, "fingerprint": f, "dtype": str(c.dtype),
+                       "tree": c.provenance.get("tree") or {}}
                       for c, e, f in zip(caches, encoders, fingerprints, strict=True)]
+        used = [*train_set.videos, *(tune_set.videos if tune_set else []), *val_set.videos]
+        crops_sha256 = data.tree_identity(used)
         in_dim = int(train_set.feature_dim)
         rows = row_words(c.modality for c in caches).rows  # crops, or frames with audio for an audio cache
     say(f"train: {len(train_set.videos)} videos, {train_set.n_rows:,} {rows}; "
@@ -215,7 +220,7 @@ def _fit(cfg: TrainConfig, run: RunDir, log: Callable[[str], None] | None) -> Fi
     record = RunRecord(
         kind="head", task=cfg.task, trunk=cfg.head, objective=objective_id,
         label=architecture_label(encoders, cfg.head, cfg.task, fusion=cfg.fusion), caches=cache_refs,
-        dataset={"root": str(cfg.data), "name": dataset_name(cfg.data)},
+        dataset={"root": str(cfg.data), "name": dataset_name(cfg.data), "crops_sha256": crops_sha256},
         train=to_dict(cfg), resolved=to_dict(res), head=_head_dict(head),
         loss_weights=weights.as_json(),
     )
