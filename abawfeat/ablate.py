@@ -386,11 +386,14 @@ def _check_grid_out(out_dir: Path, recipe: Recipe, out: str | None, cells: list[
             how = "is" if folder == here else "is inside"
             raise ConfigError(f"{where}: {how} the run directory {folder}; the grid's runs and tables go "
                               "in a folder of their own (choose another --out)")
+    from abawfeat.data.synth import MANIFEST_NAME
+
     data = {Path(os.path.abspath(c.config.data)) for c in cells if c.config is not None}
-    for root in data:
-        if here == root or root in here.parents:
-            raise ConfigError(f"{where}: is inside the data tree {root}, which abawfeat never writes into; "
-                              "choose another --out")
+    for folder in (here, *here.parents):
+        # The grid's own tree, or a synthetic tree (its manifest says so).
+        if folder in data or (folder / MANIFEST_NAME).is_file():
+            raise ConfigError(f"{where}: is inside the data tree {folder}, which abawfeat never writes "
+                              "into; choose another --out")
 
 
 def _run_grid(recipe: Recipe, cells: list[Cell], out_dir: Path, say: Callable[[str], None], dry_run: bool,

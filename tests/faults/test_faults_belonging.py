@@ -308,6 +308,10 @@ CASES = [
          (ENS, "run directory"), write_text(RECIPE, recipe())),
     Case("ablate-out-inside-the-data-tree", ("ablate", RECIPE, "--out", f"{DATA}/grid", "--jobs", "1"), 2,
          (DATA, "data tree"), write_text(RECIPE, recipe())),
+    Case("ablate-out-inside-another-crop-tree", ("ablate", RECIPE, "--out", f"{S1}/grid", "--jobs", "1"), 2,
+         (S1, "data tree"), write_text(RECIPE, recipe())),
+    Case("ablate-out-onto-a-cv-fold", ("ablate", RECIPE, "--out", f"{CV}/fold-0", "--jobs", "1"), 2,
+         (f"{CV}/fold-0", "run directory"), write_text(RECIPE, recipe())),
     Case("ablate-labels-in-one-folder", ("ablate", RECIPE, "--dry-run"), 2, (RECIPE, "'FC-a'", "'fc-a'"),
          write_text(RECIPE, recipe(rows='label = "FC a"\nbackbone = "ddamfn"\nhead = "fc"\ntasks = ["va"]\n'
                                         '[[rows]]\nlabel = "FC-a"\nbackbone = "ddamfn"\nhead = "fc"\n'
@@ -332,6 +336,7 @@ CASES = [
     Case("train-head-out-name-too-long", train(f"runs/{LONG}"), 2, ("longer than the file system allows",)),
     Case("extract-out-name-too-long", (*FACE_EXTRACT, "--data", DATA, "--out", f"{LONG}.h5"), 2,
          ("longer than the file system allows",)),
+    Case("train-head-diverged-is-one-line", train("runs/new", "--lr", "1e30"), 2, ("diverged", "--lr")),
     Case("train-head-overwrite-long-name-staging-fits", train(f"runs/{LONG_OK}", "--overwrite"), 0,
          (), lambda root: _run_ok(train(f"runs/{LONG_OK}")), channel="ok",
          may_change=(f"runs/{LONG_OK}",)),
