@@ -32,6 +32,7 @@ grid resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -50,9 +51,9 @@ from abawfeat.tasks import run_task_names, single_tasks
 from abawfeat.train.config import TrainConfig, default_cache, trunk_context, validate_config
 from abawfeat.train.fit import RUN_ONLY_SETTINGS, fit, run_is_complete
 from abawfeat.train.objectives import OBJECTIVES
-from abawfeat.train.rundir import run_state
+from abawfeat.train.rundir import run_state, writer_lock
 from abawfeat.utils.configs import read_json, to_dict
-from abawfeat.utils.io import atomic_write, atomic_write_text, file_in_the_way, write_json
+from abawfeat.utils.io import atomic_write, atomic_write_text, file_in_the_way, what_is, write_json
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -275,12 +276,28 @@ def load_recipe(path: str | Path) -> Recipe:
         rows.append(Row(label=label, backbones=tuple(backbones), head=str(entry["head"]), tasks=tasks,
                         reference=entry.get("reference"),
                         options=_options(f"{where} ({label!r})", entry, ROW_KEYS)))
+    ensembles = _ensembles(path, raw.get("ensembles", []), rows, defaults, task_defaults)
+    _check_folders(path, rows, ensembles)
     return Recipe(
         path=path, name=str(grid.get("name", path.stem)), title=str(grid.get("title", path.stem)),
         data=str(grid.get("data", "")), out=str(grid.get("out", "")), caches=dict(caches),
-        defaults=defaults, task_defaults=task_defaults, rows=rows,
-        ensembles=_ensembles(path, raw.get("ensembles", []), rows, defaults, task_defaults),
+        defaults=defaults, task_defaults=task_defaults, rows=rows, ensembles=ensembles,
     )
+
+
+def _check_folders(path: Path, rows: list[Row], ensembles: list[EnsembleRow]) -> None:
+    """Every row (and [[ensembles]] entry) gets a folder of its own (``slug`` of its label): two labels
+    that reduce to the same folder would train the first cell and then fail, or overwrite, on the second.
+    Refused when the recipe is read, before anything trains."""
+    seen: dict[str, str] = {}
+    entries = [(f"[[rows]] #{i}", r.label) for i, r in enumerate(rows, start=1)] + [
+        (f"[[ensembles]] #{i}", e.label) for i, e in enumerate(ensembles, start=1)]
+    for where, label in entries:
+        folder = slug(label)
+        if folder in seen:
+            raise ConfigError(f"{path}: {where}: label {label!r} goes in the same folder {folder!r} as "
+                              f"{seen[folder]}; give labels that differ in letters or digits")
+        seen[folder] = f"{where.split(' #')[0]} label {label!r}"
 
 
 def _ensembles(path: Path, raw: Any, rows: list[Row], defaults: Mapping[str, Any] = {},
@@ -419,11 +436,41 @@ def run_ablation(
     recipe = load_recipe(recipe_path)
     cells = plan_cells(recipe, data, out)
     out_dir = Path(out or recipe.out)
+    _check_grid_out(out_dir, recipe, out, cells)
+    if dry_run:
+        return _run_grid(recipe, cells, out_dir, say, dry_run, jobs)
+    with writer_lock(out_dir, "grid"):
+        return _run_grid(recipe, cells, out_dir, say, dry_run, jobs)
+
+
+def _check_grid_out(out_dir: Path, recipe: Recipe, out: str | None, cells: list[Cell]) -> None:
+    """The grid's folder must be a folder of its own: not a file or under one, not a run directory (a run's
+    record and the grid's tables would mix), not inside a run or the data tree."""
+    from abawfeat.train.rundir import CONFIG_FILE
+
+    where = f"--out {out_dir}" if out else f"{recipe.path}: [grid] out {str(out_dir)!r}"
     blocker = file_in_the_way(out_dir)
     if blocker is not None:
-        where = f"--out {out_dir}" if out else f"{recipe.path}: [grid] out {str(out_dir)!r}"
-        raise ConfigError(f"{where}: {blocker} is a file, not a folder; the grid's runs and tables go in a "
-                          "folder (choose another --out)")
+        raise ConfigError(f"{where}: {blocker} is {what_is(blocker)}, not a folder; the grid's runs and "
+                          "tables go in a folder (choose another --out)")
+    here = Path(os.path.abspath(out_dir))
+    for folder in (here, *here.parents):
+        if (folder / CONFIG_FILE).is_file() and run_state(folder) in ("complete", "incomplete"):
+            how = "is" if folder == here else "is inside"
+            raise ConfigError(f"{where}: {how} the run directory {folder}; the grid's runs and tables go "
+                              "in a folder of their own (choose another --out)")
+    from abawfeat.data.synth import MANIFEST_NAME
+
+    data = {Path(os.path.abspath(c.config.data)) for c in cells if c.config is not None}
+    for folder in (here, *here.parents):
+        # The grid's own tree, or a synthetic tree (its manifest says so).
+        if folder in data or (folder / MANIFEST_NAME).is_file():
+            raise ConfigError(f"{where}: is inside the data tree {folder}, which abawfeat never writes "
+                              "into; choose another --out")
+
+
+def _run_grid(recipe: Recipe, cells: list[Cell], out_dir: Path, say: Callable[[str], None], dry_run: bool,
+              jobs: int) -> AblationResult:
     todo: list[tuple[str, Cell]] = []
     for i, cell in enumerate(cells, start=1):
         name = f"[{i}/{len(cells)}] {cell.row.label} {cell.task}"
@@ -700,25 +747,126 @@ def _train_cell(
 
 def _train_parallel(todo: list[tuple[str, Cell]], jobs: int, say: Callable[[str], None]) -> None:
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing.connection import wait
 
     order = sorted(todo, key=lambda t: queue_order(t[1].config))
     # spawn, not fork: the parent may already run torch threads, which a forked child would inherit broken.
-    # One cell per process (Python >= 3.11): a process that trained a VA cell keeps its freed memory, and the
-    # next cell's would pile on top (5.6 GB for one worker in a full-scale grid, against 3.0-3.7 GB for any
-    # single cell); a fresh process costs a few seconds of imports per cell.
-    fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
-                             initializer=_quiet_worker, **fresh) as pool:
-        futures = {}
-        for name, cell in order:
-            # The cell's own thread count (its configuration), whatever the number of jobs: --jobs decides
-            # only how many cells run at once, never what a cell computes.
-            say(f"{name}: queued for {cell.run_dir} ({_threads_text(cell.config)}, {jobs} jobs)")
-            futures[pool.submit(_train_cell, cell.config, name, cell.mode)] = cell
-        for future in as_completed(futures):
-            cell = futures[future]
-            cell.status, cell.metrics, cell.error, cell.seconds = future.result()
+    # One process per cell: a process that trained a VA cell keeps its freed memory, and the next cell's
+    # would pile on top (5.6 GB for one worker in a full-scale grid, against 3.0-3.7 GB for any single
+    # cell); a fresh process costs a few seconds of imports per cell.
+    ctx = mp.get_context("spawn")
+    queue = list(order)
+    running: dict[Any, tuple[Any, Any, Cell]] = {}  # result pipe -> (process, pipe, cell)
+    with _forwarded_signals(lambda: [p for p, _, _ in running.values()]):
+        try:
+            while queue or running:
+                while queue and len(running) < jobs:
+                    name, cell = queue.pop(0)
+                    # The cell's own thread count (its configuration), whatever the number of jobs:
+                    # --jobs decides only how many cells run at once, never what a cell computes.
+                    config = cell.config
+                    say(f"{name}: queued for {cell.run_dir} ({_threads_text(config)}, {jobs} jobs)")
+                    receive, send = ctx.Pipe(duplex=False)
+                    proc = ctx.Process(target=_cell_worker, args=(send, config, name, cell.mode))
+                    proc.start()
+                    send.close()
+                    running[receive] = (proc, receive, cell)
+                for ready in wait(list(running)):
+                    proc, receive, cell = running.pop(ready)
+                    try:
+                        result = receive.recv()
+                    except (EOFError, OSError):
+                        result = ("failed", {}, f"its worker process ended with code {proc.exitcode}", 0.0)
+                    receive.close()
+                    proc.join()
+                    cell.status, cell.metrics, cell.error, cell.seconds = result
+        finally:
+            # However the parent leaves (a signal, an error), no worker outlives it: each is told to stop
+            # the way the parent was, then waited for.
+            _stop_workers([p for p, _, _ in running.values()])
+
+
+def _cell_worker(send: Any, config: TrainConfig, name: str, mode: str) -> None:
+    """A worker process: one cell, its result sent back. SIGTERM stops it as Ctrl-C does (the run stays
+    interrupted and resumable, its staged replacement removed); either ends it quietly, without a traceback,
+    since the parent reports the interruption once."""
+    import signal
+
+    _quiet_worker()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _raise_interrupt)
+    try:
+        send.send(_train_cell(config, name, mode))
+    except KeyboardInterrupt:
+        os._exit(130)
+    finally:
+        send.close()
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    """The first SIGTERM or SIGINT interrupts the worker; later ones (Ctrl-C reaches it both from the
+    terminal and through the parent) are ignored, so the run's own clean-up is not cut short."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # A handler that does nothing, not SIG_IGN: a second signal already pending would otherwise be
+        # reported by Python as "ignored due to race condition", with a traceback.
+        signal.signal(sig, _ignore_signal)
+    raise KeyboardInterrupt
+
+
+def _ignore_signal(signum: int, frame: Any) -> None:
+    return None
+
+
+class _forwarded_signals:
+    """While the parent runs workers, SIGTERM and SIGINT reach every worker too (a SIGTERM sent to the
+    parent alone, by a scheduler or ``kill``, would otherwise leave them training), and the parent stops
+    as for Ctrl-C (``KeyboardInterrupt``: one ``interrupted:`` line). Only in the main thread, where Python
+    lets a handler be set."""
+
+    def __init__(self, workers: Callable[[], list[Any]]) -> None:
+        self.workers = workers
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _forwarded_signals:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._forward)
+        return self
+
+    def _forward(self, signum: int, frame: Any) -> None:
+        for proc in self.workers():
+            if proc.pid is not None and proc.exitcode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signum)
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _stop_workers(procs: list[Any], grace: float = 30.0) -> None:
+    """Wait for workers already told to stop (SIGTERM them if they were not), killing any still there after
+    ``grace`` seconds: a worker left behind would keep training beside a re-run of the grid."""
+    import signal
+
+    for proc in procs:
+        if proc.exitcode is None and proc.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join()
 
 
 def _threads_text(config: TrainConfig) -> str:

@@ -21,11 +21,8 @@ Version-1 caches (no checksums) are still read; ``cache verify`` says they have 
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -37,8 +34,9 @@ import numpy as np
 
 from abawfeat import __version__
 from abawfeat.data.names import video_name_problem
-from abawfeat.errors import CacheError, DiskFullError
-from abawfeat.utils.io import atomic_write, atomic_write_bytes, is_disk_full
+from abawfeat.errors import AbawfeatError, CacheError, DiskFullError
+from abawfeat.utils.io import acquire_lock as _acquire
+from abawfeat.utils.io import atomic_write, atomic_write_bytes, is_disk_full, lock_holder, release_lock
 
 FORMAT_NAME = "abawfeat-features"
 FORMAT_VERSION = 2
@@ -53,7 +51,9 @@ FEATURE_DTYPES = ("float16", "float32")
 
 # Provenance keys that may differ between the runs that fill one cache (when it was written, the options of
 # the latest run). Every other key must match exactly, or the cache would mix features of two encoders.
-VOLATILE_KEYS = frozenset({"created", "extract_config", "package_version"})
+VOLATILE_KEYS = frozenset({"created", "extract_config", "package_version", "tree"})
+# The video group attribute naming the crops a video's rows were extracted from (``AffWild2.crop_identity``).
+CROPS_ATTR = "crops_sha256"
 # Keys a stage-two checkpoint records and must find again (``FeatureCache.fingerprint``).
 FINGERPRINT_KEYS = (
     "encoder", "encoder_config", "weights_sha256", "preprocessing", "feature_dim", "calibration",
@@ -84,37 +84,18 @@ def lock_path(path: str | Path) -> Path:
 
 
 def acquire_lock(path: str | Path, holder: str = "another extraction is writing this cache") -> int:
-    """Take the exclusive lock of the cache at ``path`` (a ``flock`` on ``<path>.lock``) without waiting;
-    returns its descriptor for ``release_lock``. A held lock is a one-line CacheError. Extraction takes it
-    before anything expensive, so a second run into the same cache is refused at once. Other single-writer
-    artefacts (``abawfeat crop``'s trees) take it too; ``holder`` says who holds it in the message."""
+    """Take the exclusive lock of the cache at ``path`` (``<path>.lock``, through the project's one lock,
+    ``utils.io.acquire_lock``) without waiting; returns its descriptor for ``release_lock``. A held lock is a
+    one-line CacheError. Extraction takes it before anything expensive, so a second run into the same cache
+    is refused at once. Other single-writer artefacts (``abawfeat crop``'s trees) take it too; ``holder``
+    says who holds it in the message."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
-            raise CacheError(
-                f"{path}: {holder} (lock {lock_path(path)} is "
-                "held); wait for it to finish or choose another --out"
-            ) from None
-        raise
-    try:
-        # The pid is only a hint for humans; the flock, released by the kernel on any exit, is the lock.
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-    except BaseException:
-        release_lock(fd)
-        raise
-    return fd
 
+    def busy(lock: Path) -> CacheError:
+        return CacheError(f"{path}: {holder} (lock {lock} is held"
+                          f"{lock_holder(lock)}); wait for it to finish or choose another --out")
 
-def release_lock(fd: int) -> None:
-    # The lock file stays: unlinking it would let two later runs lock two different inodes.
-    fcntl.flock(fd, fcntl.LOCK_UN)
-    os.close(fd)
+    return _acquire(lock_path(path), busy)
 
 
 def make_provenance(
@@ -125,8 +106,13 @@ def make_provenance(
     precision: str,
     logit_names: Sequence[str] | None = None,
     extract_config: dict[str, Any] | None = None,
+    tree: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The cache's root attributes, built from an encoder's ``provenance()`` and the run's choices.
+
+    ``tree`` (``{"root", "name"}``) says which crop tree the cache was extracted from; it names the tree in
+    messages, while each video's ``crops_sha256`` is what is checked (a subset or a resumed run of the same
+    tree matches video by video, and the same tree moved elsewhere still matches).
 
     ``precision`` is part of the identity (bf16 and fp32 features must not be mixed in one file); the
     ``extract_config`` (batch size, workers, ...) is informational and may change between resumed runs.
@@ -150,6 +136,7 @@ def make_provenance(
         "precision": precision,
         "logit_names": list(logit_names) if logit_names is not None else None,
         "extract_config": extract_config or {},
+        "tree": tree or {},
         "package_version": __version__,
         "created": _now(),
     })
@@ -201,8 +188,10 @@ class CacheWriter:
         lock: bool = True,
         consolidate_on_exit: bool = True,
         held_lock: int | None = None,
+        tree: Any = None,
     ) -> None:
         self.path = Path(path)
+        self._tree = tree  # the AffWild2 being extracted: an existing cache must come from it (check_tree)
         self.parts = parts_dir(self.path)
         self.provenance = _jsonable(dict(provenance))
         for key in ("encoder", "feature_dim", "dtype"):
@@ -227,6 +216,8 @@ class CacheWriter:
             self._check_existing()
             if self._lock_wanted:
                 self._clean_stale_temporaries()
+                if self._tree is not None and not self.path.exists():
+                    self.check_tree(self._tree)  # parts alone (an interrupted first run)
             self._open = True
         except BaseException:
             self._release_lock()
@@ -259,6 +250,10 @@ class CacheWriter:
                     check_metadata(fh, self.path)  # never add to a file whose attributes are damaged
                 self._consolidated = set(fh["videos"].keys()) if "videos" in fh else set()
                 self._has_text = "text" in fh
+            if self._tree is not None and self._lock_wanted:
+                # Another tree's cache is said as such first (its random-init calibration, drawn from that
+                # tree's frames, would otherwise make it "a different encoder configuration").
+                self.check_tree(self._tree)
             self._refuse_old_format(stored, self.path)
             self._refuse_if_different(stored, self.path)
             # Keep the first creation time: the cache was created then, this run only adds to it.
@@ -313,6 +308,46 @@ class CacheWriter:
         lock alive after the parent is killed; they should close it (see ``abawfeat.extract``)."""
         return self._lock_fd
 
+    def check_tree(self, data: Any) -> None:
+        """Refuse (one line naming the cache and the tree) to add to a cache whose videos, already complete
+        in the file or as parts, were extracted from another crop tree than ``data``: its "already complete"
+        videos would be another tree's, and this tree's new ones would be mixed with them. A video of the
+        cache that this tree has no crop folder for means the same."""
+        tree = data.videos_with_crops()
+        known = set(tree)
+        sources: dict[str, tuple[np.ndarray, str | None]] = {}
+        if self.path.exists() and self._consolidated:
+            with _open_h5(self.path) as fh:
+                for video in sorted(self._consolidated):
+                    sources[video] = _group_source(self.path, video, fh["videos"][video])
+        for video in _part_videos(self.parts):
+            part = self.parts / f"{video}.h5"
+            with _open_h5(part) as fh:
+                if f"videos/{video}" in fh:
+                    sources[video] = _group_source(part, video, fh["videos"][video])
+        foreign = sorted(v for v in sources if v not in known)
+        recorded = self._recorded_tree()
+        if foreign:
+            listed = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+            raise CacheError(
+                f"{self.path}: holds {len(foreign)} video(s) that {data.root} has no crops of ({listed}): "
+                f"it was extracted from another crop tree{recorded}; extract {data.root} into another --out")
+        for video, (listed_frames, digest) in sorted(sources.items()):
+            why = source_problem(listed_frames, digest, data, video)
+            if why:
+                raise CacheError(
+                    f"{self.path}: video {video!r} was extracted from another crop tree than {data.root} "
+                    f"({why}){recorded}; extract {data.root} into another --out")
+
+    def _recorded_tree(self) -> str:
+        if not self.path.exists():
+            return ""
+        try:
+            with _open_h5(self.path) as fh:
+                return _tree_note(read_provenance(fh, self.path))
+        except CacheError:
+            return ""
+
     # -- writing
     def done_videos(self) -> set[str]:
         """Videos already complete, in the consolidated file or as parts."""
@@ -332,9 +367,11 @@ class CacheWriter:
         features: np.ndarray,
         logits: np.ndarray | None = None,
         bad_frames: Iterable[int] = (),
+        crops_sha256: str | None = None,
     ) -> None:
         """Write one complete video atomically. ``frames`` are the 1-based frames whose crops decoded
-        (strictly ascending); ``bad_frames`` those that did not. Features are cast to the cache dtype."""
+        (strictly ascending); ``bad_frames`` those that did not. Features are cast to the cache dtype.
+        ``crops_sha256``: the identity of the crops it was extracted from (``AffWild2.crop_identity``)."""
         if not self._open:
             raise RuntimeError("CacheWriter.write_video outside its `with` block")
         _check_video_name(video)
@@ -363,12 +400,16 @@ class CacheWriter:
             if logits.ndim != 2 or logits.shape[0] != len(frames):
                 raise ValueError(f"video {video}: logits {logits.shape} do not match {len(frames)} frames")
 
+        if crops_sha256 is None and self._tree is not None:
+            crops_sha256 = self._tree.crop_identity(video)
         self.parts.mkdir(parents=True, exist_ok=True)
         target = self.parts / f"{video}.h5"
 
         def fill(fh: Any) -> None:
             group = fh.create_group(f"videos/{video}")
             _write_video_group(group, frames.astype(np.int32), stored, logits, bad)
+            if crops_sha256 is not None:
+                group.attrs[CROPS_ATTR] = str(crops_sha256)
 
         _write_h5_atomic(target, fill)
 
@@ -498,6 +539,9 @@ class FeatureCache:
             self.feature_dim: int = _positive_int(self.provenance["feature_dim"], self.path, "feature_dim")
             self.dtype: np.dtype = _feature_dtype(self.provenance["dtype"], self.path)
             self._videos = sorted(self._fh["videos"].keys()) if "videos" in self._fh else []
+            self._sources_ok: set[str] = set()
+            self._warned_unrecorded = False
+            self._warned_no_crops = False
         except BaseException:
             self.close()
             raise
@@ -556,13 +600,62 @@ class FeatureCache:
         return self._fh["videos"][video]
 
     def frames(self, video: str) -> np.ndarray:
+        """int32 [T]: the 1-based frame numbers of the rows, strictly ascending (checked: rows of repeated
+        or unordered frames would be aligned to the wrong labels without a word)."""
         group = self._checked(video)
-        return self._read(video, "frames", group["frames"]).astype(np.int32, copy=False)
+        frames = self._read(video, "frames", group["frames"]).astype(np.int32, copy=False)
+        problem = _frames_problem(frames)
+        if problem:
+            raise CacheError(f"{self.path}: /videos/{video}/frames: {problem}; the cache is not usable for "
+                             f"this video: run `abawfeat cache verify {self.path}` and re-extract it")
+        return frames
 
     def features(self, video: str, dtype: Any = np.float32) -> np.ndarray:
-        """[T, D] features; float32 by default (contract), ``dtype=None`` keeps the stored dtype."""
+        """[T, D] features; float32 by default (contract), ``dtype=None`` keeps the stored dtype. NaN or
+        infinite values are refused here, naming the video (they would poison training after an epoch)."""
         arr = self._read(video, "features", self._checked(video)["features"])
+        self._check_finite(video, arr)
         return arr if dtype is None else arr.astype(dtype, copy=False)
+
+    def _check_finite(self, video: str, arr: np.ndarray) -> None:
+        if arr.size and not np.isfinite(arr).all():
+            n = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            raise CacheError(f"{self.path}: /videos/{video}/features: {n} NaN/inf values; the cache is "
+                             f"not usable for this video: run `abawfeat cache verify {self.path}` and "
+                             "re-extract it")
+
+    def check_source(self, video: str, data: Any) -> None:
+        """Refuse (one line naming the cache, the video and the tree) a video whose rows were extracted from
+        another crop tree than ``data`` (``AffWild2``): its frame numbers, or its crops, differ from the
+        tree's. Videos written before caches recorded their crops are checked by frame numbers alone, with
+        one warning per cache."""
+        if video in self._sources_ok:
+            return
+        if data.crop_dir(video) is None:
+            # A tree without this video's crops (annotations beside caches, the crops kept elsewhere):
+            # nothing to check against; said once.
+            if not self._warned_no_crops:
+                from abawfeat.utils.progress import warn
+
+                self._warned_no_crops = True
+                warn(f"{self.path}: {data.root} has no crop folder of {video} (and maybe other videos): "
+                     "the cache's rows of such videos cannot be checked against the crops they came from")
+            self._sources_ok.add(video)
+            return
+        self.frames(video)  # unordered or repeated frames are said as such first
+        listed, digest = _group_source(self.path, video, self._group(video))
+        why = source_problem(listed, digest, data, video)
+        if why:
+            raise CacheError(f"{self.path}: video {video!r} was extracted from another crop tree than "
+                             f"{data.root} ({why}){_tree_note(self.provenance)}; re-extract it from "
+                             f"{data.root} (`abawfeat extract --data {data.root}`) into another --out")
+        if digest is None and not self._warned_unrecorded:
+            from abawfeat.utils.progress import warn
+
+            self._warned_unrecorded = True
+            warn(f"{self.path}: written before caches recorded the crops they come from: checked against "
+                 f"{data.root} by frame numbers only; re-extract it to have its crops checked too")
+        self._sources_ok.add(video)
 
     def logits(self, video: str) -> np.ndarray | None:
         group = self._checked(video)
@@ -597,9 +690,10 @@ class FeatureCache:
                     fds.read_direct(feats)
                 except OSError as exc:
                     raise _damaged(self.path, f"/videos/{video}/features", exc) from None
+            self._check_finite(video, feats)
             if dtype is not None:
                 feats = feats.astype(dtype, copy=False)
-            out[video] = (self._read(video, "frames", group["frames"]).astype(np.int32, copy=False), feats)
+            out[video] = (self.frames(video), feats)
         return out
 
     def text_embeddings(self) -> tuple[list[str], np.ndarray] | None:
@@ -673,11 +767,14 @@ def cache_info(path: str | Path) -> dict[str, Any]:
     return info
 
 
-def verify_cache(path: str | Path) -> list[str]:
+def verify_cache(path: str | Path, data: Any = None) -> list[str]:
     """Every problem found, one line each (empty when the cache is sound): every checksum (each dataset's
     fletcher32, read in full, and the digest of the attributes and text strings), provenance present and
     decodable, every video complete, frames ascending int32, shapes and dtypes consistent, no NaN/inf.
-    A version-1 cache has no checksums; its structure and values are checked all the same."""
+    A version-1 cache has no checksums; its structure and values are checked all the same.
+
+    ``data`` (an ``AffWild2``): also check that every video's frames are the crops of that tree's video
+    (``FeatureCache.check_source``)."""
     path = Path(path)
     if not path.is_file():
         return [f"{path}: no such file"]
@@ -721,6 +818,8 @@ def verify_cache(path: str | Path) -> list[str]:
             return problems
         for video in sorted(fh["videos"].keys()):
             problems += _verify_video(path, video, fh["videos"][video], dim, dtype, checked)
+            if data is not None:
+                problems += _verify_source(path, video, fh["videos"][video], data)
         if "text" in fh:
             problems += _verify_text(path, fh["text"], dim, checked)
     if parts_dir(path).is_dir() and _part_videos(parts_dir(path)):
@@ -758,8 +857,9 @@ def _verify_video(path: Path, video: str, group: Any, dim: Any, dtype: Any, chec
         problems.append(f"{where}/features: shape {feats.shape}, expected ({frames.shape[0]}, {dim})")
     if "frames" in values and "bad_frames" in values:
         f, b = values["frames"], values["bad_frames"]
-        if f.size and (f.min() < 1 or np.any(np.diff(f.astype(np.int64)) <= 0)):
-            problems.append(f"{where}/frames: not 1-based strictly ascending")
+        order = _frames_problem(np.asarray(f))
+        if order:
+            problems.append(f"{where}/frames: {order} (frames must be 1-based, ascending and unique)")
         if np.intersect1d(f, b).size:
             problems.append(f"{where}: frames also listed in bad_frames")
         n_crops = group.attrs.get("n_crops")
@@ -779,6 +879,34 @@ def _verify_video(path: Path, video: str, group: Any, dim: Any, dtype: Any, chec
         elif "logits" in values and not np.all(np.isfinite(values["logits"])):
             problems.append(f"{where}/logits: NaN/inf values")
     return problems
+
+
+def recorded_tree(path: str | Path) -> Path | None:
+    """The crop tree a cache says it was extracted from, when that folder still exists; else None."""
+    try:
+        with _open_h5(Path(path)) as fh:
+            tree = _decode_attr(fh.attrs.get("tree"), "tree", path)
+    except (CacheError, OSError):
+        return None
+    root = tree.get("root") if isinstance(tree, dict) else None
+    return Path(root) if root and Path(root).is_dir() else None
+
+
+def _verify_source(path: Path, video: str, group: Any, data: Any) -> list[str]:
+    if video not in set(data.videos_with_crops()):
+        return [f"{path}: /videos/{video}: {data.root} has no crops of this video (another crop tree's)"]
+    try:
+        listed, digest = _group_source(path, video, group)
+        if "frames" in group and _frames_problem(np.asarray(group["frames"][()])):
+            return []  # _verify_video has said what is wrong with its frames
+        why = source_problem(listed, digest, data, video)
+    except CacheError:
+        return []  # its frames cannot be read: _verify_video has said so already
+    except AbawfeatError as exc:
+        return [str(exc)]
+    if not why:
+        return []
+    return [f"{path}: /videos/{video}: extracted from another crop tree than {data.root} ({why})"]
 
 
 def _verify_text(path: Path, text: Any, dim: Any, checked: bool) -> list[str]:
@@ -887,6 +1015,55 @@ def _damaged(path: Path, what: str, exc: BaseException) -> CacheError:
     reason = "checksum mismatch" if "filter returned failure" in text else f"unreadable: {text}"
     return CacheError(f"{path}: {what}: {reason}, the file is damaged; run `abawfeat cache verify {path}` "
                       "and re-extract into another --out")
+
+
+def _frames_problem(frames: np.ndarray) -> str | None:
+    """Why frame numbers are not 1-based and strictly ascending (hence unique), or None."""
+    if not frames.size:
+        return None
+    if int(frames.min()) < 1:
+        return f"frame number {int(frames.min())} (frames are 1-based)"
+    steps = np.diff(frames.astype(np.int64))
+    if np.any(steps == 0):
+        return f"frame {int(frames[1:][steps == 0][0])} appears more than once"
+    if np.any(steps < 0):
+        return "not in ascending order"
+    return None
+
+
+def _group_source(path: Path, video: str, group: Any) -> tuple[np.ndarray, str | None]:
+    """(the crop frames a video's rows account for: its frames and bad frames, sorted; its recorded
+    ``crops_sha256`` or None) of a video group."""
+    frames = _read_dataset(path, f"/videos/{video}/frames", group["frames"]) if "frames" in group else []
+    bad = _read_dataset(path, f"/videos/{video}/bad_frames", group["bad_frames"]) if "bad_frames" in group \
+        else []
+    digest = group.attrs.get(CROPS_ATTR)
+    return np.union1d(np.asarray(frames, np.int64), np.asarray(bad, np.int64)), (
+        None if digest is None else str(_plain(digest)))
+
+
+def source_problem(listed: np.ndarray, digest: str | None, data: Any, video: str) -> str | None:
+    """Why a cache's video (``listed``: its frames and bad frames; ``digest``: its ``crops_sha256``) was
+    not extracted from ``data``'s crops of ``video``, in a few words; None when it was. The frame numbers
+    say it first (every crop of the folder is a row or a bad frame, exactly); the digest also catches another
+    tree's video with the same frame numbers (other images)."""
+    tree = np.asarray(data.crop_frames(video), np.int64)
+    if not np.array_equal(listed, tree):
+        def span(f: np.ndarray) -> str:
+            return f"{len(f)} frames" + (f", {int(f[0])}-{int(f[-1])}" if len(f) else "")
+
+        extra = np.setdiff1d(listed, tree)
+        note = f"; frame {int(extra[0])} has no crop there" if extra.size else ""
+        return f"the cache has {span(listed)}, the tree's crop folder {span(tree)}{note}"
+    if digest is not None and digest != data.crop_identity(video):
+        return "the same frame numbers but other crop images"
+    return None
+
+
+def _tree_note(provenance: dict[str, Any]) -> str:
+    tree = provenance.get("tree")
+    root = tree.get("root") if isinstance(tree, dict) else None
+    return f"; the cache says it was extracted from {root}" if root else ""
 
 
 def _shape_problem(group: Any, dim: int) -> str | None:

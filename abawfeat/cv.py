@@ -31,11 +31,12 @@ from abawfeat.train.rundir import (
     METRICS_FILE,
     RunRecord,
     architecture_label,
+    member_digests,
     metrics_record,
     open_run_dir,
     read_record_or_none,
-    run_digest,
     run_state,
+    writer_lock,
 )
 from abawfeat.utils.configs import jsonable, read_json, to_dict
 from abawfeat.utils.io import write_json
@@ -64,6 +65,12 @@ def run_cv(cfg: TrainConfig, folds: int, log: Callable[[str], None] | None = Non
                  for i in range(folds)]
     for f in fold_cfgs:
         validate_config(f)
+    with writer_lock(out, "cross-validation"):
+        return _run_cv_locked(cfg, folds, out, fold_cfgs, say)
+
+
+def _run_cv_locked(cfg: TrainConfig, folds: int, out: Path, fold_cfgs: list[TrainConfig],
+                   say: Callable[[str], None]) -> CVResult:
     if _check_out(out, fold_cfgs) and all(run_is_complete(f.out, f) for f in fold_cfgs):
         say(f"{out}: the cross-validation is complete with these settings; nothing to do")
         metrics = read_json(out / METRICS_FILE)
@@ -78,7 +85,8 @@ def run_cv(cfg: TrainConfig, folds: int, log: Callable[[str], None] | None = Non
             resume = run_state(f.out) == "incomplete" and (Path(f.out) / "train_state.pt").is_file()
             say(f"{name}: {'resuming' if resume else 'training'} {f.out}")
             fit(f, log=lambda m, name=name: say(f"{name}: {m}"), resume=resume,
-                overwrite=run_state(f.out) in ("complete", "incomplete") and not resume)
+                overwrite=run_state(f.out) in ("complete", "incomplete") and not resume,
+                rerun="run the same `abawfeat cv` again (it continues the fold and keeps the complete ones)")
         results.append(RunRecord.read(f.out))
     # Each fold's own validation metrics (its held-out videos, at its best epoch, smoothed as it tunes):
     # what `evaluate FOLD` prints, written by the fold's run.
@@ -90,7 +98,7 @@ def run_cv(cfg: TrainConfig, folds: int, log: Callable[[str], None] | None = Non
     label = architecture_label(first.encoders, cfg.head, cfg.task, fusion=cfg.fusion,
                                experts=cfg.moe_experts)
     members = [{"path": str(Path(f.out).resolve()), "relative": os.path.relpath(f.out, out), "label": r.label,
-                "weights": {}, "record_sha256": run_digest(f.out)}
+                "weights": {}, **member_digests(f.out)}
                for f, r in zip(fold_cfgs, results, strict=True)]
     record = RunRecord(
         kind="cv", task=cfg.task, trunk=cfg.head, objective=first.objective,
@@ -144,7 +152,9 @@ def _check_out(out: Path, folds: list[TrainConfig]) -> bool:
         return False
     record = read_record_or_none(out)
     if record is None or record.kind != "cv":
-        if state == "foreign" and out.is_dir() and all(p.name.startswith("fold-") for p in out.iterdir()):
+        # Hidden names: the folds' writer locks (rundir.writer_lock_path).
+        folds_only = out.is_dir() and all(p.name.startswith(("fold-", ".")) for p in out.iterdir())
+        if state == "foreign" and folds_only:
             _check_folds(folds)
             return False  # folds of an interrupted cross-validation, before its record was written
         # cv has no --overwrite or --resume: a run of another kind is refused, naming only another --out.

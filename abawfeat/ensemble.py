@@ -26,14 +26,15 @@ from abawfeat.train.rundir import (
     METRICS_FILE,
     OUTPUTS_FILE,
     RunRecord,
+    member_digests,
     metrics_record,
     on_disk_full,
     open_run_dir,
     read_record_or_none,
     require_complete,
-    run_digest,
     run_state,
     write_val_outputs,
+    writer_lock,
 )
 from abawfeat.utils.configs import jsonable, to_dict
 from abawfeat.utils.io import write_json
@@ -75,6 +76,12 @@ def build_ensemble(cfg: EnsembleConfig, log: Callable[[str], None] | None = None
     records = [require_complete(r) for r in cfg.runs]
     _check_agreement(cfg.runs, records)
     _check_out_is_no_member(cfg.out, cfg.runs)
+    with writer_lock(cfg.out, "ensemble"):
+        return _build_locked(cfg, records, say, overwrite)
+
+
+def _build_locked(cfg: EnsembleConfig, records: list[RunRecord], say: Callable[[str], None],
+                  overwrite: bool) -> EnsembleResult:
     # An ensemble interrupted while it was written holds nothing that building it again would not make:
     # the same command rebuilds it (beside it, swapped in once complete).
     previous = read_record_or_none(cfg.out) if run_state(cfg.out) == "incomplete" else None
@@ -107,6 +114,9 @@ def _check_agreement(paths: Sequence[str], records: Sequence[RunRecord]) -> None
         if record.kind == "cv":
             raise ConfigError(f"{path}: a cross-validation run has no validation scores of its own; "
                               "ensemble its folds, or use it for test predictions")
+        if record.kind == "ensemble":
+            raise ConfigError(f"{path}: an ensemble run; an ensemble averages trained runs: give its "
+                              "members (and the other runs) directly")
     first = records[0]
     for path, record in zip(paths[1:], records[1:], strict=True):
         if record.task != first.task:
@@ -149,7 +159,7 @@ def _build(
             "members": [{"path": str(Path(p).resolve()), "relative": os.path.relpath(Path(p).resolve(),
                                                                                      run.target.resolve()),
                          "label": r.label, "weights": {t: float(weights[t][i]) for t in tasks},
-                         "record_sha256": run_digest(p)}
+                         **member_digests(p)}
                         for i, (p, r) in enumerate(zip(cfg.runs, records, strict=True))],
             "au_thresholds": None if thresholds is None else [float(x) for x in thresholds],
         },

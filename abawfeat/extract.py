@@ -171,11 +171,13 @@ def _run_locked(config: ExtractConfig, dataset: AffWild2, out: Path, lock: int |
         precision=config.precision,
         logit_names=encoder.logit_names,
         extract_config=to_dict(config),
+        tree={"root": str(Path(config.data).resolve()), "name": dataset.name},
     )
 
     # 4. Writer: rank 0 (holding the lock) checks the existing cache first; the other ranks open it only if
     # that succeeded, so a refused run never leaves a rank waiting.
-    writer = CacheWriter(out, provenance, lock=info.is_main, consolidate_on_exit=info.is_main, held_lock=lock)
+    writer = CacheWriter(out, provenance, lock=info.is_main, consolidate_on_exit=info.is_main, held_lock=lock,
+                         tree=dataset)
     result = write_cache(writer, info, distributed, lambda: _extract_videos(
         config, dataset, encoder, writer, selected, out, device, info, distributed))
     if info.is_main and out.exists():

@@ -72,13 +72,14 @@ from abawfeat.train.rundir import (
     metrics_record,
     open_run_dir,
     save_checkpoint,
+    take_writer_lock,
     write_history,
     write_val_outputs,
 )
 from abawfeat.utils import dist
 from abawfeat.utils.configs import from_dict, jsonable, read_json, to_dict
 from abawfeat.utils.device import autocast, resolve_device, seed_everything, torch_threads
-from abawfeat.utils.io import torch_save, write_json
+from abawfeat.utils.io import release_lock, torch_save, write_json
 
 SCHEDULES = ("cosine", "constant")
 DEFAULT_BACKBONE = "ddamfn"  # the encoder fine-tuned when a config names none
@@ -611,12 +612,21 @@ class _FinetuneRun:
         self.select = task(cfg.train.task).select_metric
         self.device = resolve_device(cfg.train.device)
         self.best_record: dict[str, Any] = {}
+        self.lock: int | None = None  # the run directory's writer lock (rank 0)
 
     def say(self, message: str) -> None:
         if self.log is not None and self.info.is_main:
             self.log(message)
 
     def run(self, resume: bool, overwrite: bool, stop_after_epochs: int | None) -> Path:
+        try:
+            return self._run(resume, overwrite, stop_after_epochs)
+        finally:
+            if self.lock is not None:
+                release_lock(self.lock)
+                self.lock = None
+
+    def _run(self, resume: bool, overwrite: bool, stop_after_epochs: int | None) -> Path:
         run = self.open_run(resume, overwrite)
         self.out = run.path
         try:
@@ -641,6 +651,8 @@ class _FinetuneRun:
         error: AbawfeatError | None = None
         if self.info.is_main:
             try:
+                # Rank 0 holds the run's single-writer lock until the process ends (released by the kernel).
+                self.lock = take_writer_lock(out)
                 run = open_run_dir(out, overwrite=overwrite, resume=resume)
             except AbawfeatError as exc:
                 error = exc

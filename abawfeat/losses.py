@@ -111,6 +111,10 @@ def expr_ce_loss(
         raise ValueError(f"expr_ce_loss: a labelled frame has a class outside 0..{n_classes - 1}")
     if class_weight is not None:
         class_weight = class_weight.to(device=logits.device, dtype=torch.float32)
+        if not bool((class_weight[y] > 0).any()):
+            # Every frame is of a class weighted 0 (absent from training): PyTorch's weighted mean would be
+            # 0 / 0 = NaN. Those frames teach nothing by construction, so the batch's loss is 0.
+            return _zero_like_graph(logits)
     return F.cross_entropy(logits[m].float(), y, weight=class_weight, label_smoothing=float(label_smoothing))
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from abawfeat.cache import FEATURE_DTYPES, CacheWriter, default_cache_path, parts_dir
 from abawfeat.errors import CacheError, ConfigError, DataError, DiskFullError
 from abawfeat.utils.device import PRECISIONS
-from abawfeat.utils.io import file_in_the_way, is_disk_full
+from abawfeat.utils.io import file_in_the_way, is_disk_full, what_is
 
 if TYPE_CHECKING:
     from abawfeat.data.affwild2 import AffWild2
@@ -132,7 +132,7 @@ def check_output(out: Path) -> None:
         raise CacheError(f"--out {out}: is a folder; --out names the cache file to write (.h5)")
     blocker = file_in_the_way(out.parent)
     if blocker is not None:
-        raise CacheError(f"--out {out}: {blocker} is a file, not a folder")
+        raise CacheError(f"--out {out}: {blocker} is {what_is(blocker)}, not a folder")
     if out.is_file() and not h5py.is_hdf5(out):
         raise CacheError(f"{out}: exists and is not an HDF5 cache; extract never writes over other files (a "
                          "checkpoint, a run's file); choose another --out")

@@ -59,11 +59,12 @@ def test_a_complete_run_is_refused_or_replaced_only_once_the_new_one_is_complete
     with pytest.raises(RuntimeError, match="killed"):
         fit(config(world, run, task="va", epochs=2), overwrite=True)
     assert snapshot(run) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r1"]  # no half-built replacement left
+    # No half-built replacement left (the run's writer lock, .r1.lock, stays beside it, as a cache's does).
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".r1.lock", "r1"]
     monkeypatch.undo()
     result = fit(config(world, run, task="va", epochs=1), overwrite=True)
     assert result.metrics["task"] == "va" and json.loads((run / "config.json").read_text())["task"] == "va"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".r1.lock", "r1"]
 
 
 def test_an_interrupted_run_resumes_to_exactly_what_an_uninterrupted_one_reaches(

@@ -146,10 +146,12 @@ def run_audio_locked(config: ExtractConfig, dataset: AffWild2, out: Path, lock: 
     provenance = make_provenance(
         enc_prov, feature_dim=encoder.feature_dim, dtype=config.dtype, precision=config.precision,
         logit_names=None, extract_config=to_dict(config),
+        tree={"root": str(Path(config.data).resolve()), "name": dataset.name},
     )
 
     # 4. Writer: rank 0 (holding the lock) checks an existing cache first (see abawfeat/extract.py).
-    writer = CacheWriter(out, provenance, lock=info.is_main, consolidate_on_exit=info.is_main, held_lock=lock)
+    writer = CacheWriter(out, provenance, lock=info.is_main, consolidate_on_exit=info.is_main, held_lock=lock,
+                         tree=dataset)
     result = write_cache(writer, info, distributed, lambda: _extract(
         config, dataset, sources, encoder, writer, selected, out, device, info, distributed))
     result.window_ms = float(encoder.config.window_ms)
@@ -282,6 +284,10 @@ class _Run:
             t0 = time.perf_counter()
             media = probe(path)
             if not media.has_audio:
+                # "No audio" is only said of a real video of these crops: a file that merely has the name
+                # (an image, a text, another container renamed .mp4) would otherwise be cached as a silent
+                # video, complete with no rows, and the corrected file later skipped as already done.
+                _check_silent_source(path, media, frames_of)
                 self.decode_seconds += time.perf_counter() - t0
                 verb = "gets" if len(videos) == 1 else "get"
                 warn(f"{path}: no audio stream; {' and '.join(videos)} {verb} no audio rows")
@@ -347,6 +353,18 @@ class _Run:
                 self.write(v, *pooler.result())
             self.audio_seconds += audio.samples / SAMPLE_RATE
             self.decode_seconds += audio.decode_seconds
+
+
+def _check_silent_source(path: Path, media: Any, frames_of: dict[str, np.ndarray]) -> None:
+    """Refuse (a DataError: the video is not written) a source without audio that is not the video its crops
+    were cut from: no video stream, or fewer frames than the last crop's number."""
+    if not media.has_video:
+        raise DataError(path, "is not a video (no video or audio stream)")
+    last = max((int(f.max()) for f in frames_of.values() if len(f)), default=0)
+    n = len(video_frame_times(path))
+    if n < last:
+        raise DataError(path, f"has {n} video frame(s) and no audio, but the crops go up to frame {last}: it "
+                              "is not the video they were cut from")
 
 
 def release_freed_memory() -> None:

@@ -8,6 +8,7 @@ a TOML section ``[cells]`` would otherwise vanish from the message. Style is giv
 
 from __future__ import annotations
 
+import errno
 import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -59,8 +60,44 @@ def guarded(fn: F) -> F:
         except KeyboardInterrupt:
             error_line("completed work is kept; re-run to resume", label="interrupted:")
             raise typer.Exit(code=130) from None
+        except OSError as exc:
+            # What the operating system refused (a name too long, a read-only folder, a path that is not
+            # a folder, ...): the user's environment, not a bug, so one line naming the file, like any
+            # other input problem. Every artefact is written to a temporary name and renamed, so what
+            # existed before is intact whatever the call that failed.
+            error_line(os_error_line(exc))
+            raise typer.Exit(code=2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+_OS_PROBLEMS = {
+    errno.ENAMETOOLONG: "a name in this path is longer than the file system allows ({longest} bytes, most "
+                        "allow 255); choose a shorter name",
+    errno.EACCES: "permission denied; nothing was changed there (check the folder's permissions)",
+    errno.EPERM: "operation not permitted; nothing was changed there",
+    errno.EROFS: "the file system is read-only; nothing was changed there",
+    errno.ENOTDIR: "a part of this path is a file, not a folder",
+    errno.EISDIR: "is a folder, not a file",
+    errno.ELOOP: "too many levels of symbolic links (a link that points to itself?)",
+    errno.ENOENT: "no such file or folder",
+    errno.EXDEV: "cannot be moved across file systems",
+}
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an OSError: the file (or files) it names, and what the error means for the user."""
+    from abawfeat.utils.io import is_disk_full
+
+    names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+    where = " -> ".join(names) or "a file"
+    if is_disk_full(exc):
+        return f"{where}: no space left on the device; nothing already written was replaced"
+    problem = _OS_PROBLEMS.get(exc.errno or 0)
+    if problem is None:
+        problem = exc.strerror or str(exc) or type(exc).__name__
+    longest = max((len(part.encode()) for n in names for part in n.split("/")), default=0)
+    return f"{where}: {problem.format(longest=longest)}"
 
 
 def parse_key_values(items: list[str], flag: str) -> dict[str, Any]:

@@ -56,13 +56,19 @@ def info(
 
 @cache_app.command("verify")
 @guarded
-def verify(file: Path = typer.Argument(..., help="Cache file (.h5).")) -> None:
+def verify(
+    file: Path = typer.Argument(..., help="Cache file (.h5)."),
+    data: Path | None = typer.Option(None, "--data", help="Also check every video's frames against this "
+                                     "crop tree's (default: the tree the cache records, if it is there)."),
+) -> None:
     """Check every checksum (each dataset's, and the attributes'), every video complete, frames ascending
-    int32, shapes and dtypes consistent, no NaN/inf, provenance present. Prints one line per problem and exits
-    1 if there is any."""
-    from abawfeat.cache import cache_info, verify_cache
+    and unique int32, shapes and dtypes consistent, no NaN/inf, provenance present, and (with a tree) every
+    video's frames and crops those of the tree. Prints one line per problem and exits 1 if there is any."""
+    from abawfeat.cache import cache_info, recorded_tree, verify_cache
+    from abawfeat.data.affwild2 import AffWild2
 
-    problems = verify_cache(file)
+    root = data if data is not None else recorded_tree(file)
+    problems = verify_cache(file, AffWild2(root) if root is not None else None)
     if problems:
         for line in problems:
             typer.echo(line)
@@ -72,5 +78,6 @@ def verify(file: Path = typer.Argument(..., help="Cache file (.h5).")) -> None:
     if not summary["checksums"]:
         checked = (f"format version {summary['format_version']} has no checksums to check (written before "
                    "they existed): its structure and values were checked, its bytes cannot be")
+    against = f"; frames and crops match {root}" if root is not None else ""
     typer.echo(f"ok: {file}: {summary['videos']} videos, {summary['frames']:,} frames, "
-               f"{summary['feature_dim']}-d {summary['dtype']}; {checked}")
+               f"{summary['feature_dim']}-d {summary['dtype']}; {checked}{against}")

@@ -8,6 +8,7 @@ frames are asked for. The release has ~1,800 annotation files and ~3 million cro
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -638,6 +639,7 @@ class AffWild2:
         self._annotations: dict[tuple[str, str, str], Annotation] = {}
         self._crop_index: dict[str, Path] | None = None
         self._crop_frames: dict[str, np.ndarray] = {}
+        self._crop_ids: dict[str, str] = {}
         self._sample_counts: dict[str, dict[str, int]] = {}
         self._mtl: dict[str, MtlAnnotations] = {}
 
@@ -807,6 +809,37 @@ class AffWild2:
             _freeze(frames)
             self._crop_frames[video] = frames
         return self._crop_frames[video]
+
+    def crop_identity(self, video: str) -> str:
+        """What a feature cache records of the crops it was extracted from (``crops_sha256`` of each video;
+        docs/cache-format.md, "Which tree"): the SHA-256 of the video's crop frame numbers and of the bytes
+        of its first, middle and last crop. Equal for the same video of the same tree, whatever else is
+        extracted with it (``--videos``, a resumed run); different for another tree's video of the same name
+        (other frames, or other images: a synthetic tree of another seed, another release's crops). Three
+        files, not every crop: reading 1.7 M crops each time a cache is opened would cost minutes."""
+        if video not in self._crop_ids:
+            frames = self.crop_frames(video)
+            digest = hashlib.sha256(b"abawfeat-crops-1\0")
+            digest.update(np.asarray(frames, dtype="<i8").tobytes())
+            if len(frames):
+                for k in sorted({0, len(frames) // 2, len(frames) - 1}):
+                    try:
+                        content = self.crop_path(video, int(frames[k])).read_bytes()
+                    except OSError as exc:
+                        raise DataError(self.crop_path(video, int(frames[k])),
+                                        f"cannot be read ({exc.strerror or exc})") from None
+                    digest.update(hashlib.sha256(content).digest())
+            self._crop_ids[video] = digest.hexdigest()
+        return self._crop_ids[video]
+
+    def tree_identity(self, videos: Iterable[str]) -> str:
+        """One SHA-256 over ``crop_identity`` of each of ``videos`` that has a crop folder (sorted): what a
+        run records of the crops it was trained and validated on."""
+        digest = hashlib.sha256(b"abawfeat-tree-1\0")
+        for video in sorted(set(videos)):
+            if self.crop_dir(video) is not None:
+                digest.update(f"{video}\0{self.crop_identity(video)}\0".encode())
+        return digest.hexdigest()
 
     def crop_path(self, video: str, frame: int) -> Path:
         """Path of the crop of ``frame`` (1-based); it exists only if ``frame`` is in ``crop_frames``."""

@@ -258,6 +258,7 @@ def load_split(
     caches = list(cache) if isinstance(cache, (list, tuple)) else [cache]
     if split not in ("train", "val", "test", "trainval"):
         raise ConfigError(f"unknown split {split!r}: use train, val, test or trainval")
+    check_distinct(caches)
     wanted = sorted(videos) if videos is not None else split_videos(data, tasks, split)
     kept: list[str] = []
     for video in wanted:
@@ -278,6 +279,13 @@ def load_split(
     if not kept:
         raise ConfigError(f"{data.root}: no {split} videos for task(s) {', '.join(tasks)}")
 
+    # The one place where caches meet a tree: every video used must have been extracted from this tree's
+    # crops (same frame numbers, same images), or its rows would be scored against another video's labels.
+    for c in caches:
+        if hasattr(c, "check_source"):
+            for video in kept:
+                if video in c:
+                    c.check_source(video, data)
     plan = _annotation_plan(data, tasks, split, kept, any_video and split == "test")
     n_videos = len(kept)
     per_cache = [[c.frames(v).astype(np.int32) if v in c else np.zeros(0, np.int32) for v in kept]
@@ -359,6 +367,24 @@ def load_split(
         row_frames=row_frames, tl_offsets=tl_offsets, row_to_tl=row_to_tl, labels=labels, valid=valid,
         task_frames=task_frames, groups=tuple(dims) if fused else (),
     )
+
+
+def check_distinct(caches: Sequence[Any]) -> None:
+    """Refuse the same cache file given twice (through a symlink, a hard link, or once absolute and once
+    relative): fused with itself it would double its features and claim two modalities."""
+    import os
+
+    seen: dict[tuple[int, int], Any] = {}
+    for c in caches:
+        path = getattr(c, "path", None)
+        if path is None or not os.path.exists(path):
+            continue
+        st = os.stat(path)
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            raise ConfigError(f"--cache {path}: the same file as --cache {seen[key].path}; give each cache "
+                              "once (fusing a cache with itself adds nothing but a copy of its features)")
+        seen[key] = c
 
 
 def _crop_count(data: Any, video: str) -> int:

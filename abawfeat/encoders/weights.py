@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from abawfeat.errors import CheckpointError
-from abawfeat.utils.io import atomic_write, atomic_write_text
+from abawfeat.errors import CheckpointError, ConfigError
+from abawfeat.utils.io import atomic_write, atomic_write_text, file_in_the_way, what_is
 
 DOWNLOAD_TIMEOUT_S = 30.0
 _CHUNK = 1 << 20
@@ -112,7 +112,15 @@ class ResolvedWeights:
 def abawfeat_home() -> Path:
     """``$ABAWFEAT_HOME`` or ``~/.cache/abawfeat``: where downloaded weights live."""
     env = os.environ.get("ABAWFEAT_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "abawfeat"
+    if not env:
+        return Path.home() / ".cache" / "abawfeat"
+    home = Path(env).expanduser()
+    blocker = file_in_the_way(home)
+    if blocker is not None:
+        # Every weights path would lie below it: say so once, rather than name a path that cannot exist.
+        raise ConfigError(f"ABAWFEAT_HOME={env}: {blocker} is {what_is(blocker)}, not a folder; point "
+                          "ABAWFEAT_HOME at a folder (downloaded weights live in its weights/ folder)")
+    return home
 
 
 def weights_dir() -> Path:

@@ -25,7 +25,7 @@ from abawfeat.reference import TABLE3_COLUMNS, PublishedResult, load_published
 from abawfeat.report.plots import PLOT_CAPTIONS, PLOTS_DIR, write_run_plots
 from abawfeat.tasks import run_task_names, single_tasks, task
 from abawfeat.train.rundir import RunRecord
-from abawfeat.utils.io import atomic_write_text, file_in_the_way
+from abawfeat.utils.io import atomic_write_text, file_in_the_way, what_is
 
 DECIMALS = 3
 COLUMN_HEADERS: dict[str, str] = {
@@ -471,7 +471,7 @@ def check_output(out: Path) -> None:
         raise ConfigError(f"--out {out}: is a folder; --out names the HTML file to write")
     blocker = file_in_the_way(out.parent)
     if blocker is not None:
-        raise ConfigError(f"--out {out}: {blocker} is a file, not a folder")
+        raise ConfigError(f"--out {out}: {blocker} is {what_is(blocker)}, not a folder")
     if out.exists() and not _is_report(out):
         raise ConfigError(f"--out {out}: exists and is not an abawfeat report; report never writes over "
                           "other files (a run's metrics.json, a cache, your page): choose another --out")

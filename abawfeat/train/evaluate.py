@@ -29,10 +29,10 @@ from abawfeat.train.rundir import (
     RunRecord,
     check_fingerprints,
     load_run,
+    member_changed,
     metrics_record,
     open_caches,
     require_complete,
-    run_digest,
 )
 from abawfeat.train.splits import run_split
 from abawfeat.utils.device import resolve_device, torch_threads
@@ -148,11 +148,11 @@ def member_dirs(run_dir: str | Path, record: RunRecord) -> list[tuple[Path, dict
         if not path.is_dir():
             raise RunError(f"{run_dir}: its member {here if m.get('relative') else path} is gone (nor at "
                            f"{m.get('path')}); {_rebuild(record.kind)}")
-        stored = m.get("record_sha256")
         # A damaged or interrupted member is said as such (its own line) before it is compared.
-        if stored and require_complete(path) and run_digest(path) != stored:
+        changed = member_changed(path, m) if m.get("record_sha256") and require_complete(path) else None
+        if changed:
             raise RunError(f"{run_dir}: its member {path} changed after the {_noun(record.kind)} was built "
-                           f"(retrained or replaced); {_rebuild(record.kind)}")
+                           f"({changed}: retrained or replaced); {_rebuild(record.kind)}")
         out.append((path, {str(k): float(v) for k, v in dict(m.get("weights") or {}).items()}))
     if not out:
         raise RunError(f"{Path(run_dir) / 'config.json'}: a {record.kind} run without members")

@@ -66,6 +66,7 @@ from abawfeat.train.rundir import (
     save_state,
     write_history,
     write_val_outputs,
+    writer_lock,
 )
 from abawfeat.train.splits import holdout_videos, run_split
 from abawfeat.utils.configs import from_dict, jsonable, to_dict
@@ -85,19 +86,28 @@ class FitResult:
 
 
 def fit(cfg: TrainConfig, log: Callable[[str], None] | None = None, *, overwrite: bool = False,
-        resume: bool = False) -> FitResult:
+        resume: bool = False, rerun: str | None = None) -> FitResult:
     """Train one head on a cache and write the run directory ``cfg.out``; returns the best epoch's metrics.
 
     ``overwrite``: replace a complete (or interrupted) run there, once the new one is complete.
     ``resume``: continue the interrupted run there from its last finished epoch, exactly.
+    ``rerun``: what a message should tell the user to run to continue an interrupted run, when the caller
+    is not ``train-head`` (a cross-validation fold: the same ``abawfeat cv`` again, not ``--resume``).
+    The run directory is locked (``writer_lock``) while it is written.
     """
     validate_config(cfg)
+    with writer_lock(cfg.out):
+        return _fit_locked(cfg, log, overwrite, resume, rerun)
+
+
+def _fit_locked(cfg: TrainConfig, log: Callable[[str], None] | None, overwrite: bool, resume: bool,
+                rerun: str | None) -> FitResult:
     run = open_run_dir(cfg.out, overwrite=overwrite, resume=resume)
     if resume:
         _check_same_settings(run, cfg)
     with torch_threads(cfg.threads):
         try:
-            return on_disk_full(run, lambda: _fit(cfg, run, log))
+            return on_disk_full(run, lambda: _fit(cfg, run, log), rerun=rerun)
         except BaseException:
             run.abandon()
             raise
@@ -160,8 +170,13 @@ def _fit(cfg: TrainConfig, run: RunDir, log: Callable[[str], None] | None) -> Fi
         train_set = load_split(data, caches, tasks, train_split, [v for v in train_videos if v not in held])
         tune_set = load_split(data, caches, tasks, train_split, held) if held else None
         val_set = load_split(data, caches, tasks, val_split, val_videos)
-        cache_refs = [{"path": str(c.path), "encoder": e, "fingerprint": f, "dtype": str(c.dtype)}
+        # Which tree each cache says it came from, and the identity of the crops the run used (its train,
+        # held-out and validation videos): the record of what belonged together when the run was made.
+        cache_refs = [{"path": str(c.path), "encoder": e, "fingerprint": f, "dtype": str(c.dtype),
+                       "tree": c.provenance.get("tree") or {}}
                       for c, e, f in zip(caches, encoders, fingerprints, strict=True)]
+        used = [*train_set.videos, *(tune_set.videos if tune_set else []), *val_set.videos]
+        crops_sha256 = data.tree_identity(used)
         in_dim = int(train_set.feature_dim)
         rows = row_words(c.modality for c in caches).rows  # crops, or frames with audio for an audio cache
     say(f"train: {len(train_set.videos)} videos, {train_set.n_rows:,} {rows}; "
@@ -201,7 +216,7 @@ def _fit(cfg: TrainConfig, run: RunDir, log: Callable[[str], None] | None) -> Fi
         kind="head", task=cfg.task, trunk=cfg.head, objective=objective_id,
         label=architecture_label(encoders, cfg.head, cfg.task, fusion=cfg.fusion,
                                  experts=cfg.moe_experts), caches=cache_refs,
-        dataset={"root": str(cfg.data), "name": dataset_name(cfg.data)},
+        dataset={"root": str(cfg.data), "name": dataset_name(cfg.data), "crops_sha256": crops_sha256},
         train=to_dict(cfg), resolved=to_dict(res), head=_head_dict(head),
         loss_weights=weights.as_json(),
     )

@@ -18,7 +18,7 @@ from torch import nn
 
 from abawfeat.data.batches import Batch, WindowSource
 from abawfeat.data.sequences import SequenceSet
-from abawfeat.errors import ConfigError
+from abawfeat.errors import ConfigError, RunError
 from abawfeat.tasks import single, task, task_names
 from abawfeat.train.objectives import Objective
 from abawfeat.utils.device import autocast
@@ -151,6 +151,11 @@ def evaluate_set(
     weights = inference_weights(model, source.windows.shape[1])
     scores, loss = infer_rows(model, source.batches(0), data.n_rows, tasks, device, precision, objective,
                               weights)
+    for name, values in scores.items():
+        if not np.isfinite(values).all():
+            # A diverged head (too high a learning rate): no metric means anything on NaN outputs.
+            raise RunError(f"the head's {name} outputs on the {data.split} frames are NaN/inf: training "
+                           "diverged; train it again with a lower --lr")
     timeline = fill_timeline(data, scores, fill)
     metrics, thresholds = score_timeline(data, timeline, au_thresholds, run_task)
     return Evaluation(metrics=metrics, loss=loss, timeline=timeline, au_thresholds=thresholds)

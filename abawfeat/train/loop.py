@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from abawfeat.data.batches import Batch, BatchSource
+from abawfeat.errors import RunError
 from abawfeat.train.inference import Evaluation
 from abawfeat.train.objectives import Objective
 from abawfeat.utils.device import autocast
@@ -94,6 +95,12 @@ def run_epochs(
                 terms[k] = terms.get(k, 0.0) + v
             n_steps += 1
         train_loss = reduce_mean(total / max(n_steps, 1))
+        if not math.isfinite(train_loss):
+            # A diverged run (too high a learning rate, or non-finite inputs): its outputs are NaN and no
+            # metric can be computed on them; said here, in one line, rather than by a metric's traceback.
+            raise RunError(f"training diverged in epoch {epoch}: the training loss is {train_loss} "
+                           "(NaN/inf); the epochs before it are kept, but continuing would diverge again: "
+                           "train it again with a lower --lr")
         evaluation = validate(model)
         value = float(evaluation.metrics.get(select, math.nan))
         improved = value > best

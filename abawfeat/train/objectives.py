@@ -257,9 +257,16 @@ def loss_weights(name: str, class_weights: str, pos_weight: bool, train_set: Any
         spec = OBJECTIVES.get(objective)
         if class_weights != "none" and spec.class_weights and is_classes(t):
             lab, ok = train_set.row_labels(t)
-            out.class_weight[t] = losses.class_weights_from_counts(
-                np.bincount(lab[ok], minlength=single(t).width), scheme=class_weights
-            )
+            counts = np.bincount(lab[ok], minlength=single(t).width)
+            out.class_weight[t] = losses.class_weights_from_counts(counts, scheme=class_weights)
+            names = tuple(getattr(single(t), "columns", ()) or ())
+            absent = [str(names[c]) if c < len(names) else str(c) for c in np.flatnonzero(counts == 0)]
+            if absent:
+                from abawfeat.utils.progress import warn
+
+                warn(f"--class-weights {class_weights}: {t} class(es) {', '.join(absent)} have no training "
+                     "frame: they get weight 0 and the head never learns them (their validation frames "
+                     "still count in F1)")
         if pos_weight and spec.pos_weight and is_multi_label(t):
             lab, ok = train_set.row_labels(t)
             out.pos_weight[t] = losses.pos_weight_from_labels(lab, ok)

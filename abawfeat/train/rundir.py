@@ -23,6 +23,7 @@ import contextlib
 import csv
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,12 +40,17 @@ from abawfeat.heads import Head, head_from_dict, head_to_dict, upgrade_v1
 from abawfeat.tasks import single, task_names
 from abawfeat.utils.configs import to_dict
 from abawfeat.utils.io import (
+    acquire_lock,
     atomic_write,
     file_in_the_way,
     interrupted_replacement,
+    lock_holder,
+    release_lock,
+    sibling_name,
     staging_path,
     swap_in,
     torch_save,
+    what_is,
     write_json,
 )
 
@@ -274,6 +280,39 @@ def run_digest(run_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
+def member_digests(run_dir: str | Path) -> dict[str, str]:
+    """What an ensemble or a cross-validation records of each member: ``record_sha256`` (``run_digest``)
+    and ``checkpoint_sha256``, the SHA-256 of its checkpoint.pt (a checkpoint replaced under an unchanged
+    record would otherwise be averaged with weights tuned on the old one)."""
+    out = {"record_sha256": run_digest(run_dir)}
+    checkpoint = Path(run_dir) / CHECKPOINT_FILE
+    if checkpoint.is_file():
+        out["checkpoint_sha256"] = file_sha256(checkpoint)
+    return out
+
+
+def member_changed(run_dir: str | Path, stored: Mapping[str, Any]) -> str | None:
+    """Which recorded digest of a member no longer matches (its record or its checkpoint), or None.
+    Members recorded before checkpoint digests existed are compared by their record alone."""
+    if stored.get("record_sha256") and run_digest(run_dir) != stored["record_sha256"]:
+        return "its config.json or metrics.json"
+    checkpoint = Path(run_dir) / CHECKPOINT_FILE
+    if stored.get("checkpoint_sha256"):
+        if not checkpoint.is_file():
+            return f"its {CHECKPOINT_FILE} is gone"
+        if file_sha256(checkpoint) != stored["checkpoint_sha256"]:
+            return f"its {CHECKPOINT_FILE}"
+    return None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _last_epoch_note(path: Path) -> str:
     history = path / HISTORY_FILE
     if not history.is_file():
@@ -333,7 +372,7 @@ def open_run_dir(out: str | Path, *, overwrite: bool = False, resume: bool = Fal
     state = run_state(target)
     blocker = file_in_the_way(target) if state == "missing" else None
     if blocker is not None:
-        raise RunError(f"{target}: {blocker} is a file, not a folder; choose another --out")
+        raise RunError(f"{target}: {blocker} is {what_is(blocker)}, not a folder; choose another --out")
     stale = interrupted_replacement(target)
     if stale is not None:
         raise RunError(f"{target}: a replacement was interrupted; the previous run is in {stale}")
@@ -349,7 +388,7 @@ def open_run_dir(out: str | Path, *, overwrite: bool = False, resume: bool = Fal
     if state in ("missing", "empty"):
         return RunDir(target=target, path=target)
     if state == "foreign":
-        kind = "a file" if target.exists() and not target.is_dir() else "a folder that is not a run directory"
+        kind = what_is(target) if not target.is_dir() else "a folder that is not a run directory"
         raise RunError(f"{target}: is {kind}; choose another --out")
     if not overwrite:
         if state == "complete":
@@ -362,6 +401,40 @@ def open_run_dir(out: str | Path, *, overwrite: bool = False, resume: bool = Fal
         raise RunError(f"{target}: holds an interrupted run (no {METRICS_FILE}{_last_epoch_note(target)}); "
                        f"{', or '.join(ways)}")
     return RunDir(target=target, path=staging_path(target))
+
+
+def writer_lock_path(target: str | Path) -> Path:
+    """``.NAME.lock`` beside the folder ``target`` (a run, a cross-validation, an ensemble, a grid): beside,
+    not inside, so that it exists before the folder does and survives the folder's replacement."""
+    target = Path(os.path.abspath(target))
+    return target.with_name(sibling_name(target, ".lock"))
+
+
+def take_writer_lock(target: str | Path, what: str = "run") -> int | None:
+    """The single-writer lock of the folder ``target`` (``utils.io.acquire_lock``, as extraction takes for a
+    cache), without waiting: a second command writing the same run, grid or ensemble is refused at once, in
+    one line, before it reads or writes anything. None (no lock) where ``target`` cannot be a folder at all:
+    the command's own checks then refuse it with the reason."""
+    if file_in_the_way(Path(os.path.abspath(target)).parent) is not None:
+        return None
+    lock = writer_lock_path(target)
+
+    def busy(held: Path) -> RunError:
+        return RunError(f"{target}: another abawfeat command is writing this {what} (lock {held} is held"
+                        f"{lock_holder(held)}); wait for it to finish, or choose another --out")
+
+    return acquire_lock(lock, busy)
+
+
+@contextlib.contextmanager
+def writer_lock(target: str | Path, what: str = "run") -> Iterator[None]:
+    """``take_writer_lock`` for the duration of a ``with`` block."""
+    fd = take_writer_lock(target, what)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            release_lock(fd)
 
 
 def _describe(path: Path) -> str:
@@ -581,9 +654,10 @@ def run_matches(run_dir: str | Path, train: Mapping[str, Any], ignore: Sequence[
     return True
 
 
-def on_disk_full(target: RunDir, write: Callable[[], Any]) -> Any:
+def on_disk_full(target: RunDir, write: Callable[[], Any], rerun: str | None = None) -> Any:
     """Run ``write``; a full disk becomes one line saying what is kept (the message of DiskFullError names
-    the file), and a staged run is removed so the previous one stays the run at ``target``."""
+    the file), and a staged run is removed so the previous one stays the run at ``target``. ``rerun``: the
+    command that continues an interrupted run when it is not ``--resume`` (a cross-validation's)."""
     from abawfeat.errors import DiskFullError
 
     try:
@@ -594,6 +668,8 @@ def on_disk_full(target: RunDir, write: Callable[[], Any]) -> Any:
             kept = f"the previous run in {target.target} is untouched"
         elif not (target.path / CONFIG_FILE).is_file():
             kept = f"nothing of the run was kept in {target.target}"
+        elif rerun is not None:
+            kept = f"the run in {target.target} is incomplete; free space, then {rerun}"
         elif (target.path / STATE_FILE).is_file():
             kept = f"the run in {target.target} is incomplete; free space, then continue it with --resume"
         else:
@@ -603,7 +679,8 @@ def on_disk_full(target: RunDir, write: Callable[[], Any]) -> Any:
 
 __all__ = ["CHECKPOINT_FILE", "CONFIG_FILE", "HISTORY_FILE", "METRICS_FILE", "OUTPUTS_FILE", "RUN_KINDS",
            "STATE_FILE", "LoadedRun", "RunDir", "RunRecord", "architecture_label", "check_fingerprints",
-           "run_digest",
+           "run_digest", "member_digests", "member_changed",
            "load_checkpoint", "load_run", "load_state", "load_versioned", "metrics_record", "on_disk_full",
            "open_caches", "open_run_dir", "read_record_or_none", "require_complete", "run_matches",
-           "run_state", "save_checkpoint", "save_state", "write_history", "write_val_outputs"]
+           "run_state", "save_checkpoint", "save_state", "take_writer_lock", "write_history",
+           "write_val_outputs", "writer_lock", "writer_lock_path"]

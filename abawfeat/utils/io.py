@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from abawfeat.errors import DiskFullError
+from abawfeat.errors import AbawfeatError, DiskFullError
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -60,7 +60,7 @@ def _device_full(tmp: Path) -> bool:
 def temporary_path(path: Path) -> Path:
     """A fresh, exclusively created, empty file beside ``path`` (hidden name, umask permissions)."""
     for _ in range(100):
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        tmp = path.with_name(sibling_name(path, f".{os.getpid()}.{secrets.token_hex(4)}.tmp"))
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
@@ -123,6 +123,25 @@ def file_in_the_way(path: str | Path) -> Path | None:
     return None
 
 
+def what_is(path: str | Path) -> str:
+    """What stands at ``path``, in words for a message: "a file", "a folder", "a symbolic link to X, which
+    does not exist" (a dangling link is not a file), "a symbolic link to a file", or "nothing"."""
+    path = Path(path)
+    if path.is_symlink():
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        if not path.exists():
+            return f"a symbolic link to {target}, which does not exist"
+        return f"a symbolic link to {'a folder' if path.is_dir() else 'a file'} ({target})"
+    if path.is_dir():
+        return "a folder"
+    if path.exists():
+        return "a file"
+    return "nothing"
+
+
 def process_alive(pid: int) -> bool:
     """Whether a process with this id runs (one of another user's counts): a staging folder named after a
     live process is still being written; one named after a dead process is left over from a kill."""
@@ -135,15 +154,82 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def acquire_lock(lock_file: str | Path, busy: Callable[[Path], AbawfeatError]) -> int:
+    """The one single-writer lock of the project (a cache, a run, a grid, an ensemble): an exclusive
+    ``flock`` on ``lock_file``, taken without waiting; returns its descriptor for ``release_lock``. A lock
+    another process holds raises ``busy(lock_file)`` (one line). The kernel drops a flock on any exit, even
+    ``kill -9``, so a lock is never left stale; the file itself stays (unlinking it would let two later
+    writers lock two different inodes)."""
+    import fcntl
+
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+            raise busy(lock_file) from None
+        raise
+    try:
+        # The pid is only a hint for humans; the flock is the lock.
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except BaseException:
+        release_lock(fd)
+        raise
+    return fd
+
+
+def release_lock(fd: int) -> None:
+    import fcntl
+
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
+def lock_holder(lock_file: Path) -> str:
+    """`` (pid N)`` from a held lock's pid hint, or "" when it cannot be read."""
+    try:
+        pid = lock_file.read_text().strip()
+    except OSError:
+        return ""
+    return f" by pid {pid}" if pid.isdigit() else ""
+
+
+# A file name may hold this many bytes on every file system abawfeat is used on (ext4, xfs, NFS, tmpfs).
+NAME_MAX = 255
+_SUFFIX_ROOM = 32  # bytes kept for a sibling's suffix (".replaced-PID", ".lock")
+
+
+def sibling_name(target: Path, suffix: str) -> str:
+    """``.NAME<suffix>``, the hidden name of something kept beside ``target`` (a staging folder, a lock);
+    a NAME too long to take the prefix and suffix within NAME_MAX bytes is shortened and given a digest of
+    itself, so a long but valid ``--out`` never fails with ENAMETOOLONG on the name of its helper."""
+    name = target.name
+    # The same shortened NAME whatever the suffix (``.new-PID`` and ``.new-`` must share their prefix).
+    room = NAME_MAX - _SUFFIX_ROOM - 1
+    assert len(suffix.encode()) <= _SUFFIX_ROOM, suffix
+    if len(name.encode()) <= room:
+        return f".{name}{suffix}"
+    import hashlib
+
+    digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    short = name.encode("utf-8", "surrogateescape")[: room - 17].decode("utf-8", "ignore")
+    return f".{short}~{digest}{suffix}"
+
+
 def staging_path(target: Path) -> Path:
     """Where a replacement of the folder ``target`` is built before ``swap_in``: ``.NAME.new-PID`` beside it
     (the same file system, so the swap is two renames). Replacements left by killed processes go first:
     nothing would ever swap them in."""
-    for stale in target.parent.glob(f".{target.name}.new-*") if target.parent.is_dir() else []:
+    prefix = sibling_name(target, ".new-")
+    for stale in target.parent.glob(f"{glob_escape(prefix)}*") if target.parent.is_dir() else []:
         pid = stale.name.rsplit("-", 1)[-1]
         if not (pid.isdigit() and process_alive(int(pid))):
             shutil.rmtree(stale, ignore_errors=True)
-    staging = target.with_name(f".{target.name}.new-{os.getpid()}")
+    staging = target.with_name(sibling_name(target, f".new-{os.getpid()}"))
     shutil.rmtree(staging, ignore_errors=True)
     return staging
 
@@ -152,7 +238,7 @@ def swap_in(staging: Path, target: Path) -> None:
     """Make the complete folder ``staging`` the one at ``target``: the old one is renamed aside
     (``.NAME.replaced-PID``), the new one renamed in, then the old one removed. A process killed between
     the renames leaves ``target`` missing and the old folder aside (``interrupted_replacement``)."""
-    old = target.with_name(f".{target.name}.replaced-{os.getpid()}")
+    old = target.with_name(sibling_name(target, f".replaced-{os.getpid()}"))
     os.rename(target, old)
     os.rename(staging, target)
     shutil.rmtree(old, ignore_errors=True)
@@ -162,7 +248,15 @@ def interrupted_replacement(target: Path) -> Path | None:
     """The previous folder of a missing ``target`` whose ``swap_in`` was killed between its renames."""
     if target.exists() or not target.parent.is_dir():
         return None
-    return next(iter(sorted(target.parent.glob(f".{target.name}.replaced-*"))), None)
+    prefix = sibling_name(target, ".replaced-")
+    return next(iter(sorted(target.parent.glob(f"{glob_escape(prefix)}*"))), None)
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with glob's special characters taken literally (a run folder ``va[2]``)."""
+    import glob
+
+    return glob.escape(name)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = False) -> Path:
@@ -191,6 +285,7 @@ def torch_save(path: str | Path, payload: Any, *, durable: bool = True) -> Path:
     return atomic_write(path, lambda tmp: torch.save(payload, tmp), durable=durable)
 
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "file_in_the_way", "fsync_path",
-           "interrupted_replacement", "is_disk_full", "process_alive", "staging_path", "swap_in",
-           "temporary_path", "torch_save", "write_json"]
+__all__ = ["acquire_lock", "atomic_write", "atomic_write_bytes", "atomic_write_text", "file_in_the_way",
+           "fsync_path", "glob_escape", "interrupted_replacement", "is_disk_full", "lock_holder",
+           "process_alive", "release_lock", "sibling_name", "staging_path", "swap_in", "temporary_path",
+           "torch_save", "what_is", "write_json"]

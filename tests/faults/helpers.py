@@ -99,13 +99,15 @@ Roots = Path | Mapping[str, Path]
 
 
 def snapshot(root: Roots) -> dict[str, str]:
-    """SHA-256 of every file under ``root`` (symlinks by target text), keyed by relative path; several roots
-    as ``{prefix: folder}`` (e.g. the workspace and a tmpfs mounted elsewhere)."""
+    """SHA-256 of every file under ``root`` (symlinks by target text), keyed by relative path, lock files
+    aside; several roots as ``{prefix: folder}`` (e.g. the workspace and a tmpfs mounted elsewhere)."""
     roots = {"": root} if isinstance(root, Path) else root
     out = {}
     for prefix, folder in roots.items():
         for path in sorted(folder.rglob("*")):
             rel = prefix + path.relative_to(folder).as_posix()
+            if path.name.endswith(".lock"):
+                continue  # single-writer locks: no artefact, only the pid of their last holder
             if path.is_symlink():
                 out[rel] = "link:" + os.readlink(path)
             elif path.is_file():
