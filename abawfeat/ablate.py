@@ -38,10 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from abawfeat.backends import Backend, BackendOptions, get_backend
 from abawfeat.errors import AbawfeatError, ConfigError
 from abawfeat.tasks import run_task_names, single_tasks
 from abawfeat.train.config import TrainConfig, default_cache, trunk_context, validate_config
-from abawfeat.train.fit import RUN_ONLY_SETTINGS, fit, run_is_complete
+from abawfeat.train.fit import RUN_ONLY_SETTINGS, run_is_complete
 from abawfeat.train.objectives import OBJECTIVES
 from abawfeat.train.rundir import run_state
 from abawfeat.utils.configs import read_json, to_dict
@@ -115,6 +116,7 @@ class Cell:
     seconds: float = 0.0
     out: str = ""  # the run directory
     ensemble: Any = None  # EnsembleConfig of an ensemble cell
+    log: str = ""  # the worker's log, where the backend keeps one (a Slurm job's output)
     seed: int | None = None  # one of the row's seeds; None for a row without seeds (one run of ``seed``)
 
     @property
@@ -128,6 +130,7 @@ class AblationResult:
     cells: list[Cell]
     table: list[dict[str, Any]]  # rows of results.csv: architecture + the four columns (None = no value)
     files: dict[str, Path]
+    script: str = ""  # --dry-run with the submitit backend: the sbatch script it would submit
 
     @property
     def failed(self) -> list[Cell]:
@@ -393,6 +396,7 @@ def plan_cells(recipe: Recipe, data: str | None = None, out: str | None = None) 
 def run_ablation(
     recipe_path: str | Path, data: str | None = None, out: str | None = None,
     log: Callable[[str], None] | None = None, dry_run: bool = False, jobs: int = 1,
+    backend: str = "local", options: BackendOptions | None = None,
 ) -> AblationResult:
     """Run (or skip) every cell, then write results.md, results.csv and report.html into the grid's out.
 
@@ -401,9 +405,16 @@ def run_ablation(
     a head's small matrix products scale poorly over threads (an LSTM epoch is 1.2-1.6x faster on two
     threads than on one, benchmarks/heads.py), while independent runs scale almost linearly, so on a 2-core
     machine two one-thread jobs finish a grid sooner. A cell's numbers never depend on ``jobs``, the load
-    or the memory free at launch: its thread count is part of its configuration."""
+    or the memory free at launch: its thread count is part of its configuration.
+
+    ``backend`` (local | submitit | ray, ``abawfeat.backends``) decides where the cells train, ``options``
+    how; every backend trains the same units into the same run directories, so the tables and grid-runs.json
+    do not depend on it. With ``jobs`` and another backend than local, ``jobs`` sizes a local Ray cluster."""
     if jobs < 0:
         raise ConfigError(f"--jobs must be at least 1 (or 0 = auto), not {jobs}")
+    options = options or BackendOptions()
+    # An unknown backend or bad options: one line before anything runs (--jobs 0 is resolved below).
+    get_backend(backend, dataclasses.replace(options, jobs=max(1, jobs)))
     say = log or (lambda _msg: None)
     recipe = load_recipe(recipe_path)
     cells = plan_cells(recipe, data, out)
@@ -414,6 +425,7 @@ def run_ablation(
         raise ConfigError(f"{where}: {blocker} is a file, not a folder; the grid's runs and tables go in a "
                           "folder (choose another --out)")
     todo: list[tuple[str, Cell]] = []
+    todo_dry: list[tuple[str, Cell]] = []  # what --dry-run would train (submitit prints its sbatch script)
     for i, cell in enumerate(cells, start=1):
         name = f"[{i}/{len(cells)}] {cell.row.label} {cell.task}"
         if run_is_complete(cell.run_dir, cell.config):
@@ -425,24 +437,34 @@ def run_ablation(
         verb = {"new": "train into", "resume": "resume", "overwrite": "retrain (settings changed)"}[cell.mode]
         if dry_run:
             say(f"{name}: would {verb} {cell.run_dir}")
+            todo_dry.append((name, cell))
         else:
             todo.append((name, cell))
     _claim_cells(out_dir, recipe, [cell for _, cell in todo if cell.mode != "new"], dry_run)
     if jobs == 0:
-        jobs = auto_jobs([cell for _, cell in todo])
-        if len(todo) > 1:
+        jobs = auto_jobs([cell for _, cell in todo or todo_dry])
+        if len(todo) > 1 and backend == "local":
             say(f"--jobs auto: {jobs} cell(s) at once")
-    if jobs == 1 or len(todo) <= 1:
-        for name, cell in todo:
-            say(f"{name}: training into {cell.run_dir}")
-            status, metrics, error, cell.seconds = _train_cell(cell.config, name, cell.mode, say)
-            cell.status, cell.metrics, cell.error = status, metrics, error
-    else:
-        _train_parallel(todo, jobs, say)
+    script = ""
+    if dry_run and backend == "submitit" and todo_dry:
+        script = get_backend_script(todo_dry, options, out_dir)
+    if todo:
+        options = dataclasses.replace(options, jobs=jobs)
+        _train_cells(todo, get_backend(backend, options), say)
     cells += _ensemble_cells(recipe, cells, out_dir, say, dry_run)
     table = results_table(recipe, cells)
     files = {} if dry_run else write_results(recipe, cells, table, out_dir, say)
-    return AblationResult(recipe=recipe, cells=cells, table=table, files=files)
+    return AblationResult(recipe=recipe, cells=cells, table=table, files=files, script=script)
+
+
+def get_backend_script(todo: list[tuple[str, Cell]], options: BackendOptions, out: Path) -> str:
+    """The sbatch script the submitit backend would submit for these cells (``--dry-run``)."""
+    from abawfeat.backends import UnitSpec
+    from abawfeat.backends.submitit_backend import SubmititBackend
+
+    specs = [UnitSpec(name=n, config=c.config) for n, c in todo]
+    folder = Path(options.log_dir or out / ".submitit") / "%j"
+    return SubmititBackend(options).script(specs, folder)
 
 
 GRID_FILE = "grid-runs.json"  # the run directories this grid trained, relative to its out folder
@@ -639,69 +661,22 @@ def available_memory() -> int:
 
 def _mode(cell: Cell) -> str:
     """new, resume (an interrupted run of the same settings) or overwrite (a run of other settings)."""
-    from abawfeat.train.rundir import RunRecord
+    from abawfeat.backends.unit import run_mode
 
-    state = run_state(cell.run_dir)
-    if state in ("missing", "empty"):
-        return "new"
-    if state == "incomplete" and (cell.run_dir / "train_state.pt").is_file():
-        try:
-            stored = dict(RunRecord.read(cell.run_dir).train)
-        except AbawfeatError:
-            return "overwrite"
-        wanted = to_dict(cell.config)
-        keys = (set(stored) | set(wanted)) - set(RUN_ONLY_SETTINGS)
-        if all(stored.get(k) == wanted.get(k) for k in keys):
-            return "resume"
-    return "overwrite"
+    return run_mode(cell.config)
 
 
-def _train_cell(
-    config: TrainConfig, name: str, mode: str = "new", say: Callable[[str], None] | None = None
-) -> tuple[str, dict[str, Any], str, float]:
-    """Train one cell: (status, metrics, error, seconds). Module-level so a worker process can run it."""
-    from abawfeat.report.plots import try_write_run_plots
-
-    say = say or (lambda msg: print(msg, flush=True))
-    t0 = time.perf_counter()
-    try:
-        if config.folds:
-            from abawfeat.cv import run_cv
-
-            cv = run_cv(dataclasses.replace(config, folds=0), config.folds, log=lambda m: say(f"{name}: {m}"))
-            return "trained", cv.metrics, "", time.perf_counter() - t0
-        result = fit(config, log=lambda m: say(f"{name}: {m}"), overwrite=mode == "overwrite",
-                     resume=mode == "resume")
-        if config.plots:
-            try_write_run_plots(result.run_dir, log=lambda m: say(f"{name}: {m}"))
-        return "trained", result.metrics, "", time.perf_counter() - t0
-    except AbawfeatError as exc:
-        # One bad cell (say, a diverged run) should not cost the rest of the grid.
-        say(f"{name}: FAILED: {exc}")
-        return "failed", {}, str(exc), time.perf_counter() - t0
-
-
-def _train_parallel(todo: list[tuple[str, Cell]], jobs: int, say: Callable[[str], None]) -> None:
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+def _train_cells(todo: list[tuple[str, Cell]], backend: Backend, say: Callable[[str], None]) -> None:
+    """Hand every cell to the backend as one unit (longest first, so the last to start is a short one)."""
+    from abawfeat.backends import UnitSpec
 
     order = sorted(todo, key=lambda t: queue_order(t[1].config))
-    # spawn, not fork: the parent may already run torch threads, which a forked child would inherit broken.
-    # One cell per process (Python >= 3.11): a process that trained a VA cell keeps its freed memory, and the
-    # next cell's would pile on top (5.6 GB for one worker in a full-scale grid, against 3.0-3.7 GB for any
-    # single cell); a fresh process costs a few seconds of imports per cell.
-    fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
-                             initializer=_quiet_worker, **fresh) as pool:
-        futures = {}
-        for name, cell in order:
-            # The cell's own thread count (its configuration), whatever the number of jobs: --jobs decides
-            # only how many cells run at once, never what a cell computes.
-            say(f"{name}: queued for {cell.run_dir} ({_threads_text(cell.config)}, {jobs} jobs)")
-            futures[pool.submit(_train_cell, cell.config, name, cell.mode)] = cell
-        for future in as_completed(futures):
-            cell = futures[future]
-            cell.status, cell.metrics, cell.error, cell.seconds = future.result()
+    specs = [UnitSpec(name=name, config=cell.config, mode=cell.mode,
+                      kind="cv" if cell.config.folds else "run") for name, cell in order]
+    results = backend.run(specs, say)
+    for (_name, cell), r in zip(order, results, strict=True):
+        cell.status = "skipped" if r.status == "skipped" else r.status
+        cell.metrics, cell.error, cell.seconds, cell.log = r.metrics, r.error, r.seconds, r.log
 
 
 def _threads_text(config: TrainConfig) -> str:
@@ -723,11 +698,6 @@ def _default_objective(task_name: str) -> str:
     from abawfeat.tasks import task
 
     return task(task_name).default_objective
-
-
-def _quiet_worker() -> None:
-    # Progress bars from several processes at once would interleave into noise; each cell logs lines.
-    os.environ["ABAWFEAT_NO_PROGRESS"] = "1"
 
 
 def results_table(recipe: Recipe, cells: list[Cell]) -> list[dict[str, Any]]:
