@@ -414,7 +414,7 @@ def run_ablation(
         raise ConfigError(f"--jobs must be at least 1 (or 0 = auto), not {jobs}")
     options = options or BackendOptions()
     # An unknown backend or bad options: one line before anything runs (--jobs 0 is resolved below).
-    get_backend(backend, dataclasses.replace(options, jobs=max(1, jobs)))
+    get_backend(backend, dataclasses.replace(options, jobs=max(1, jobs), dry_run=dry_run))
     say = log or (lambda _msg: None)
     recipe = load_recipe(recipe_path)
     cells = plan_cells(recipe, data, out)
@@ -449,7 +449,8 @@ def run_ablation(
     if dry_run and backend == "submitit" and todo_dry:
         script = get_backend_script(todo_dry, options, out_dir)
     if todo:
-        options = dataclasses.replace(options, jobs=jobs)
+        log_dir = options.log_dir or str(out_dir / ".submitit")
+        options = dataclasses.replace(options, jobs=jobs, log_dir=log_dir)
         _train_cells(todo, get_backend(backend, options), say)
     cells += _ensemble_cells(recipe, cells, out_dir, say, dry_run)
     table = results_table(recipe, cells)
@@ -464,7 +465,7 @@ def get_backend_script(todo: list[tuple[str, Cell]], options: BackendOptions, ou
 
     specs = [UnitSpec(name=n, config=c.config) for n, c in todo]
     folder = Path(options.log_dir or out / ".submitit") / "%j"
-    return SubmititBackend(options).script(specs, folder)
+    return SubmititBackend(dataclasses.replace(options, dry_run=True)).script(specs, folder)
 
 
 GRID_FILE = "grid-runs.json"  # the run directories this grid trained, relative to its out folder

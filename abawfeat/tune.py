@@ -279,7 +279,9 @@ def run_tune(cfg: TuneConfig, log: Callable[[str], None] | None = None,
     check_tune(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    backend = get_backend(cfg.backend, dataclasses.replace(options or BackendOptions(), jobs=cfg.jobs))
+    options = options or BackendOptions()
+    backend = get_backend(cfg.backend, dataclasses.replace(
+        options, jobs=cfg.jobs, log_dir=options.log_dir or str(out / ".submitit")))
     optuna = _quiet_optuna()
     from abawfeat.backends.trial import make_pruner, open_storage
 

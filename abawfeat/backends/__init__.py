@@ -38,6 +38,7 @@ class BackendOptions:
     ray_address: str = ""  # a running cluster ("auto", "ray://host:10001", "host:6379"); "" = start one
     gpus_per_run: float = 0.0  # ray: a fraction packs several runs on one GPU
     max_retries: int = 2  # ray: a unit whose worker died is run again this many times
+    dry_run: bool = False  # only plan (submitit: render the sbatch script; no Slurm needed)
 
 
 class Backend(Protocol):

@@ -45,6 +45,7 @@ class RayBackend:
         if ray.is_initialized():
             return ray, False
         address = self.options.ray_address
+        _check_reachable(address)
         try:
             if address:
                 ray.init(address=address, include_dashboard=False, log_to_driver=True)
@@ -82,6 +83,23 @@ class RayBackend:
         finally:
             if started:
                 ray.shutdown()
+
+
+def _check_reachable(address: str) -> None:
+    """A host:port (or ray://host:port) address must accept a connection within a few seconds: ray.init
+    itself keeps retrying an unreachable address for minutes."""
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", "local" or a form Ray resolves itself
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=3).close()
+    except OSError as exc:
+        raise ConfigError(f"--ray-address {address}: cannot connect to a Ray cluster there "
+                          f"({exc.strerror or exc}); start one with `ray start --head`, or leave "
+                          "--ray-address out to start a local one") from None
 
 
 BACKENDS.add("ray", RayBackend)

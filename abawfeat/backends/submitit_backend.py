@@ -53,6 +53,10 @@ class SubmititBackend:
             raise ConfigError(f"--runs-per-job must be at least 1, not {options.runs_per_job}")
         if options.slurm_time < 1:
             raise ConfigError(f"--slurm-time must be at least 1 minute, not {options.slurm_time}")
+        if not (options.submitit_local or options.dry_run) and (shutil.which("sbatch") is None
+                                                                 or shutil.which("srun") is None):
+            raise ConfigError("--backend submitit: no Slurm here (sbatch / srun not on PATH); run on the "
+                              "cluster's login node, or add --submitit-local to run the jobs on this machine")
         self.options = options
 
     def parameters(self, specs: Sequence[UnitSpec]) -> dict[str, Any]:
@@ -92,9 +96,6 @@ class SubmititBackend:
             ex = submitit.LocalExecutor(folder=str(folder))
             ex.update_parameters(timeout_min=self.options.slurm_time)
             return ex
-        if shutil.which("sbatch") is None or shutil.which("srun") is None:
-            raise ConfigError("--backend submitit: no Slurm here (sbatch / srun not on PATH); run on the "
-                              "cluster's login node, or add --submitit-local to run the jobs on this machine")
         ex = submitit.SlurmExecutor(folder=str(folder))
         try:
             ex.update_parameters(**self.parameters(specs))
@@ -106,6 +107,7 @@ class SubmititBackend:
             folder: str | Path | None = None) -> list[UnitResult]:
         if not specs:
             return []
+        # The caller's folder (a grid's, a cross-validation's or a search's out/.submitit): one per grid.
         folder = Path(folder or self.options.log_dir or Path(specs[0].config.out).parent / ".submitit")
         folder = folder / "%j"  # submitit replaces %j by the job id: one folder per job
         executor = self.executor(folder, specs)

@@ -222,6 +222,8 @@ def cv_command(
         submitit_local=submitit_local, submitit_folder=submitit_folder, ray_address=ray_address,
         gpus_per_run=gpus_per_run, max_retries=max_retries,
     )
+    if not options.log_dir:
+        options.log_dir = str(Path(config.out) / ".submitit")
     trainer = None
     if backend != "local" or jobs != 1:
         trainer = fold_trainer(get_backend(backend, options), _log)
