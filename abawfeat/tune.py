@@ -283,11 +283,13 @@ def run_tune(cfg: TuneConfig, log: Callable[[str], None] | None = None,
     backend = get_backend(cfg.backend, dataclasses.replace(
         options, jobs=cfg.jobs, log_dir=options.log_dir or str(out / ".submitit")))
     optuna = _quiet_optuna()
+    from filelock import FileLock
+
     from abawfeat.backends.trial import make_pruner, open_storage
 
-    storage = open_storage(cfg.storage_url)
     pruning = {"prune": cfg.prune and cfg.tune_on == "val", "startup": 5, "warmup": 1}
-    study = _open_study(optuna, storage, cfg, make_pruner(pruning))
+    with FileLock(str(out / ".tune.lock")):  # two workers creating one database at once would collide
+        study = _open_study(optuna, open_storage(cfg.storage_url), cfg, make_pruner(pruning))
     say(f"study {cfg.study_name!r} in {cfg.storage_url}: {', '.join(p.describe() for p in cfg.space)}")
     while True:
         asked = _ask(optuna, study, cfg, out, say)

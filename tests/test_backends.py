@@ -223,9 +223,19 @@ def test_ray_cluster_gives_the_local_grid_and_retries_a_dead_worker(
     assert (tmp_path / "grid" / "results.csv").read_text() == reference["csv"]
 
 
-def test_local_backend_is_the_jobs_path(world: World, tmp_path: Path, reference: dict[str, Any]) -> None:
-    result = run_ablation(recipe(tmp_path, world), jobs=2)
-    assert [c.status for c in result.cells] == ["trained"] * 4
-    assert metrics_of(tmp_path / "grid") == reference["metrics"]
+def test_a_unit_is_plain_picklable_data_and_backends_are_a_registry(world: World, tmp_path: Path) -> None:
+    import pickle
+
+    from worlds import config
+
+    from abawfeat.backends import backend_names
+    from abawfeat.backends.unit import train_unit
+
+    spec = UnitSpec(name="one", config=config(world, tmp_path / "run", epochs=1))
+    assert pickle.loads(pickle.dumps(spec)) == spec
+    assert backend_names() == ["local", "ray", "submitit"]
+    first = train_unit(spec, say=lambda _m: None)
+    again = train_unit(spec, say=lambda _m: None)  # handed out twice (a requeue): read back, not retrained
+    assert (first.status, again.status) == ("trained", "skipped") and again.metrics == first.metrics
     with pytest.raises(ConfigError, match="choose one of"):
         get_backend("nope")

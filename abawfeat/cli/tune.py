@@ -76,13 +76,14 @@ def tune_command(
     c = result.counts
     console.print(Text(f"{result.out}: {c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed"
                        + (f", {c['running']} still running in other workers" if c["running"] else "")
-                       + f" (budget {cfg.trials})"))
+                       + f" (budget {cfg.trials})"), soft_wrap=True)
     if result.best is not None:
         b = result.best
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in b["params"].items())
-        console.print(Text(f"best: trial {b['number']}, {b['metric']} {b['value']:.4f}: {params}"))
-        console.print(Text(f"best run: {b['run_dir']} (abawfeat evaluate {b['run_dir']})"))
+        console.print(Text(f"best: trial {b['number']}, {b['metric']} {b['value']:.4f}: {params}"),
+                      soft_wrap=True)
+        console.print(Text(f"best run: {b['run_dir']} (abawfeat evaluate {b['run_dir']})"), soft_wrap=True)
     warn_line(result.note)
     for path in result.files.values():
-        console.print(str(path), highlight=False)
+        console.print(str(path), highlight=False, soft_wrap=True)
