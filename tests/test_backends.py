@@ -239,3 +239,35 @@ def test_a_unit_is_plain_picklable_data_and_backends_are_a_registry(world: World
     assert (first.status, again.status) == ("trained", "skipped") and again.metrics == first.metrics
     with pytest.raises(ConfigError, match="choose one of"):
         get_backend("nope")
+
+
+def test_a_job_signalled_for_timeout_requeues_with_the_runs_it_had_not_finished(
+    world: World, tmp_path: Path, by_value: None
+) -> None:
+    # submitit's LocalExecutor delivers the signal Slurm sends before a time limit or a pre-emption; the
+    # job's checkpoint() requeues it with its unfinished runs, and the run it was training resumes.
+    import submitit
+    from worlds import config
+
+    from abawfeat.backends.submitit_backend import UnitBatch
+
+    specs = [UnitSpec(name=f"run {i}", config=config(world, tmp_path / f"run-{i}", epochs=30, seed=i))
+             for i in range(2)]
+    executor = submitit.LocalExecutor(folder=str(tmp_path / "jobs"))
+    executor.update_parameters(timeout_min=10)
+    job = executor.submit(UnitBatch(specs))
+    state = tmp_path / "run-0" / "train_state.pt"
+    deadline = time.monotonic() + 240
+    while not state.is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # What Slurm delivers before a time limit or a pre-emption, sent to the job's task process (a child of
+    # submitit's local controller, which does not forward this signal itself).
+    controller = job._process.pid
+    children = Path(f"/proc/{controller}/task/{controller}/children").read_text().split()
+    assert len(children) == 1
+    os.kill(int(children[0]), submitit.local.local.LocalJobEnvironment._usr_sig())
+    results = job.result()
+    assert [r.status for r in results] == ["trained", "trained"]
+    log = Path(job.paths.stdout).read_text()
+    assert "resuming" in log and "run 0" in log
+    assert all((tmp_path / f"run-{i}" / "metrics.json").is_file() for i in range(2))
