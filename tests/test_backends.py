@@ -271,3 +271,23 @@ def test_a_job_signalled_for_timeout_requeues_with_the_runs_it_had_not_finished(
     log = Path(job.paths.stdout).read_text()
     assert "resuming" in log and "run 0" in log
     assert all((tmp_path / f"run-{i}" / "metrics.json").is_file() for i in range(2))
+
+
+def test_cv_folds_through_a_backend_equal_the_folds_trained_in_line(world: World, tmp_path: Path) -> None:
+    import dataclasses
+
+    from worlds import config
+
+    from abawfeat.backends import fold_trainer
+    from abawfeat.cv import run_cv
+
+    cfg = config(world, tmp_path / "inline", epochs=2)
+    inline = run_cv(cfg, 2)
+    messages: list[str] = []
+    through = run_cv(dataclasses.replace(cfg, out=str(tmp_path / "backend")), 2,
+                     train_folds=fold_trainer(get_backend("local"), messages.append))
+    assert through.metrics == inline.metrics
+    assert any("fold 2/2: training into" in m for m in messages)
+    again = run_cv(dataclasses.replace(cfg, out=str(tmp_path / "backend")), 2,
+                   train_folds=fold_trainer(get_backend("local"), messages.append))
+    assert again.metrics == inline.metrics
