@@ -296,8 +296,7 @@ def run_tune(cfg: TuneConfig, log: Callable[[str], None] | None = None,
         if not asked:
             break
         specs = []
-        for trial, run_dir in asked:
-            params = {p.name: p.suggest(trial) for p in cfg.space}
+        for trial, run_dir, params in asked:
             spec_trial = {"storage": cfg.storage_url, "study": cfg.study_name, "trial_id": trial._trial_id,
                           "metric": cfg.metric, **pruning}
             try:
@@ -352,7 +351,7 @@ def _alive(owner: str) -> bool:
 
 
 def _ask(optuna: Any, study: Any, cfg: TuneConfig, out: Path,
-         say: Callable[[str], None]) -> list[tuple[Any, Path]]:
+         say: Callable[[str], None]) -> list[tuple[Any, Path, dict[str, Any]]]:
     """Under the study's lock: fail the trials of dead workers (their points asked again, in their run
     directories), count, and ask at most ``jobs`` trials within the budget."""
     from filelock import FileLock
@@ -378,7 +377,10 @@ def _ask(optuna: Any, study: Any, cfg: TuneConfig, out: Path,
             run_dir = trial.user_attrs.get(RUN_DIR) or str(out / "trials" / f"trial-{trial.number:04d}")
             trial.set_user_attr(OWNER, f"{socket.gethostname()}:{os.getpid()}")
             trial.set_user_attr(RUN_DIR, run_dir)
-            asked.append((trial, Path(run_dir)))
+            # Drawn now, by this trial's own sampler (a trial draws lazily, from the study's sampler of the
+            # moment: the next ask would replace it).
+            params = {p.name: p.suggest(trial) for p in cfg.space}
+            asked.append((trial, Path(run_dir), params))
         return asked
 
 

@@ -193,3 +193,25 @@ def test_the_pruner_stops_a_hopeless_trial_through_the_epoch_hook(world: World, 
     run = tmp_path / "run"
     assert (run / "train_state.pt").is_file() and not (run / "metrics.json").exists()
     assert list(optuna.load_study(study_name="s", storage=url).trials[-1].intermediate_values) == [1]
+
+
+def test_the_sampler_is_seeded_per_trial_whatever_the_jobs(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --jobs 3 asks three trials at once; they train here one after another (the local backend's worker
+    # processes would only cost start-up time): the points drawn must not depend on how many are asked.
+    import abawfeat.tune as tune
+    from abawfeat.backends import BackendOptions
+    from abawfeat.backends.local import LocalBackend
+    from abawfeat.tune import TuneConfig, run_tune
+
+    monkeypatch.setattr(tune, "get_backend", lambda _name, _options: LocalBackend(BackendOptions()))
+
+    def params(out: Path, jobs: int) -> list[dict]:
+        cfg = TuneConfig(task="va", data=str(world.root), cache=(str(world.cache),), out=str(out), trials=3,
+                         epochs=1, jobs=jobs, fixed={"batch_size": 64})
+        run_tune(cfg)
+        return [t.params for t in sorted(load(out).get_trials(), key=lambda t: t.number)]
+
+    one = params(tmp_path / "a", 1)
+    assert params(tmp_path / "b", 3) == one and len({json.dumps(p, sort_keys=True) for p in one}) == 3
