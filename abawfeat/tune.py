@@ -20,8 +20,8 @@ A recipe (TOML, data, never code)::
                 tune_on (val | holdout), prune (true), backend (local), jobs
     [fixed]     any train-head option every trial uses (batch_size, threads, ...)
     [space.NAME]  type = "float" | "log" | "int" | "categorical"; low / high (step, log) or choices;
-                NAME is a train-head option (lr, weight_decay, hidden, layers, window, dropout, head,
-                objective, class_weights, pos_weight, ...) or trunk_opts.KEY (a trunk option)
+                NAME is a train-head option (lr, weight_decay, hidden, layers, window, dropout, head (or
+                trunk), objective, class_weights, pos_weight, ...) or trunk_opts.KEY (a trunk option)
 
 Selecting on validation flatters the best score (as tuned thresholds do): the summary says so. With
 ``tune_on = "holdout"`` each trial holds out a share of its training videos and the search selects by their
@@ -166,7 +166,7 @@ def parse_space(where: str, raw: Any) -> list[Param]:
         base = name.split(".", 1)[0]
         if base == "trunk_opts" and "." in name:
             pass
-        elif name not in TRAIN_KEYS and name != "head":
+        elif name not in TRAIN_KEYS and name not in ("head", "trunk"):
             raise ConfigError(f"{at}: {name!r} is not a train-head option (nor trunk_opts.KEY)")
         unknown = sorted(set(entry) - {"type", "low", "high", "step", "log", "choices"})
         if unknown:
@@ -179,7 +179,7 @@ def parse_space(where: str, raw: Any) -> list[Param]:
             choices = entry.get("choices")
             if not isinstance(choices, list) or not choices:
                 raise ConfigError(f"{at}: a categorical parameter needs choices = [...]")
-            out.append(Param(name, kind, choices=tuple(choices)))
+            out.append(Param("head" if name == "trunk" else name, kind, choices=tuple(choices)))
             continue
         low, high = entry.get("low"), entry.get("high")
         numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high))
@@ -210,10 +210,10 @@ def load_tune_recipe(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], 
         raise ConfigError(f"{path}: cannot read the recipe ({exc})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    unknown = sorted(set(raw) - {"tune", "fixed", "space"})
+    unknown = sorted(set(raw) - {"tune", "caches", "fixed", "space"})
     if unknown:
-        raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(unknown)}; expected tune, fixed, "
-                          "space")
+        raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(unknown)}; expected tune, caches, "
+                          "fixed, space")
     settings = raw.get("tune", {})
     if not isinstance(settings, dict):
         raise ConfigError(f"{path}: [tune] must be a table")
@@ -221,6 +221,13 @@ def load_tune_recipe(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], 
         if key not in TUNE_KEYS:
             raise ConfigError(f"{path}: [tune] unknown key {key!r}; expected {', '.join(TUNE_KEYS)}")
         _check_value(f"{path}: [tune]", key, value, TUNE_KEYS[key])
+    caches = raw.get("caches", {})
+    if not isinstance(caches, dict) or not all(isinstance(v, str) for v in caches.values()):
+        raise ConfigError(f"{path}: [caches] must map backbone names to cache file paths (strings)")
+    if caches:
+        if "cache" in settings:
+            raise ConfigError(f"{path}: give the caches in [caches] or as [tune] cache, not both")
+        settings["cache"] = list(caches.values())  # several: fused, in this order
     fixed = raw.get("fixed", {})
     if not isinstance(fixed, dict):
         raise ConfigError(f"{path}: [fixed] must be a table")
