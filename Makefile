@@ -9,7 +9,7 @@ DEMO   := demo
 
 $(BIN)/abawfeat: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,ray]'
 	touch $(BIN)/abawfeat
 
 install: $(BIN)/abawfeat

@@ -32,7 +32,6 @@ grid resumes where it stopped.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import json
@@ -46,10 +45,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from abawfeat.backends import Backend, BackendOptions, get_backend
 from abawfeat.errors import AbawfeatError, ConfigError
 from abawfeat.tasks import run_task_names, single_tasks
 from abawfeat.train.config import TrainConfig, default_cache, trunk_context, validate_config
-from abawfeat.train.fit import RUN_ONLY_SETTINGS, fit, run_is_complete
+from abawfeat.train.fit import RUN_ONLY_SETTINGS, run_is_complete
 from abawfeat.train.objectives import OBJECTIVES
 from abawfeat.train.rundir import run_state, writer_lock
 from abawfeat.utils.configs import read_json, to_dict
@@ -123,6 +123,7 @@ class Cell:
     seconds: float = 0.0
     out: str = ""  # the run directory
     ensemble: Any = None  # EnsembleConfig of an ensemble cell
+    log: str = ""  # the worker's log, where the backend keeps one (a Slurm job's output)
     seed: int | None = None  # one of the row's seeds; None for a row without seeds (one run of ``seed``)
 
     @property
@@ -136,6 +137,7 @@ class AblationResult:
     cells: list[Cell]
     table: list[dict[str, Any]]  # rows of results.csv: architecture + the four columns (None = no value)
     files: dict[str, Path]
+    script: str = ""  # --dry-run with the submitit backend: the sbatch script it would submit
 
     @property
     def failed(self) -> list[Cell]:
@@ -421,6 +423,7 @@ def plan_cells(recipe: Recipe, data: str | None = None, out: str | None = None) 
 def run_ablation(
     recipe_path: str | Path, data: str | None = None, out: str | None = None,
     log: Callable[[str], None] | None = None, dry_run: bool = False, jobs: int = 1,
+    backend: str = "local", options: BackendOptions | None = None,
 ) -> AblationResult:
     """Run (or skip) every cell, then write results.md, results.csv and report.html into the grid's out.
 
@@ -429,18 +432,25 @@ def run_ablation(
     a head's small matrix products scale poorly over threads (an LSTM epoch is 1.2-1.6x faster on two
     threads than on one, benchmarks/heads.py), while independent runs scale almost linearly, so on a 2-core
     machine two one-thread jobs finish a grid sooner. A cell's numbers never depend on ``jobs``, the load
-    or the memory free at launch: its thread count is part of its configuration."""
+    or the memory free at launch: its thread count is part of its configuration.
+
+    ``backend`` (local | submitit | ray, ``abawfeat.backends``) decides where the cells train, ``options``
+    how; every backend trains the same units into the same run directories, so the tables and grid-runs.json
+    do not depend on it. With ``jobs`` and another backend than local, ``jobs`` sizes a local Ray cluster."""
     if jobs < 0:
         raise ConfigError(f"--jobs must be at least 1 (or 0 = auto), not {jobs}")
+    options = options or BackendOptions()
+    # An unknown backend or bad options: one line before anything runs (--jobs 0 is resolved below).
+    get_backend(backend, dataclasses.replace(options, jobs=max(1, jobs), dry_run=dry_run))
     say = log or (lambda _msg: None)
     recipe = load_recipe(recipe_path)
     cells = plan_cells(recipe, data, out)
     out_dir = Path(out or recipe.out)
     _check_grid_out(out_dir, recipe, out, cells)
     if dry_run:
-        return _run_grid(recipe, cells, out_dir, say, dry_run, jobs)
+        return _run_grid(recipe, cells, out_dir, say, dry_run, jobs, backend, options)
     with writer_lock(out_dir, "grid"):
-        return _run_grid(recipe, cells, out_dir, say, dry_run, jobs)
+        return _run_grid(recipe, cells, out_dir, say, dry_run, jobs, backend, options)
 
 
 def _check_grid_out(out_dir: Path, recipe: Recipe, out: str | None, cells: list[Cell]) -> None:
@@ -470,8 +480,9 @@ def _check_grid_out(out_dir: Path, recipe: Recipe, out: str | None, cells: list[
 
 
 def _run_grid(recipe: Recipe, cells: list[Cell], out_dir: Path, say: Callable[[str], None], dry_run: bool,
-              jobs: int) -> AblationResult:
+              jobs: int, backend: str, options: BackendOptions) -> AblationResult:
     todo: list[tuple[str, Cell]] = []
+    todo_dry: list[tuple[str, Cell]] = []  # what --dry-run would train (submitit prints its sbatch script)
     for i, cell in enumerate(cells, start=1):
         name = f"[{i}/{len(cells)}] {cell.row.label} {cell.task}"
         if run_is_complete(cell.run_dir, cell.config):
@@ -483,30 +494,42 @@ def _run_grid(recipe: Recipe, cells: list[Cell], out_dir: Path, say: Callable[[s
         verb = {"new": "train into", "resume": "resume", "overwrite": "retrain (settings changed)"}[cell.mode]
         if dry_run:
             say(f"{name}: would {verb} {cell.run_dir}")
+            todo_dry.append((name, cell))
         else:
             todo.append((name, cell))
     _claim_cells(out_dir, recipe, [cell for _, cell in todo if cell.mode != "new"], dry_run)
     if jobs == 0:
-        jobs = auto_jobs([cell for _, cell in todo])
-        if len(todo) > 1:
+        jobs = auto_jobs([cell for _, cell in todo or todo_dry])
+        if len(todo) > 1 and backend == "local":
             say(f"--jobs auto: {jobs} cell(s) at once")
-    cores = os.cpu_count() or 1
-    busiest = max((c.config.threads or cores for _, c in todo), default=1)
-    at_once = min(jobs, len(todo))
-    if at_once * busiest > cores:
-        say(f"note: {at_once} job(s) of up to {busiest} thread(s) each share {cores} core(s): slower, the "
-            "same numbers (a cell's threads are its configuration)")
-    if jobs == 1 or len(todo) <= 1:
-        for name, cell in todo:
-            say(f"{name}: training into {cell.run_dir}")
-            status, metrics, error, cell.seconds = _train_cell(cell.config, name, cell.mode, say)
-            cell.status, cell.metrics, cell.error = status, metrics, error
-    else:
-        _train_parallel(todo, jobs, say)
+    script = ""
+    if dry_run and backend == "submitit" and todo_dry:
+        script = get_backend_script(todo_dry, options, out_dir)
+    if todo and backend == "local":
+        cores = os.cpu_count() or 1
+        busiest = max((c.config.threads or cores for _, c in todo), default=1)
+        at_once = min(jobs, len(todo))
+        if at_once * busiest > cores:
+            say(f"note: {at_once} job(s) of up to {busiest} thread(s) each share {cores} core(s): slower, "
+                "the same numbers (a cell's threads are its configuration)")
+    if todo:
+        log_dir = options.log_dir or str(out_dir / ".submitit")
+        options = dataclasses.replace(options, jobs=jobs, log_dir=log_dir)
+        _train_cells(todo, get_backend(backend, options), say)
     cells += _ensemble_cells(recipe, cells, out_dir, say, dry_run)
     table = results_table(recipe, cells)
     files = {} if dry_run else write_results(recipe, cells, table, out_dir, say)
-    return AblationResult(recipe=recipe, cells=cells, table=table, files=files)
+    return AblationResult(recipe=recipe, cells=cells, table=table, files=files, script=script)
+
+
+def get_backend_script(todo: list[tuple[str, Cell]], options: BackendOptions, out: Path) -> str:
+    """The sbatch script the submitit backend would submit for these cells (``--dry-run``)."""
+    from abawfeat.backends import UnitSpec
+    from abawfeat.backends.submitit_backend import SubmititBackend
+
+    specs = [UnitSpec(name=n, config=c.config) for n, c in todo]
+    folder = Path(options.log_dir or out / ".submitit") / "%j"
+    return SubmititBackend(dataclasses.replace(options, dry_run=True)).script(specs, folder)
 
 
 GRID_FILE = "grid-runs.json"  # the run directories this grid trained, relative to its out folder
@@ -703,170 +726,22 @@ def available_memory() -> int:
 
 def _mode(cell: Cell) -> str:
     """new, resume (an interrupted run of the same settings) or overwrite (a run of other settings)."""
-    from abawfeat.train.rundir import RunRecord
+    from abawfeat.backends.unit import run_mode
 
-    state = run_state(cell.run_dir)
-    if state in ("missing", "empty"):
-        return "new"
-    if state == "incomplete" and (cell.run_dir / "train_state.pt").is_file():
-        try:
-            stored = dict(RunRecord.read(cell.run_dir).train)
-        except AbawfeatError:
-            return "overwrite"
-        wanted = to_dict(cell.config)
-        keys = (set(stored) | set(wanted)) - set(RUN_ONLY_SETTINGS)
-        if all(stored.get(k) == wanted.get(k) for k in keys):
-            return "resume"
-    return "overwrite"
+    return run_mode(cell.config)
 
 
-def _train_cell(
-    config: TrainConfig, name: str, mode: str = "new", say: Callable[[str], None] | None = None
-) -> tuple[str, dict[str, Any], str, float]:
-    """Train one cell: (status, metrics, error, seconds). Module-level so a worker process can run it."""
-    from abawfeat.report.plots import try_write_run_plots
-
-    say = say or (lambda msg: print(msg, flush=True))
-    t0 = time.perf_counter()
-    try:
-        if config.folds:
-            from abawfeat.cv import run_cv
-
-            cv = run_cv(dataclasses.replace(config, folds=0), config.folds, log=lambda m: say(f"{name}: {m}"))
-            return "trained", cv.metrics, "", time.perf_counter() - t0
-        result = fit(config, log=lambda m: say(f"{name}: {m}"), overwrite=mode == "overwrite",
-                     resume=mode == "resume")
-        if config.plots:
-            try_write_run_plots(result.run_dir, log=lambda m: say(f"{name}: {m}"))
-        return "trained", result.metrics, "", time.perf_counter() - t0
-    except AbawfeatError as exc:
-        # One bad cell (say, a diverged run) should not cost the rest of the grid.
-        say(f"{name}: FAILED: {exc}")
-        return "failed", {}, str(exc), time.perf_counter() - t0
-
-
-def _train_parallel(todo: list[tuple[str, Cell]], jobs: int, say: Callable[[str], None]) -> None:
-    import multiprocessing as mp
-    from multiprocessing.connection import wait
+def _train_cells(todo: list[tuple[str, Cell]], backend: Backend, say: Callable[[str], None]) -> None:
+    """Hand every cell to the backend as one unit (longest first, so the last to start is a short one)."""
+    from abawfeat.backends import UnitSpec
 
     order = sorted(todo, key=lambda t: queue_order(t[1].config))
-    # spawn, not fork: the parent may already run torch threads, which a forked child would inherit broken.
-    # One process per cell: a process that trained a VA cell keeps its freed memory, and the next cell's
-    # would pile on top (5.6 GB for one worker in a full-scale grid, against 3.0-3.7 GB for any single
-    # cell); a fresh process costs a few seconds of imports per cell.
-    ctx = mp.get_context("spawn")
-    queue = list(order)
-    running: dict[Any, tuple[Any, Any, Cell]] = {}  # result pipe -> (process, pipe, cell)
-    with _forwarded_signals(lambda: [p for p, _, _ in running.values()]):
-        try:
-            while queue or running:
-                while queue and len(running) < jobs:
-                    name, cell = queue.pop(0)
-                    # The cell's own thread count (its configuration), whatever the number of jobs:
-                    # --jobs decides only how many cells run at once, never what a cell computes.
-                    config = cell.config
-                    say(f"{name}: queued for {cell.run_dir} ({_threads_text(config)}, {jobs} jobs)")
-                    receive, send = ctx.Pipe(duplex=False)
-                    proc = ctx.Process(target=_cell_worker, args=(send, config, name, cell.mode))
-                    proc.start()
-                    send.close()
-                    running[receive] = (proc, receive, cell)
-                for ready in wait(list(running)):
-                    proc, receive, cell = running.pop(ready)
-                    try:
-                        result = receive.recv()
-                    except (EOFError, OSError):
-                        result = ("failed", {}, f"its worker process ended with code {proc.exitcode}", 0.0)
-                    receive.close()
-                    proc.join()
-                    cell.status, cell.metrics, cell.error, cell.seconds = result
-        finally:
-            # However the parent leaves (a signal, an error), no worker outlives it: each is told to stop
-            # the way the parent was, then waited for.
-            _stop_workers([p for p, _, _ in running.values()])
-
-
-def _cell_worker(send: Any, config: TrainConfig, name: str, mode: str) -> None:
-    """A worker process: one cell, its result sent back. SIGTERM stops it as Ctrl-C does (the run stays
-    interrupted and resumable, its staged replacement removed); either ends it quietly, without a traceback,
-    since the parent reports the interruption once."""
-    import signal
-
-    _quiet_worker()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _raise_interrupt)
-    try:
-        send.send(_train_cell(config, name, mode))
-    except KeyboardInterrupt:
-        os._exit(130)
-    finally:
-        send.close()
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    """The first SIGTERM or SIGINT interrupts the worker; later ones (Ctrl-C reaches it both from the
-    terminal and through the parent) are ignored, so the run's own clean-up is not cut short."""
-    import signal
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        # A handler that does nothing, not SIG_IGN: a second signal already pending would otherwise be
-        # reported by Python as "ignored due to race condition", with a traceback.
-        signal.signal(sig, _ignore_signal)
-    raise KeyboardInterrupt
-
-
-def _ignore_signal(signum: int, frame: Any) -> None:
-    return None
-
-
-class _forwarded_signals:
-    """While the parent runs workers, SIGTERM and SIGINT reach every worker too (a SIGTERM sent to the
-    parent alone, by a scheduler or ``kill``, would otherwise leave them training), and the parent stops
-    as for Ctrl-C (``KeyboardInterrupt``: one ``interrupted:`` line). Only in the main thread, where Python
-    lets a handler be set."""
-
-    def __init__(self, workers: Callable[[], list[Any]]) -> None:
-        self.workers = workers
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _forwarded_signals:
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self.previous[sig] = signal.signal(sig, self._forward)
-        return self
-
-    def _forward(self, signum: int, frame: Any) -> None:
-        for proc in self.workers():
-            if proc.pid is not None and proc.exitcode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signum)
-        raise KeyboardInterrupt
-
-    def __exit__(self, *exc: Any) -> None:
-        import signal
-
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-def _stop_workers(procs: list[Any], grace: float = 30.0) -> None:
-    """Wait for workers already told to stop (SIGTERM them if they were not), killing any still there after
-    ``grace`` seconds: a worker left behind would keep training beside a re-run of the grid."""
-    import signal
-
-    for proc in procs:
-        if proc.exitcode is None and proc.pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for proc in procs:
-        proc.join(max(0.0, deadline - time.monotonic()))
-        if proc.exitcode is None:
-            proc.kill()
-            proc.join()
+    specs = [UnitSpec(name=name, config=cell.config, mode=cell.mode,
+                      kind="cv" if cell.config.folds else "run") for name, cell in order]
+    results = backend.run(specs, say)
+    for (_name, cell), r in zip(order, results, strict=True):
+        cell.status = "skipped" if r.status == "skipped" else r.status
+        cell.metrics, cell.error, cell.seconds, cell.log = r.metrics, r.error, r.seconds, r.log
 
 
 def _threads_text(config: TrainConfig) -> str:
@@ -888,11 +763,6 @@ def _default_objective(task_name: str) -> str:
     from abawfeat.tasks import task
 
     return task(task_name).default_objective
-
-
-def _quiet_worker() -> None:
-    # Progress bars from several processes at once would interleave into noise; each cell logs lines.
-    os.environ["ABAWFEAT_NO_PROGRESS"] = "1"
 
 
 def results_table(recipe: Recipe, cells: list[Cell]) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from abawfeat.data.sequences import SequenceSet
-from abawfeat.errors import ConfigError, DiskFullError
+from abawfeat.errors import ConfigError, DiskFullError, RunError
 from abawfeat.train.config import TrainConfig, validate_config
 from abawfeat.train.finish import summarize_folds, tune_decisions, write_smoothing
 from abawfeat.train.fit import RUN_ONLY_SETTINGS, fit, run_is_complete
@@ -55,8 +55,16 @@ def fold_dir(out: str | Path, fold: int) -> Path:
     return Path(out) / f"fold-{fold}"
 
 
-def run_cv(cfg: TrainConfig, folds: int, log: Callable[[str], None] | None = None) -> CVResult:
-    """Train every fold of ``folds`` (``cfg.out`` is the cross-validation run's directory) and write it."""
+# Trains the listed folds (name, config) somewhere (``abawfeat.backends``) and returns one line per fold that
+# failed; the folds are complete run directories afterwards, whoever trained them.
+FoldTrainer = Callable[[list[tuple[str, TrainConfig]]], list[str]]
+
+
+def run_cv(cfg: TrainConfig, folds: int, log: Callable[[str], None] | None = None,
+           train_folds: FoldTrainer | None = None) -> CVResult:
+    """Train every fold of ``folds`` (``cfg.out`` is the cross-validation run's directory) and write it.
+    ``train_folds``: hand the folds still to train to a backend (all at once); by default they train here,
+    one after another."""
     say = log or (lambda _msg: None)
     if folds < 2:
         raise ConfigError(f"--folds must be at least 2, got {folds}")
@@ -66,21 +74,34 @@ def run_cv(cfg: TrainConfig, folds: int, log: Callable[[str], None] | None = Non
     for f in fold_cfgs:
         validate_config(f)
     with writer_lock(out, "cross-validation"):
-        return _run_cv_locked(cfg, folds, out, fold_cfgs, say)
+        return _run_cv_locked(cfg, folds, out, fold_cfgs, say, train_folds)
 
 
 def _run_cv_locked(cfg: TrainConfig, folds: int, out: Path, fold_cfgs: list[TrainConfig],
-                   say: Callable[[str], None]) -> CVResult:
+                   say: Callable[[str], None], train_folds: FoldTrainer | None) -> CVResult:
     if _check_out(out, fold_cfgs) and all(run_is_complete(f.out, f) for f in fold_cfgs):
         say(f"{out}: the cross-validation is complete with these settings; nothing to do")
         metrics = read_json(out / METRICS_FILE)
         return CVResult(run_dir=out, metrics=metrics, folds=[Path(f.out) for f in fold_cfgs])
     out.mkdir(parents=True, exist_ok=True)
     results = []
+    if train_folds is not None:
+        todo = []
+        for i, f in enumerate(fold_cfgs):
+            name = f"fold {i + 1}/{folds}"
+            if run_is_complete(f.out, f):
+                say(f"{name}: already complete in {f.out}, kept")
+            else:
+                todo.append((name, f))
+        failed = train_folds(todo) if todo else []
+        if failed:
+            raise RunError(f"{out}: {len(failed)} fold(s) failed ({'; '.join(failed)}); the complete folds "
+                           "are kept: run the same cv again to train the rest")
     for i, f in enumerate(fold_cfgs):
         name = f"fold {i + 1}/{folds}"
         if run_is_complete(f.out, f):
-            say(f"{name}: already complete in {f.out}, kept")
+            if train_folds is None:
+                say(f"{name}: already complete in {f.out}, kept")
         else:
             resume = run_state(f.out) == "incomplete" and (Path(f.out) / "train_state.pt").is_file()
             say(f"{name}: {'resuming' if resume else 'training'} {f.out}")
@@ -186,4 +207,4 @@ def _check_folds(folds: list[TrainConfig]) -> None:
                               "earlier cross-validation; it is kept: choose another --out")
 
 
-__all__ = ["SUMMARY_FILE", "CVResult", "fold_dir", "run_cv"]
+__all__ = ["SUMMARY_FILE", "CVResult", "FoldTrainer", "fold_dir", "run_cv"]

@@ -21,8 +21,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("abawfeat.audio.extract", "abawfeat.train"),
     ("abawfeat.extract",),
     ("abawfeat.finetune", "abawfeat.predict", "abawfeat.ensemble", "abawfeat.cv", "abawfeat.analyze"),
-    ("abawfeat.report", "abawfeat.reproduce"),
-    ("abawfeat.ablate",),
+    ("abawfeat.report", "abawfeat.reproduce", "abawfeat.backends"),
+    ("abawfeat.ablate", "abawfeat.tune"),
     ("abawfeat.cli", "abawfeat.__main__"),
 ]
 

@@ -46,6 +46,7 @@ def _register() -> None:
         report,
         synth,
         train,
+        tune,
         video,
         weights,
     )

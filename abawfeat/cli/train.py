@@ -13,6 +13,7 @@ from typing import Any
 import typer
 from rich.text import Text
 
+from abawfeat.cli import _backend_opts as bo
 from abawfeat.cli import _stage_two as st
 from abawfeat.cli import app
 from abawfeat.cli._common import console, err_console, error_line, guarded, warn_line
@@ -195,6 +196,20 @@ def cv_command(
     tune_on: st.TuneOn = "val",
     holdout: st.Holdout = 0.15,
     plots: st.Plots = True,
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Folds trained at once (local backend), or the CPUs of "
+                             "a local Ray cluster; never changes a number."),
+    backend: bo.Backend = "local",
+    slurm_partition: bo.SlurmPartition = "",
+    slurm_gpus_per_job: bo.SlurmGpus = 0,
+    slurm_time: bo.SlurmTime = 60,
+    slurm_array_parallelism: bo.SlurmArray = 0,
+    slurm_opt: bo.SlurmOpt = None,
+    runs_per_job: bo.RunsPerJob = 1,
+    submitit_local: bo.SubmititLocal = False,
+    submitit_folder: bo.SubmititFolder = None,
+    ray_address: bo.RayAddress = "",
+    gpus_per_run: bo.GpusPerRun = 0.0,
+    max_retries: bo.MaxRetries = 2,
 ) -> None:
     """Cross-validate a head over train+val: one run per fold in OUT/fold-I (the train-head options apply to
     each), OUT/summary.json with each metric's mean and spread; OUT predicts the test split as an ensemble of
@@ -212,7 +227,21 @@ def cv_command(
         trunk_opt=trunk_opt, device=device, threads=threads, precision=precision, smooth=smooth,
         tune_on=tune_on, holdout=holdout, plots=plots,
     )
-    result = run_cv(config, folds, log=_log)
+    from abawfeat.backends import fold_trainer, get_backend
+
+    options = bo.backend_options(
+        jobs=jobs, slurm_partition=slurm_partition, slurm_gpus_per_job=slurm_gpus_per_job,
+        slurm_time=slurm_time,
+        slurm_array_parallelism=slurm_array_parallelism, slurm_opt=slurm_opt, runs_per_job=runs_per_job,
+        submitit_local=submitit_local, submitit_folder=submitit_folder, ray_address=ray_address,
+        gpus_per_run=gpus_per_run, max_retries=max_retries,
+    )
+    if not options.log_dir:
+        options.log_dir = str(Path(config.out) / ".submitit")
+    trainer = None
+    if backend != "local" or jobs != 1:
+        trainer = fold_trainer(get_backend(backend, options), _log)
+    result = run_cv(config, folds, log=_log, train_folds=trainer)
     if plots:
         from abawfeat.report.plots import try_write_run_plots
 
@@ -305,6 +334,18 @@ def ablate_command(
         "threads (recipe `threads`, default 1): --jobs never changes a number. 0 = auto: as many as the "
         "cores and memory hold, 1 on a GPU.",
     ),
+    backend: bo.Backend = "local",
+    slurm_partition: bo.SlurmPartition = "",
+    slurm_gpus_per_job: bo.SlurmGpus = 0,
+    slurm_time: bo.SlurmTime = 60,
+    slurm_array_parallelism: bo.SlurmArray = 0,
+    slurm_opt: bo.SlurmOpt = None,
+    runs_per_job: bo.RunsPerJob = 1,
+    submitit_local: bo.SubmititLocal = False,
+    submitit_folder: bo.SubmititFolder = None,
+    ray_address: bo.RayAddress = "",
+    gpus_per_run: bo.GpusPerRun = 0.0,
+    max_retries: bo.MaxRetries = 2,
 ) -> None:
     """Run a grid of train-head runs (complete runs with the same config are skipped) and write
     results.md / results.csv in the seed paper's Table 3 layout, plus report.html."""
@@ -312,8 +353,17 @@ def ablate_command(
 
     from abawfeat.ablate import COLUMNS, format_cell, run_ablation
 
+    options = bo.backend_options(
+        jobs=jobs, slurm_partition=slurm_partition, slurm_gpus_per_job=slurm_gpus_per_job,
+        slurm_time=slurm_time,
+        slurm_array_parallelism=slurm_array_parallelism, slurm_opt=slurm_opt, runs_per_job=runs_per_job,
+        submitit_local=submitit_local, submitit_folder=submitit_folder, ray_address=ray_address,
+        gpus_per_run=gpus_per_run, max_retries=max_retries,
+    )
     result = run_ablation(recipe, str(data) if data else None, str(out) if out else None, log=_log,
-                          dry_run=dry_run, jobs=jobs)
+                          dry_run=dry_run, jobs=jobs, backend=backend, options=options)
+    if result.script:
+        typer.echo(result.script)
     table = Table(title=result.recipe.title, title_justify="left")
     table.add_column("Architecture")
     for column in COLUMNS:
@@ -325,7 +375,8 @@ def ablate_command(
         console.print(str(path), highlight=False)
     if result.failed:
         for cell in result.failed:
-            error_line(f"{cell.row.label} {cell.task}: {cell.error}", label="failed:")
+            where = f" (log {cell.log})" if cell.log and cell.log not in cell.error else ""
+            error_line(f"{cell.row.label} {cell.task}: {cell.error}{where}", label="failed:")
         raise typer.Exit(code=1)
 
 

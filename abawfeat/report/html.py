@@ -435,8 +435,10 @@ _GENERATOR = '<meta name="generator" content="abawfeat '
 _FOOTER = "How to read this report: docs/reports.md in the abawfeat repository."
 
 
-def render_report(runs: Sequence[Run], published: Sequence[PublishedResult], title: str) -> str:
-    """The report as one HTML string (no file access except reading the runs' plot PNGs)."""
+def render_report(runs: Sequence[Run], published: Sequence[PublishedResult], title: str,
+                  appendix: tuple[str, Path | None] | None = None) -> str:
+    """The report as one HTML string (no file access except reading the runs' plot PNGs).
+    ``appendix``: a search's trials table (its markdown text, shown as is) and importance plot."""
     when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     rows = table3_rows(runs)
     index = "".join(f'<li><a href="#{r.anchor}">{_e(r.label)}</a> <span class="tag">{_e(r.task)}</span> '
@@ -455,6 +457,7 @@ def render_report(runs: Sequence[Run], published: Sequence[PublishedResult], tit
         f"numbers rounded to {DECIMALS} decimals, exact value on hover</p>",
         "<h2>Results (Table 3 layout)</h2>",
         _table3(rows, published),
+        *_appendix(appendix),
         "<h2 style=\"margin-top:28px\">Runs</h2>",
         f'<ol class="index">{index}</ol>',
         *(_run_section(run) for run in runs),
@@ -462,6 +465,18 @@ def render_report(runs: Sequence[Run], published: Sequence[PublishedResult], tit
         "</main></body></html>",
         "",
     ])
+
+
+def _appendix(appendix: tuple[str, Path | None] | None) -> list[str]:
+    if appendix is None:
+        return []
+    text, plot = appendix
+    parts = ['<h2 style="margin-top:28px">Search</h2>', f"<pre>{_e(text)}</pre>"]
+    if plot is not None and Path(plot).is_file():
+        data = base64.b64encode(Path(plot).read_bytes()).decode("ascii")
+        parts.append(f'<figure class="plot"><img src="data:image/png;base64,{data}" alt="parameter '
+                     'importances"><figcaption>parameter importances</figcaption></figure>')
+    return parts
 
 
 def check_output(out: Path) -> None:
@@ -494,6 +509,7 @@ def build_report(
     *,
     make_missing_plots: bool = True,
     title: str = "abawfeat report",
+    appendix: tuple[str, Path | None] | None = None,
 ) -> Path:
     """Write one self-contained HTML report for ``run_dirs`` to ``out`` and return its path.
 
@@ -517,7 +533,7 @@ def build_report(
         if not existing and make_missing_plots:
             existing = write_run_plots(run.path)
         run.plots = _plot_order(existing)
-    text = render_report(runs, load_published(), title)
+    text = render_report(runs, load_published(), title, appendix)
     return atomic_write_text(out, text)
 
 

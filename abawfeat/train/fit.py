@@ -86,7 +86,8 @@ class FitResult:
 
 
 def fit(cfg: TrainConfig, log: Callable[[str], None] | None = None, *, overwrite: bool = False,
-        resume: bool = False, rerun: str | None = None) -> FitResult:
+        resume: bool = False, rerun: str | None = None,
+        epoch_hook: Callable[[int, dict[str, Any]], None] | None = None) -> FitResult:
     """Train one head on a cache and write the run directory ``cfg.out``; returns the best epoch's metrics.
 
     ``overwrite``: replace a complete (or interrupted) run there, once the new one is complete.
@@ -94,20 +95,22 @@ def fit(cfg: TrainConfig, log: Callable[[str], None] | None = None, *, overwrite
     ``rerun``: what a message should tell the user to run to continue an interrupted run, when the caller
     is not ``train-head`` (a cross-validation fold: the same ``abawfeat cv`` again, not ``--resume``).
     The run directory is locked (``writer_lock``) while it is written.
+    ``epoch_hook(epoch, history_row)``: called after each epoch once its state is saved (a search reports
+    the validation metric there; an exception it raises stops the run, which stays resumable).
     """
     validate_config(cfg)
     with writer_lock(cfg.out):
-        return _fit_locked(cfg, log, overwrite, resume, rerun)
+        return _fit_locked(cfg, log, overwrite, resume, rerun, epoch_hook)
 
 
 def _fit_locked(cfg: TrainConfig, log: Callable[[str], None] | None, overwrite: bool, resume: bool,
-                rerun: str | None) -> FitResult:
+                rerun: str | None, epoch_hook: Callable[[int, dict[str, Any]], None] | None) -> FitResult:
     run = open_run_dir(cfg.out, overwrite=overwrite, resume=resume)
     if resume:
         _check_same_settings(run, cfg)
     with torch_threads(cfg.threads):
         try:
-            return on_disk_full(run, lambda: _fit(cfg, run, log), rerun=rerun)
+            return on_disk_full(run, lambda: _fit(cfg, run, log, epoch_hook), rerun=rerun)
         except BaseException:
             run.abandon()
             raise
@@ -141,7 +144,8 @@ def resume_config(run_dir: str | Path) -> TrainConfig:
     return cfg
 
 
-def _fit(cfg: TrainConfig, run: RunDir, log: Callable[[str], None] | None) -> FitResult:
+def _fit(cfg: TrainConfig, run: RunDir, log: Callable[[str], None] | None,
+         epoch_hook: Callable[[int, dict[str, Any]], None] | None = None) -> FitResult:
     say = log or (lambda _msg: None)
     out = run.path
     tasks = task_names(cfg.task)
@@ -251,6 +255,8 @@ def _fit(cfg: TrainConfig, run: RunDir, log: Callable[[str], None] | None) -> Fi
             "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "history": rows,
             "best_value": value, "best": dict(best),
         })
+        if epoch_hook is not None:
+            epoch_hook(epoch, rows[-1])
 
     history = run_epochs(
         head, train_source, validate, objective, optimizer, epochs=cfg.epochs, select=spec.select_metric,
@@ -281,6 +287,11 @@ def _fit(cfg: TrainConfig, run: RunDir, log: Callable[[str], None] | None) -> Fi
         _, smoothing = tune_decisions(val_set, timeline, cfg.task, True, "val")
     write_smoothing(out, smoothing)
     final = final_metrics(val_set, timeline, cfg.task, thresholds, smoothing, cfg.tune_on)
+    if tune_set is not None:
+        # The held-out training videos' own scores (with the decisions tuned on them): what a search that
+        # must not look at validation (`tune --tune-on holdout`) selects by.
+        holdout = final_metrics(tune_set, held_ev.timeline, cfg.task, thresholds, smoothing, "holdout")
+        final["holdout"] = {k: v for k, v in holdout.items() if isinstance(v, (int, float))}
     result = metrics_record(cfg.task, "val", int(best["epoch"]), jsonable(final))
     write_json(out / METRICS_FILE, result)  # last: its presence marks a complete run
     return FitResult(run_dir=run.commit(), metrics=result, history=history)
