@@ -218,7 +218,7 @@ def test_cli_train_evaluate_predict_heads(world: World, tmp_path: Path) -> None:
     res = runner.invoke(app, ["heads", "--json"])
     listed = json.loads(res.stdout)
     assert {t["name"] for t in listed["trunks"]} >= {"fc", "lstm", "gru"}
-    assert {h["name"] for h in listed["heads"]} == {"tasks", "contrastive"}
+    assert {h["name"] for h in listed["heads"]} == {"tasks", "contrastive", "moe"}
     assert {o["name"] for o in listed["objectives"]} >= {"ccc", "ce", "bce", "contrastive", "mtl"}
     assert {o["name"] for o in listed["objectives"]} == {"ccc", "ce", "bce", "contrastive", "mtl"}
 
