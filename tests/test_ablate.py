@@ -219,8 +219,8 @@ def test_cli_train_evaluate_predict_heads(world: World, tmp_path: Path) -> None:
     listed = json.loads(res.stdout)
     assert {t["name"] for t in listed["trunks"]} >= {"fc", "lstm", "gru"}
     assert {h["name"] for h in listed["heads"]} == {"tasks", "contrastive", "moe"}
-    assert {o["name"] for o in listed["objectives"]} >= {"ccc", "ce", "bce", "contrastive", "mtl"}
-    assert {o["name"] for o in listed["objectives"]} == {"ccc", "ce", "bce", "contrastive", "mtl"}
+    assert {o["name"] for o in listed["objectives"]} == {"ccc", "ce", "bce", "contrastive", "mtl", "focal",
+                                                         "logit-adjusted"}
 
 
 def test_cli_user_errors_are_one_line_with_exit_code_2(world: World, tmp_path: Path) -> None:
