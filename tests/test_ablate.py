@@ -100,10 +100,19 @@ def test_grid_runs_then_skips_completed_cells_and_writes_table3(world: World, tm
 
 
 def test_parallel_jobs_give_the_same_grid(world: World, tmp_path: Path) -> None:
-    # --jobs 2 trains cells in two spawned processes (one thread each here, as in the serial run under the
-    # one_torch_thread fixture): same statuses, same table, same per-cell metrics, cells in recipe order.
+    # --jobs 2 trains cells in two spawned processes: same statuses, same table, same per-cell metrics, cells
+    # in recipe order. The thread count is each cell's configuration (TrainConfig.threads, default 1), never
+    # derived from --jobs or the machine: the serial grid runs in a process that has two torch threads, and
+    # the two tables are byte-identical, every run recording the one thread it used.
+    import torch
+
     path = recipe(tmp_path, world)
-    serial = run_ablation(path, out=str(tmp_path / "serial"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        serial = run_ablation(path, out=str(tmp_path / "serial"))
+    finally:
+        torch.set_num_threads(before)
     parallel = run_ablation(path, out=str(tmp_path / "parallel"), jobs=2)
     assert [c.status for c in parallel.cells] == ["trained", "trained", "trained"]
     assert [(c.row.label, c.task) for c in parallel.cells] == [(c.row.label, c.task) for c in serial.cells]
@@ -111,8 +120,16 @@ def test_parallel_jobs_give_the_same_grid(world: World, tmp_path: Path) -> None:
         assert b.seconds > 0
         for key, value in a.metrics.items():
             if isinstance(value, float):
-                assert b.metrics[key] == pytest.approx(value, abs=1e-6), (a.row.label, a.task, key)
+                assert b.metrics[key] == value, (a.row.label, a.task, key)
     assert parallel.table == serial.table
+    assert (tmp_path / "serial" / "results.csv").read_bytes() == (tmp_path / "parallel" /
+                                                                   "results.csv").read_bytes()
+    for cell in [*serial.cells, *parallel.cells]:
+        record = json.loads((cell.run_dir / "config.json").read_text())
+        assert record["train"]["threads"] == 1
+        assert record["resolved"]["threads"] == 1
+        assert record["environment"]["threads"] == 1
+        assert record["environment"]["torch"] == torch.__version__
     assert (tmp_path / "parallel" / "results.md").is_file()
     again = run_ablation(path, out=str(tmp_path / "parallel"), jobs=2)
     assert [c.status for c in again.cells] == ["skipped", "skipped", "skipped"]
@@ -302,33 +319,6 @@ hidden = 16
 {ensembles}
 """)
     return path
-
-
-def test_jobs_never_change_a_number(world: World, tmp_path: Path) -> None:
-    # The thread count is each cell's configuration (TrainConfig.threads, default 1), never derived from
-    # --jobs or the machine: a grid run serially in a process that has two torch threads and one run on
-    # two jobs give byte-identical tables, and every run records the one thread it used.
-    import torch
-
-    path = small_recipe(tmp_path, world)
-    path.write_text(path.read_text().replace('tasks = ["va", "au"]', 'tasks = ["va"]'))  # two cells
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        serial = run_ablation(path, out=str(tmp_path / "serial"), jobs=1)
-    finally:
-        torch.set_num_threads(before)
-    parallel = run_ablation(path, out=str(tmp_path / "parallel"), jobs=2)
-    assert [c.status for c in parallel.cells] == ["trained"] * 2
-    assert (tmp_path / "serial" / "results.csv").read_bytes() == (tmp_path / "parallel" /
-                                                                   "results.csv").read_bytes()
-    assert parallel.table == serial.table
-    for cell in [*serial.cells, *parallel.cells]:
-        record = json.loads((cell.run_dir / "config.json").read_text())
-        assert record["train"]["threads"] == 1
-        assert record["resolved"]["threads"] == 1
-        assert record["environment"]["threads"] == 1
-        assert record["environment"]["torch"] == torch.__version__
 
 
 def test_a_changed_thread_count_retrains_the_cell(world: World, tmp_path: Path) -> None:
