@@ -33,7 +33,7 @@ demo: install
 	$(BIN)/abawfeat extract --backbone ddamfn --random-init --data $(DEMO)/data --out $(DEMO)/cache/ddamfn.h5
 	$(BIN)/abawfeat train-head --task au --head lstm --backbone ddamfn --data $(DEMO)/data \
 		--cache $(DEMO)/cache/ddamfn.h5 --out $(DEMO)/runs/au-lstm --stride 8 --batch-size 32 --pos-weight \
-		--epochs 10 --seed 0 --threads 1
+		--epochs 10 --seed 0 --threads 1 --precision fp32
 	$(BIN)/abawfeat evaluate $(DEMO)/runs/au-lstm
 
 # Each addition beyond the seed paper (trunks, fusion, smoothing, cross-validation, ensembles) on the demo
