@@ -115,7 +115,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=240, help="frames timed in the detector comparison")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--long", type=int, default=10, help="the long video is the clip this many times")
+    ap.add_argument("--long", type=int, default=12, help="the long video is the clip this many times")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:

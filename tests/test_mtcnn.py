@@ -114,16 +114,28 @@ def test_a_weights_folder_and_a_wrong_file(tmp_path: Path, media: Path) -> None:
         build_detector("mtcnn", weights=str(tmp_path))
 
 
-def test_crops_from_cumulative_sums_equal_box_by_box_resizing(media: Path) -> None:
-    # The GPU path (all crops from integral images) and the CPU path (each box's own area resize) agree.
+def test_crops_and_pyramid_levels_from_running_sums_equal_pytorchs_area_resize(media: Path) -> None:
+    # Every R-/O-Net crop and every pyramid level comes from one integral image per frame; each must equal
+    # PyTorch's own area resize (what the published code calls) of that box or that frame.
+    from torch.nn import functional as F
+
     from abawfeat.video import mtcnn
 
-    img = torch.from_numpy(frame(media / "multi_face.jpg", 0).copy()).permute(2, 0, 1)[None]
+    rgb = torch.from_numpy(frame(media / "multi_face.jpg", 0).copy())
+    integral = mtcnn._integral(rgb[None])
+    img = rgb.permute(2, 0, 1).float()
+    h, w = img.shape[1:]
     boxes = torch.tensor([[300.3, 220.0, 420.9, 370.2], [-12.0, 5.5, 40.0, 61.0],
                           [900.0, 600.0, 1100.0, 700.0], [10.0, 10.0, 14.0, 13.0]])
     which = torch.zeros(len(boxes), dtype=torch.int64)
     for size in (24, 48):
-        fast, ok_fast = mtcnn._crops(mtcnn._integral(img), which, boxes, size)
-        slow, ok_slow = mtcnn._crops(None, which, boxes, size, img)
-        assert ok_fast.tolist() == ok_slow.tolist() == [True] * 4
-        np.testing.assert_allclose(fast.numpy(), slow.numpy(), atol=1e-5)
+        crops, ok = mtcnn._crops(integral, which, boxes, size)
+        assert ok.tolist() == [True] * 4
+        for crop, (x0, y0, x1, y1) in zip(crops, boxes.trunc().long().tolist(), strict=True):
+            ref = F.adaptive_avg_pool2d(img[:, max(y0, 1) - 1:min(y1, h), max(x0, 1) - 1:min(x1, w)], size)
+            np.testing.assert_allclose(crop.numpy(), ((ref - 127.5) * 0.0078125).numpy(), atol=1e-6)
+    for size in ((int(h * 0.6 + 1), int(w * 0.6 + 1)), (37, 61), (h, w), (h + 7, w + 3)):
+        level = mtcnn._area_resize(integral, size)
+        ref = F.interpolate(img[None], size=size, mode="area")
+        assert level.shape == ref.shape
+        np.testing.assert_allclose(level.numpy(), ref.numpy(), rtol=1e-6, atol=1e-4)

@@ -24,7 +24,6 @@ import io
 import json
 import queue
 import shutil
-import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -436,26 +435,6 @@ class CropResult:
         return len(self.problems)
 
 
-def _fixed_mmap_threshold() -> None:
-    """Large buffers straight from mmap, returned to the system when freed (glibc only; elsewhere nothing).
-
-    glibc raises its mmap threshold each time a large block is freed, after which the detector's per-batch
-    tensors (whose sizes vary with the number of candidate faces) come from the heap, which fragments: the
-    process grew with the number of frames. A fixed threshold keeps memory flat with the video's length
-    (benchmarks/crop.py measures the peak of a short and a long video)."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name or not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(name)
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 def run_crop(inputs: Sequence[str | Path], config: CropConfig, *, progress: bool | None = None,
              say: Callable[[str], None] | None = None) -> CropResult:
     """Crop every source of ``inputs`` into ``config.out``; see the module docstring. Sources that cannot be
@@ -475,7 +454,6 @@ def run_crop(inputs: Sequence[str | Path], config: CropConfig, *, progress: bool
     if not sources:
         raise DataError(root, "nothing to crop: no readable video or image among the inputs")
     fd = acquire_lock(root / "crop", holder="another `abawfeat crop` is writing this tree")
-    _fixed_mmap_threshold()
     results: list[SourceResult] = []
     try:
         bar = make_progress("frames", disable=None if progress is None else not progress)

@@ -16,12 +16,12 @@ The detection steps follow that package's published behaviour, which ``tests/fix
 4. O-Net on 48 x 48 crops: probability > 0.7, five landmarks from the box before its last regression,
    regression, then NMS over the intersection divided by the smaller area (0.7).
 
-On a GPU the crops of steps 3 and 4 are resized for all boxes of all frames at once: an area resize is an
-average over a rectangle of pixels, and the frames are integers, so one integral image per frame gives
-every output pixel of every crop from four look-ups (exact; no per-box kernel launches). On a CPU the
-cumulative sums cost more than resizing the few boxes one at a time, so it does that. P-Net runs once per
-pyramid level for the whole batch of frames on a GPU (two frames at a time, channels-last, on a CPU); R- and
-O-Net once per batch over every candidate of every frame.
+The frames are integers, so one integral image per frame (running sums, exact in int32) gives every
+pyramid level and every R- and O-Net crop as rectangle sums: an area resize is an average over a rectangle
+of pixels, four look-ups per output pixel, for all boxes of all frames at once (no pass over the whole frame
+per level, no kernel or Python call per box). P-Net runs once per pyramid level for the whole batch of
+frames on a GPU (two frames at a time, channels-last, on a CPU); R- and O-Net once per batch over every
+candidate of every frame, channels-last and in cache-sized chunks on a CPU.
 """
 
 from __future__ import annotations
@@ -181,24 +181,44 @@ def _regress(boxes: torch.Tensor, offsets: torch.Tensor, plus_one: bool) -> torc
 
 
 def _integral(frames: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H + 1, W + 1] running sums of integer-valued frames (int32 while it cannot overflow)."""
-    b, c, h, w = frames.shape
+    """Running sums ``[B, H + 1, W + 1, 3]`` of integer-valued frames ``[B, H, W, 3]`` (the decoder's own
+    layout), with a zero first row and column; int32 while it cannot overflow, so every rectangle sum taken
+    from it is exact. The sums run in place: two fresh [B, H, W, 3] buffers per batch cost more in page
+    faults than the additions themselves."""
+    b, h, w, c = frames.shape
     dtype = torch.int32 if 255 * h * w < 2**31 else torch.int64
-    s = torch.zeros(b, c, h + 1, w + 1, dtype=dtype, device=frames.device)
-    s[:, :, 1:, 1:] = frames.to(dtype).cumsum(2).cumsum(3)
-    return s
+    s = torch.zeros(b, h + 1, w + 1, c, dtype=dtype, device=frames.device)
+    s[:, 1:, 1:] = frames
+    return s.cumsum_(1).cumsum_(2)
 
 
-def _crops(integral: torch.Tensor | None, image: torch.Tensor, boxes: torch.Tensor, size: int,
-           frames: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Area-resized ``size x size`` crops of the boxes (clipped to the frame), normalised for the nets;
-    returns (crops [n, 3, size, size], which boxes had a non-empty crop). With ``integral`` (CUDA), all at
-    once from the frames' cumulative sums; without it (CPU), box by box from ``frames``."""
-    if integral is not None:
-        height, width = integral.shape[2] - 1, integral.shape[3] - 1
-    else:
-        assert frames is not None
-        height, width = frames.shape[2], frames.shape[3]
+def _cells(start: torch.Tensor, length: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adaptive average pooling's cells over ``length`` pixels from ``start``:
+    ``[floor(i * n / size), ceil((i + 1) * n / size))`` per output (broadcast over boxes)."""
+    i = torch.arange(size, device=length.device)
+    return (start + torch.div(i * length, size, rounding_mode="floor"),
+            start - torch.div(-(i + 1) * length, size, rounding_mode="floor"))
+
+
+def _area_resize(integral: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``F.interpolate(frames, size, mode="area")`` of integer-valued frames from their running sums
+    (``_integral``): each output pixel is one rectangle sum, exact in integers, over its cell's size.
+    Returns ``[B, 3, h, w]`` in channels-last memory, P-Net's input layout on a CPU."""
+    zero = torch.zeros((), dtype=torch.int64, device=integral.device)
+    r0, r1 = _cells(zero, torch.tensor(integral.shape[1] - 1, device=integral.device), size[0])
+    c0, c1 = _cells(zero, torch.tensor(integral.shape[2] - 1, device=integral.device), size[1])
+    rows = integral.index_select(1, r1) - integral.index_select(1, r0)  # whole rows: contiguous copies
+    total = rows.index_select(2, c1) - rows.index_select(2, c0)  # [B, h, w, 3]
+    count = ((r1 - r0)[:, None] * (c1 - c0)[None, :]).to(torch.float32)[..., None]
+    return (total.to(torch.float32) / count).permute(0, 3, 1, 2)
+
+
+def _crops(integral: torch.Tensor, image: torch.Tensor, boxes: torch.Tensor,
+           size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Area-resized ``size x size`` crops of the boxes (clipped to the frame) of frames ``image``, from the
+    frames' running sums, normalised for the nets; returns (crops [n, 3, size, size], which boxes had a
+    non-empty crop). All boxes of all frames at once: four look-ups per output pixel."""
+    height, width = integral.shape[1] - 1, integral.shape[2] - 1
     b = boxes.trunc().to(torch.int64)
     # Clipped as published: 1-based first pixel, inclusive last pixel.
     x = b[:, 0].clamp(min=1) - 1
@@ -207,23 +227,12 @@ def _crops(integral: torch.Tensor | None, image: torch.Tensor, boxes: torch.Tens
     ey = b[:, 3].clamp(max=height)
     ok = (ex > x) & (ey > y)
     x, y, ex, ey, img = x[ok], y[ok], ex[ok], ey[ok], image[ok]
-    if integral is None:  # CPU: each crop's own area resize (the cumulative sums would cost more than this)
-        pixels = frames if frames is not None else torch.empty(0)
-        rows = [F.adaptive_avg_pool2d(pixels[bi, :, y0:y1, x0:x1].float(), size)
-                for bi, x0, y0, x1, y1 in zip(img.tolist(), x.tolist(), y.tolist(), ex.tolist(), ey.tolist(),
-                                              strict=True)]
-        crops = torch.stack(rows) if rows else torch.zeros(0, 3, size, size, device=boxes.device)
-        return (crops - 127.5) * 0.0078125, ok
-    i = torch.arange(size, device=boxes.device)
-    hk, wk = (ey - y)[:, None], (ex - x)[:, None]
-    # Adaptive average pooling's cells: [floor(i * n / size), ceil((i + 1) * n / size)).
-    y0 = y[:, None] + torch.div(i * hk, size, rounding_mode="floor")
-    y1 = y[:, None] - torch.div(-(i + 1) * hk, size, rounding_mode="floor")
-    x0 = x[:, None] + torch.div(i * wk, size, rounding_mode="floor")
-    x1 = x[:, None] - torch.div(-(i + 1) * wk, size, rounding_mode="floor")
+    y0, y1 = _cells(y[:, None], (ey - y)[:, None], size)
+    x0, x1 = _cells(x[:, None], (ex - x)[:, None], size)
     out = []
+
     def at(n: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
-        return integral[n, :, ys[:, :, None], xs[:, None, :]]  # [n, size, size, 3]
+        return integral[n, ys[:, :, None], xs[:, None, :]]  # [n, size, size, 3]
 
     for start in range(0, len(img), _MAX_CROPS):
         sl = slice(start, start + _MAX_CROPS)
@@ -231,8 +240,8 @@ def _crops(integral: torch.Tensor | None, image: torch.Tensor, boxes: torch.Tens
         total = (at(n, y1[sl], x1[sl]) - at(n, y0[sl], x1[sl]) - at(n, y1[sl], x0[sl])
                  + at(n, y0[sl], x0[sl]))
         count = (y1[sl] - y0[sl])[:, :, None] * (x1[sl] - x0[sl])[:, None, :]
-        mean = total.to(torch.float64) / count[..., None].to(torch.float64)
-        out.append(mean.to(torch.float32).permute(0, 3, 1, 2))
+        mean = total.to(torch.float32) / count[..., None].to(torch.float32)
+        out.append(mean.permute(0, 3, 1, 2))
     crops = torch.cat(out) if out else torch.zeros(0, 3, size, size, device=boxes.device)
     return (crops - 127.5) * 0.0078125, ok
 
@@ -277,8 +286,13 @@ class MTCNN(Detector):
         # (benchmarks/crop.py). On a GPU one pass takes the whole batch.
         self.cpu = self.device.type == "cpu"
         self.pnet_frames = 2 if self.cpu else 0
+        # R- and O-Net likewise run channels-last on a CPU, in chunks small enough for their activations to
+        # stay in the caches: one pass over a thousand crops costs several times as much per crop as passes
+        # over a few dozen (benchmarks/crop.py prints the per-stage shares).
+        self.chunks = {"rnet": 128, "onet": 32} if self.cpu else {"rnet": _MAX_CROPS, "onet": _MAX_CROPS}
         if self.cpu:
-            self.pnet.to(memory_format=torch.channels_last)
+            for module in self.nets.values():
+                module.to(memory_format=torch.channels_last)
         self.min_face = float(min_face)
         self.thresholds = tuple(float(t) for t in thresholds)
         self.factor = float(factor)
@@ -305,11 +319,14 @@ class MTCNN(Detector):
             x = x[None]
         if x.shape[0] == 0:
             return []
-        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-        batch, _, height, width = x.shape
-        xf = x.float()
+        x = x.to(self.device, non_blocking=True)
+        batch, height, width, _ = x.shape
         t1, t2, t3 = self.thresholds
 
+        # One set of running sums per frame gives every pyramid level and every R- and O-Net crop by
+        # rectangle sums: the levels then cost a few look-ups per output pixel instead of one pooling pass
+        # over the whole frame each, and the crops of all boxes of all frames come out at once.
+        integral = _integral(x)
         # Stage 1: P-Net over the pyramid, one pass per level for all frames.
         found: list[tuple[torch.Tensor, ...]] = []
         chunk = self.pnet_frames or batch
@@ -317,9 +334,9 @@ class MTCNN(Detector):
             size = (int(height * scale + 1), int(width * scale + 1))
             parts = []
             for start in range(0, batch, chunk):
-                im = F.interpolate(xf[start:start + chunk], size=size, mode="area")
-                if self.cpu:
-                    im = im.contiguous(memory_format=torch.channels_last)
+                im = _area_resize(integral[start:start + chunk], size)
+                if not self.cpu:
+                    im = im.contiguous()
                 parts.append(self.pnet((im - 127.5) * 0.0078125))
             prob = torch.cat([p for p, _ in parts]) if len(parts) > 1 else parts[0][0]
             reg = torch.cat([r for _, r in parts]) if len(parts) > 1 else parts[0][1]
@@ -340,11 +357,8 @@ class MTCNN(Detector):
         boxes = _square(_regress(boxes[keep], reg[keep], plus_one=False))
         img = img[keep]
 
-        # All crops at once from cumulative sums on a GPU (one kernel instead of one per box); on a CPU the
-        # sums cost more than resizing the few boxes one by one (benchmarks/crop.py).
-        integral = _integral(x) if x.device.type == "cuda" else None
         # Stage 2: R-Net on every candidate of every frame.
-        crops, ok = _crops(integral, img, boxes, 24, x)
+        crops, ok = _crops(integral, img, boxes, 24)
         boxes, img = boxes[ok], img[ok]
         prob, reg = self._run(self.rnet, crops)[:2]
         keep = prob > t2
@@ -354,7 +368,7 @@ class MTCNN(Detector):
         img = img[keep]
 
         # Stage 3: O-Net: final score, box and landmarks.
-        crops, ok = _crops(integral, img, boxes, 48, x)
+        crops, ok = _crops(integral, img, boxes, 48)
         boxes, img = boxes[ok], img[ok]
         prob, reg, pts = self._run(self.onet, crops)
         keep = prob > t3
@@ -382,5 +396,8 @@ class MTCNN(Detector):
             width = 3 if isinstance(net, ONet) else 2
             shapes = [(0,), (0, 4), (0, 10)][:width]
             return tuple(torch.zeros(s, device=crops.device) for s in shapes)
-        outs = [net(crops[i:i + _MAX_CROPS]) for i in range(0, len(crops), _MAX_CROPS)]
+        step = self.chunks["onet" if isinstance(net, ONet) else "rnet"]
+        if self.cpu:
+            crops = crops.contiguous(memory_format=torch.channels_last)
+        outs = [net(crops[i:i + step]) for i in range(0, len(crops), step)]
         return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
