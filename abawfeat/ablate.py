@@ -429,8 +429,8 @@ def run_ablation(
 
     ``jobs`` > 1 trains that many cells at once, each in its own process on its configured torch threads
     (``threads``: the recipe's, else TrainConfig's default of 1); 0 picks the number (``auto_jobs``). Why:
-    a head's small matrix products scale poorly over threads (an LSTM epoch is 1.2-1.6x faster on two
-    threads than on one, benchmarks/heads.py), while independent runs scale almost linearly, so on a 2-core
+    a head's small matrix products scale poorly over threads (docs/performance.md, benchmarks/heads.py's
+    two-thread rows), while independent runs scale almost linearly, so on a 2-core
     machine two one-thread jobs finish a grid sooner. A cell's numbers never depend on ``jobs``, the load
     or the memory free at launch: its thread count is part of its configuration.
 

@@ -286,14 +286,15 @@ def _prepare_model(encoder: Encoder, device: torch.device, config: ExtractConfig
     import torch
 
     encoder.to(device)
-    # channels_last: the convolutions of DDAMFN run ~1.5x faster in NHWC on CPU (oneDNN) and GPU alike.
+    # channels_last: DDAMFN's convolutions are faster in NHWC on CPU (oneDNN) and GPU alike
+    # (docs/performance.md, the eager rows against the NCHW baseline).
     encoder.to(memory_format=torch.channels_last)
     if config.precision != "fp32" and not config.compile:
         # Autocast re-casts every weight to bf16/fp16 on every batch unless it may cache the casts, which it
         # does only for leaf parameters that require grad, under no_grad (not inference_mode), within one
-        # autocast context: _stream keeps one open for the whole run. For CLIP's 88 M weights that is 2.5x
-        # faster, with bit-identical outputs. No gradient is ever computed (no_grad). (Compiled, the weights
-        # are frozen into the graph and their casts folded once, so nothing needs caching.)
+        # autocast context: _stream keeps one open for the whole run. For CLIP's 88 M weights that is several
+        # times faster, with bit-identical outputs. No gradient is ever computed (no_grad). (Compiled, the
+        # weights are frozen into the graph and their casts folded once, so nothing needs caching.)
         for p in encoder.parameters():
             if p.is_floating_point():
                 p.requires_grad_(True)
@@ -301,8 +302,15 @@ def _prepare_model(encoder: Encoder, device: torch.device, config: ExtractConfig
 
     model = PixelInput(encoder).to(device)
     if config.compile:
-        return _CompiledWithFallback(model)
+        return _CompiledWithFallback(model, compile_mode(device))
     return model
+
+
+def compile_mode(device: torch.device) -> str | None:
+    """torch.compile's mode for extraction: on CUDA ``max-autotune`` (kernel autotuning, and CUDA graphs,
+    which remove the per-kernel launch cost that dominates small encoders on a GPU); on CPU the default, where
+    CUDA graphs do not exist and autotuning has no GEMM templates to choose between."""
+    return "max-autotune" if device.type == "cuda" else None
 
 
 class _CompiledWithFallback:
@@ -310,16 +318,18 @@ class _CompiledWithFallback:
     when compiling fails (no C++ compiler on a cluster node, an unsupported device...).
 
     Freezing treats the frozen weights as constants: batch norms fold into convolutions, weights are
-    pre-packed for oneDNN and cast to bf16 once. On CPU it was worth ~1.4x over plain compile in a quick
-    check (bf16 forward pass). It only affects graphs compiled inside ``frozen()`` and only ever sees a
+    pre-packed for oneDNN and cast to bf16 once, which on CPU was faster than plain compile in a quick check
+    (bf16 forward pass). It only affects graphs compiled inside ``frozen()`` and only ever sees a
     no_grad forward pass.
-    The first call compiles; batches are always padded to batch_size, so one static graph serves the run."""
+    The first call compiles; batches are always padded to batch_size, so one static graph serves the run
+    (which is also what lets CUDA graphs replay it)."""
 
-    def __init__(self, encoder: Any) -> None:
+    def __init__(self, encoder: Any, mode: str | None = None) -> None:
         import torch
 
         self.encoder = encoder
-        self.compiled: Any = torch.compile(encoder, dynamic=False)
+        self.mode = mode
+        self.compiled: Any = torch.compile(encoder, dynamic=False, mode=mode)
         self.failed = False
 
     @staticmethod
@@ -360,7 +370,7 @@ def _stream(
     import torch
     from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
-    from abawfeat.utils.device import autocast, to_device
+    from abawfeat.utils.device import HostCopy, autocast, to_device
 
     if not videos:
         return
@@ -381,32 +391,50 @@ def _stream(
     )
     pending = _VideoBuffers(videos, counts, frames_of)
     size = encoder.input_size
-    # One no_grad + autocast context for the whole loop, so autocast's weight-cast cache lives across batches
-    # (see _prepare_model).
+
+    def finish(indices: np.ndarray, feats: HostCopy | None, logits: HostCopy | None,
+               bad_items: list[tuple[int, str]]) -> None:
+        if feats is None:
+            feats_np, logits_np = np.zeros((0, encoder.feature_dim), np.float32), None
+        else:
+            feats_np, logits_np = feats.numpy(), None if logits is None else logits.numpy()
+        for video, frames, features, logits_v, bad_v in pending.add(indices, feats_np, logits_np, bad_items):
+            writer.write_video(video, frames, features, logits=logits_v, bad_frames=[f for f, _ in bad_v])
+            on_video(video, len(frames), bad_v)
+
+    # One batch in flight: batch k+1 is queued on the device before batch k's outputs are waited for and
+    # written, so a GPU never idles while the host copies and writes (on CPU the order of work is the same,
+    # one batch later). One no_grad + autocast context for the whole loop, so autocast's weight-cast cache
+    # lives across batches (see _prepare_model).
+    in_flight: tuple[Any, ...] | None = None
     with torch.no_grad(), autocast(device, config.precision):
-        for indices, images, bad_items in loader:
-            n = len(indices)
-            if n:
-                # Pad to a full batch: one static shape for torch.compile, and the same kernels for every
-                # batch, so a frame's features do not depend on where a resumed run's batches start.
-                if n < config.batch_size:
-                    pad = images.new_zeros((config.batch_size - n, size, size, 3))
-                    images = torch.cat([images, pad])
-                # uint8 [B, H, W, 3] -> its NCHW view, which is channels_last: no copy (see PixelInput).
-                x = to_device(images, device).permute(0, 3, 1, 2)
-                feats, logits = model(x)
-                feats_np = feats[:n].float().cpu().numpy()
-                logits_np = None if logits is None else logits[:n].float().cpu().numpy()
-            else:
-                feats_np, logits_np = np.zeros((0, encoder.feature_dim), np.float32), None
-            for video, frames, features, logits_v, bad_v in pending.add(
-                indices, feats_np, logits_np, bad_items
-            ):
-                writer.write_video(
-                    video, frames, features, logits=logits_v, bad_frames=[f for f, _ in bad_v]
-                )
-                on_video(video, len(frames), bad_v)
-            on_frames(n + len(bad_items))
+        try:
+            for indices, images, bad_items in loader:
+                n = len(indices)
+                feats_h = logits_h = None
+                if n:
+                    # Pad to a full batch: one static shape for torch.compile, and the same kernels for every
+                    # batch, so a frame's features do not depend on where a resumed run's batches start.
+                    if n < config.batch_size:
+                        pad = images.new_zeros((config.batch_size - n, size, size, 3))
+                        images = torch.cat([images, pad])
+                    # uint8 [B, H, W, 3] -> its NCHW view, which is channels_last: no copy (see PixelInput).
+                    x = to_device(images, device).permute(0, 3, 1, 2)
+                    feats, logits = model(x)
+                    feats_h = HostCopy(feats[:n])
+                    logits_h = None if logits is None else HostCopy(logits[:n])
+                # Counted when computed (on CPU) or queued (on a GPU): the first batch's time is the warm-up.
+                on_frames(n + len(bad_items))
+                if in_flight is not None:
+                    done, in_flight = in_flight, None
+                    finish(*done)
+                in_flight = (indices, feats_h, logits_h, bad_items)
+        finally:
+            # The last batch, or, when interrupted (Ctrl-C, a failed batch), the one already computed: what
+            # was computed is written.
+            if in_flight is not None:
+                done, in_flight = in_flight, None
+                finish(*done)
 
 
 class _VideoBuffers:

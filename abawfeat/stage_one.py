@@ -36,21 +36,21 @@ class ExtractConfig:
     # The encoder's own options (``--encoder-opt key=value``): fields of its config dataclass, as values or
     # as text typed by the field's type (``abawfeat encoders`` lists them), e.g. {"clip_model": "ViT-B-16"}.
     encoder_options: dict[str, Any] = field(default_factory=dict)
-    precision: str = "fp32"  # compute precision; bf16 is ~2x fp32's speed on CPUs with AVX-512 BF16
+    # Compute precision; bf16 pays on GPUs and on CPUs with bf16 kernels (AVX-512 BF16, AMX).
+    precision: str = "fp32"
     # Frames per forward pass, filled across video boundaries. None = 32 on CPU, where DDAMFN's activations
-    # then stay in cache (compiled fp32 forward: 3.1x the naive baseline at batch 32 against 2.2x at 64, in
-    # one exploratory run; benchmarks/extract.py measures the default end to end), 128 on a GPU.
+    # then stay in cache (batch 32 beat 64 in one exploratory run; benchmarks/extract.py measures the default
+    # end to end), 128 on a GPU.
     batch_size: int | None = None
     workers: int = 2  # DataLoader processes decoding JPEGs; 0 decodes in the main process
     device: str = "auto"  # auto | cpu | cuda[:N]
     videos: tuple[str, ...] = ()  # only these videos (default: every video with crops)
     dtype: str = "float16"  # stored feature dtype; float16 halves the cache with ~5e-4 relative error
-    # torch.compile the encoder (inductor, weights frozen into the graph): DDAMFN runs ~3x (fp32) to ~5.4x
-    # (bf16) the naive eager speed on CPU, end to end (benchmarks/extract.py), after a one-off 30-60 s
-    # compile. None = auto: on for encoders that gain from it (``Encoder.compile_by_default``) when the
-    # videos asked for hold at least AUTO_COMPILE_MIN_FRAMES crops, where the compile pays for itself. The
-    # decision depends on the videos asked for, not on what is left to do, so a resumed run computes exactly
-    # as the run it continues.
+    # torch.compile the encoder (inductor, weights frozen into the graph; on CUDA max-autotune with CUDA
+    # graphs): faster end to end after a one-off compile (docs/performance.md). None = auto: on for encoders
+    # that gain from it (``Encoder.compile_by_default``) when the videos asked for hold at least
+    # AUTO_COMPILE_MIN_FRAMES crops, where the compile pays for itself. The decision depends on the videos
+    # asked for, not on what is left to do, so a resumed run computes exactly as the run it continues.
     compile: bool | None = None
     seed: int = 0  # random-init weights are drawn from this seed
     calibration_frames: int = 256  # random-init: frames (spread over the whole dataset) for BN statistics

@@ -311,9 +311,10 @@ class _Run:
         from abawfeat.utils.progress import warn
 
         encoder = self.encoder
-        # Two passes over the track, each decoding it (decoding is ~300x real time, the encoder ~15x): the
-        # first for the whole-track statistics that make segments match a one-shot pass (encoders/speech.py),
-        # the second to encode. Holding the decoded track instead would need memory growing with its length.
+        # Two passes over the track, each decoding it (decoding is far faster than the encoder,
+        # docs/performance.md): the first for the whole-track statistics that make segments match a one-shot
+        # pass (encoders/speech.py), the second to encode. Holding the decoded track instead would need memory
+        # growing with its length.
         with AudioStream(path, BLOCK_SECONDS) as audio:
             stats = encoder.track_statistics(audio.blocks())
             self.decode_seconds += audio.decode_seconds

@@ -48,7 +48,7 @@ def extract(
     dtype: str = typer.Option("float16", "--dtype", help="Stored feature dtype: float16 or float32."),
     compile: bool | None = typer.Option(
         None, "--compile/--no-compile",
-        help="torch.compile the encoder: 1.4-1.7x the eager speed after a one-off compile of 30-60 s. "
+        help="torch.compile the encoder: faster after a one-off compile (docs/performance.md). "
         "Default: on for DDAMFN when the videos hold 10,000 crops or more.",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of --random-init weights."),

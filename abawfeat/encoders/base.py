@@ -261,7 +261,7 @@ class Encoder(nn.Module):
     # need one are refused for encoders that do not declare it.
     auxiliary_outputs: ClassVar[tuple[str, ...]] = ()
     # Whether extraction compiles this encoder by default on large runs (ExtractConfig.compile = None):
-    # only where it was measured to pay (DDAMFN: 1.4-1.7x its eager speed on CPU). CLIP ran slower compiled.
+    # only where it was measured to pay (DDAMFN, docs/performance.md). CLIP ran slower compiled.
     compile_by_default: ClassVar[bool] = False
     # What the encoder reads, and so which stage-one loop runs it: "face" crops (abawfeat/extract.py) or the
     # "audio" track of the source videos (abawfeat/audio/extract.py).

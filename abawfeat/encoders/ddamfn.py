@@ -209,7 +209,7 @@ class CoordinateAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[2], x.shape[3]
         if x.is_contiguous(memory_format=torch.channels_last):
-            # A layout choice, not a data-dependent one: the NHWC pooling kernel is ~4x faster than a
+            # A layout choice, not a data-dependent one: the NHWC pooling kernel is faster than a
             # strided mean there, while in NCHW the plain mean is the faster one.
             pooled_h, pooled_w = F.adaptive_avg_pool2d(x, (h, 1)), F.adaptive_avg_pool2d(x, (1, w))
         else:
@@ -493,7 +493,7 @@ class DDAMFNEncoder(Encoder):
 
     config_class = DDAMFNConfig
     summary = "DDAMFN++ (MixedFeatureNet + dual-direction attention), 512-d GDConv embedding + logits"
-    compile_by_default = True  # benchmarks/extract.py: 1.4-1.7x our eager channels_last, end to end
+    compile_by_default = True  # it pays end to end: benchmarks/extract.py, docs/performance.md
     needs_calibration = True  # random weights give one embedding for every image until BN is calibrated
     auxiliary_outputs = (ATTENTION_MAPS,)  # the attention heads' maps, for the attention-diversity loss
 

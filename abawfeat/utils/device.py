@@ -98,7 +98,34 @@ def seed_everything(seed: int) -> None:
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy to the device; on CUDA pinned host memory makes the copy asynchronous."""
+    """Copy to the device; on CUDA through pinned host memory, so the copy is asynchronous (an unpinned
+    source is pinned first: a non-blocking copy from pageable memory silently waits for the GPU)."""
     if device.type == "cuda":
+        if tensor.device.type == "cpu" and not tensor.is_pinned():
+            tensor = tensor.pin_memory()
         return tensor.to(device, non_blocking=True)
     return tensor
+
+
+class HostCopy:
+    """A device tensor on its way to host memory: on CUDA an asynchronous copy into pinned memory, with an
+    event that ``numpy()`` waits for, so the GPU computes the next batch while this one is copied and
+    written; on CPU the tensor itself. Either way ``numpy()`` gives the same float32 array."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        import torch
+
+        self.event: torch.cuda.Event | None = None
+        if tensor.device.type == "cuda":
+            host = torch.empty(tensor.shape, dtype=torch.float32, pin_memory=True)
+            host.copy_(tensor, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+            self.tensor = host
+        else:
+            self.tensor = tensor.float()
+
+    def numpy(self) -> np.ndarray:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.tensor.numpy()
