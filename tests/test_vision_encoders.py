@@ -166,6 +166,31 @@ def test_dinov2_cache_matches_transformers_on_real_crops(
     assert (np.linalg.norm(got - ref, axis=1) / np.linalg.norm(ref, axis=1)).max() < BF16_RELATIVE
 
 
+def test_dinov2_compiled_extraction_model_matches_the_library(root: Path, dino_folder: Path) -> None:
+    # What `abawfeat extract` runs on large DINOv2 jobs by default: uint8 pixels in, torch.compile with
+    # inductor's freezing. fp32 must agree with transformers' forward as eager does, bf16 within its
+    # tolerance.
+    from abawfeat.extract import ExtractConfig, _CompiledWithFallback, _prepare_model
+
+    keys, x = batch(root, DINO_PREPROCESS)
+    with torch.no_grad():
+        reference = dino_reference(dino_folder)(pixel_values=x).pooler_output
+    items = crops(root)
+    sized = [Image.open(p).convert("RGB").resize((224, 224), Image.BICUBIC) for _, _, p in items]
+    pixels = torch.from_numpy(np.stack([np.asarray(im) for im in sized]))
+    for precision, bound in (("fp32", 1e-5), ("bf16", BF16_RELATIVE)):
+        enc = build_encoder("dinov2", weights=str(dino_folder))
+        assert enc.compile_by_default
+        config = ExtractConfig(backbone="dinov2", data=root, compile=True, precision=precision)
+        model = _prepare_model(enc, torch.device("cpu"), config)
+        assert isinstance(model, _CompiledWithFallback)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            features, _ = model(pixels.permute(0, 3, 1, 2))
+        assert not model.failed, "torch.compile fell back to eager: the compiled path was not tested"
+        got, ref = features.float().numpy(), reference.numpy()
+        assert (np.linalg.norm(got - ref, axis=1) / np.linalg.norm(ref, axis=1)).max() < bound
+
+
 @pytest.mark.parametrize(
     ("pool", "layer"), [("mean", None), ("cls_mean", None), ("cls", 1), ("mean", 0), ("cls", -2)]
 )

@@ -119,6 +119,9 @@ class DINOv2Encoder(Encoder):
     config_class = DINOv2Config
     summary = "DINOv2 ViT (transformers): layer-normed CLS token (or mean / cls_mean), any layer"
     weights_folder = FOLDER
+    # Compiled, the layer norms, GELU and residual adds fuse with the casts around the matrix products, which
+    # eager bf16 runs as separate passes over the activations (benchmarks/vit.py, docs/performance.md).
+    compile_by_default = True
 
     def __init__(self, config: DINOv2Config) -> None:
         if config.size not in SIZES:
