@@ -75,6 +75,9 @@ class LocalBackend:
         return [r for r in results if r is not None]
 
 
+_interrupted = False  # set in a worker process by its first SIGTERM or SIGINT
+
+
 def _unit_worker(send: Any, spec: UnitSpec) -> None:
     """A worker process: one unit, its result sent back. SIGTERM stops it as Ctrl-C does (the run stays
     interrupted and resumable, its staged replacement removed); either ends it quietly, without a traceback,
@@ -86,8 +89,12 @@ def _unit_worker(send: Any, spec: UnitSpec) -> None:
         signal.signal(sig, _raise_interrupt)
     try:
         send.send(train_unit(spec))
-    except KeyboardInterrupt:
-        os._exit(130)
+    except BaseException:
+        # Interrupted, whatever the exception became: a KeyboardInterrupt raised inside a library's clean-up
+        # (numpy's zip writer closing a half-written file) can surface as that library's own error instead.
+        if _interrupted:
+            os._exit(130)
+        raise
     finally:
         send.close()
 
@@ -97,6 +104,8 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     terminal and through the parent) are ignored, so the run's own clean-up is not cut short."""
     import signal
 
+    global _interrupted
+    _interrupted = True
     for sig in (signal.SIGTERM, signal.SIGINT):
         # A handler that does nothing, not SIG_IGN: a second signal already pending would otherwise be
         # reported by Python as "ignored due to race condition", with a traceback.
