@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from heads import peak_mb  # benchmarks/heads.py
-from perfdoc import DOC, write_section  # benchmarks/perfdoc.py (scripts run from benchmarks/)
+from perfdoc import (  # benchmarks/perfdoc.py (scripts run from benchmarks/)
+    DOC,
+    measure_in_child,
+    write_section,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_REALTIME = 15.0  # the target for a wav2vec2-base-sized encoder in bf16 on this CPU
@@ -124,12 +127,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_child(spec: dict[str, Any]) -> dict[str, Any]:
-    env = dict(os.environ, ABAWFEAT_NO_PROGRESS="1", ABAWFEAT_OFFLINE="1")
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"measurement {spec['label']} failed:\n{proc.stderr[-4000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = measure_in_child(__file__, spec)
     if not result["rows"]:
         raise SystemExit(f"measurement {spec['label']} wrote no rows")
     result.update(label=spec["label"], minutes=spec["minutes"], layer=spec["layer"],

@@ -28,14 +28,17 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from perfdoc import DOC, write_section  # benchmarks/perfdoc.py (scripts run from benchmarks/)
+from perfdoc import (  # benchmarks/perfdoc.py (scripts run from benchmarks/)
+    DOC,
+    measure_in_child,
+    write_section,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "tests" / "fixtures" / "ddamfn" / "ddamfn_official_format_random.pth"
@@ -102,12 +105,7 @@ def measure_ours(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_child(spec: dict[str, Any]) -> dict[str, Any]:
-    env = dict(os.environ, ABAWFEAT_NO_PROGRESS="1", ABAWFEAT_OFFLINE="1")
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"measurement {spec['label']} failed:\n{proc.stderr[-4000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = measure_in_child(__file__, spec)
     if spec["kind"] == "ours" and not result["frames"]:
         raise SystemExit(f"measurement {spec['label']} extracted no frames (did it resume a finished cache?)")
     result.update(label=spec["label"], kind=spec["kind"], backbone=spec["backbone"],

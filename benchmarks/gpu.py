@@ -30,11 +30,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -42,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from extract import WEIGHTS, make_data  # benchmarks/extract.py (scripts run from benchmarks/)
-from perfdoc import write_section
+from perfdoc import measure_in_child, write_section
 
 # ---------------------------------------------------------------------------------- utilisation sampling
 
@@ -178,12 +176,7 @@ def measure_ours(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_child(spec: dict[str, Any]) -> dict[str, Any]:
-    env = dict(os.environ, ABAWFEAT_NO_PROGRESS="1", ABAWFEAT_OFFLINE="1")
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"measurement {spec['label']} failed:\n{proc.stderr[-4000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = measure_in_child(__file__, spec)
     if spec["kind"] == "ours" and not result["frames"]:
         raise SystemExit(f"measurement {spec['label']} extracted no frames")
     result.update(label=spec["label"], kind=spec["kind"], backbone=spec["backbone"],
