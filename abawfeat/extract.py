@@ -328,7 +328,6 @@ class _CompiledWithFallback:
         import torch
 
         self.encoder = encoder
-        self.mode = mode
         self.compiled: Any = torch.compile(encoder, dynamic=False, mode=mode)
         self.failed = False
 

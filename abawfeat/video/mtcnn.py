@@ -287,8 +287,8 @@ class MTCNN(Detector):
         self.cpu = self.device.type == "cpu"
         self.pnet_frames = 2 if self.cpu else 0
         # R- and O-Net likewise run channels-last on a CPU, in chunks small enough for their activations to
-        # stay in the caches: one pass over a thousand crops costs several times as much per crop as passes
-        # over a few dozen (benchmarks/crop.py prints the per-stage shares).
+        # stay in the caches: one pass over a thousand crops cost several times as much per crop as passes
+        # over a few dozen in a quick check (docs/performance.md, "Crop").
         self.chunks = {"rnet": 128, "onet": 32} if self.cpu else {"rnet": _MAX_CROPS, "onet": _MAX_CROPS}
         if self.cpu:
             for module in self.nets.values():
