@@ -59,6 +59,10 @@ def fusion_worker(fusion: str, scale: float, fraction: int, threads: int,
     """One epoch (1/fraction of it, scaled up) of a fused LSTM(256) head on two synthetic 512-d caches."""
     import torch
 
+    from abawfeat.utils.allocator import keep_heap
+
+    keep_heap()  # as the CLI does
+
     torch.set_num_threads(threads)
     from heads import N_VIDEOS, sequence_set  # benchmarks/heads.py
 

@@ -91,8 +91,10 @@ def write_long(src: Path, dst: Path, times: int) -> int:
 def crop_child(video: str, out: str, max_frames: int | None, threads: int) -> None:
     import torch
 
+    from abawfeat.utils.allocator import keep_heap
     from abawfeat.video.crop import CropConfig, run_crop
 
+    keep_heap()  # as the CLI does (ABAWFEAT_MALLOC=default: glibc's defaults)
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     res = run_crop([video], CropConfig(out=out, max_frames=max_frames, device="cpu"), progress=False)

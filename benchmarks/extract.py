@@ -82,6 +82,9 @@ def measure_baseline(spec: dict[str, Any]) -> dict[str, Any]:
 
 def measure_ours(spec: dict[str, Any]) -> dict[str, Any]:
     from abawfeat.extract import ExtractConfig, run_extraction
+    from abawfeat.utils.allocator import keep_heap
+
+    keep_heap()  # as the CLI does; the baseline (a first script) keeps glibc's defaults
 
     options: dict[str, Any] = (
         {"weights": str(WEIGHTS)} if spec["backbone"] == "ddamfn" else {"random_init": True}

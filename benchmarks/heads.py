@@ -144,6 +144,10 @@ def worker_ours(kind: str, precision: str, fraction: int, threads: int) -> dict[
     """One training epoch (1/fraction of it) with the library's loop; then one validation-size pass."""
     import torch
 
+    from abawfeat.utils.allocator import keep_heap
+
+    keep_heap()  # as the CLI does (ABAWFEAT_MALLOC=default: glibc's defaults, for benchmarks/allocator.py)
+
     torch.set_num_threads(threads)
 
     from abawfeat.data.sequences import make_windows

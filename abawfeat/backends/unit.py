@@ -25,6 +25,7 @@ from abawfeat.errors import AbawfeatError
 from abawfeat.train.config import TrainConfig
 from abawfeat.train.fit import RUN_ONLY_SETTINGS, fit, run_is_complete
 from abawfeat.train.rundir import STATE_FILE, RunRecord, run_state
+from abawfeat.utils.allocator import keep_heap
 from abawfeat.utils.configs import read_json, to_dict
 
 
@@ -79,6 +80,7 @@ def train_unit(spec: UnitSpec, say: Callable[[str], None] | None = None) -> Unit
     failure (a diverged run, a bad cache) is a ``failed`` result, not an exception: one bad cell should not
     cost the rest of a grid. Module-level and importable, so any worker process can run it."""
     say = say or (lambda msg: print(msg, flush=True))
+    keep_heap()  # Ray and Slurm workers do not start from the CLI (utils/allocator.py)
     cfg = spec.config
     worker = f"{socket.gethostname()}:{os.getpid()}"
     t0 = time.perf_counter()

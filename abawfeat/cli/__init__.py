@@ -74,6 +74,9 @@ def main() -> None:
     """Run the CLI; a mistyped command line is one line too (click's usage box would be several)."""
     import sys
 
+    from abawfeat.utils.allocator import keep_heap
+
+    keep_heap()
     errors, aborts = _usage_errors()
     try:
         code = app(standalone_mode=False)
