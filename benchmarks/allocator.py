@@ -32,13 +32,15 @@ HERE = Path(__file__).resolve().parent
 
 
 def _child(cmd: list[str], default: bool) -> dict[str, Any]:
+    from abawfeat.utils.allocator import OPT_OUT, SETTINGS
+
     env = dict(os.environ, ABAWFEAT_NO_PROGRESS="1")
-    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"):
+    for name in SETTINGS:
         env.pop(name, None)  # never inherit this process's own settings
     if default:
-        env["ABAWFEAT_MALLOC"] = "default"
+        env[OPT_OUT] = "default"
     else:
-        env.pop("ABAWFEAT_MALLOC", None)
+        env.pop(OPT_OUT, None)
     res = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, cwd=HERE, env=env)
     if res.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")

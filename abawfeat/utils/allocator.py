@@ -17,7 +17,6 @@ forked ones inherit the allocator's state, spawned ones read the environment var
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 # mallopt's parameter numbers (malloc.h) with glibc's environment variables for the same settings.
@@ -58,15 +57,14 @@ def keep_heap() -> dict[str, int]:
 
 
 def _mallopt():  # noqa: ANN202 - a ctypes function or None
-    name = ctypes.util.find_library("c")
-    if not name or "libc.so" not in name:  # musl and others: no glibc mallopt semantics
-        return None
+    # The symbols already loaded into this process (no ctypes.util.find_library: it runs ldconfig, a
+    # subprocess at every command's start). gnu_get_libc_version exists in glibc only (not in musl).
     try:
-        libc = ctypes.CDLL(name)
-        gnu = libc.gnu_get_libc_version  # glibc only
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 - the probe itself
+        mallopt = libc.mallopt
     except (OSError, AttributeError):
         return None
-    gnu.restype = ctypes.c_char_p
-    libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    libc.mallopt.restype = ctypes.c_int
-    return libc.mallopt
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    return mallopt
