@@ -50,6 +50,7 @@ from abawfeat.stage_one import (
     validate_config,
     write_cache,
 )
+from abawfeat.utils.compiling import CompiledWithFallback, inductor_freezing
 from abawfeat.utils.configs import to_dict
 from abawfeat.utils.io import is_disk_full
 
@@ -276,7 +277,7 @@ def _extract_videos(
         videos_skipped=len(selected) - len(pending), frames=written, bad_frames=dict(sorted(bad.items())),
         seconds=seconds, random_init=config.random_init,
         warmup_frames=int(warmup[0]) if warmup else 0, warmup_seconds=warmup[1] if warmup else 0.0,
-        compiled=isinstance(model, _CompiledWithFallback) and not model.failed,
+        compiled=isinstance(model, CompiledWithFallback) and not model.failed,
     )
 
 
@@ -302,7 +303,12 @@ def _prepare_model(encoder: Encoder, device: torch.device, config: ExtractConfig
 
     model = PixelInput(encoder).to(device)
     if config.compile:
-        return _CompiledWithFallback(model, compile_mode(device))
+        # Inductor's freezing: the frozen weights become constants, batch norms fold into convolutions,
+        # weights are pre-packed for oneDNN and cast to bf16 once (faster than plain compile on CPU). The
+        # first call compiles; batches are always padded to batch_size, so one static graph serves the run
+        # (which is also what lets CUDA graphs replay it).
+        return CompiledWithFallback(model, doing="extracting", skip="--no-compile", mode=compile_mode(device),
+                                    dynamic=False, context=inductor_freezing)
     return model
 
 
@@ -311,46 +317,6 @@ def compile_mode(device: torch.device) -> str | None:
     which remove the per-kernel launch cost that dominates small encoders on a GPU); on CPU the default, where
     CUDA graphs do not exist and autotuning has no GEMM templates to choose between."""
     return "max-autotune" if device.type == "cuda" else None
-
-
-class _CompiledWithFallback:
-    """``torch.compile(encoder)`` with inductor's freezing, falling back to the eager encoder, with a warning,
-    when compiling fails (no C++ compiler on a cluster node, an unsupported device...).
-
-    Freezing treats the frozen weights as constants: batch norms fold into convolutions, weights are
-    pre-packed for oneDNN and cast to bf16 once, which on CPU was faster than plain compile in a quick check
-    (bf16 forward pass). It only affects graphs compiled inside ``frozen()`` and only ever sees a
-    no_grad forward pass.
-    The first call compiles; batches are always padded to batch_size, so one static graph serves the run
-    (which is also what lets CUDA graphs replay it)."""
-
-    def __init__(self, encoder: Any, mode: str | None = None) -> None:
-        import torch
-
-        self.encoder = encoder
-        self.compiled: Any = torch.compile(encoder, dynamic=False, mode=mode)
-        self.failed = False
-
-    @staticmethod
-    def frozen() -> Any:
-        import torch._inductor.config as inductor_config
-
-        return inductor_config.patch(freezing=True)
-
-    def __call__(self, x: torch.Tensor) -> Any:
-        if self.failed:
-            return self.encoder(x)
-        try:
-            with self.frozen():
-                return self.compiled(x)
-        except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager encoder computes the same
-            from abawfeat.utils.progress import loud_warning
-
-            self.failed = True
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-            loud_warning(f"torch.compile failed ({reason}); extracting eagerly instead (slower, same "
-                         "features); --no-compile skips the attempt.")
-            return self.encoder(x)
 
 
 def _stream(

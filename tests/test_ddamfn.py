@@ -363,12 +363,13 @@ def test_compiled_extraction_model_keeps_fp32_parity(ckpt: Path, reference: dict
     # What `abawfeat extract` runs on large DDAMFN jobs by default: uint8 pixels in, normalised inside the
     # graph, torch.compile with inductor's freezing (batch norms folded, weights pre-packed as constants). It
     # must still reproduce the published network.
-    from abawfeat.extract import ExtractConfig, _CompiledWithFallback, _prepare_model
+    from abawfeat.extract import ExtractConfig, _prepare_model
+    from abawfeat.utils.compiling import CompiledWithFallback
 
     enc = build_encoder("ddamfn", weights=str(ckpt)).eval()
     config = ExtractConfig(backbone="ddamfn", data=ckpt.parent, compile=True, precision="fp32")
     model = _prepare_model(enc, torch.device("cpu"), config)
-    assert isinstance(model, _CompiledWithFallback)
+    assert isinstance(model, CompiledWithFallback)
     pixels = torch.from_numpy(reference["images_uint8_nhwc"]).permute(0, 3, 1, 2)  # as _stream sends them
     with torch.no_grad():
         features, logits = model(pixels)

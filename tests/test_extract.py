@@ -543,8 +543,8 @@ def test_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) ->
     # A cluster node without a C++ compiler cannot compile: the run goes on eagerly, says so, same features.
     import torch
 
-    from abawfeat import extract as ex
     from abawfeat.utils import progress
+    from abawfeat.utils.compiling import CompiledWithFallback
 
     warnings: list[str] = []
     monkeypatch.setattr(progress, "loud_warning", warnings.append)
@@ -556,7 +556,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     net = torch.nn.Linear(3, 2)
-    model = ex._CompiledWithFallback(net)  # type: ignore[arg-type]
+    model = CompiledWithFallback(net, doing="extracting", skip="--no-compile")
     x = torch.randn(4, 3)
     assert torch.equal(model(x), net(x)) and model.failed
     assert torch.equal(model(x), net(x))

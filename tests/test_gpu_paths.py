@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from abawfeat import extract
+from abawfeat.utils.compiling import CompiledWithFallback
 from abawfeat.utils.device import HostCopy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +23,8 @@ def test_compiled_extraction_uses_max_autotune_on_cuda_only(monkeypatch: pytest.
     seen: list[Any] = []
     monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.append(kw["mode"]) or model)
     for device in ("cuda", "cuda:1", "cpu"):
-        extract._CompiledWithFallback(torch.nn.Identity(), extract.compile_mode(torch.device(device)))
+        CompiledWithFallback(torch.nn.Identity(), doing="extracting", skip="--no-compile",
+                             mode=extract.compile_mode(torch.device(device)))
     assert seen == ["max-autotune", "max-autotune", None]
 
 

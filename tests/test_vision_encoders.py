@@ -170,7 +170,8 @@ def test_dinov2_compiled_extraction_model_matches_the_library(root: Path, dino_f
     # What `abawfeat extract` runs on large DINOv2 jobs by default: uint8 pixels in, torch.compile with
     # inductor's freezing. fp32 must agree with transformers' forward as eager does, bf16 within its
     # tolerance.
-    from abawfeat.extract import ExtractConfig, _CompiledWithFallback, _prepare_model
+    from abawfeat.extract import ExtractConfig, _prepare_model
+    from abawfeat.utils.compiling import CompiledWithFallback
 
     keys, x = batch(root, DINO_PREPROCESS)
     with torch.no_grad():
@@ -183,7 +184,7 @@ def test_dinov2_compiled_extraction_model_matches_the_library(root: Path, dino_f
         assert enc.compile_by_default
         config = ExtractConfig(backbone="dinov2", data=root, compile=True, precision=precision)
         model = _prepare_model(enc, torch.device("cpu"), config)
-        assert isinstance(model, _CompiledWithFallback)
+        assert isinstance(model, CompiledWithFallback)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             features, _ = model(pixels.permute(0, 3, 1, 2))
         assert not model.failed, "torch.compile fell back to eager: the compiled path was not tested"

@@ -66,6 +66,9 @@ Threads = Annotated[int, typer.Option(
 Precision = Annotated[str, typer.Option(
     "--precision", help="auto (bf16 for temporal trunks and contrastive heads on a device with bf16 "
     "kernels, else fp32), fp32, bf16, fp16 (CUDA).")]
+Compile = Annotated[bool, typer.Option(
+    "--compile", help="torch.compile the trunk for training (faster steps for trunks of many small "
+    "operations, such as mamba; the first run of a shape compiles, later runs read inductor's cache).")]
 Smooth = Annotated[str, typer.Option(
     "--smooth", help="auto: tune a temporal filter per output (mean, median or gaussian) after training; "
     "none: off.")]

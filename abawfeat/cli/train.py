@@ -57,6 +57,7 @@ def train_head(
     device: st.Device = "auto",
     threads: st.Threads = 1,
     precision: st.Precision = "auto",
+    compile_trunk: st.Compile = False,
     smooth: st.Smooth = "none",
     tune_on: st.TuneOn = "val",
     holdout: st.Holdout = 0.15,
@@ -120,7 +121,8 @@ def train_head(
         lr=lr,
         weight_decay=weight_decay, batch_size=batch_size, window=window, stride=stride,
         infer_stride=infer_stride, hidden=hidden, layers=layers, bidirectional=bidirectional, dropout=dropout,
-        trunk_opt=trunk_opt, device=device, threads=threads, precision=precision, smooth=smooth,
+        trunk_opt=trunk_opt, device=device, threads=threads, precision=precision, compile=compile_trunk,
+        smooth=smooth,
         tune_on=tune_on, holdout=holdout, plots=plots,
     )
     if unfreeze:
@@ -192,6 +194,7 @@ def cv_command(
     device: st.Device = "auto",
     threads: st.Threads = 1,
     precision: st.Precision = "auto",
+    compile_trunk: st.Compile = False,
     smooth: st.Smooth = "none",
     tune_on: st.TuneOn = "val",
     holdout: st.Holdout = 0.15,
@@ -224,7 +227,8 @@ def cv_command(
         moe_balance=moe_balance, epochs=epochs, seed=seed,
         lr=lr, weight_decay=weight_decay, batch_size=batch_size, window=window, stride=stride,
         infer_stride=infer_stride, hidden=hidden, layers=layers, bidirectional=bidirectional, dropout=dropout,
-        trunk_opt=trunk_opt, device=device, threads=threads, precision=precision, smooth=smooth,
+        trunk_opt=trunk_opt, device=device, threads=threads, precision=precision, compile=compile_trunk,
+        smooth=smooth,
         tune_on=tune_on, holdout=holdout, plots=plots,
     )
     from abawfeat.backends import fold_trainer, get_backend

@@ -76,6 +76,11 @@ class TrainConfig:
     threads: int = 1
     precision: str = "auto"  # auto (bf16 for temporal trunks and the contrastive head where the device has
     # bf16 kernels, else fp32) | fp32 | bf16 | fp16 (CUDA)
+    # torch.compile the trunk's training forward and backward (inductor): elementwise chains fused, so
+    # trunks made of many small operations (mamba) train faster once compiled. The first run of a shape pays
+    # the compiling (inductor's on-disk cache serves later runs); validation stays eager. Not bit-identical
+    # to eager training, hence part of the configuration.
+    compile: bool = False
     grad_clip: float = 1.0  # max gradient norm (recurrent trunks on long windows can spike); 0 = off
     fill: str = "interpolate"  # how frames without a crop get outputs: interpolate | nearest | previous
     smooth: str = "none"  # none | auto: a temporal filter per output, tuned after training (smoothing.py)

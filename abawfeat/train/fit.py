@@ -198,6 +198,10 @@ def _fit(cfg: TrainConfig, run: RunDir, log: Callable[[str], None] | None,
         head.set_text_embeddings(torch.from_numpy(text))
     head.to(device)
     res = resolve(cfg, head, device)
+    if cfg.compile:
+        from abawfeat.utils.compiling import compile_training_forward
+
+        compile_training_forward(head.trunk)
 
     # -- windows and batch sources (index arrays computed once).
     train_windows = make_windows(train_set.row_offsets, res.window, res.stride, keep=train_set.row_weight())
