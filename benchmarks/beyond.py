@@ -60,7 +60,7 @@ def trunk_epochs(scale: float, precision: str = "bf16") -> dict[str, Any]:
         print("  $", " ".join(cmd[1:]), file=sys.stderr, flush=True)
         res = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=HERE, env=env)
         out[key] = json.loads(res.stdout.strip().splitlines()[-1])
-        print("   ", out[key]["epoch_seconds"], out[key].get("compile_seconds", 0.0), file=sys.stderr,
+        print("   ", out[key]["epoch_seconds"], out[key].get("first_epoch_seconds", ""), file=sys.stderr,
               flush=True)
     shutil.rmtree(cache, ignore_errors=True)
     return out
@@ -204,6 +204,7 @@ def render(m: dict[str, Any], command: str) -> str:
 
     t = m["trunks"]
     fu = m["fusion"]
+    compiled = (t["mamba-compiled-cold"]["epoch_seconds"] + t["mamba-compiled"]["epoch_seconds"]) / 2
     sm = m["smoothing"]
     cf = m["cv_fusion"]
     fused_ratio = (cf["fused_peak_mb"] - cf["interpreter_peak_mb"]) / cf["fused_feature_mb"]
@@ -224,11 +225,11 @@ def render(m: dict[str, Any], command: str) -> str:
         f"| Mamba (d 128, 2 blocks, state 16, chunked scan), one epoch, {m['precision']}, two threads | "
         f"{t['mamba']['epoch_seconds']:.1f} s | LSTM(256): {t['lstm']['epoch_seconds']:.1f} s | "
         f"{t['mamba']['epoch_seconds'] / t['lstm']['epoch_seconds']:.2f}x | <= 1x the LSTM |",
-        f"| Mamba, `--compile` (steady epoch; compiling {t['mamba-compiled-cold']['compile_seconds']:.0f} s "
-        f"with an empty inductor cache, {t['mamba-compiled']['compile_seconds']:.1f} s from the cache), "
-        f"{m['precision']}, two threads | "
-        f"{t['mamba-compiled']['epoch_seconds']:.1f} s | LSTM(256): {t['lstm']['epoch_seconds']:.1f} s | "
-        f"{t['mamba-compiled']['epoch_seconds'] / t['lstm']['epoch_seconds']:.2f}x | <= 1x the LSTM |",
+        f"| Mamba, `--compile`, one epoch once compiled (mean of two runs' second epochs; their first "
+        f"epochs, compiling included: {t['mamba-compiled-cold']['first_epoch_seconds']:.1f} s with an empty "
+        f"inductor cache, {t['mamba-compiled']['first_epoch_seconds']:.1f} s from the cache it filled), "
+        f"{m['precision']}, two threads | {compiled:.1f} s | LSTM(256): {t['lstm']['epoch_seconds']:.1f} s | "
+        f"{compiled / t['lstm']['epoch_seconds']:.2f}x | <= 1x the LSTM |",
         f"| Attention fusion of two 512-d caches, LSTM(256), one epoch over {fu['late']['frames']:,} frames, "
         f"{m['precision']}, two threads ({fu['late']['fraction_measured']:.2g} of it measured) | "
         f"{fu['attention']['epoch_seconds']:.1f} s | late fusion: {fu['late']['epoch_seconds']:.1f} s | "

@@ -61,7 +61,9 @@ def test_fit_with_compile_records_it_and_learns_what_eager_learns(world: World, 
                                                                   warnings: list[str]) -> None:
     eager = fit(config(world, tmp_path / "eager", epochs=2))
     compiled = fit(config(world, tmp_path / "compiled", epochs=2, compile=True))
+    again = fit(config(world, tmp_path / "again", epochs=2, compile=True))
     assert not warnings
+    assert again.metrics == compiled.metrics  # compiled runs reproduce each other exactly
     record = json.loads((tmp_path / "compiled" / "config.json").read_text())
     assert record["train"]["compile"] is True
     assert json.loads((tmp_path / "eager" / "config.json").read_text())["train"]["compile"] is False
