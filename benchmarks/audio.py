@@ -111,7 +111,9 @@ def make_tree(root: Path, name: str, seconds: float) -> Path:
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     from abawfeat.extract import ExtractConfig, run_extraction
+    from abawfeat.utils.allocator import keep_heap
 
+    keep_heap()  # as the CLI does (docs/performance.md, "Allocator")
     config = ExtractConfig(backbone="wav2vec2", data=Path(spec["data"]), out=Path(spec["out"]),
                            random_init=True, precision=spec["precision"], device="cpu", progress=False,
                            encoder_options={} if spec["layer"] is None else {"layer": spec["layer"]})
