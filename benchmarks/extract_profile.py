@@ -44,7 +44,7 @@ from perfdoc import DOC, write_section  # benchmarks/perfdoc.py (scripts run fro
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-RELEASE_CROPS = 2_600_000  # about what the release's cropped_aligned holds (docs/data.md)
+RELEASE_CROPS = 2_600_000  # the release's size as the stage-one speed issue gives it ("about 2.6 M crops")
 LAYOUT_OPS = {"aten::copy_", "aten::_to_copy", "aten::contiguous", "aten::clone"}
 
 
