@@ -49,7 +49,8 @@ LAYOUT_OPS = {"aten::copy_", "aten::_to_copy", "aten::contiguous", "aten::clone"
 
 
 def part_names() -> list[tuple[type, str]]:
-    """The network's parts, innermost first: an operator is charged to the innermost part that ran it."""
+    """The network's parts. An operator is charged to the innermost part that ran it; the convolution
+    blocks inside the attention heads are left unlabelled (``profile_parts``), so they count as the heads'."""
     from abawfeat.encoders import ddamfn
 
     return [
@@ -79,9 +80,13 @@ def profile_parts(model: Any, batches: list[Any]) -> dict[str, float]:
     def leave(*_: Any) -> None:
         stack.pop().__exit__(None, None, None)
 
+    from abawfeat.encoders import ddamfn
+
+    in_heads = {id(m) for head in model.modules() if isinstance(head, ddamfn.AttentionHead)
+                for m in head.modules() if m is not head}
     for module in model.modules():
         label = labels.get(type(module))
-        if label is not None:
+        if label is not None and id(module) not in in_heads:
             handles.append(module.register_forward_pre_hook(enter(label)))
             handles.append(module.register_forward_hook(leave))
     try:
